@@ -1,0 +1,362 @@
+//! The command line: argument definitions and dispatch to the subcommands.
+//!
+//! Exit codes: 0 success, 1 a check or a run failed, 2 bad input (flags,
+//! config) or a subcommand that is not implemented yet.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{ArgAction, Args, Parser, Subcommand};
+
+use crate::config::{Config, ConfigError, Origin, Partitioning};
+use crate::logging::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "blossom-p2p",
+    version,
+    about = "Federated LoRA/DoRA fine-tuning with MLX over a serverless libp2p gossip network",
+    propagate_version = true
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: GlobalArgs,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Args)]
+pub struct GlobalArgs {
+    /// Config file (TOML, see configs/). Every key it leaves out keeps its default.
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Override one config key, e.g. --set lora.rank=16 (repeatable; applied after --config).
+    #[arg(long = "set", global = true, value_name = "SECTION.KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// More log output (-v debug, -vv trace).
+    #[arg(short, long, global = true, action = ArgAction::Count)]
+    pub verbose: u8,
+    /// Less log output (-q warnings only, -qq errors only).
+    #[arg(short, long, global = true, action = ArgAction::Count, conflicts_with = "verbose")]
+    pub quiet: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+impl GlobalArgs {
+    pub fn verbosity(&self) -> i16 {
+        i16::from(self.verbose) - i16::from(self.quiet)
+    }
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Join a training run (or start one: the first node needs no bootstrap).
+    Start(StartArgs),
+    /// Run a relay: circuit relay, Kademlia bootstrap and AutoNAT server for nodes behind NAT.
+    Relay(RelayArgs),
+    /// Run a whole network in one process over an in-memory network.
+    Simulate(SimulateArgs),
+    /// Fine-tune an adapter on one machine, with no network.
+    Train(TrainArgs),
+    /// Generate text with the base model, with or without an adapter.
+    Generate(GenerateArgs),
+    /// Evaluate the base model or an adapter on a held-out split.
+    Eval(EvalArgs),
+    /// Export an adapter as an mlx-lm adapter directory, or fuse it into the model.
+    Export(ExportArgs),
+    /// Show a running node's view of its run: peers, round, agreement.
+    Status(StatusArgs),
+    /// Check the installation: MLX, device, BLAS speed, default model.
+    Doctor(DoctorArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct NetworkArgs {
+    /// Multiaddr to listen on (repeatable); replaces network.listen.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<String>,
+    /// Directory for the identity key, chunk store and checkpoints.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Pre-shared key file of a private network.
+    #[arg(long, value_name = "FILE")]
+    pub psk: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Multiaddr of a peer or relay to join through (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    /// Do not look for peers on the LAN by mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Static partitioning: train on partition K of --num-partitions (as the old IID partitioner).
+    #[arg(long, value_name = "K", requires = "num_partitions")]
+    pub partition_id: Option<u32>,
+    /// Static partitioning: the number of partitions.
+    #[arg(long, value_name = "N", requires = "partition_id", value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_partitions: Option<u32>,
+}
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    /// Also keep and serve the newest averaged adapter to late joiners.
+    #[arg(long)]
+    pub seed_adapters: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct SimulateArgs {
+    /// Number of nodes (default: federation.nodes).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub nodes: Option<u32>,
+    /// Number of rounds (default: federation.rounds).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    pub rounds: Option<u32>,
+    /// Network scenario: latency, loss, bandwidth, partitions, churn (netsim/scenarios/*.toml).
+    #[arg(long, value_name = "FILE")]
+    pub scenario: Option<PathBuf>,
+    /// Where to write per-round metrics (JSONL).
+    #[arg(long, value_name = "FILE")]
+    pub metrics: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    /// Data set: `builtin`, a folder of mlx-lm jsonl files, or hf:org/name (default: data.dataset).
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Where to write adapters.safetensors and adapter_config.json.
+    #[arg(long, value_name = "DIR", default_value = "adapters")]
+    pub adapter_path: PathBuf,
+    /// Number of optimizer steps.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub iters: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// The prompt (the chat template is applied).
+    #[arg(long)]
+    pub prompt: String,
+    /// An mlx-lm adapter directory to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter_path: Option<PathBuf>,
+    #[arg(long, default_value_t = 100)]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+}
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    /// An mlx-lm adapter directory to evaluate (default: the base model alone).
+    #[arg(long, value_name = "DIR")]
+    pub adapter_path: Option<PathBuf>,
+    /// Data set (default: data.dataset).
+    #[arg(long)]
+    pub data: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    /// The adapter to export: an mlx-lm adapter directory or an adapter hash in the store.
+    #[arg(long, value_name = "DIR|HASH")]
+    pub adapter: String,
+    /// Output directory.
+    #[arg(long, value_name = "DIR")]
+    pub output: PathBuf,
+    /// Fuse the adapter into the base weights and write a whole model.
+    #[arg(long)]
+    pub fuse: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The node's data directory (default: network.data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The default model file to check.
+    #[arg(long, value_name = "FILE", default_value = crate::default_model::DEFAULT_MODEL_PATH)]
+    pub model: PathBuf,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl NetworkArgs {
+    fn apply(&self, config: &mut Config) {
+        if !self.listen.is_empty() {
+            config.network.listen = self.listen.clone();
+        }
+        if let Some(dir) = &self.data_dir {
+            config.network.data_dir = dir.clone();
+        }
+        if let Some(psk) = &self.psk {
+            config.network.psk_file = Some(psk.clone());
+        }
+    }
+}
+
+impl Command {
+    /// Folds the subcommand's flags into the configuration: a flag wins over
+    /// the file and `--set`.
+    fn apply(&self, config: &mut Config) {
+        match self {
+            Command::Start(args) => {
+                args.network.apply(config);
+                if !args.bootstrap.is_empty() {
+                    config.network.bootstrap = args.bootstrap.clone();
+                }
+                if args.no_mdns {
+                    config.network.mdns = false;
+                }
+                if args.partition_id.is_some() {
+                    config.federation.partitioning = Partitioning::Static;
+                }
+            }
+            Command::Relay(args) => args.network.apply(config),
+            Command::Simulate(args) => {
+                if let Some(nodes) = args.nodes {
+                    config.federation.nodes = nodes;
+                }
+                if let Some(rounds) = args.rounds {
+                    config.federation.rounds = rounds;
+                }
+            }
+            Command::Train(args) => {
+                if let Some(data) = &args.data {
+                    config.data.dataset = data.clone();
+                }
+            }
+            Command::Eval(args) => {
+                if let Some(data) = &args.data {
+                    config.data.dataset = data.clone();
+                }
+            }
+            Command::Status(args) => {
+                if let Some(dir) = &args.data_dir {
+                    config.network.data_dir = dir.clone();
+                }
+            }
+            Command::Generate(_) | Command::Export(_) | Command::Doctor(_) => {}
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Command::Start(_) => "start",
+            Command::Relay(_) => "relay",
+            Command::Simulate(_) => "simulate",
+            Command::Train(_) => "train",
+            Command::Generate(_) => "generate",
+            Command::Eval(_) => "eval",
+            Command::Export(_) => "export",
+            Command::Status(_) => "status",
+            Command::Doctor(_) => "doctor",
+        }
+    }
+}
+
+/// Loads the configuration with every flag applied and validated.
+pub fn resolve_config(cli: &Cli) -> Result<Config, ConfigError> {
+    if let Command::Start(StartArgs {
+        partition_id: Some(id),
+        num_partitions: Some(count),
+        ..
+    }) = &cli.command
+        && id >= count
+    {
+        return Err(ConfigError::Invalid {
+            origin: Origin::Flags("start".to_owned()),
+            key: "--partition-id".to_owned(),
+            message: format!("must be below --num-partitions ({count}), got {id}"),
+        });
+    }
+    let mut config = Config::load(cli.global.config.as_deref(), &cli.global.overrides)?;
+    cli.command.apply(&mut config);
+    config.validate().map_err(|(key, message)| ConfigError::Invalid {
+        origin: Origin::Flags(cli.command.name().to_owned()),
+        key,
+        message,
+    })?;
+    Ok(config)
+}
+
+/// Runs the parsed command line and returns the process exit code.
+pub fn run(cli: Cli) -> ExitCode {
+    // Every subcommand resolves the configuration first, so a bad file, key or
+    // flag is reported the same way whatever the command.
+    if let Err(err) = resolve_config(&cli) {
+        eprintln!("error: {err}");
+        return ExitCode::from(2);
+    }
+    tracing::debug!(command = cli.command.name(), "configuration resolved");
+    match &cli.command {
+        Command::Doctor(args) => crate::doctor::run(args),
+        other => {
+            eprintln!(
+                "error: `blossom-p2p {}` is not yet implemented in this version; \
+                 `blossom-p2p doctor` checks the installation",
+                other.name()
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn start_flags_reach_the_config() {
+        let cli = Cli::parse_from([
+            "blossom-p2p",
+            "start",
+            "--bootstrap",
+            "/ip4/127.0.0.1/tcp/4001",
+            "--no-mdns",
+            "--partition-id",
+            "2",
+            "--num-partitions",
+            "4",
+        ]);
+        let config = resolve_config(&cli).expect("valid flags");
+        assert_eq!(config.network.bootstrap, vec!["/ip4/127.0.0.1/tcp/4001".to_owned()]);
+        assert!(!config.network.mdns);
+        assert_eq!(config.federation.partitioning, Partitioning::Static);
+    }
+
+    #[test]
+    fn a_bad_bootstrap_flag_is_a_config_error() {
+        let cli = Cli::parse_from(["blossom-p2p", "start", "--bootstrap", "1.2.3.4:4001"]);
+        let err = resolve_config(&cli).expect_err("not a multiaddr").to_string();
+        assert!(err.contains("network.bootstrap"), "{err}");
+        assert!(err.contains("1.2.3.4:4001"), "{err}");
+    }
+
+    #[test]
+    fn partition_id_needs_num_partitions() {
+        let parsed = Cli::try_parse_from(["blossom-p2p", "start", "--partition-id", "1"]);
+        assert!(parsed.is_err());
+    }
+}

@@ -1,0 +1,499 @@
+//! Run configuration: TOML files in `configs/`, plus `--set section.key=value`
+//! overrides from the command line.
+//!
+//! Every field has a default that matches the system blossom-p2p replaces
+//! (DESIGN.md, "The system it replaces"), so an empty file is a valid config.
+//! Errors name the key and where its value came from (the file, or the `--set`
+//! argument), because a user with a typo in a 40-line file needs both.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration of a node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub lora: LoraConfig,
+    pub train: TrainConfig,
+    pub data: DataConfig,
+    pub federation: FederationConfig,
+    pub network: NetworkConfig,
+}
+
+/// Which base model to fine-tune.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A local GGUF file or Hugging Face folder, or `hf:org/name`.
+    pub source: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            source: crate::default_model::DEFAULT_MODEL_PATH.to_owned(),
+        }
+    }
+}
+
+/// LoRA or DoRA: the low-rank update that wraps each adapted linear layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FineTuneType {
+    Lora,
+    Dora,
+}
+
+/// The adapter's shape. Defaults are the old system's: 10 layers, rank 8,
+/// alpha 16, dropout 0.1, scale 100, DoRA on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    pub fine_tune_type: FineTuneType,
+    /// Adapt the last `num_layers` transformer blocks.
+    pub num_layers: u32,
+    pub rank: u32,
+    /// PEFT-style alpha, kept as the old configs had it.
+    pub alpha: f64,
+    /// mlx-lm's `lora_parameters.scale`: the factor on the low-rank update.
+    pub scale: f64,
+    pub dropout: f64,
+    /// Module paths inside a block to adapt, as mlx-lm names them.
+    pub keys: Vec<String>,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            fine_tune_type: FineTuneType::Dora,
+            num_layers: 10,
+            rank: 8,
+            alpha: 16.0,
+            scale: 100.0,
+            dropout: 0.1,
+            keys: vec!["self_attn.q_proj".to_owned(), "self_attn.v_proj".to_owned()],
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Optimizer {
+    Adamw,
+    Adam,
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LrSchedule {
+    Constant,
+    /// Cosine decay from `learning_rate` to `learning_rate_min` over the whole
+    /// run (all rounds), after `warmup_steps` of linear warm-up.
+    Cosine,
+}
+
+/// Local training. Defaults: batch 1, 10 local steps a round, sequences of at
+/// most 512 tokens, and a cosine schedule from 5e-5 down to 1e-6.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    pub batch_size: u32,
+    /// Optimizer steps a node takes each round.
+    pub local_steps: u32,
+    pub max_seq_length: u32,
+    pub learning_rate: f64,
+    pub learning_rate_min: f64,
+    pub lr_schedule: LrSchedule,
+    pub warmup_steps: u32,
+    pub optimizer: Optimizer,
+    pub grad_accumulation_steps: u32,
+    /// Compute the loss on completions / assistant turns only.
+    pub mask_prompt: bool,
+    pub seed: u64,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 1,
+            local_steps: 10,
+            max_seq_length: 512,
+            learning_rate: 5e-5,
+            learning_rate_min: 1e-6,
+            lr_schedule: LrSchedule::Cosine,
+            warmup_steps: 0,
+            optimizer: Optimizer::Adamw,
+            grad_accumulation_steps: 1,
+            mask_prompt: false,
+            seed: 0,
+        }
+    }
+}
+
+/// What to train on.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DataConfig {
+    /// `builtin` (the generated offline task), a local folder of mlx-lm jsonl
+    /// files, or `hf:org/name`.
+    pub dataset: String,
+    /// A minijinja prompt template file; none means the tokenizer's chat template.
+    pub template: Option<PathBuf>,
+}
+
+impl Default for DataConfig {
+    fn default() -> Self {
+        Self {
+            dataset: "builtin".to_owned(),
+            template: None,
+        }
+    }
+}
+
+/// How peers' adapters are combined at the end of a round (DESIGN.md, "Averaging").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Aggregation {
+    /// Weighted FedAvg of A and B separately: what the Flower server did.
+    Fedavg,
+    /// Average ΔW = B·A, then re-factor to rank r by SVD.
+    Exact,
+    Median,
+    TrimmedMean,
+    NormClip,
+}
+
+/// Who trains on which rows (DESIGN.md, "Partitions").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Partitioning {
+    /// Hash buckets assigned to live peers by rendezvous hashing.
+    Hash,
+    /// `--partition-id k --num-partitions n`, as the old IID partitioner.
+    Static,
+}
+
+/// Rounds and averaging. Defaults: 10 rounds, 10 nodes (in simulation),
+/// FedAvg, adapters saved every 5 rounds.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct FederationConfig {
+    pub rounds: u32,
+    /// Number of nodes `simulate` starts.
+    pub nodes: u32,
+    pub aggregation: Aggregation,
+    /// Fraction cut from each end by `trimmed-mean`.
+    pub trim_fraction: f64,
+    pub partitioning: Partitioning,
+    /// B in bucket(i) = blake3(fingerprint ‖ i) mod B.
+    pub num_buckets: u32,
+    /// Save the averaged adapter in the mlx-lm format every N rounds.
+    pub save_every_rounds: u32,
+    /// A round ends at this deadline if no quorum of manifests came first.
+    pub round_timeout_secs: u64,
+}
+
+impl Default for FederationConfig {
+    fn default() -> Self {
+        Self {
+            rounds: 10,
+            nodes: 10,
+            aggregation: Aggregation::Fedavg,
+            trim_fraction: 0.1,
+            partitioning: Partitioning::Hash,
+            num_buckets: 1024,
+            save_every_rounds: 5,
+            round_timeout_secs: 600,
+        }
+    }
+}
+
+/// The libp2p node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NetworkConfig {
+    /// Multiaddrs to listen on.
+    pub listen: Vec<String>,
+    /// Multiaddrs of peers or relays to dial first.
+    pub bootstrap: Vec<String>,
+    /// Find peers on the LAN by mDNS.
+    pub mdns: bool,
+    /// Identity key, chunk store and checkpoints live here.
+    pub data_dir: PathBuf,
+    /// Pre-shared key of a private network (libp2p pnet).
+    pub psk_file: Option<PathBuf>,
+}
+
+impl Default for NetworkConfig {
+    fn default() -> Self {
+        Self {
+            listen: vec![
+                "/ip4/0.0.0.0/tcp/0".to_owned(),
+                "/ip4/0.0.0.0/udp/0/quic-v1".to_owned(),
+            ],
+            bootstrap: Vec::new(),
+            mdns: true,
+            data_dir: PathBuf::from(".blossom"),
+            psk_file: None,
+        }
+    }
+}
+
+/// Where a bad value came from, so the error can point at it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    Defaults,
+    File(PathBuf),
+    Override(String),
+    /// A subcommand's own flags, e.g. `start --bootstrap`.
+    Flags(String),
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Origin::Defaults => write!(f, "built-in defaults"),
+            Origin::File(path) => write!(f, "config file {}", path.display()),
+            Origin::Override(arg) => write!(f, "--set {arg}"),
+            Origin::Flags(command) => write!(f, "flags of `{command}`"),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {} is not valid TOML: {message}", path.display())]
+    Syntax { path: PathBuf, message: String },
+    #[error("--set {arg}: {reason} (expected section.key=value, for example --set lora.rank=16)")]
+    BadOverride { arg: String, reason: String },
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        origin: Origin,
+        key: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads `file` (if any) over the defaults, then applies `overrides`
+    /// (`section.key=value`, where value is a TOML value or a bare string),
+    /// then checks every range.
+    pub fn load(file: Option<&Path>, overrides: &[String]) -> Result<Config, ConfigError> {
+        let file_table = match file {
+            Some(path) => {
+                let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?;
+                text.parse::<toml::Table>().map_err(|err| ConfigError::Syntax {
+                    path: path.to_owned(),
+                    message: err.to_string().trim_end().to_owned(),
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let file_origin = match file {
+            Some(path) => Origin::File(path.to_owned()),
+            None => Origin::Defaults,
+        };
+        // Decode the file alone first, so an error here is the file's fault.
+        decode(file_table.clone(), &file_origin)?;
+
+        let mut table = file_table;
+        let mut override_args = BTreeMap::new();
+        for arg in overrides {
+            let (key, value) = parse_override(arg)?;
+            set_key(&mut table, &key, value).map_err(|reason| ConfigError::BadOverride {
+                arg: arg.clone(),
+                reason,
+            })?;
+            override_args.insert(key, arg.clone());
+        }
+        let origin_of = |key: &str| match override_args.get(key) {
+            Some(arg) => Origin::Override(arg.clone()),
+            None => match file.filter(|_| has_key(&table, key)) {
+                Some(path) => Origin::File(path.to_owned()),
+                None => Origin::Defaults,
+            },
+        };
+        let config = match decode(table.clone(), &Origin::Defaults) {
+            Ok(config) => config,
+            // The file alone decoded, so an override broke it; blame the last
+            // override under the failing key.
+            Err(ConfigError::Invalid { key, message, .. }) => {
+                let origin = override_args
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| key == "." || k.starts_with(&key) || key.starts_with(k.as_str()))
+                    .map(|(_, arg)| Origin::Override(arg.clone()))
+                    .unwrap_or_else(|| origin_of(&key));
+                return Err(ConfigError::Invalid { origin, key, message });
+            }
+            Err(other) => return Err(other),
+        };
+        config.validate().map_err(|(key, message)| ConfigError::Invalid {
+            origin: origin_of(&key),
+            key,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    /// The configuration as a TOML document (what `configs/default.toml` holds
+    /// for the defaults).
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render config: {err}"))
+    }
+
+    /// Range checks that types alone cannot express. Returns the first bad key
+    /// and what is wrong with it.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        fn check(ok: bool, key: &str, message: impl Into<String>) -> Result<(), (String, String)> {
+            if ok { Ok(()) } else { Err((key.to_owned(), message.into())) }
+        }
+        fn positive_finite(value: f64) -> bool {
+            value.is_finite() && value > 0.0
+        }
+        let Config {
+            model,
+            lora,
+            train,
+            data,
+            federation,
+            network,
+        } = self;
+        check(!model.source.trim().is_empty(), "model.source", "must name a model file, folder or hf:org/name")?;
+
+        check((1..=512).contains(&lora.num_layers), "lora.num_layers", format!("must be between 1 and 512, got {}", lora.num_layers))?;
+        check((1..=4096).contains(&lora.rank), "lora.rank", format!("must be between 1 and 4096, got {}", lora.rank))?;
+        check(positive_finite(lora.alpha), "lora.alpha", format!("must be a positive number, got {}", lora.alpha))?;
+        check(positive_finite(lora.scale), "lora.scale", format!("must be a positive number, got {}", lora.scale))?;
+        check((0.0..1.0).contains(&lora.dropout), "lora.dropout", format!("must be in [0, 1), got {}", lora.dropout))?;
+        check(!lora.keys.is_empty(), "lora.keys", "must list at least one module, e.g. [\"self_attn.q_proj\"]")?;
+        check(lora.keys.iter().all(|k| !k.trim().is_empty()), "lora.keys", "must not contain an empty name")?;
+
+        check(train.batch_size >= 1, "train.batch_size", "must be at least 1")?;
+        check(train.local_steps >= 1, "train.local_steps", "must be at least 1")?;
+        check((16..=1 << 20).contains(&train.max_seq_length), "train.max_seq_length", format!("must be between 16 and 1048576, got {}", train.max_seq_length))?;
+        check(positive_finite(train.learning_rate), "train.learning_rate", format!("must be a positive number, got {}", train.learning_rate))?;
+        check(
+            train.learning_rate_min.is_finite() && (0.0..=train.learning_rate).contains(&train.learning_rate_min),
+            "train.learning_rate_min",
+            format!("must be between 0 and train.learning_rate ({}), got {}", train.learning_rate, train.learning_rate_min),
+        )?;
+        check(train.grad_accumulation_steps >= 1, "train.grad_accumulation_steps", "must be at least 1")?;
+
+        check(!data.dataset.trim().is_empty(), "data.dataset", "must be `builtin`, a folder of jsonl files, or hf:org/name")?;
+
+        check(federation.rounds >= 1, "federation.rounds", "must be at least 1")?;
+        check((1..=4096).contains(&federation.nodes), "federation.nodes", format!("must be between 1 and 4096, got {}", federation.nodes))?;
+        check((0.0..0.5).contains(&federation.trim_fraction), "federation.trim_fraction", format!("must be in [0, 0.5), got {}", federation.trim_fraction))?;
+        check(federation.num_buckets >= 1, "federation.num_buckets", "must be at least 1")?;
+        check(federation.save_every_rounds >= 1, "federation.save_every_rounds", "must be at least 1")?;
+        check(federation.round_timeout_secs >= 1, "federation.round_timeout_secs", "must be at least 1 second")?;
+
+        check(!network.data_dir.as_os_str().is_empty(), "network.data_dir", "must not be empty")?;
+        for (key, addrs) in [("network.listen", &network.listen), ("network.bootstrap", &network.bootstrap)] {
+            if let Some(bad) = addrs.iter().find(|a| !a.starts_with('/')) {
+                return Err((key.to_owned(), format!("`{bad}` is not a multiaddr (they start with `/`, e.g. /ip4/1.2.3.4/tcp/4001)")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Decodes a table into a `Config`, naming the key path of any type error.
+fn decode(table: toml::Table, origin: &Origin) -> Result<Config, ConfigError> {
+    serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
+        let key = err.path().to_string();
+        ConfigError::Invalid {
+            origin: origin.clone(),
+            key,
+            message: err.into_inner().to_string().trim_end().to_owned(),
+        }
+    })
+}
+
+/// Splits `section.key=value` and reads the value as TOML (`16`, `true`,
+/// `["a", "b"]`), falling back to a bare string (`hf:org/name`).
+fn parse_override(arg: &str) -> Result<(String, toml::Value), ConfigError> {
+    let bad = |reason: &str| ConfigError::BadOverride {
+        arg: arg.to_owned(),
+        reason: reason.to_owned(),
+    };
+    let (key, raw) = arg.split_once('=').ok_or_else(|| bad("missing `=`"))?;
+    let key = key.trim();
+    if key.is_empty() || key.split('.').any(|part| part.trim().is_empty()) {
+        return Err(bad("the key is empty or has an empty part"));
+    }
+    let raw = raw.trim();
+    let value = format!("v = {raw}")
+        .parse::<toml::Table>()
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_owned()));
+    Ok((key.to_owned(), value))
+}
+
+fn set_key(table: &mut toml::Table, key: &str, value: toml::Value) -> Result<(), String> {
+    let mut parts: Vec<&str> = key.split('.').collect();
+    let last = parts.pop().ok_or("empty key")?;
+    let mut current = table;
+    for (depth, part) in parts.iter().enumerate() {
+        let entry = current
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        current = entry
+            .as_table_mut()
+            .ok_or_else(|| format!("`{}` is a value, not a section", parts[..=depth].join(".")))?;
+    }
+    current.insert(last.to_owned(), value);
+    Ok(())
+}
+
+fn has_key(table: &toml::Table, key: &str) -> bool {
+    let mut current = table;
+    let mut parts = key.split('.').peekable();
+    while let Some(part) = parts.next() {
+        match current.get(part) {
+            Some(toml::Value::Table(inner)) if parts.peek().is_some() => current = inner,
+            Some(_) => return parts.peek().is_none(),
+            None => return false,
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_values_parse_as_toml_or_string() {
+        let (key, value) = parse_override("lora.rank=16").expect("valid");
+        assert_eq!(key, "lora.rank");
+        assert_eq!(value, toml::Value::Integer(16));
+        let (_, value) = parse_override("model.source=hf:org/name").expect("valid");
+        assert_eq!(value, toml::Value::String("hf:org/name".into()));
+        let (_, value) = parse_override("network.bootstrap=[\"/ip4/1.2.3.4/tcp/1\"]").expect("valid");
+        assert_eq!(value.as_array().map(Vec::len), Some(1));
+    }
+
+    #[test]
+    fn has_key_finds_only_present_leaves() {
+        let table: toml::Table = "[lora]\nrank = 4\n".parse().expect("toml");
+        assert!(has_key(&table, "lora.rank"));
+        assert!(!has_key(&table, "lora.alpha"));
+        assert!(!has_key(&table, "train.seed"));
+    }
+}

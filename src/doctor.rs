@@ -1,0 +1,167 @@
+//! `blossom-p2p doctor`: is this installation able to train?
+//!
+//! It reports the MLX version and device, the BLAS that serves CPU matmuls, a
+//! measured float32 1024³ matmul rate, and whether the default model is present
+//! with the right hash. Each problem comes with the command that fixes it, and
+//! any problem makes the exit code 1.
+
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::cli::DoctorArgs;
+use crate::default_model::{DEFAULT_MODEL_BLAKE3, ModelCheck, check_default_model};
+use crate::mlx_env::{self, Backend, BlasKind};
+
+/// Matmul size the benchmark uses (the figure the issue and README quote).
+const MATMUL_SIZE: i32 = 1024;
+/// Below this a CPU build is on the reference BLAS (about 6 GFLOP/s); OpenBLAS
+/// gives 150-300 on two cores. The margin absorbs a busy machine.
+const MIN_CPU_GFLOPS: f64 = 20.0;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub mlx_version: String,
+    pub device: &'static str,
+    pub blas: Option<String>,
+    pub blas_path: Option<String>,
+    pub matmul_gflops: f64,
+    pub matmul_size: i32,
+    pub matmul_iterations: u32,
+    pub model_path: String,
+    pub model_status: &'static str,
+    pub problems: Vec<Problem>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Problem {
+    pub what: String,
+    pub fix: String,
+}
+
+/// Runs every check and collects the problems.
+pub fn diagnose(model: &Path) -> anyhow::Result<Report> {
+    let mut problems = Vec::new();
+    let backend = mlx_env::backend();
+    let blas = mlx_env::blas_library();
+    let bench = mlx_env::bench_matmul(MATMUL_SIZE, Duration::from_secs(2), 20)?;
+
+    if backend == Backend::Cpu {
+        match &blas {
+            Some(lib) if lib.kind == BlasKind::Reference => problems.push(Problem {
+                what: format!("MLX's matmuls run on the slow reference BLAS ({})", lib.path),
+                fix: "install OpenBLAS and rebuild: bash scripts/setup.sh (Debian package libopenblas0-pthread)"
+                    .to_owned(),
+            }),
+            None => problems.push(Problem {
+                what: "no BLAS provides cblas_sgemm in this process".to_owned(),
+                fix: "rebuild after bash scripts/setup.sh".to_owned(),
+            }),
+            Some(_) => {}
+        }
+        if bench.gflops < MIN_CPU_GFLOPS {
+            problems.push(Problem {
+                what: format!(
+                    "float32 {MATMUL_SIZE}³ matmul runs at {:.1} GFLOP/s, below the {MIN_CPU_GFLOPS} expected of a fast BLAS",
+                    bench.gflops
+                ),
+                fix: "check that nothing else loads the CPU, then that OpenBLAS is linked (bash scripts/setup.sh)"
+                    .to_owned(),
+            });
+        }
+    }
+
+    let model_check = check_default_model(model);
+    let model_status = match &model_check {
+        ModelCheck::Verified { .. } => "present, blake3 matches",
+        ModelCheck::Missing { .. } => "missing",
+        ModelCheck::HashMismatch { .. } => "present, WRONG blake3",
+        ModelCheck::Unreadable { .. } => "unreadable",
+    };
+    match &model_check {
+        ModelCheck::Verified { .. } => {}
+        ModelCheck::Missing { path } => problems.push(Problem {
+            what: format!("the default model {} is missing", path.display()),
+            fix: "fetch it: bash scripts/setup.sh --no-build".to_owned(),
+        }),
+        ModelCheck::HashMismatch { path, actual } => problems.push(Problem {
+            what: format!(
+                "{} has blake3 {actual}, expected {DEFAULT_MODEL_BLAKE3} (corrupt or a different file)",
+                path.display()
+            ),
+            fix: format!("delete it and fetch it again: rm {} && bash scripts/setup.sh --no-build", path.display()),
+        }),
+        ModelCheck::Unreadable { path, error } => problems.push(Problem {
+            what: format!("cannot read {}: {error}", path.display()),
+            fix: "check the file's permissions".to_owned(),
+        }),
+    }
+
+    Ok(Report {
+        mlx_version: mlx_env::mlx_version(),
+        device: backend.name(),
+        blas: blas.as_ref().map(|lib| lib.kind.name().to_owned()),
+        blas_path: blas.map(|lib| lib.path),
+        matmul_gflops: bench.gflops,
+        matmul_size: bench.size,
+        matmul_iterations: bench.iterations,
+        model_path: model.display().to_string(),
+        model_status,
+        problems,
+    })
+}
+
+impl Report {
+    pub fn render_text(&self) -> String {
+        let mut out = String::from("blossom-p2p doctor\n");
+        let blas = match (&self.blas, &self.blas_path) {
+            (Some(kind), Some(path)) => format!("{kind} ({path})"),
+            _ => "none found".to_owned(),
+        };
+        out += &format!("  MLX      {} (device: {})\n", self.mlx_version, self.device);
+        out += &format!("  BLAS     {blas}\n");
+        out += &format!(
+            "  matmul   {:.1} GFLOP/s (float32 {n}x{n}x{n}, best of {})\n",
+            self.matmul_gflops,
+            self.matmul_iterations,
+            n = self.matmul_size
+        );
+        out += &format!("  model    {}: {}\n", self.model_path, self.model_status);
+        if self.problems.is_empty() {
+            out += "all checks passed\n";
+        } else {
+            for problem in &self.problems {
+                out += &format!("problem: {}\n    fix: {}\n", problem.what, problem.fix);
+            }
+        }
+        out
+    }
+}
+
+pub fn run(args: &DoctorArgs) -> ExitCode {
+    let report = match diagnose(&args.model) {
+        Ok(report) => report,
+        Err(err) => {
+            eprintln!("error: MLX failed while running the checks: {err:#}\n    fix: run bash scripts/setup.sh and rebuild");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.json {
+        match serde_json::to_string_pretty(&report) {
+            Ok(json) => println!("{json}"),
+            Err(err) => {
+                eprintln!("error: cannot render the report as JSON: {err}");
+                return ExitCode::FAILURE;
+            }
+        }
+    } else {
+        print!("{}", report.render_text());
+    }
+    if report.problems.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    }
+}

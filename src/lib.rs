@@ -1,0 +1,9 @@
+//! blossom-p2p: federated LoRA/DoRA fine-tuning with MLX over libp2p, with no
+//! central server. See ../shared/DESIGN.md for the architecture.
+
+pub mod cli;
+pub mod config;
+pub mod default_model;
+pub mod doctor;
+pub mod logging;
+pub mod mlx_env;

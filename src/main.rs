@@ -1,0 +1,15 @@
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use blossom_p2p::cli::{self, Cli};
+use blossom_p2p::logging;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Err(err) = logging::init(cli.global.verbosity(), cli.global.log_format) {
+        eprintln!("error: {err:#}");
+        return ExitCode::from(2);
+    }
+    cli::run(cli)
+}
