@@ -349,12 +349,6 @@ impl Config {
         Ok(config)
     }
 
-    /// The configuration as a TOML document (what `configs/default.toml` holds
-    /// for the defaults).
-    pub fn to_toml(&self) -> String {
-        toml::to_string_pretty(self).unwrap_or_else(|err| format!("# cannot render config: {err}"))
-    }
-
     /// Range checks that types alone cannot express. Returns the first bad key
     /// and what is wrong with it.
     pub fn validate(&self) -> Result<(), (String, String)> {
@@ -416,10 +410,13 @@ impl Config {
 fn decode(table: toml::Table, origin: &Origin) -> Result<Config, ConfigError> {
     serde_path_to_error::deserialize(toml::Value::Table(table)).map_err(|err| {
         let key = err.path().to_string();
+        let message = err.into_inner().to_string();
+        // toml appends "in `key`", which the error already says up front.
+        let message = message.split("\nin `").next().unwrap_or_default().trim_end().to_owned();
         ConfigError::Invalid {
             origin: origin.clone(),
             key,
-            message: err.into_inner().to_string().trim_end().to_owned(),
+            message,
         }
     })
 }

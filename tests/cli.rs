@@ -1,0 +1,166 @@
+//! The binary as a user runs it: exit codes, error messages, logging flags,
+//! and `doctor` on this (set-up) machine.
+
+use std::process::{Command, Output};
+
+fn blossom(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .output()
+        .expect("run blossom-p2p")
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn doctor_passes_on_a_working_setup() {
+    let output = blossom(&["doctor", "--json"]);
+    assert!(output.status.success(), "doctor failed:\n{}\n{}", String::from_utf8_lossy(&output.stdout), stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("doctor --json prints JSON");
+    assert!(report["mlx_version"].as_str().is_some_and(|v| v.starts_with("0.32")), "{report}");
+    assert!(report["problems"].as_array().is_some_and(Vec::is_empty), "{report}");
+    assert_eq!(report["model_status"], "present, blake3 matches", "{report}");
+    assert!(report["matmul_gflops"].as_f64().is_some_and(|g| g > 0.0), "{report}");
+    if cfg!(target_os = "linux") {
+        assert_eq!(report["device"], "cpu");
+        // The point of the build's link order: MLX's cblas calls go to OpenBLAS.
+        assert_eq!(report["blas"], "OpenBLAS", "{report}");
+    }
+}
+
+#[test]
+fn doctor_text_report_names_each_check() {
+    let output = blossom(&["doctor"]);
+    let text = String::from_utf8_lossy(&output.stdout);
+    for line in ["MLX", "BLAS", "matmul", "GFLOP/s", "model", "all checks passed"] {
+        assert!(text.contains(line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn doctor_fails_with_a_fix_when_the_model_is_missing() {
+    let output = blossom(&["doctor", "--model", "models/no-such-model.gguf"]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("no-such-model.gguf is missing"), "{text}");
+    assert!(text.contains("fix: fetch it: bash scripts/setup.sh"), "{text}");
+}
+
+#[test]
+fn doctor_fails_when_the_model_hash_is_wrong() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let fake = dir.path().join("SmolLM2-135M-Instruct.Q4_1.gguf");
+    std::fs::write(&fake, b"GGUF but not the right bytes").expect("write");
+    let output = blossom(&["doctor", "--model", fake.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("WRONG blake3"), "{text}");
+    assert!(text.contains("expected 5f4fa13b"), "{text}");
+}
+
+/// Forcing the wheel's reference BLAS in front of OpenBLAS must be caught.
+#[cfg(target_os = "linux")]
+#[test]
+fn doctor_detects_the_slow_reference_blas() {
+    let libs = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/mlx-cpu/mlx_cpu.libs");
+    let reference = std::fs::read_dir(&libs)
+        .expect("the MLX wheel is unpacked")
+        .filter_map(Result::ok)
+        .map(|entry| entry.path())
+        .find(|path| path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libblas")))
+        .expect("the wheel bundles a reference libblas");
+    let output = Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+        .args(["doctor", "--json"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("LD_PRELOAD", &reference)
+        .output()
+        .expect("run doctor");
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("JSON");
+    assert_eq!(report["blas"], "reference BLAS (slow)", "{report}");
+    let problems = report["problems"].to_string();
+    assert!(problems.contains("reference BLAS"), "{problems}");
+    assert!(problems.contains("libopenblas0-pthread"), "{problems}");
+}
+
+#[test]
+fn unimplemented_subcommands_exit_2_with_a_message() {
+    for args in [
+        vec!["start", "--bootstrap", "/ip4/127.0.0.1/tcp/4001"],
+        vec!["relay"],
+        vec!["simulate", "--nodes", "4", "--rounds", "2"],
+        vec!["train"],
+        vec!["generate", "--prompt", "hi"],
+        vec!["eval"],
+        vec!["export", "--adapter", "adapters", "--output", "out"],
+        vec!["status"],
+    ] {
+        let output = blossom(&args);
+        assert_eq!(output.status.code(), Some(2), "{args:?}");
+        assert!(stderr(&output).contains("not yet implemented"), "{args:?}: {}", stderr(&output));
+    }
+}
+
+#[test]
+fn bad_config_is_reported_before_anything_runs() {
+    let output = blossom(&["--set", "lora.rank=0", "doctor"]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(err.contains("--set lora.rank=0: lora.rank: must be between 1 and 4096"), "{err}");
+
+    let output = blossom(&["--config", "configs/nope.toml", "train"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("cannot read config file configs/nope.toml"), "{}", stderr(&output));
+}
+
+#[test]
+fn bad_flags_are_usage_errors() {
+    let output = blossom(&["simulate", "--nodes", "0"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("--nodes"), "{}", stderr(&output));
+
+    let output = blossom(&["start", "--partition-id", "4", "--num-partitions", "4"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("must be below --num-partitions (4)"), "{}", stderr(&output));
+}
+
+#[test]
+fn json_log_format_emits_json_lines() {
+    let output = blossom(&["-v", "--log-format", "json", "train"]);
+    let err = stderr(&output);
+    let line = err
+        .lines()
+        .find(|line| line.contains("configuration resolved"))
+        .unwrap_or_else(|| panic!("no debug log line in:\n{err}"));
+    let event: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
+    assert_eq!(event["level"], "DEBUG");
+    assert_eq!(event["fields"]["command"], "train");
+}
+
+#[test]
+fn quiet_and_rust_log_control_verbosity() {
+    // Without -v the debug line is filtered out.
+    let output = blossom(&["train"]);
+    assert!(!stderr(&output).contains("configuration resolved"));
+    // RUST_LOG wins over the flags.
+    let output = Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+        .args(["-q", "train"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("RUST_LOG", "debug")
+        .output()
+        .expect("run");
+    assert!(String::from_utf8_lossy(&output.stderr).contains("configuration resolved"));
+}
+
+#[test]
+fn setup_script_pins_the_same_model_hash() {
+    let script = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/setup.sh")).expect("read setup.sh");
+    assert!(
+        script.contains(&format!("MODEL_BLAKE3=\"{}\"", blossom_p2p::default_model::DEFAULT_MODEL_BLAKE3)),
+        "scripts/setup.sh and src/default_model.rs disagree on the model hash"
+    );
+}
