@@ -7,3 +7,4 @@ pub mod default_model;
 pub mod doctor;
 pub mod logging;
 pub mod mlx_env;
+pub mod model;

@@ -1,0 +1,264 @@
+//! GGUF files (llama.cpp): the model config from the metadata, the tensors
+//! renamed to mlx-lm's names, and what the tokenizer needs.
+//!
+//! MLX's loader returns Q4_0/Q4_1/Q8_0 tensors already as MLX affine triples
+//! (`weight`, `scales`, `biases`, group size 32), which is an exact mapping;
+//! they stay quantized here. F32 and F16 come as plain arrays.
+//!
+//! llama.cpp's converter permutes the rows of Q and K of `llama` models for
+//! its interleaved RoPE. We undo the permutation at load time, so the weights
+//! are in the Hugging Face layout, RoPE is the usual half-rotation, and
+//! `export` writes a folder any mlx-lm or transformers user can read.
+
+use std::path::Path;
+
+use mlx_rs::io::{GgufFile, GgufMetadataValue};
+use mlx_rs::{Array, Dtype};
+
+use super::args::ModelArgs;
+use super::tokenizer::GgufVocab;
+use super::weights::WeightMap;
+use super::ModelError;
+
+pub struct GgufModel {
+    pub args: ModelArgs,
+    pub weights: WeightMap,
+    pub vocab: GgufVocab,
+}
+
+pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
+    let load_err = |message: String| ModelError::Load {
+        path: path.display().to_string(),
+        message,
+    };
+    let file = GgufFile::load(path).map_err(|e| load_err(format!("not a readable GGUF file ({e})")))?;
+    let meta = Metadata { file: &file, path };
+    let arch = meta.string("general.architecture")?;
+    let tokens = meta.strings("tokenizer.ggml.tokens")?;
+    let args = ModelArgs {
+        model_type: match arch.as_str() {
+            "llama" | "qwen2" | "qwen3" => arch.clone(),
+            other => return Err(ModelError::UnsupportedArchitecture(format!("{other} (from GGUF)"))),
+        },
+        hidden_size: meta.int(&format!("{arch}.embedding_length"))?,
+        num_hidden_layers: meta.int(&format!("{arch}.block_count"))?,
+        intermediate_size: meta.int(&format!("{arch}.feed_forward_length"))?,
+        num_attention_heads: meta.int(&format!("{arch}.attention.head_count"))?,
+        num_key_value_heads: meta.int_optional(&format!("{arch}.attention.head_count_kv"))?,
+        head_dim: meta.int_optional(&format!("{arch}.attention.key_length"))?,
+        rms_norm_eps: meta.float(&format!("{arch}.attention.layer_norm_rms_epsilon"))?,
+        vocab_size: match meta.int_optional(&format!("{arch}.vocab_size"))? {
+            Some(v) => v,
+            None => i32::try_from(tokens.len()).map_err(|_| load_err("vocabulary too large".into()))?,
+        },
+        rope_theta: meta.float_optional(&format!("{arch}.rope.freq_base"))?.unwrap_or(10_000.0),
+        rope_traditional: false,
+        rope_scaling: None,
+        tie_word_embeddings: !file.array_keys().map_err(|e| load_err(e.to_string()))?.iter().any(|k| k == "output.weight"),
+        attention_bias: false,
+        mlp_bias: false,
+        max_position_embeddings: meta.int_optional(&format!("{arch}.context_length"))?,
+        query_pre_attn_scalar: None,
+        sliding_window: None,
+        sliding_window_pattern: None,
+        rope_local_base_freq: None,
+        quantization: None,
+    };
+    args.validate()?;
+
+    let mut weights = WeightMap::new();
+    let keys = file.array_keys().map_err(|e| load_err(e.to_string()))?;
+    for key in keys {
+        let array = file
+            .get_array(&key)
+            .map_err(|e| load_err(format!("tensor {key}: {e}")))?
+            .ok_or_else(|| load_err(format!("tensor {key} vanished")))?;
+        let name = hf_name(&key).ok_or_else(|| load_err(format!("unknown GGUF tensor `{key}` for a {arch} model")))?;
+        let array = if arch == "llama" && (key.starts_with("blk.") && (key.contains(".attn_q.") || key.contains(".attn_k."))) {
+            let heads = if key.contains(".attn_q.") { args.num_attention_heads } else { args.num_kv_heads() };
+            unpermute_rows(&array, heads, &key)?
+        } else {
+            array
+        };
+        // Norm weights and biases may be F16 in GGUF; keep the float tensors in
+        // float32 so the dequantized model is uniformly float32.
+        let array = match array.dtype() {
+            Dtype::Float16 | Dtype::Bfloat16 if !name.ends_with(".scales") && !name.ends_with(".biases") => array.as_dtype(Dtype::Float32)?,
+            _ => array,
+        };
+        weights.insert(name, array);
+    }
+
+    let vocab = GgufVocab {
+        model: meta.string("tokenizer.ggml.model")?,
+        pre: meta.string_optional("tokenizer.ggml.pre")?.unwrap_or_else(|| "default".into()),
+        tokens,
+        merges: meta.strings_optional("tokenizer.ggml.merges")?.unwrap_or_default(),
+        token_types: meta.int_vec_optional("tokenizer.ggml.token_type")?,
+        bos_token_id: meta.int_optional("tokenizer.ggml.bos_token_id")?.map(|v| v as u32),
+        eos_token_id: meta.int_optional("tokenizer.ggml.eos_token_id")?.map(|v| v as u32),
+        add_bos_token: meta.bool_optional("tokenizer.ggml.add_bos_token")?.unwrap_or(false),
+        chat_template: meta.string_optional("tokenizer.chat_template")?,
+    };
+    Ok(GgufModel { args, weights, vocab })
+}
+
+/// llama.cpp tensor names to mlx-lm / Hugging Face names.
+fn hf_name(gguf: &str) -> Option<String> {
+    let (stem, suffix) = gguf.rsplit_once('.')?;
+    if !["weight", "bias", "scales", "biases"].contains(&suffix) {
+        return None;
+    }
+    let mapped = match stem {
+        "token_embd" => "model.embed_tokens".to_owned(),
+        "output_norm" => "model.norm".to_owned(),
+        "output" => "lm_head".to_owned(),
+        _ => {
+            let rest = stem.strip_prefix("blk.")?;
+            let (layer, part) = rest.split_once('.')?;
+            let layer: u32 = layer.parse().ok()?;
+            let module = match part {
+                "attn_norm" => "input_layernorm",
+                "ffn_norm" => "post_attention_layernorm",
+                "attn_q" => "self_attn.q_proj",
+                "attn_k" => "self_attn.k_proj",
+                "attn_v" => "self_attn.v_proj",
+                "attn_output" => "self_attn.o_proj",
+                "attn_q_norm" => "self_attn.q_norm",
+                "attn_k_norm" => "self_attn.k_norm",
+                "ffn_gate" => "mlp.gate_proj",
+                "ffn_up" => "mlp.up_proj",
+                "ffn_down" => "mlp.down_proj",
+                _ => return None,
+            };
+            format!("model.layers.{layer}.{module}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+/// Inverse of llama.cpp's `permute`: within each head, rows were reordered
+/// from [2, head_dim/2] to [head_dim/2, 2]. Works row-wise, so it applies to
+/// packed quantized weights, their scales and biases, and bias vectors alike.
+fn unpermute_rows(array: &Array, heads: i32, name: &str) -> Result<Array, ModelError> {
+    let shape = array.shape().to_vec();
+    let rows = shape[0];
+    if heads <= 0 || rows % (heads * 2) != 0 {
+        return Err(ModelError::ShapeMismatch {
+            name: name.to_owned(),
+            expected: vec![heads * 2, -1],
+            actual: shape,
+        });
+    }
+    let mut split = vec![heads, rows / heads / 2, 2];
+    split.extend_from_slice(&shape[1..]);
+    Ok(array.reshape(&split)?.swap_axes(1, 2)?.reshape(&shape)?)
+}
+
+/// Typed access to GGUF metadata with errors that name the key.
+struct Metadata<'a> {
+    file: &'a GgufFile,
+    path: &'a Path,
+}
+
+impl Metadata<'_> {
+    fn err(&self, key: &str, what: &str) -> ModelError {
+        ModelError::Load {
+            path: self.path.display().to_string(),
+            message: format!("metadata `{key}` {what}"),
+        }
+    }
+
+    fn get(&self, key: &str) -> Result<Option<GgufMetadataValue>, ModelError> {
+        self.file.get_metadata(key).map_err(|e| self.err(key, &format!("cannot be read: {e}")))
+    }
+
+    fn string_optional(&self, key: &str) -> Result<Option<String>, ModelError> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(GgufMetadataValue::String(s)) => Ok(Some(s)),
+            Some(_) => Err(self.err(key, "is not a string")),
+        }
+    }
+
+    fn string(&self, key: &str) -> Result<String, ModelError> {
+        self.string_optional(key)?.ok_or_else(|| self.err(key, "is missing"))
+    }
+
+    fn strings_optional(&self, key: &str) -> Result<Option<Vec<String>>, ModelError> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(GgufMetadataValue::Strings(s)) => Ok(Some(s)),
+            Some(_) => Err(self.err(key, "is not a list of strings")),
+        }
+    }
+
+    fn strings(&self, key: &str) -> Result<Vec<String>, ModelError> {
+        self.strings_optional(key)?.ok_or_else(|| self.err(key, "is missing"))
+    }
+
+    fn scalar(&self, key: &str) -> Result<Option<Array>, ModelError> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(GgufMetadataValue::Array(a)) if a.size() == 1 => Ok(Some(a)),
+            Some(_) => Err(self.err(key, "is not a number")),
+        }
+    }
+
+    fn int_optional(&self, key: &str) -> Result<Option<i32>, ModelError> {
+        let Some(a) = self.scalar(key)? else { return Ok(None) };
+        let value = a.try_item_cast::<i64>()?;
+        i32::try_from(value).map(Some).map_err(|_| self.err(key, &format!("= {value} is out of range")))
+    }
+
+    fn int(&self, key: &str) -> Result<i32, ModelError> {
+        self.int_optional(key)?.ok_or_else(|| self.err(key, "is missing"))
+    }
+
+    fn float_optional(&self, key: &str) -> Result<Option<f32>, ModelError> {
+        Ok(self.scalar(key)?.map(|a| a.try_item_cast::<f32>()).transpose()?)
+    }
+
+    fn float(&self, key: &str) -> Result<f32, ModelError> {
+        self.float_optional(key)?.ok_or_else(|| self.err(key, "is missing"))
+    }
+
+    fn bool_optional(&self, key: &str) -> Result<Option<bool>, ModelError> {
+        Ok(self.scalar(key)?.map(|a| a.try_item_cast::<bool>()).transpose()?)
+    }
+
+    fn int_vec_optional(&self, key: &str) -> Result<Option<Vec<i32>>, ModelError> {
+        match self.get(key)? {
+            None => Ok(None),
+            Some(GgufMetadataValue::Array(a)) => Ok(Some(a.as_dtype(Dtype::Int32)?.as_slice::<i32>().to_vec())),
+            Some(_) => Err(self.err(key, "is not a number array")),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_mlx_lm() {
+        assert_eq!(hf_name("token_embd.weight").as_deref(), Some("model.embed_tokens.weight"));
+        assert_eq!(hf_name("blk.3.attn_q.scales").as_deref(), Some("model.layers.3.self_attn.q_proj.scales"));
+        assert_eq!(hf_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
+        assert_eq!(hf_name("blk.x.attn_q.weight"), None);
+        assert_eq!(hf_name("rope_freqs.weight"), None);
+    }
+
+    #[test]
+    fn unpermute_inverts_llama_cpp_permute() {
+        // llama.cpp: w.reshape(h, 2, d/2, c).swapaxes(1, 2).reshape(shape)
+        let (heads, head_dim, cols) = (2, 4, 3);
+        let rows = heads * head_dim;
+        let hf: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        let hf = Array::from_slice(&hf, &[rows, cols]);
+        let permuted = hf.reshape(&[heads, 2, head_dim / 2, cols]).unwrap().swap_axes(1, 2).unwrap().reshape(&[rows, cols]).unwrap();
+        let back = unpermute_rows(&permuted, heads, "t").unwrap();
+        assert_eq!(back.as_slice::<f32>(), hf.as_slice::<f32>());
+        assert!(unpermute_rows(&hf, 3, "t").is_err());
+    }
+}

@@ -1,0 +1,211 @@
+//! Building blocks shared by the architectures: RMSNorm, RoPE and the token
+//! embedding.
+
+use mlx_rs::{Array, Dtype};
+
+use super::ModelError;
+use super::args::RopeScaling;
+use super::linear::{check_shape, infer_quantization};
+use super::weights::WeightMap;
+
+/// RMSNorm. Gemma scales by `1 + weight`; that offset is folded into the
+/// weight once at load time, so the forward pass is the same fused kernel.
+#[derive(Debug, Clone)]
+pub struct RmsNorm {
+    pub weight: Array,
+    pub eps: f32,
+}
+
+impl RmsNorm {
+    pub fn take(weights: &mut WeightMap, name: &str, dims: i32, eps: f32, one_plus_weight: bool) -> Result<Self, ModelError> {
+        let weight = weights.take(&format!("{name}.weight"))?;
+        check_shape(&format!("{name}.weight"), &weight, &[dims])?;
+        let weight = if one_plus_weight { weight.add(Array::from_f32(1.0))? } else { weight };
+        Ok(Self { weight, eps })
+    }
+
+    pub fn forward(&self, x: &Array) -> Result<Array, ModelError> {
+        Ok(mlx_rs::fast::rms_norm(x, Some(&self.weight), self.eps)?)
+    }
+}
+
+/// Rotary position embedding over the first `dims` features of each head.
+#[derive(Debug, Clone)]
+pub struct Rope {
+    pub dims: i32,
+    /// Rotate interleaved pairs (GPT-J / llama.cpp layout) instead of halves.
+    pub traditional: bool,
+    pub base: f32,
+    pub scale: f32,
+    /// Per-frequency periods for Llama-3 scaling (replaces `base`).
+    pub freqs: Option<Array>,
+}
+
+impl Rope {
+    pub fn new(dims: i32, traditional: bool, base: f32, scaling: Option<&RopeScaling>) -> Result<Self, ModelError> {
+        let mut rope = Rope {
+            dims,
+            traditional,
+            base,
+            scale: 1.0,
+            freqs: None,
+        };
+        match scaling {
+            None => {}
+            Some(s) if s.rope_type == "linear" => rope.scale = 1.0 / s.factor,
+            Some(s) if s.rope_type == "llama3" => rope.freqs = Some(llama3_freqs(dims, base, s)?),
+            Some(s) if s.rope_type == "default" => {}
+            Some(s) => {
+                return Err(ModelError::BadConfig(format!(
+                    "rope_scaling type `{}` is not supported (supported: linear, llama3)",
+                    s.rope_type
+                )));
+            }
+        }
+        Ok(rope)
+    }
+
+    /// `x` is `[batch, heads, seq, head_dim]`; positions start at `offset`.
+    pub fn forward(&self, x: &Array, offset: i32) -> Result<Array, ModelError> {
+        let base = if self.freqs.is_some() { None } else { Some(self.base) };
+        Ok(mlx_rs::fast::rope(x, self.dims, self.traditional, base, self.scale, offset, self.freqs.as_ref())?)
+    }
+}
+
+/// Llama 3's frequency-dependent RoPE scaling (as in mlx-lm's Llama3RoPE):
+/// low frequencies are slowed by `factor`, high ones kept, and the band in
+/// between interpolated.
+fn llama3_freqs(dims: i32, base: f32, s: &RopeScaling) -> Result<Array, ModelError> {
+    let low_freq_factor = s.low_freq_factor.unwrap_or(1.0);
+    let high_freq_factor = s.high_freq_factor.unwrap_or(4.0);
+    let old_context = s.original_max_position_embeddings.unwrap_or(8192.0);
+    if !(s.factor > 0.0 && high_freq_factor > low_freq_factor) {
+        return Err(ModelError::BadConfig("llama3 rope_scaling needs factor > 0 and high_freq_factor > low_freq_factor".into()));
+    }
+    let low_freq_wavelen = old_context / low_freq_factor;
+    let high_freq_wavelen = old_context / high_freq_factor;
+    let freqs: Vec<f32> = (0..dims / 2)
+        .map(|i| {
+            let freq = base.powf(2.0 * i as f32 / dims as f32);
+            let wavelen = 2.0 * std::f32::consts::PI * freq;
+            if wavelen > low_freq_wavelen {
+                freq * s.factor
+            } else if wavelen < high_freq_wavelen {
+                freq
+            } else {
+                let smooth = (old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
+                freq / ((1.0 - smooth) / s.factor + smooth)
+            }
+        })
+        .collect();
+    Ok(Array::from_slice(&freqs, &[dims / 2]))
+}
+
+/// Token embedding, float or quantized. With tied weights it is also the
+/// output head (`as_linear`).
+#[derive(Debug, Clone)]
+pub enum Embedding {
+    Dense(Array),
+    Quantized {
+        weight: Array,
+        scales: Array,
+        biases: Array,
+        group_size: i32,
+        bits: i32,
+    },
+}
+
+impl Embedding {
+    pub fn take(weights: &mut WeightMap, name: &str, vocab: i32, dims: i32) -> Result<Self, ModelError> {
+        let weight = weights.take(&format!("{name}.weight"))?;
+        match weights.take_optional(&format!("{name}.scales")) {
+            None => {
+                check_shape(&format!("{name}.weight"), &weight, &[vocab, dims])?;
+                Ok(Embedding::Dense(weight))
+            }
+            Some(scales) => {
+                let biases = weights.take(&format!("{name}.biases"))?;
+                let (group_size, bits) = infer_quantization(name, &weight, &scales, vocab, dims)?;
+                check_shape(&format!("{name}.biases"), &biases, scales.shape())?;
+                Ok(Embedding::Quantized {
+                    weight,
+                    scales,
+                    biases,
+                    group_size,
+                    bits,
+                })
+            }
+        }
+    }
+
+    /// Rows of the table for `tokens` (any shape), as float.
+    pub fn forward(&self, tokens: &Array) -> Result<Array, ModelError> {
+        match self {
+            Embedding::Dense(weight) => Ok(weight.take_axis(tokens, 0)?),
+            Embedding::Quantized {
+                weight,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => {
+                let rows = |a: &Array| a.take_axis(tokens, 0);
+                Ok(mlx_rs::ops::dequantize(rows(weight)?, rows(scales)?, &rows(biases)?, *group_size, *bits)?)
+            }
+        }
+    }
+
+    /// `x Eᵀ`: logits from hidden states through the tied table.
+    pub fn as_linear(&self, x: &Array) -> Result<Array, ModelError> {
+        match self {
+            Embedding::Dense(weight) => Ok(x.matmul(weight.t())?),
+            Embedding::Quantized {
+                weight,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => Ok(mlx_rs::ops::quantized_matmul(x, weight, scales, biases, true, *group_size, *bits)?),
+        }
+    }
+
+    pub fn dequantized(&self, dtype: Dtype) -> Result<Embedding, ModelError> {
+        Ok(match self {
+            Embedding::Dense(weight) => Embedding::Dense(weight.as_dtype(dtype)?),
+            Embedding::Quantized {
+                weight,
+                scales,
+                biases,
+                group_size,
+                bits,
+            } => Embedding::Dense(mlx_rs::ops::dequantize(weight, scales, biases, *group_size, *bits)?.as_dtype(dtype)?),
+        })
+    }
+
+    pub fn quantized(&self, group_size: i32, bits: i32) -> Result<Embedding, ModelError> {
+        match self {
+            Embedding::Quantized { .. } => Ok(self.clone()),
+            Embedding::Dense(weight) => {
+                let (weight, scales, biases) = mlx_rs::ops::quantize(weight, group_size, bits)?;
+                Ok(Embedding::Quantized {
+                    weight,
+                    scales,
+                    biases,
+                    group_size,
+                    bits,
+                })
+            }
+        }
+    }
+
+    pub fn store(&self, name: &str, out: &mut WeightMap) {
+        match self {
+            Embedding::Dense(weight) => out.insert(format!("{name}.weight"), weight.clone()),
+            Embedding::Quantized { weight, scales, biases, .. } => {
+                out.insert(format!("{name}.weight"), weight.clone());
+                out.insert(format!("{name}.scales"), scales.clone());
+                out.insert(format!("{name}.biases"), biases.clone());
+            }
+        }
+    }
+}
