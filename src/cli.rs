@@ -10,6 +10,7 @@ use clap::{ArgAction, Args, Parser, Subcommand};
 
 use crate::config::{Config, ConfigError, Origin, Partitioning};
 use crate::logging::LogFormat;
+use crate::model::QuantMode;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -141,19 +142,45 @@ pub struct TrainArgs {
     pub iters: u32,
 }
 
+/// Which base model to load, shared by the commands that use one.
+#[derive(Debug, Args)]
+pub struct ModelArgs {
+    /// A GGUF file, a Hugging Face / mlx-lm folder, or `tiny[:SEED]` (default: model.source).
+    #[arg(long, value_name = "PATH|tiny")]
+    pub model: Option<String>,
+    /// Quantized weights: `auto` dequantizes to float32 on CPU when memory allows
+    /// (much faster there) and keeps them quantized on Metal/CUDA.
+    #[arg(long, value_enum, default_value_t = QuantMode::Auto)]
+    pub quant: QuantMode,
+}
+
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// The prompt (the chat template is applied).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// The prompt; the chat template is applied unless --raw is given.
     #[arg(long)]
     pub prompt: String,
+    /// A system message for the chat template.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Feed the prompt to the model as it is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
     /// An mlx-lm adapter directory to apply.
     #[arg(long, value_name = "DIR")]
     pub adapter_path: Option<PathBuf>,
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub max_tokens: u32,
     /// Sampling temperature; 0 is greedy.
     #[arg(long, default_value_t = 0.0)]
     pub temp: f32,
+    /// Nucleus sampling threshold in (0, 1]; 1 keeps every token.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
 }
 
 #[derive(Debug, Args)]
@@ -168,14 +195,17 @@ pub struct EvalArgs {
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {
-    /// The adapter to export: an mlx-lm adapter directory or an adapter hash in the store.
+    /// The base model to export (default: model.source).
+    #[arg(long, value_name = "PATH|tiny")]
+    pub model: Option<String>,
+    /// An adapter to export with it: an mlx-lm adapter directory or an adapter hash in the store.
     #[arg(long, value_name = "DIR|HASH")]
-    pub adapter: String,
-    /// Output directory.
-    #[arg(long, value_name = "DIR")]
-    pub output: PathBuf,
+    pub adapter: Option<String>,
+    /// Output directory (an mlx-lm model folder).
+    #[arg(long, visible_alias = "output", value_name = "DIR")]
+    pub out: PathBuf,
     /// Fuse the adapter into the base weights and write a whole model.
-    #[arg(long)]
+    #[arg(long, requires = "adapter")]
     pub fuse: bool,
 }
 
@@ -251,7 +281,17 @@ impl Command {
                     config.network.data_dir = dir.clone();
                 }
             }
-            Command::Generate(_) | Command::Export(_) | Command::Doctor(_) => {}
+            Command::Generate(args) => {
+                if let Some(model) = &args.model.model {
+                    config.model.source = model.clone();
+                }
+            }
+            Command::Export(args) => {
+                if let Some(model) = &args.model {
+                    config.model.source = model.clone();
+                }
+            }
+            Command::Doctor(_) => {}
         }
     }
 
@@ -299,13 +339,18 @@ pub fn resolve_config(cli: &Cli) -> Result<Config, ConfigError> {
 pub fn run(cli: Cli) -> ExitCode {
     // Every subcommand resolves the configuration first, so a bad file, key or
     // flag is reported the same way whatever the command.
-    if let Err(err) = resolve_config(&cli) {
-        eprintln!("error: {err}");
-        return ExitCode::from(2);
-    }
+    let config = match resolve_config(&cli) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
     tracing::debug!(command = cli.command.name(), "configuration resolved");
     match &cli.command {
         Command::Doctor(args) => crate::doctor::run(args),
+        Command::Generate(args) => crate::commands::generate::run(&config, args),
+        Command::Export(args) => crate::commands::export::run(&config, args),
         other => {
             eprintln!(
                 "error: `blossom-p2p {}` is not yet implemented in this version; \

@@ -2,6 +2,7 @@
 //! central server. See ../shared/DESIGN.md for the architecture.
 
 pub mod cli;
+pub mod commands;
 pub mod config;
 pub mod default_model;
 pub mod doctor;

@@ -94,9 +94,7 @@ fn unimplemented_subcommands_exit_2_with_a_message() {
         vec!["relay"],
         vec!["simulate", "--nodes", "4", "--rounds", "2"],
         vec!["train"],
-        vec!["generate", "--prompt", "hi"],
         vec!["eval"],
-        vec!["export", "--adapter", "adapters", "--output", "out"],
         vec!["status"],
     ] {
         let output = blossom(&args);

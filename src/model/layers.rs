@@ -14,6 +14,8 @@ use super::weights::WeightMap;
 pub struct RmsNorm {
     pub weight: Array,
     pub eps: f32,
+    /// Gemma's `1 + weight` form: `weight` here already includes the 1.
+    pub one_plus_weight: bool,
 }
 
 impl RmsNorm {
@@ -21,7 +23,21 @@ impl RmsNorm {
         let weight = weights.take(&format!("{name}.weight"))?;
         check_shape(&format!("{name}.weight"), &weight, &[dims])?;
         let weight = if one_plus_weight { weight.add(Array::from_f32(1.0))? } else { weight };
-        Ok(Self { weight, eps })
+        Ok(Self { weight, eps, one_plus_weight })
+    }
+
+    /// The weight as the checkpoint stores it (without Gemma's folded 1).
+    pub fn stored_weight(&self) -> Result<Array, ModelError> {
+        if self.one_plus_weight {
+            Ok(self.weight.subtract(Array::from_f32(1.0))?)
+        } else {
+            Ok(self.weight.clone())
+        }
+    }
+
+    pub fn store(&self, name: &str, out: &mut WeightMap) -> Result<(), ModelError> {
+        out.insert(format!("{name}.weight"), self.stored_weight()?);
+        Ok(())
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array, ModelError> {

@@ -29,16 +29,24 @@ pub struct Attention {
 }
 
 impl Attention {
-    fn take(weights: &mut WeightMap, prefix: &str, args: &ModelArgs, arch: Architecture) -> Result<Self, ModelError> {
+    /// The attention of `arch`: Qwen2 adds q/k/v biases, Qwen3 and Gemma 3
+    /// normalize q and k per head (Gemma with `1 + weight`), and Gemma 3
+    /// scales by `query_pre_attn_scalar`.
+    pub(crate) fn take(weights: &mut WeightMap, prefix: &str, args: &ModelArgs, arch: Architecture, rope: Rope) -> Result<Self, ModelError> {
         let (dim, heads, kv_heads, head_dim) = (args.hidden_size, args.num_attention_heads, args.num_kv_heads(), args.head_dim());
         let qkv_bias = args.attention_bias || arch == Architecture::Qwen2;
-        let (q_norm, k_norm) = if arch == Architecture::Qwen3 {
+        let (q_norm, k_norm) = if matches!(arch, Architecture::Qwen3 | Architecture::Gemma3) {
+            let gemma = arch == Architecture::Gemma3;
             (
-                Some(RmsNorm::take(weights, &format!("{prefix}.q_norm"), head_dim, args.rms_norm_eps, false)?),
-                Some(RmsNorm::take(weights, &format!("{prefix}.k_norm"), head_dim, args.rms_norm_eps, false)?),
+                Some(RmsNorm::take(weights, &format!("{prefix}.q_norm"), head_dim, args.rms_norm_eps, gemma)?),
+                Some(RmsNorm::take(weights, &format!("{prefix}.k_norm"), head_dim, args.rms_norm_eps, gemma)?),
             )
         } else {
             (None, None)
+        };
+        let scale = match (arch, args.query_pre_attn_scalar) {
+            (Architecture::Gemma3, Some(scalar)) if scalar > 0.0 => scalar.powf(-0.5),
+            _ => (head_dim as f32).powf(-0.5),
         };
         Ok(Self {
             q_proj: Linear::take(weights, &format!("{prefix}.q_proj"), heads * head_dim, dim, qkv_bias)?,
@@ -50,12 +58,12 @@ impl Attention {
             n_heads: heads,
             n_kv_heads: kv_heads,
             head_dim,
-            scale: (head_dim as f32).powf(-0.5),
-            rope: Rope::new(head_dim, args.rope_traditional, args.rope_theta, args.rope_scaling.as_ref())?,
+            scale,
+            rope,
         })
     }
 
-    fn forward(&self, x: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError> {
+    pub(crate) fn forward(&self, x: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError> {
         let (batch, len) = (x.shape()[0], x.shape()[1]);
         let heads = |proj: &Linear, n: i32, norm: Option<&RmsNorm>| -> Result<Array, ModelError> {
             let mut h = proj.forward(x)?.reshape(&[batch, len, n, self.head_dim])?;
@@ -80,37 +88,66 @@ impl Attention {
         self.o_proj.forward(&out)
     }
 
-    fn store(&self, prefix: &str, out: &mut WeightMap) {
+    pub(crate) fn store(&self, prefix: &str, out: &mut WeightMap) -> Result<(), ModelError> {
         self.q_proj.store(&format!("{prefix}.q_proj"), out);
         self.k_proj.store(&format!("{prefix}.k_proj"), out);
         self.v_proj.store(&format!("{prefix}.v_proj"), out);
         self.o_proj.store(&format!("{prefix}.o_proj"), out);
         if let (Some(q), Some(k)) = (&self.q_norm, &self.k_norm) {
-            out.insert(format!("{prefix}.q_norm.weight"), q.weight.clone());
-            out.insert(format!("{prefix}.k_norm.weight"), k.weight.clone());
+            q.store(&format!("{prefix}.q_norm"), out)?;
+            k.store(&format!("{prefix}.k_norm"), out)?;
         }
+        Ok(())
+    }
+
+    /// The four projections with their names under the block's `self_attn`.
+    pub(crate) fn linears(&self) -> [(&'static str, &Linear); 4] {
+        [("q_proj", &self.q_proj), ("k_proj", &self.k_proj), ("v_proj", &self.v_proj), ("o_proj", &self.o_proj)]
+    }
+
+    pub(crate) fn map_linears(&mut self, f: &mut impl FnMut(&Linear) -> Result<Linear, ModelError>) -> Result<(), ModelError> {
+        self.q_proj = f(&self.q_proj)?;
+        self.k_proj = f(&self.k_proj)?;
+        self.v_proj = f(&self.v_proj)?;
+        self.o_proj = f(&self.o_proj)?;
+        Ok(())
     }
 }
 
-/// SwiGLU: `down(silu(gate(x)) * up(x))`.
+/// The gate's activation in a gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GateActivation {
+    /// SwiGLU (Llama, Qwen, Mistral).
+    Silu,
+    /// GeGLU with the tanh approximation (Gemma).
+    GeluApprox,
+}
+
+/// Gated MLP: `down(act(gate(x)) * up(x))`.
 #[derive(Debug, Clone)]
 pub struct Mlp {
     pub gate_proj: Linear,
     pub up_proj: Linear,
     pub down_proj: Linear,
+    pub activation: GateActivation,
 }
 
 impl Mlp {
-    pub(crate) fn take(weights: &mut WeightMap, prefix: &str, dim: i32, hidden: i32, bias: bool) -> Result<Self, ModelError> {
+    pub(crate) fn take(weights: &mut WeightMap, prefix: &str, dim: i32, hidden: i32, bias: bool, activation: GateActivation) -> Result<Self, ModelError> {
         Ok(Self {
             gate_proj: Linear::take(weights, &format!("{prefix}.gate_proj"), hidden, dim, bias)?,
             up_proj: Linear::take(weights, &format!("{prefix}.up_proj"), hidden, dim, bias)?,
             down_proj: Linear::take(weights, &format!("{prefix}.down_proj"), dim, hidden, bias)?,
+            activation,
         })
     }
 
-    fn forward(&self, x: &Array) -> Result<Array, ModelError> {
-        let gate = mlx_rs::nn::silu(self.gate_proj.forward(x)?)?;
+    pub(crate) fn forward(&self, x: &Array) -> Result<Array, ModelError> {
+        let gate = self.gate_proj.forward(x)?;
+        let gate = match self.activation {
+            GateActivation::Silu => mlx_rs::nn::silu(gate)?,
+            GateActivation::GeluApprox => mlx_rs::nn::gelu_approximate(gate)?,
+        };
         self.down_proj.forward(&gate.multiply(self.up_proj.forward(x)?)?)
     }
 
@@ -118,6 +155,10 @@ impl Mlp {
         self.gate_proj.store(&format!("{prefix}.gate_proj"), out);
         self.up_proj.store(&format!("{prefix}.up_proj"), out);
         self.down_proj.store(&format!("{prefix}.down_proj"), out);
+    }
+
+    pub(crate) fn linears(&self) -> [(&'static str, &Linear); 3] {
+        [("gate_proj", &self.gate_proj), ("up_proj", &self.up_proj), ("down_proj", &self.down_proj)]
     }
 
     pub(crate) fn map_linears(&mut self, f: &mut impl FnMut(&Linear) -> Result<Linear, ModelError>) -> Result<(), ModelError> {
@@ -153,32 +194,21 @@ impl Llama {
         args.validate()?;
         let arch = args.architecture()?;
         let eps = args.rms_norm_eps;
+        let rope = Rope::new(args.head_dim(), args.rope_traditional, args.rope_theta, args.rope_scaling.as_ref())?;
         let embed_tokens = Embedding::take(&mut weights, "model.embed_tokens", args.vocab_size, args.hidden_size)?;
         let layers = (0..args.num_hidden_layers)
             .map(|i| {
                 let p = format!("model.layers.{i}");
                 Ok(Block {
                     input_layernorm: RmsNorm::take(&mut weights, &format!("{p}.input_layernorm"), args.hidden_size, eps, false)?,
-                    self_attn: Attention::take(&mut weights, &format!("{p}.self_attn"), &args, arch)?,
+                    self_attn: Attention::take(&mut weights, &format!("{p}.self_attn"), &args, arch, rope.clone())?,
                     post_attention_layernorm: RmsNorm::take(&mut weights, &format!("{p}.post_attention_layernorm"), args.hidden_size, eps, false)?,
-                    mlp: Mlp::take(&mut weights, &format!("{p}.mlp"), args.hidden_size, args.intermediate_size, args.mlp_bias)?,
+                    mlp: Mlp::take(&mut weights, &format!("{p}.mlp"), args.hidden_size, args.intermediate_size, args.mlp_bias, GateActivation::Silu)?,
                 })
             })
             .collect::<Result<Vec<_>, ModelError>>()?;
         let norm = RmsNorm::take(&mut weights, "model.norm", args.hidden_size, eps, false)?;
-        let lm_head = if weights.contains("lm_head.weight") {
-            Some(Linear::take(&mut weights, "lm_head", args.vocab_size, args.hidden_size, false)?)
-        } else if args.tie_word_embeddings {
-            None
-        } else {
-            return Err(ModelError::MissingTensor("lm_head.weight".into()));
-        };
-        // Precomputed rotary tables some exporters include are not weights.
-        let leftovers: Vec<String> = weights.names().filter(|n| n.contains("rotary_emb.inv_freq")).map(str::to_owned).collect();
-        for name in leftovers {
-            weights.take_optional(&name);
-        }
-        weights.expect_consumed()?;
+        let lm_head = take_output_head(&mut weights, &args)?;
         Ok(Self {
             args,
             embed_tokens,
@@ -212,11 +242,7 @@ impl Llama {
     /// Applies `f` to every projection (attention and MLP) and the output head.
     pub fn map_linears(&mut self, mut f: impl FnMut(&Linear) -> Result<Linear, ModelError>) -> Result<(), ModelError> {
         for layer in &mut self.layers {
-            let a = &mut layer.self_attn;
-            a.q_proj = f(&a.q_proj)?;
-            a.k_proj = f(&a.k_proj)?;
-            a.v_proj = f(&a.v_proj)?;
-            a.o_proj = f(&a.o_proj)?;
+            layer.self_attn.map_linears(&mut f)?;
             layer.mlp.map_linears(&mut f)?;
         }
         if let Some(head) = &self.lm_head {
@@ -225,21 +251,64 @@ impl Llama {
         Ok(())
     }
 
+    /// Every projection with its mlx-lm module path (the output head included).
+    pub fn linears(&self) -> Vec<(String, &Linear)> {
+        let blocks = self.layers.iter().map(|l| (&l.self_attn, &l.mlp));
+        named_linears(blocks, self.lm_head.as_ref())
+    }
+
     /// The weights under mlx-lm's names (what `export` writes).
-    pub fn weights(&self) -> WeightMap {
+    pub fn weights(&self) -> Result<WeightMap, ModelError> {
         let mut out = WeightMap::new();
         self.embed_tokens.store("model.embed_tokens", &mut out);
         for (i, layer) in self.layers.iter().enumerate() {
             let p = format!("model.layers.{i}");
-            out.insert(format!("{p}.input_layernorm.weight"), layer.input_layernorm.weight.clone());
-            out.insert(format!("{p}.post_attention_layernorm.weight"), layer.post_attention_layernorm.weight.clone());
-            layer.self_attn.store(&format!("{p}.self_attn"), &mut out);
+            layer.input_layernorm.store(&format!("{p}.input_layernorm"), &mut out)?;
+            layer.post_attention_layernorm.store(&format!("{p}.post_attention_layernorm"), &mut out)?;
+            layer.self_attn.store(&format!("{p}.self_attn"), &mut out)?;
             layer.mlp.store(&format!("{p}.mlp"), &mut out);
         }
-        out.insert("model.norm.weight".into(), self.norm.weight.clone());
+        self.norm.store("model.norm", &mut out)?;
         if let Some(head) = &self.lm_head {
             head.store("lm_head", &mut out);
         }
-        out
+        Ok(out)
     }
+}
+
+/// `model.layers.{i}.self_attn.q_proj`-style names for the projections of
+/// `blocks`, then `lm_head`.
+pub(crate) fn named_linears<'a>(blocks: impl Iterator<Item = (&'a Attention, &'a Mlp)>, lm_head: Option<&'a Linear>) -> Vec<(String, &'a Linear)> {
+    let mut out = Vec::new();
+    for (i, (attn, mlp)) in blocks.enumerate() {
+        for (name, linear) in attn.linears() {
+            out.push((format!("model.layers.{i}.self_attn.{name}"), linear));
+        }
+        for (name, linear) in mlp.linears() {
+            out.push((format!("model.layers.{i}.mlp.{name}"), linear));
+        }
+    }
+    if let Some(head) = lm_head {
+        out.push(("lm_head".to_owned(), head));
+    }
+    out
+}
+
+/// The separate output head if the weights have one; `None` means tied to the
+/// embedding (which the config must allow). Then checks nothing is left over.
+pub(crate) fn take_output_head(weights: &mut WeightMap, args: &ModelArgs) -> Result<Option<Linear>, ModelError> {
+    let lm_head = if weights.contains("lm_head.weight") {
+        Some(Linear::take(weights, "lm_head", args.vocab_size, args.hidden_size, false)?)
+    } else if args.tie_word_embeddings || args.architecture()? == Architecture::Gemma3 {
+        None
+    } else {
+        return Err(ModelError::MissingTensor("lm_head.weight".into()));
+    };
+    // Precomputed rotary tables some exporters include are not weights.
+    let leftovers: Vec<String> = weights.names().filter(|n| n.contains("rotary_emb.inv_freq")).map(str::to_owned).collect();
+    for name in leftovers {
+        weights.take_optional(&name);
+    }
+    weights.expect_consumed()?;
+    Ok(lm_head)
 }

@@ -83,6 +83,10 @@ pub fn load_model(source: &str, options: &LoadOptions) -> Result<LoadedModel, Mo
     if dequantize {
         decoder.dequantize(Dtype::Float32)?;
     }
+    // MLX is lazy: materialize the weights now, so load errors surface here
+    // and the first forward pass is not charged with the load.
+    let weights = decoder.weights()?.into_inner();
+    mlx_rs::transforms::eval(weights.values())?;
     Ok(LoadedModel {
         decoder,
         tokenizer,
@@ -95,6 +99,15 @@ pub fn load_model(source: &str, options: &LoadOptions) -> Result<LoadedModel, Mo
 /// A Hugging Face / mlx-lm folder: config.json, model.safetensors or shards
 /// listed in model.safetensors.index.json, and the tokenizer files.
 fn load_hf_folder(dir: &Path) -> Result<(Decoder, Tokenizer, String), ModelError> {
+    let (args, weights, files) = load_hf_weights(dir)?;
+    let tokenizer = Tokenizer::from_hf_folder(dir)?;
+    let identity = hash_files(&files)?;
+    Ok((Decoder::from_weights(args, weights)?, tokenizer, identity))
+}
+
+/// The config and weights of a Hugging Face / mlx-lm folder, and the files
+/// they came from (config first).
+pub fn load_hf_weights(dir: &Path) -> Result<(ModelArgs, WeightMap, Vec<PathBuf>), ModelError> {
     let load_err = |message: String| ModelError::Load {
         path: dir.display().to_string(),
         message,
@@ -132,10 +145,8 @@ fn load_hf_folder(dir: &Path) -> Result<(Decoder, Tokenizer, String), ModelError
             weights.insert(name, array);
         }
     }
-    let tokenizer = Tokenizer::from_hf_folder(dir)?;
     files.insert(0, config_path);
-    let identity = hash_files(&files)?;
-    Ok((Decoder::from_weights(args, weights)?, tokenizer, identity))
+    Ok((args, weights, files))
 }
 
 /// blake3 over the files' names and bytes, in the order given.

@@ -6,6 +6,8 @@
 pub mod args;
 pub mod attention;
 pub mod chat;
+pub mod export;
+pub mod gemma3;
 pub mod generate;
 pub mod gguf;
 pub mod kv_cache;
@@ -26,7 +28,7 @@ pub use tokenizer::Tokenizer;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
-    #[error("unsupported model architecture `{0}` (supported: llama, mistral, smollm, qwen2, qwen3)")]
+    #[error("unsupported model architecture `{0}` (supported: llama, mistral, smollm, qwen2, qwen3, gemma3_text)")]
     UnsupportedArchitecture(String),
     #[error("bad model config: {0}")]
     BadConfig(String),
@@ -58,25 +60,28 @@ pub enum ModelError {
 #[derive(Debug, Clone)]
 pub enum Decoder {
     Llama(llama::Llama),
+    Gemma3(gemma3::Gemma3),
 }
 
 impl Decoder {
     pub fn from_weights(args: ModelArgs, weights: weights::WeightMap) -> Result<Self, ModelError> {
         match args.architecture()? {
             Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => Ok(Decoder::Llama(llama::Llama::from_weights(args, weights)?)),
-            Architecture::Gemma3 => Err(ModelError::UnsupportedArchitecture("gemma3_text".into())),
+            Architecture::Gemma3 => Ok(Decoder::Gemma3(gemma3::Gemma3::from_weights(args, weights)?)),
         }
     }
 
     pub fn args(&self) -> &ModelArgs {
         match self {
             Decoder::Llama(m) => &m.args,
+            Decoder::Gemma3(m) => &m.args,
         }
     }
 
     pub fn num_layers(&self) -> usize {
         match self {
             Decoder::Llama(m) => m.layers.len(),
+            Decoder::Gemma3(m) => m.layers.len(),
         }
     }
 
@@ -97,6 +102,7 @@ impl Decoder {
         }
         match self {
             Decoder::Llama(m) => m.forward(tokens, caches, key_padding),
+            Decoder::Gemma3(m) => m.forward(tokens, caches, key_padding),
         }
     }
 
@@ -104,6 +110,10 @@ impl Decoder {
     pub fn dequantize(&mut self, dtype: Dtype) -> Result<(), ModelError> {
         match self {
             Decoder::Llama(m) => {
+                m.embed_tokens = m.embed_tokens.dequantized(dtype)?;
+                m.map_linears(|l| l.dequantized(dtype))
+            }
+            Decoder::Gemma3(m) => {
                 m.embed_tokens = m.embed_tokens.dequantized(dtype)?;
                 m.map_linears(|l| l.dequantized(dtype))
             }
@@ -117,22 +127,38 @@ impl Decoder {
                 m.embed_tokens = m.embed_tokens.quantized(group_size, bits)?;
                 m.map_linears(|l| l.quantized(group_size, bits))
             }
-        }
-    }
-
-    pub fn is_quantized(&self) -> bool {
-        match self {
-            Decoder::Llama(m) => {
-                matches!(m.embed_tokens, layers::Embedding::Quantized { .. })
-                    || m.layers.iter().any(|l| l.self_attn.q_proj.quantization().is_some())
+            Decoder::Gemma3(m) => {
+                m.embed_tokens = m.embed_tokens.quantized(group_size, bits)?;
+                m.map_linears(|l| l.quantized(group_size, bits))
             }
         }
     }
 
+    pub fn is_quantized(&self) -> bool {
+        !self.quantized_modules().is_empty()
+    }
+
+    /// `(module path, group size, bits)` of every quantized module.
+    pub fn quantized_modules(&self) -> Vec<(String, i32, i32)> {
+        let (linears, embedding) = match self {
+            Decoder::Llama(m) => (m.linears(), &m.embed_tokens),
+            Decoder::Gemma3(m) => (m.linears(), &m.embed_tokens),
+        };
+        let mut out: Vec<(String, i32, i32)> = linears
+            .into_iter()
+            .filter_map(|(name, l)| l.quantization().map(|(g, b)| (name, g, b)))
+            .collect();
+        if let layers::Embedding::Quantized { group_size, bits, .. } = embedding {
+            out.insert(0, ("model.embed_tokens".to_owned(), *group_size, *bits));
+        }
+        out
+    }
+
     /// Weights under mlx-lm's parameter names.
-    pub fn weights(&self) -> weights::WeightMap {
+    pub fn weights(&self) -> Result<weights::WeightMap, ModelError> {
         match self {
             Decoder::Llama(m) => m.weights(),
+            Decoder::Gemma3(m) => m.weights(),
         }
     }
 }

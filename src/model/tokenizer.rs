@@ -11,6 +11,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::pre_tokenizers::digits::Digits;
 use tokenizers::pre_tokenizers::sequence::Sequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::processors::template::TemplateProcessing;
 use tokenizers::{AddedToken, SplitDelimiterBehavior};
 
 use super::ModelError;
@@ -49,7 +50,6 @@ pub struct Tokenizer {
     /// Generation stops at any of these.
     eos_ids: Vec<u32>,
     eos_token: Option<String>,
-    add_bos: bool,
     chat_template: Option<String>,
 }
 
@@ -115,12 +115,21 @@ impl Tokenizer {
             inner.add_special_tokens(&special);
         }
         let token = |id: Option<u32>| id.and_then(|id| vocab.tokens.get(id as usize).cloned());
+        let bos_token = token(vocab.bos_token_id);
+        // BOS goes in as Hugging Face tokenizers do it, through the
+        // post-processor, so the exported tokenizer.json behaves the same.
+        if let (true, Some(bos), Some(id)) = (vocab.add_bos_token, &bos_token, vocab.bos_token_id) {
+            let template = TemplateProcessing::builder()
+                .try_single(format!("{bos} $A"))
+                .and_then(|b| b.special_tokens(vec![(bos.clone(), id)]).build().map_err(|e| e.to_string()))
+                .map_err(|e| ModelError::Tokenizer(format!("cannot build the BOS post-processor: {e}")))?;
+            inner.with_post_processor(Some(template));
+        }
         Ok(Self {
-            bos_token: token(vocab.bos_token_id),
+            bos_token,
             bos_id: vocab.bos_token_id,
             eos_ids: vocab.eos_token_id.into_iter().collect(),
             eos_token: token(vocab.eos_token_id),
-            add_bos: vocab.add_bos_token,
             chat_template: vocab.chat_template.clone(),
             inner,
         })
@@ -172,28 +181,25 @@ impl Tokenizer {
             bos_token,
             eos_ids,
             eos_token,
-            add_bos: config.get("add_bos_token").and_then(|v| v.as_bool()).unwrap_or(false),
             chat_template,
             inner,
         })
     }
 
-    /// Token ids of `text`. With `add_special`, the BOS token is prepended
-    /// where the model expects one (and the text does not already start with it).
+    /// Token ids of `text`. With `add_special`, the tokenizer's own special
+    /// tokens (BOS, for models that want one) are added, unless the text
+    /// already starts with BOS, as chat templates often do (mlx-lm's rule).
     pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>, ModelError> {
+        let has_bos = self.bos_token.as_deref().is_some_and(|bos| !bos.is_empty() && text.starts_with(bos));
         let encoding = self
             .inner
-            .encode(text, false)
+            .encode(text, add_special && !has_bos)
             .map_err(|e| ModelError::Tokenizer(format!("cannot encode text: {e}")))?;
-        let mut ids = encoding.get_ids().to_vec();
-        if add_special
-            && self.add_bos
-            && let Some(bos) = self.bos_id
-            && ids.first() != Some(&bos)
-        {
-            ids.insert(0, bos);
-        }
-        Ok(ids)
+        Ok(encoding.get_ids().to_vec())
+    }
+
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos_id
     }
 
     pub fn decode(&self, ids: &[u32], skip_special: bool) -> Result<String, ModelError> {

@@ -1,0 +1,68 @@
+//! `blossom-p2p generate`: text from the base model, streamed token by token.
+
+use std::io::Write;
+use std::process::ExitCode;
+
+use crate::cli::GenerateArgs;
+use crate::config::Config;
+use crate::model::chat::ChatMessage;
+use crate::model::generate::{SamplingParams, generate};
+use crate::model::{LoadOptions, ModelError, load_model};
+
+use super::model_error_exit;
+
+pub fn run(config: &Config, args: &GenerateArgs) -> ExitCode {
+    if args.adapter_path.is_some() {
+        eprintln!("error: --adapter-path is not supported yet: adapters are applied once the trainer lands");
+        return ExitCode::from(2);
+    }
+    let source = &config.model.source;
+    let loaded = match load_model(source, &LoadOptions { quant: args.model.quant }) {
+        Ok(loaded) => loaded,
+        Err(err) => return model_error_exit(&format!("cannot load model {source}"), &err),
+    };
+    tracing::info!(model = %source, identity = %&loaded.identity[..16], dequantized = loaded.dequantized, "model loaded");
+    let prompt = if args.raw {
+        loaded.tokenizer.encode(&args.prompt, true)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = &args.system {
+            messages.push(ChatMessage::system(system.clone()));
+        }
+        messages.push(ChatMessage::user(args.prompt.clone()));
+        loaded.tokenizer.encode_chat(&messages)
+    };
+    let prompt = match prompt {
+        Ok(ids) => ids,
+        Err(err) => return model_error_exit("cannot build the prompt", &err),
+    };
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        temperature: args.temp,
+        top_p: args.top_p,
+        seed: args.seed,
+    };
+    let mut decoder = loaded.tokenizer.stream_decoder();
+    let mut stdout = std::io::stdout().lock();
+    let result = generate(&loaded.decoder, &prompt, &params, loaded.tokenizer.eos_ids(), true, |token| {
+        let text = decoder.push(token)?;
+        stdout
+            .write_all(text.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(|e| ModelError::BadInput(format!("cannot write to stdout: {e}")))
+    });
+    let _ = writeln!(stdout).and_then(|()| stdout.flush());
+    match result {
+        Ok((_, stats)) => {
+            eprintln!(
+                "prompt: {} tokens, {:.1} tokens/s; generation: {} tokens, {:.1} tokens/s",
+                stats.prompt_tokens,
+                stats.prompt_tokens_per_sec(),
+                stats.generated_tokens,
+                stats.generation_tokens_per_sec()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(err) => model_error_exit("generation failed", &err),
+    }
+}

@@ -1,0 +1,80 @@
+//! Each architecture against a reference: small checkpoints with seeded random
+//! weights made by Python mlx-lm 0.32.2 (scripts/make_model_fixtures.py), and
+//! the logits mlx-lm computed for a fixed prompt.
+
+use std::path::PathBuf;
+
+use blossom_p2p::model::load::load_hf_weights;
+use blossom_p2p::model::{Decoder, KvCache};
+use mlx_rs::Array;
+
+fn fixture(name: &str) -> (Decoder, Array, Array) {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models").join(name);
+    let (args, weights, _) = load_hf_weights(&dir).expect("fixture loads");
+    let decoder = Decoder::from_weights(args, weights).expect("fixture builds");
+    let reference = Array::load_safetensors(dir.join("reference.safetensors")).expect("reference loads");
+    (decoder, reference["tokens"].clone(), reference["logits"].clone())
+}
+
+fn max_abs_diff(a: &Array, b: &Array) -> f32 {
+    assert_eq!(a.shape(), b.shape());
+    let diff = a.subtract(b).unwrap().abs().unwrap().max(None).unwrap();
+    diff.try_item_cast::<f32>().unwrap()
+}
+
+/// The whole prompt at once, then the same prompt in two pieces through the
+/// KV cache (which also crosses Gemma's sliding window): both match mlx-lm.
+fn check(name: &str) {
+    let (decoder, tokens, want) = fixture(name);
+    // A degenerate reference (all logits equal) would match almost anything.
+    let spread = want.max(None).unwrap().subtract(want.min(None).unwrap()).unwrap().try_item_cast::<f32>().unwrap();
+    assert!(spread > 0.1, "{name}: reference logits barely vary ({spread})");
+    let got = decoder.forward(&tokens, None, None).expect("forward");
+    let diff = max_abs_diff(&got, &want);
+    assert!(diff < 1e-4, "{name}: logits differ from mlx-lm by {diff}");
+
+    let mut cache: Vec<KvCache> = decoder.new_cache();
+    let split = 7;
+    let len = tokens.shape()[1];
+    let first = tokens.take_axis(Array::from_slice(&(0..split).collect::<Vec<i32>>(), &[split]), 1).unwrap();
+    let rest = tokens.take_axis(Array::from_slice(&(split..len).collect::<Vec<i32>>(), &[len - split]), 1).unwrap();
+    let a = decoder.forward(&first, Some(&mut cache), None).unwrap();
+    let b = decoder.forward(&rest, Some(&mut cache), None).unwrap();
+    let stitched = mlx_rs::ops::concatenate(&[a, b], 1).unwrap();
+    let diff = max_abs_diff(&stitched, &want);
+    assert!(diff < 1e-4, "{name}: cached logits differ from mlx-lm by {diff}");
+}
+
+#[test]
+fn llama3_with_rope_scaling_matches_mlx_lm() {
+    check("llama3");
+}
+
+#[test]
+fn mistral_matches_mlx_lm() {
+    check("mistral");
+}
+
+#[test]
+fn qwen2_with_qkv_bias_matches_mlx_lm() {
+    check("qwen2");
+}
+
+#[test]
+fn qwen3_with_qk_norm_matches_mlx_lm() {
+    check("qwen3");
+}
+
+#[test]
+fn gemma3_with_sliding_window_matches_mlx_lm() {
+    check("gemma3");
+}
+
+#[test]
+fn mlx_quantized_llama_with_per_layer_bits_matches_mlx_lm() {
+    let (decoder, _, _) = fixture("llama_q4");
+    let quantized = decoder.quantized_modules();
+    assert!(quantized.iter().any(|(name, g, b)| name == "lm_head" && (*g, *b) == (32, 8)), "{quantized:?}");
+    assert!(quantized.iter().any(|(name, _, b)| name.ends_with("q_proj") && *b == 4));
+    check("llama_q4");
+}
