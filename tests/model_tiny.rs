@@ -247,3 +247,33 @@ fn default_model_chats_through_the_cli_and_exports() {
     let output = blossom(&["-q", "generate", "--model", out.to_str().unwrap(), "--prompt", "What is the capital of France?", "--max-tokens", "12"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("Paris"));
 }
+
+#[test]
+fn hub_models_load_from_the_cache_offline() {
+    // The Hugging Face cache layout: refs/<revision> names a snapshot folder.
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("models--blossom-test--tiny");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+    let snapshot = repo.join("snapshots/0123abcd");
+    let model = keep("tiny:2").unwrap();
+    export_mlx_lm(&model.decoder, &model.tokenizer, &snapshot).unwrap();
+
+    let run = |spec: &str| {
+        Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+            .args(["-q", "generate", "--model", spec, "--prompt", "hi", "--max-tokens", "4"])
+            .env("HF_HUB_CACHE", cache.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let output = run("hf:blossom-test/tiny");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = run("hf:blossom-test/absent");
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("hf:blossom-test/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    let output = run("hf:not-a-repo");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("expected hf:org/name"));
+}

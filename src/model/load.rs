@@ -53,10 +53,8 @@ pub fn load_model(source: &str, options: &LoadOptions) -> Result<LoadedModel, Mo
         let args = tiny_args();
         let identity = blake3::hash(format!("tiny:{seed}:{}", serde_json::to_string(&args).unwrap_or_default()).as_bytes());
         (Decoder::from_weights(args.clone(), tiny_weights(&args, seed))?, tiny_tokenizer()?, identity.to_hex().to_string())
-    } else if source.starts_with("hf:") {
-        return Err(ModelError::BadInput(format!(
-            "`{source}`: Hugging Face Hub models are not supported yet; download the folder and pass its path"
-        )));
+    } else if let Some(spec) = source.strip_prefix("hf:") {
+        load_hf_folder(&super::hub::resolve(spec)?)?
     } else {
         let path = Path::new(source);
         if !path.exists() {

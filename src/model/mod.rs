@@ -9,6 +9,7 @@ pub mod chat;
 pub mod export;
 pub mod gemma3;
 pub mod generate;
+pub mod hub;
 pub mod gguf;
 pub mod kv_cache;
 pub mod layers;
