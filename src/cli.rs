@@ -71,6 +71,32 @@ pub enum Command {
     Status(StatusArgs),
     /// Check the installation: MLX, device, BLAS speed, default model.
     Doctor(DoctorArgs),
+    /// Measure speed and memory, printing figures side by side.
+    #[command(subcommand)]
+    Bench(BenchCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prompt and generation tokens/s and peak memory: quantized weights, and
+    /// dequantized to float32 (on CPU), in one run.
+    Generate(BenchGenerateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    /// The model (default: model.source).
+    #[arg(long, value_name = "PATH|tiny")]
+    pub model: Option<String>,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=32768))]
+    pub prompt_tokens: u32,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=32768))]
+    pub max_tokens: u32,
+    /// Timed runs per variant (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeats: u32,
 }
 
 #[derive(Debug, Args)]
@@ -291,6 +317,11 @@ impl Command {
                     config.model.source = model.clone();
                 }
             }
+            Command::Bench(BenchCommand::Generate(args)) => {
+                if let Some(model) = &args.model {
+                    config.model.source = model.clone();
+                }
+            }
             Command::Doctor(_) => {}
         }
     }
@@ -306,6 +337,7 @@ impl Command {
             Command::Export(_) => "export",
             Command::Status(_) => "status",
             Command::Doctor(_) => "doctor",
+            Command::Bench(_) => "bench",
         }
     }
 }
@@ -351,6 +383,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Doctor(args) => crate::doctor::run(args),
         Command::Generate(args) => crate::commands::generate::run(&config, args),
         Command::Export(args) => crate::commands::export::run(&config, args),
+        Command::Bench(BenchCommand::Generate(args)) => crate::commands::bench::bench_generate(&config, args),
         other => {
             eprintln!(
                 "error: `blossom-p2p {}` is not yet implemented in this version; \

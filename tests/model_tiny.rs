@@ -277,3 +277,29 @@ fn hub_models_load_from_the_cache_offline() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("expected hf:org/name"));
 }
+
+/// A left-padded batch with a padding mask gives the real tokens the same
+/// logits as running them alone (RoPE is relative, so the shift is harmless).
+#[test]
+fn padding_mask_hides_left_padding_in_a_batch() {
+    let model = keep("tiny:4").unwrap();
+    let long = [5, 17, 200, 3, 99];
+    let short = [42, 7, 9];
+    let batch = Array::from_slice(&[long.as_slice(), &[0, 0], short.as_slice()].concat(), &[2, 5]);
+    let padding = Array::from_slice(&[true, true, true, true, true, false, false, true, true, true], &[2, 5]);
+    let batched = model.decoder.forward(&batch, None, Some(&padding)).unwrap();
+    let alone_long = model.decoder.forward(&tokens(&long), None, None).unwrap();
+    let alone_short = model.decoder.forward(&tokens(&short), None, None).unwrap();
+    let row = |a: &Array, b: i32, from: i32, to: i32| {
+        a.take_axis(Array::from_int(b), 0)
+            .unwrap()
+            .take_axis(Array::from_slice(&(from..to).collect::<Vec<i32>>(), &[to - from]), 0)
+            .unwrap()
+    };
+    assert!(max_abs_diff(&row(&batched, 0, 0, 5), &row(&alone_long, 0, 0, 5)) < 1e-4);
+    let diff = max_abs_diff(&row(&batched, 1, 2, 5), &row(&alone_short, 0, 0, 3));
+    assert!(diff < 1e-4, "padded sequence differs by {diff}");
+    // Without the mask the padding leaks into the short sequence.
+    let unmasked = model.decoder.forward(&batch, None, None).unwrap();
+    assert!(max_abs_diff(&row(&unmasked, 1, 2, 5), &row(&alone_short, 0, 0, 3)) > 1e-3);
+}

@@ -1,6 +1,7 @@
 //! The subcommands that do work, one module each. They turn errors into a
 //! message on stderr and an exit code (see `cli`).
 
+pub mod bench;
 pub mod export;
 pub mod generate;
 

@@ -42,7 +42,12 @@ impl AttentionMask {
                 )));
             }
             let padding = padding.reshape(&[shape[0], 1, 1, keys])?;
-            mask = mask.logical_and(&padding)?;
+            // A padding query would see no key at all, and a softmax over
+            // nothing is NaN, which the next layer would spread through the
+            // padding keys' values. Let every query see itself; real queries
+            // never see the padding.
+            let diagonal = k_pos.eq(&q_pos)?.reshape(&[1, 1, queries, keys])?;
+            mask = mask.logical_and(&padding)?.logical_or(&diagonal)?;
         }
         Ok(AttentionMask::Explicit(mask))
     }

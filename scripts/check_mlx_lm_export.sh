@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Checks that `blossom-p2p export` writes a folder that Python mlx-lm loads,
+# and that mlx-lm's greedy answer equals ours, for the default model.
+# Skips (exit 0) when Python mlx-lm is not installed. To run it for real:
+#   python3 -m venv .venv-mlx && .venv-mlx/bin/pip install "mlx-lm==0.32.2" "mlx[cpu]==0.32.2"
+#   MLX_LM_PYTHON=.venv-mlx/bin/python bash scripts/check_mlx_lm_export.sh
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PY="${MLX_LM_PYTHON:-python3}"
+if ! "$PY" -c "import mlx_lm" >/dev/null 2>&1; then
+  echo "SKIP: Python mlx-lm is not installed for $PY (set MLX_LM_PYTHON to a Python that has mlx-lm 0.32.2)"
+  exit 0
+fi
+BIN="${BLOSSOM_BIN:-target/debug/blossom-p2p}"
+[ -x "$BIN" ] || cargo build --quiet
+OUT="$(mktemp -d)"
+trap 'rm -rf "$OUT"' EXIT
+"$BIN" -q export --out "$OUT/model" >/dev/null
+status=0
+for question in "What is the capital of France?" "How many days are in a week?"; do
+  ours="$("$BIN" -q generate --model "$OUT/model" --prompt "$question" --max-tokens 24)"
+  theirs="$("$PY" -m mlx_lm generate --model "$OUT/model" --prompt "$question" --max-tokens 24 2>/dev/null \
+    | awk '/^==========$/ { inside = !inside; next } inside')"
+  if [ "$ours" = "$theirs" ]; then
+    echo "same answer: $question -> $ours"
+  else
+    echo "DIFFERENT: $question"; echo "  blossom-p2p: $ours"; echo "  mlx-lm:      $theirs"
+    status=1
+  fi
+done
+exit $status

@@ -1,0 +1,108 @@
+//! `blossom-p2p bench …`: figures measured side by side in one run, so the
+//! ratios hold even on a noisy shared machine.
+
+use std::process::ExitCode;
+
+
+use crate::cli::BenchGenerateArgs;
+use crate::config::Config;
+use crate::model::generate::{GenerationStats, SamplingParams, generate};
+use crate::model::{LoadOptions, LoadedModel, QuantMode, load_model};
+
+use super::model_error_exit;
+
+/// One measured variant of the model.
+struct Figures {
+    label: &'static str,
+    prompt_tps: f64,
+    generation_tps: f64,
+    peak_bytes: usize,
+}
+
+pub fn bench_generate(config: &Config, args: &BenchGenerateArgs) -> ExitCode {
+    let source = &config.model.source;
+    let mut rows = Vec::new();
+    for (label, quant) in [("quantized", QuantMode::Keep), ("float32 (dequantized)", QuantMode::Dequantize)] {
+        let _ = mlx_rs::memory::clear_cache();
+        let _ = mlx_rs::memory::reset_peak_memory();
+        let loaded = match load_model(source, &LoadOptions { quant }) {
+            Ok(loaded) => loaded,
+            Err(err) => return model_error_exit(&format!("cannot load model {source}"), &err),
+        };
+        if quant == QuantMode::Keep && !loaded.decoder.is_quantized() {
+            eprintln!("note: {source} has float weights; only the float32 row is measured");
+            continue;
+        }
+        match measure(&loaded, args) {
+            Ok((prompt_tps, generation_tps)) => rows.push(Figures {
+                label,
+                prompt_tps,
+                generation_tps,
+                peak_bytes: mlx_rs::memory::peak_memory().unwrap_or(0),
+            }),
+            Err(err) => return model_error_exit("benchmark run failed", &err),
+        }
+    }
+    println!(
+        "bench generate: {source}, device {}, prompt {} tokens, {} generated, median of {}",
+        crate::mlx_env::backend().name(),
+        args.prompt_tokens,
+        args.max_tokens,
+        args.repeats
+    );
+    println!("{:<24} {:>14} {:>14} {:>14}", "weights", "prompt tok/s", "gen tok/s", "peak MLX MB");
+    for row in &rows {
+        println!(
+            "{:<24} {:>14.1} {:>14.1} {:>14.1}",
+            row.label,
+            row.prompt_tps,
+            row.generation_tps,
+            row.peak_bytes as f64 / 1e6
+        );
+    }
+    if let [quantized, float] = rows.as_slice() {
+        println!(
+            "float32 / quantized: prompt {:.2}x, generation {:.2}x, peak memory {:.2}x",
+            float.prompt_tps / quantized.prompt_tps,
+            float.generation_tps / quantized.generation_tps,
+            float.peak_bytes as f64 / quantized.peak_bytes.max(1) as f64
+        );
+    }
+    if let Some(rss) = max_rss_bytes() {
+        println!("process peak RSS: {:.1} MB", rss as f64 / 1e6);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Median prompt and generation tokens/s over `repeats` runs after a warm-up.
+fn measure(loaded: &LoadedModel, args: &BenchGenerateArgs) -> Result<(f64, f64), crate::model::ModelError> {
+    // A prompt of exactly the requested length: text tokens, cycled.
+    let text = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog while the sun sets over the hills. ", false)?;
+    let prompt: Vec<u32> = text.iter().copied().cycle().take(args.prompt_tokens as usize).collect();
+    // Never stop early: the run must generate exactly max_tokens.
+    let params = SamplingParams {
+        max_tokens: args.max_tokens,
+        ..Default::default()
+    };
+    let warmup = SamplingParams { max_tokens: 2, ..params.clone() };
+    generate(&loaded.decoder, &prompt, &warmup, &[], true, |_| Ok(()))?;
+    let mut runs: Vec<GenerationStats> = Vec::new();
+    for _ in 0..args.repeats {
+        runs.push(generate(&loaded.decoder, &prompt, &params, &[], true, |_| Ok(()))?.1);
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    Ok((
+        median(runs.iter().map(GenerationStats::prompt_tokens_per_sec).collect()),
+        median(runs.iter().map(GenerationStats::generation_tokens_per_sec).collect()),
+    ))
+}
+
+/// The process's peak resident set (Linux `VmHWM`).
+fn max_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
