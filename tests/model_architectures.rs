@@ -78,3 +78,32 @@ fn mlx_quantized_llama_with_per_layer_bits_matches_mlx_lm() {
     assert!(quantized.iter().any(|(name, _, b)| name.ends_with("q_proj") && *b == 4));
     check("llama_q4");
 }
+
+/// A GGUF file with F32, F16, Q8_0, Q4_0 and Q4_1 tensors and llama.cpp's
+/// Q/K row permutation (scripts/make_gguf_fixture.py), against mlx-lm's logits
+/// from the weights as llama.cpp dequantizes them.
+#[test]
+fn gguf_tensor_types_and_rope_permutation_match_the_reference() {
+    use blossom_p2p::model::{LoadOptions, QuantMode, load_model};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let reference = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    let (tokens, want) = (&reference["tokens"], &reference["logits"]);
+    let path = dir.join("tiny-mixed.gguf");
+    for quant in [QuantMode::Keep, QuantMode::Dequantize] {
+        let model = load_model(path.to_str().unwrap(), &LoadOptions { quant }).expect("the GGUF loads");
+        let bits: Vec<i32> = model.decoder.quantized_modules().iter().map(|(_, _, b)| *b).collect();
+        if quant == QuantMode::Keep {
+            assert!(bits.contains(&4) && bits.contains(&8), "{bits:?}");
+        } else {
+            assert!(bits.is_empty());
+        }
+        let got = model.decoder.forward(tokens, None, None).unwrap();
+        let diff = max_abs_diff(&got, want);
+        // Dequantized to float32 the weights are exactly llama.cpp's; kept
+        // quantized, MLX's kernel works in the scales' float16.
+        let tolerance = if quant == QuantMode::Keep { 2e-3 } else { 1e-5 };
+        assert!(diff < tolerance, "{quant:?}: logits differ from the reference by {diff}");
+        assert_eq!(model.tokenizer.eos_ids(), &[2]);
+        assert_eq!(model.tokenizer.encode("hi <|im_end|>", false).unwrap().last(), Some(&2));
+    }
+}

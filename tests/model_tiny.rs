@@ -303,3 +303,44 @@ fn padding_mask_hides_left_padding_in_a_batch() {
     let unmasked = model.decoder.forward(&batch, None, None).unwrap();
     assert!(max_abs_diff(&row(&unmasked, 1, 2, 5), &row(&alone_short, 0, 0, 3)) > 1e-3);
 }
+
+#[test]
+fn sharded_safetensors_and_chat_template_jinja_load() {
+    let dir = exported_tiny();
+    let single = dir.path().join("model.safetensors");
+    let arrays = Array::load_safetensors(&single).unwrap();
+    let before = keep(dir.path().to_str().unwrap()).unwrap();
+    // Split the tensors over two shards and write the index, as transformers does.
+    let mut names: Vec<&String> = arrays.keys().collect();
+    names.sort();
+    let (first, second) = names.split_at(names.len() / 2);
+    let mut weight_map = serde_json::Map::new();
+    for (shard, part) in [("model-00001-of-00002.safetensors", first), ("model-00002-of-00002.safetensors", second)] {
+        Array::save_safetensors(part.iter().map(|n| (n.as_str(), &arrays[*n])), None, dir.path().join(shard)).unwrap();
+        for name in part {
+            weight_map.insert((*name).clone(), shard.into());
+        }
+    }
+    std::fs::remove_file(&single).unwrap();
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({ "metadata": {}, "weight_map": weight_map }).to_string(),
+    )
+    .unwrap();
+    // A chat_template.jinja file wins over tokenizer_config.json's template.
+    std::fs::write(dir.path().join("chat_template.jinja"), "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}").unwrap();
+    let after = keep(dir.path().to_str().unwrap()).unwrap();
+    assert_eq!(max_abs_diff(&logits(&before.decoder), &logits(&after.decoder)), 0.0);
+    let text = after.tokenizer.apply_chat_template(&[blossom_p2p::model::chat::ChatMessage::user("hi")], true).unwrap();
+    assert_eq!(text, "[user] hi\n");
+    assert_ne!(before.identity, after.identity);
+
+    // A shard outside the folder is refused.
+    std::fs::write(
+        dir.path().join("model.safetensors.index.json"),
+        serde_json::json!({ "weight_map": { "x": "../escape.safetensors" } }).to_string(),
+    )
+    .unwrap();
+    let err = expect_err(dir.path().to_str().unwrap());
+    assert!(err.contains("plain file name"), "{err}");
+}

@@ -194,7 +194,10 @@ impl Embedding {
                 biases,
                 group_size,
                 bits,
-            } => Embedding::Dense(mlx_rs::ops::dequantize(weight, scales, biases, *group_size, *bits)?.as_dtype(dtype)?),
+            } => {
+                let (scales, biases) = (scales.as_dtype(dtype)?, biases.as_dtype(dtype)?);
+                Embedding::Dense(mlx_rs::ops::dequantize(weight, &scales, &biases, *group_size, *bits)?.as_dtype(dtype)?)
+            }
         })
     }
 

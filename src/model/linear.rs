@@ -100,7 +100,12 @@ impl Linear {
                 group_size,
                 bits,
                 ..
-            } => mlx_rs::ops::dequantize(weight, scales, biases, *group_size, *bits)?,
+            } => {
+                // In the target precision: dequantizing with f16 scales would
+                // round every weight to f16.
+                let (scales, biases) = (scales.as_dtype(dtype)?, biases.as_dtype(dtype)?);
+                mlx_rs::ops::dequantize(weight, &scales, &biases, *group_size, *bits)?
+            }
         };
         Ok(weight.as_dtype(dtype)?)
     }
