@@ -10,34 +10,63 @@ use super::args::{Architecture, ModelArgs};
 use super::attention::AttentionMask;
 use super::kv_cache::KvCache;
 use super::layers::{Embedding, RmsNorm, Rope};
-use super::linear::Linear;
-use super::llama::{Attention, GateActivation, Mlp, named_linears, take_output_head};
+use super::llama::{Attention, GateActivation, Mlp, take_output_head};
+use super::transformer::{Block, Transformer};
 use super::weights::WeightMap;
 use super::ModelError;
 
+/// Norms around both halves: `h + post(attn(pre(h)))`, then
+/// `h + post_ff(mlp(pre_ff(h)))`.
 #[derive(Debug, Clone)]
-pub struct Block {
+pub struct Gemma3Block {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub pre_feedforward_layernorm: RmsNorm,
     pub post_feedforward_layernorm: RmsNorm,
     pub mlp: Mlp,
-    /// Local (sliding-window) attention, or global.
-    pub sliding: bool,
+    /// The sliding window of a local layer; `None` on global layers.
+    pub window: Option<i32>,
 }
 
-#[derive(Debug, Clone)]
-pub struct Gemma3 {
-    pub args: ModelArgs,
-    pub embed_tokens: Embedding,
-    pub layers: Vec<Block>,
-    pub norm: RmsNorm,
-    pub lm_head: Option<Linear>,
-    /// √hidden rounded to bfloat16, exactly as the reference multiplies.
-    embed_scale: f32,
-    window: i32,
+impl Block for Gemma3Block {
+    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(h)?, mask, cache)?;
+        let h = h.add(self.post_attention_layernorm.forward(&attn)?)?;
+        let mlp = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
+        Ok(h.add(self.post_feedforward_layernorm.forward(&mlp)?)?)
+    }
+
+    fn attention(&self) -> &Attention {
+        &self.self_attn
+    }
+
+    fn mlp(&self) -> &Mlp {
+        &self.mlp
+    }
+
+    fn parts_mut(&mut self) -> (&mut Attention, &mut Mlp) {
+        (&mut self.self_attn, &mut self.mlp)
+    }
+
+    fn window(&self) -> Option<i32> {
+        self.window
+    }
+
+    fn store_norms(&self, prefix: &str, out: &mut WeightMap) -> Result<(), ModelError> {
+        for (name, norm) in [
+            ("input_layernorm", &self.input_layernorm),
+            ("post_attention_layernorm", &self.post_attention_layernorm),
+            ("pre_feedforward_layernorm", &self.pre_feedforward_layernorm),
+            ("post_feedforward_layernorm", &self.post_feedforward_layernorm),
+        ] {
+            norm.store(&format!("{prefix}.{name}"), out)?;
+        }
+        Ok(())
+    }
 }
+
+pub type Gemma3 = Transformer<Gemma3Block>;
 
 /// Rounds to the nearest bfloat16 (ties to even), kept as f32.
 fn round_to_bf16(x: f32) -> f32 {
@@ -46,108 +75,46 @@ fn round_to_bf16(x: f32) -> f32 {
     f32::from_bits(rounded)
 }
 
-impl Gemma3 {
-    pub fn from_weights(args: ModelArgs, mut weights: WeightMap) -> Result<Self, ModelError> {
-        args.validate()?;
-        let eps = args.rms_norm_eps;
-        let dim = args.hidden_size;
-        let pattern = args.sliding_window_pattern.unwrap_or(6).max(1);
-        let window = args.sliding_window.unwrap_or(512);
-        if window < 1 {
-            return Err(ModelError::BadConfig(format!("sliding_window = {window} must be positive")));
-        }
-        let head_dim = args.head_dim();
-        let global_rope = Rope::new(head_dim, false, args.rope_theta, args.rope_scaling.as_ref())?;
-        let local_rope = Rope::new(head_dim, false, args.rope_local_base_freq.unwrap_or(10_000.0), None)?;
-        let embed_tokens = Embedding::take(&mut weights, "model.embed_tokens", args.vocab_size, dim)?;
-        let layers = (0..args.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                let sliding = (i + 1) % pattern != 0;
-                let rope = if sliding { local_rope.clone() } else { global_rope.clone() };
-                let norm = |weights: &mut WeightMap, name: &str| RmsNorm::take(weights, &format!("{p}.{name}"), dim, eps, true);
-                Ok(Block {
-                    input_layernorm: norm(&mut weights, "input_layernorm")?,
-                    self_attn: Attention::take(&mut weights, &format!("{p}.self_attn"), &args, Architecture::Gemma3, rope)?,
-                    post_attention_layernorm: norm(&mut weights, "post_attention_layernorm")?,
-                    pre_feedforward_layernorm: norm(&mut weights, "pre_feedforward_layernorm")?,
-                    post_feedforward_layernorm: norm(&mut weights, "post_feedforward_layernorm")?,
-                    mlp: Mlp::take(&mut weights, &format!("{p}.mlp"), dim, args.intermediate_size, false, GateActivation::GeluApprox)?,
-                    sliding,
-                })
-            })
-            .collect::<Result<Vec<_>, ModelError>>()?;
-        let norm = RmsNorm::take(&mut weights, "model.norm", dim, eps, true)?;
-        let lm_head = take_output_head(&mut weights, &args)?;
-        Ok(Self {
-            embed_scale: round_to_bf16((dim as f32).sqrt()),
-            window,
-            args,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-        })
+pub fn build(args: ModelArgs, mut weights: WeightMap) -> Result<Gemma3, ModelError> {
+    args.validate()?;
+    let (dim, eps) = (args.hidden_size, args.rms_norm_eps);
+    let pattern = args.sliding_window_pattern.unwrap_or(6).max(1);
+    let window = args.sliding_window.unwrap_or(512);
+    if window < 1 {
+        return Err(ModelError::BadConfig(format!("sliding_window = {window} must be positive")));
     }
-
-    pub fn forward(&self, tokens: &Array, mut caches: Option<&mut [KvCache]>, key_padding: Option<&Array>) -> Result<Array, ModelError> {
-        let len = tokens.shape()[1];
-        let offset = caches.as_deref().and_then(|c| c.first()).map_or(0, KvCache::offset);
-        let global_mask = AttentionMask::build(len, offset, None, key_padding)?;
-        let local_mask = AttentionMask::build(len, offset, Some(self.window), key_padding)?;
-        let mut h = self.embed_tokens.forward(tokens)?.multiply(Array::from_f32(self.embed_scale))?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            let mask = if layer.sliding { &local_mask } else { &global_mask };
-            let attn = layer.self_attn.forward(&layer.input_layernorm.forward(&h)?, mask, cache)?;
-            h = h.add(layer.post_attention_layernorm.forward(&attn)?)?;
-            let mlp = layer.mlp.forward(&layer.pre_feedforward_layernorm.forward(&h)?)?;
-            h = h.add(layer.post_feedforward_layernorm.forward(&mlp)?)?;
-        }
-        let h = self.norm.forward(&h)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
-    }
-
-    pub fn map_linears(&mut self, mut f: impl FnMut(&Linear) -> Result<Linear, ModelError>) -> Result<(), ModelError> {
-        for layer in &mut self.layers {
-            layer.self_attn.map_linears(&mut f)?;
-            layer.mlp.map_linears(&mut f)?;
-        }
-        if let Some(head) = &self.lm_head {
-            self.lm_head = Some(f(head)?);
-        }
-        Ok(())
-    }
-
-    pub fn linears(&self) -> Vec<(String, &Linear)> {
-        named_linears(self.layers.iter().map(|l| (&l.self_attn, &l.mlp)), self.lm_head.as_ref())
-    }
-
-    pub fn weights(&self) -> Result<WeightMap, ModelError> {
-        let mut out = WeightMap::new();
-        self.embed_tokens.store("model.embed_tokens", &mut out);
-        for (i, layer) in self.layers.iter().enumerate() {
+    let head_dim = args.head_dim();
+    let global_rope = Rope::new(head_dim, false, args.rope_theta, args.rope_scaling.as_ref())?;
+    let local_rope = Rope::new(head_dim, false, args.rope_local_base_freq.unwrap_or(10_000.0), None)?;
+    let embed_tokens = Embedding::take(&mut weights, "model.embed_tokens", args.vocab_size, dim)?;
+    let layers = (0..args.num_hidden_layers)
+        .map(|i| {
             let p = format!("model.layers.{i}");
-            for (name, norm) in [
-                ("input_layernorm", &layer.input_layernorm),
-                ("post_attention_layernorm", &layer.post_attention_layernorm),
-                ("pre_feedforward_layernorm", &layer.pre_feedforward_layernorm),
-                ("post_feedforward_layernorm", &layer.post_feedforward_layernorm),
-            ] {
-                norm.store(&format!("{p}.{name}"), &mut out)?;
-            }
-            layer.self_attn.store(&format!("{p}.self_attn"), &mut out)?;
-            layer.mlp.store(&format!("{p}.mlp"), &mut out);
-        }
-        self.norm.store("model.norm", &mut out)?;
-        if let Some(head) = &self.lm_head {
-            head.store("lm_head", &mut out);
-        }
-        Ok(out)
-    }
+            let sliding = (i + 1) % pattern != 0;
+            let rope = if sliding { local_rope.clone() } else { global_rope.clone() };
+            let norm = |weights: &mut WeightMap, name: &str| RmsNorm::take(weights, &format!("{p}.{name}"), dim, eps, true);
+            Ok(Gemma3Block {
+                input_layernorm: norm(&mut weights, "input_layernorm")?,
+                self_attn: Attention::take(&mut weights, &format!("{p}.self_attn"), &args, Architecture::Gemma3, rope)?,
+                post_attention_layernorm: norm(&mut weights, "post_attention_layernorm")?,
+                pre_feedforward_layernorm: norm(&mut weights, "pre_feedforward_layernorm")?,
+                post_feedforward_layernorm: norm(&mut weights, "post_feedforward_layernorm")?,
+                mlp: Mlp::take(&mut weights, &format!("{p}.mlp"), dim, args.intermediate_size, false, GateActivation::GeluApprox)?,
+                window: sliding.then_some(window),
+            })
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    let norm = RmsNorm::take(&mut weights, "model.norm", dim, eps, true)?;
+    let lm_head = take_output_head(&mut weights, &args)?;
+    Ok(Transformer {
+        // The reference multiplies by √hidden rounded to bfloat16.
+        embed_scale: round_to_bf16((dim as f32).sqrt()),
+        args,
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+    })
 }
 
 #[cfg(test)]

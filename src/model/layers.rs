@@ -5,7 +5,7 @@ use mlx_rs::{Array, Dtype};
 
 use super::ModelError;
 use super::args::RopeScaling;
-use super::linear::{check_shape, infer_quantization};
+use super::linear::{Matrix, check_shape};
 use super::weights::WeightMap;
 
 /// RMSNorm. Gemma scales by `1 + weight`; that offset is folded into the
@@ -120,111 +120,40 @@ fn llama3_freqs(dims: i32, base: f32, s: &RopeScaling) -> Result<Array, ModelErr
 /// Token embedding, float or quantized. With tied weights it is also the
 /// output head (`as_linear`).
 #[derive(Debug, Clone)]
-pub enum Embedding {
-    Dense(Array),
-    Quantized {
-        weight: Array,
-        scales: Array,
-        biases: Array,
-        group_size: i32,
-        bits: i32,
-    },
+pub struct Embedding {
+    pub table: Matrix,
 }
 
 impl Embedding {
     pub fn take(weights: &mut WeightMap, name: &str, vocab: i32, dims: i32) -> Result<Self, ModelError> {
-        let weight = weights.take(&format!("{name}.weight"))?;
-        match weights.take_optional(&format!("{name}.scales")) {
-            None => {
-                check_shape(&format!("{name}.weight"), &weight, &[vocab, dims])?;
-                Ok(Embedding::Dense(weight))
-            }
-            Some(scales) => {
-                let biases = weights.take(&format!("{name}.biases"))?;
-                let (group_size, bits) = infer_quantization(name, &weight, &scales, vocab, dims)?;
-                check_shape(&format!("{name}.biases"), &biases, scales.shape())?;
-                Ok(Embedding::Quantized {
-                    weight,
-                    scales,
-                    biases,
-                    group_size,
-                    bits,
-                })
-            }
-        }
+        Ok(Self {
+            table: Matrix::take(weights, name, vocab, dims)?,
+        })
     }
 
     /// Rows of the table for `tokens` (any shape), as float.
     pub fn forward(&self, tokens: &Array) -> Result<Array, ModelError> {
-        match self {
-            Embedding::Dense(weight) => Ok(weight.take_axis(tokens, 0)?),
-            Embedding::Quantized {
-                weight,
-                scales,
-                biases,
-                group_size,
-                bits,
-            } => {
-                let rows = |a: &Array| a.take_axis(tokens, 0);
-                Ok(mlx_rs::ops::dequantize(rows(weight)?, rows(scales)?, &rows(biases)?, *group_size, *bits)?)
-            }
-        }
+        self.table.rows(tokens)
     }
 
     /// `x Eᵀ`: logits from hidden states through the tied table.
     pub fn as_linear(&self, x: &Array) -> Result<Array, ModelError> {
-        match self {
-            Embedding::Dense(weight) => Ok(x.matmul(weight.t())?),
-            Embedding::Quantized {
-                weight,
-                scales,
-                biases,
-                group_size,
-                bits,
-            } => Ok(mlx_rs::ops::quantized_matmul(x, weight, scales, biases, true, *group_size, *bits)?),
-        }
+        self.table.matmul_t(x)
     }
 
     pub fn dequantized(&self, dtype: Dtype) -> Result<Embedding, ModelError> {
-        Ok(match self {
-            Embedding::Dense(weight) => Embedding::Dense(weight.as_dtype(dtype)?),
-            Embedding::Quantized {
-                weight,
-                scales,
-                biases,
-                group_size,
-                bits,
-            } => {
-                let (scales, biases) = (scales.as_dtype(dtype)?, biases.as_dtype(dtype)?);
-                Embedding::Dense(mlx_rs::ops::dequantize(weight, &scales, &biases, *group_size, *bits)?.as_dtype(dtype)?)
-            }
+        Ok(Self {
+            table: Matrix::Dense(self.table.dense(dtype)?),
         })
     }
 
     pub fn quantized(&self, group_size: i32, bits: i32) -> Result<Embedding, ModelError> {
-        match self {
-            Embedding::Quantized { .. } => Ok(self.clone()),
-            Embedding::Dense(weight) => {
-                let (weight, scales, biases) = mlx_rs::ops::quantize(weight, group_size, bits)?;
-                Ok(Embedding::Quantized {
-                    weight,
-                    scales,
-                    biases,
-                    group_size,
-                    bits,
-                })
-            }
-        }
+        Ok(Self {
+            table: self.table.quantized(group_size, bits)?,
+        })
     }
 
     pub fn store(&self, name: &str, out: &mut WeightMap) {
-        match self {
-            Embedding::Dense(weight) => out.insert(format!("{name}.weight"), weight.clone()),
-            Embedding::Quantized { weight, scales, biases, .. } => {
-                out.insert(format!("{name}.weight"), weight.clone());
-                out.insert(format!("{name}.scales"), scales.clone());
-                out.insert(format!("{name}.biases"), biases.clone());
-            }
-        }
+        self.table.store(name, out);
     }
 }

@@ -1,42 +1,141 @@
-//! Frozen projection layers: float or MLX affine-quantized. Kept as a plain
-//! enum so the trainer can wrap any of them with LoRA (as mlx-lm's
-//! `LoRALinear.from_base` wraps `nn.Linear` and `nn.QuantizedLinear`).
+//! Frozen weight matrices, float or MLX affine-quantized, and the projection
+//! layer built on them. `Linear` is a plain struct so the trainer can wrap it
+//! with LoRA (as mlx-lm's `LoRALinear.from_base` wraps `nn.Linear` and
+//! `nn.QuantizedLinear`).
 
 use mlx_rs::{Array, Dtype};
 
 use super::ModelError;
 use super::weights::WeightMap;
 
+/// A `[rows, cols]` matrix, float or MLX affine-quantized (one scale and bias
+/// per `group_size` columns, `bits` per value packed in uint32 words).
+#[derive(Debug, Clone)]
+pub enum Matrix {
+    Dense(Array),
+    Quantized(QuantizedMatrix),
+}
+
+#[derive(Debug, Clone)]
+pub struct QuantizedMatrix {
+    /// `[rows, cols * bits / 32]` uint32.
+    pub packed: Array,
+    /// `[rows, cols / group_size]`, one per group.
+    pub scales: Array,
+    pub biases: Array,
+    pub group_size: i32,
+    pub bits: i32,
+}
+
+impl Matrix {
+    /// Takes `{prefix}.weight`, plus `.scales` and `.biases` when quantized,
+    /// checking the shape against `[rows, cols]`.
+    pub fn take(weights: &mut WeightMap, prefix: &str, rows: i32, cols: i32) -> Result<Matrix, ModelError> {
+        let weight = weights.take(&format!("{prefix}.weight"))?;
+        match weights.take_optional(&format!("{prefix}.scales")) {
+            None => {
+                check_shape(&format!("{prefix}.weight"), &weight, &[rows, cols])?;
+                Ok(Matrix::Dense(weight))
+            }
+            Some(scales) => {
+                let biases = weights.take(&format!("{prefix}.biases"))?;
+                let (group_size, bits) = infer_quantization(prefix, &weight, &scales, rows, cols)?;
+                check_shape(&format!("{prefix}.biases"), &biases, scales.shape())?;
+                Ok(Matrix::Quantized(QuantizedMatrix {
+                    packed: weight,
+                    scales,
+                    biases,
+                    group_size,
+                    bits,
+                }))
+            }
+        }
+    }
+
+    /// `x Mᵀ`.
+    pub fn matmul_t(&self, x: &Array) -> Result<Array, ModelError> {
+        Ok(match self {
+            Matrix::Dense(weight) => x.matmul(weight.t())?,
+            Matrix::Quantized(q) => mlx_rs::ops::quantized_matmul(x, &q.packed, &q.scales, &q.biases, true, q.group_size, q.bits)?,
+        })
+    }
+
+    /// The rows at `indices` (any shape), as float: an embedding lookup.
+    pub fn rows(&self, indices: &Array) -> Result<Array, ModelError> {
+        match self {
+            Matrix::Dense(weight) => Ok(weight.take_axis(indices, 0)?),
+            Matrix::Quantized(q) => {
+                let rows = |a: &Array| a.take_axis(indices, 0);
+                Ok(mlx_rs::ops::dequantize(rows(&q.packed)?, rows(&q.scales)?, &rows(&q.biases)?, q.group_size, q.bits)?)
+            }
+        }
+    }
+
+    /// The float matrix in `dtype`, dequantized if need be.
+    pub fn dense(&self, dtype: Dtype) -> Result<Array, ModelError> {
+        let dense = match self {
+            Matrix::Dense(weight) => weight.clone(),
+            Matrix::Quantized(q) => {
+                // In the target precision: dequantizing with f16 scales would
+                // round every weight to f16.
+                let (scales, biases) = (q.scales.as_dtype(dtype)?, q.biases.as_dtype(dtype)?);
+                mlx_rs::ops::dequantize(&q.packed, &scales, &biases, q.group_size, q.bits)?
+            }
+        };
+        Ok(dense.as_dtype(dtype)?)
+    }
+
+    /// The same matrix quantized with MLX affine quantization (a no-op when it
+    /// already is).
+    pub fn quantized(&self, group_size: i32, bits: i32) -> Result<Matrix, ModelError> {
+        match self {
+            Matrix::Quantized { .. } => Ok(self.clone()),
+            Matrix::Dense(weight) => {
+                let (packed, scales, biases) = mlx_rs::ops::quantize(weight, group_size, bits)?;
+                Ok(Matrix::Quantized(QuantizedMatrix {
+                    packed,
+                    scales,
+                    biases,
+                    group_size,
+                    bits,
+                }))
+            }
+        }
+    }
+
+    /// Puts the arrays back under `prefix`, with mlx-lm's names.
+    pub fn store(&self, prefix: &str, out: &mut WeightMap) {
+        match self {
+            Matrix::Dense(weight) => out.insert(format!("{prefix}.weight"), weight.clone()),
+            Matrix::Quantized(q) => {
+                out.insert(format!("{prefix}.weight"), q.packed.clone());
+                out.insert(format!("{prefix}.scales"), q.scales.clone());
+                out.insert(format!("{prefix}.biases"), q.biases.clone());
+            }
+        }
+    }
+
+    /// `(group_size, bits)` when quantized.
+    pub fn quantization(&self) -> Option<(i32, i32)> {
+        match self {
+            Matrix::Dense(_) => None,
+            Matrix::Quantized(q) => Some((q.group_size, q.bits)),
+        }
+    }
+}
+
 /// `y = x Wᵀ (+ b)` with `W` of shape `[out, in]`.
 #[derive(Debug, Clone)]
-pub enum Linear {
-    Dense {
-        weight: Array,
-        bias: Option<Array>,
-    },
-    Quantized {
-        /// Packed `bits`-bit values, `[out, in * bits / 32]` uint32.
-        weight: Array,
-        scales: Array,
-        biases: Array,
-        bias: Option<Array>,
-        group_size: i32,
-        bits: i32,
-    },
+pub struct Linear {
+    pub weight: Matrix,
+    pub bias: Option<Array>,
 }
 
 impl Linear {
-    /// Takes `{prefix}.weight` (and `.scales`/`.biases` when quantized, and
-    /// `.bias` when `with_bias`) out of `weights`, checking the shape against
-    /// `[out_features, in_features]`.
-    pub fn take(
-        weights: &mut WeightMap,
-        prefix: &str,
-        out_features: i32,
-        in_features: i32,
-        with_bias: bool,
-    ) -> Result<Linear, ModelError> {
-        let weight = weights.take(&format!("{prefix}.weight"))?;
+    /// Takes `{prefix}.weight` (quantized or not) and, when `with_bias`,
+    /// `{prefix}.bias` out of `weights`.
+    pub fn take(weights: &mut WeightMap, prefix: &str, out_features: i32, in_features: i32, with_bias: bool) -> Result<Linear, ModelError> {
+        let weight = Matrix::take(weights, prefix, out_features, in_features)?;
         let bias = if with_bias {
             let bias = weights.take(&format!("{prefix}.bias"))?;
             check_shape(&format!("{prefix}.bias"), &bias, &[out_features])?;
@@ -44,130 +143,42 @@ impl Linear {
         } else {
             None
         };
-        match weights.take_optional(&format!("{prefix}.scales")) {
-            None => {
-                check_shape(&format!("{prefix}.weight"), &weight, &[out_features, in_features])?;
-                Ok(Linear::Dense { weight, bias })
-            }
-            Some(scales) => {
-                let biases = weights.take(&format!("{prefix}.biases"))?;
-                let (group_size, bits) = infer_quantization(prefix, &weight, &scales, out_features, in_features)?;
-                check_shape(&format!("{prefix}.biases"), &biases, scales.shape())?;
-                Ok(Linear::Quantized {
-                    weight,
-                    scales,
-                    biases,
-                    bias,
-                    group_size,
-                    bits,
-                })
-            }
-        }
+        Ok(Linear { weight, bias })
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array, ModelError> {
-        let y = match self {
-            Linear::Dense { weight, .. } => x.matmul(weight.t())?,
-            Linear::Quantized {
-                weight,
-                scales,
-                biases,
-                group_size,
-                bits,
-                ..
-            } => mlx_rs::ops::quantized_matmul(x, weight, scales, biases, true, *group_size, *bits)?,
-        };
-        match self.bias() {
+        let y = self.weight.matmul_t(x)?;
+        match &self.bias {
             Some(bias) => Ok(y.add(bias)?),
             None => Ok(y),
         }
     }
 
-    pub fn bias(&self) -> Option<&Array> {
-        match self {
-            Linear::Dense { bias, .. } | Linear::Quantized { bias, .. } => bias.as_ref(),
-        }
-    }
-
-    /// The float weight `[out, in]` (dequantized if need be) in `dtype`.
-    pub fn dense_weight(&self, dtype: Dtype) -> Result<Array, ModelError> {
-        let weight = match self {
-            Linear::Dense { weight, .. } => weight.clone(),
-            Linear::Quantized {
-                weight,
-                scales,
-                biases,
-                group_size,
-                bits,
-                ..
-            } => {
-                // In the target precision: dequantizing with f16 scales would
-                // round every weight to f16.
-                let (scales, biases) = (scales.as_dtype(dtype)?, biases.as_dtype(dtype)?);
-                mlx_rs::ops::dequantize(weight, &scales, &biases, *group_size, *bits)?
-            }
-        };
-        Ok(weight.as_dtype(dtype)?)
-    }
-
     /// The same layer with float weights in `dtype` (the CPU fast path: MLX's
     /// quantized matmul is much slower there than a BLAS sgemm).
     pub fn dequantized(&self, dtype: Dtype) -> Result<Linear, ModelError> {
-        Ok(Linear::Dense {
-            weight: self.dense_weight(dtype)?,
-            bias: self.bias().map(|b| b.as_dtype(dtype)).transpose()?,
+        Ok(Linear {
+            weight: Matrix::Dense(self.weight.dense(dtype)?),
+            bias: self.bias.as_ref().map(|b| b.as_dtype(dtype)).transpose()?,
         })
     }
 
-    /// Quantizes a float layer with MLX affine quantization.
     pub fn quantized(&self, group_size: i32, bits: i32) -> Result<Linear, ModelError> {
-        match self {
-            Linear::Quantized { .. } => Ok(self.clone()),
-            Linear::Dense { weight, bias } => {
-                let (packed, scales, biases) = mlx_rs::ops::quantize(weight, group_size, bits)?;
-                Ok(Linear::Quantized {
-                    weight: packed,
-                    scales,
-                    biases,
-                    bias: bias.clone(),
-                    group_size,
-                    bits,
-                })
-            }
-        }
+        Ok(Linear {
+            weight: self.weight.quantized(group_size, bits)?,
+            bias: self.bias.clone(),
+        })
     }
 
-    /// Puts the layer's arrays back under `prefix`, with mlx-lm's names.
     pub fn store(&self, prefix: &str, out: &mut WeightMap) {
-        match self {
-            Linear::Dense { weight, bias } => {
-                out.insert(format!("{prefix}.weight"), weight.clone());
-                if let Some(bias) = bias {
-                    out.insert(format!("{prefix}.bias"), bias.clone());
-                }
-            }
-            Linear::Quantized {
-                weight,
-                scales,
-                biases,
-                bias,
-                ..
-            } => {
-                out.insert(format!("{prefix}.weight"), weight.clone());
-                out.insert(format!("{prefix}.scales"), scales.clone());
-                out.insert(format!("{prefix}.biases"), biases.clone());
-                if let Some(bias) = bias {
-                    out.insert(format!("{prefix}.bias"), bias.clone());
-                }
-            }
+        self.weight.store(prefix, out);
+        if let Some(bias) = &self.bias {
+            out.insert(format!("{prefix}.bias"), bias.clone());
         }
     }
 
     pub fn quantization(&self) -> Option<(i32, i32)> {
-        match self {
-            Linear::Dense { .. } => None,
-            Linear::Quantized { group_size, bits, .. } => Some((*group_size, *bits)),
-        }
+        self.weight.quantization()
     }
 }
 
@@ -184,31 +195,25 @@ pub(crate) fn check_shape(name: &str, array: &Array, expected: &[i32]) -> Result
 }
 
 /// Group size and bits follow from the shapes: `scales` has one column per
-/// group of `in_features`, and the packed weight holds `in_features * bits`
-/// bits a row in uint32 words. This also covers per-layer quantization.
-pub(crate) fn infer_quantization(
-    prefix: &str,
-    weight: &Array,
-    scales: &Array,
-    out_features: i32,
-    in_features: i32,
-) -> Result<(i32, i32), ModelError> {
+/// group of `cols`, and the packed weight holds `cols * bits` bits a row in
+/// uint32 words. This also covers per-layer quantization.
+fn infer_quantization(prefix: &str, packed: &Array, scales: &Array, rows: i32, cols: i32) -> Result<(i32, i32), ModelError> {
     let mismatch = || ModelError::ShapeMismatch {
         name: format!("{prefix}.weight (quantized)"),
-        expected: vec![out_features, in_features],
-        actual: weight.shape().to_vec(),
+        expected: vec![rows, cols],
+        actual: packed.shape().to_vec(),
     };
-    let (&[w_out, w_cols], &[s_out, s_cols]) = (weight.shape(), scales.shape()) else {
+    let (&[p_rows, p_cols], &[s_rows, s_cols]) = (packed.shape(), scales.shape()) else {
         return Err(mismatch());
     };
-    if weight.dtype() != Dtype::Uint32 || w_out != out_features || s_out != out_features || s_cols == 0 {
+    if packed.dtype() != Dtype::Uint32 || p_rows != rows || s_rows != rows || s_cols == 0 {
         return Err(mismatch());
     }
-    if in_features % s_cols != 0 || (w_cols * 32) % in_features != 0 {
+    if cols % s_cols != 0 || (p_cols * 32) % cols != 0 {
         return Err(mismatch());
     }
-    let group_size = in_features / s_cols;
-    let bits = w_cols * 32 / in_features;
+    let group_size = cols / s_cols;
+    let bits = p_cols * 32 / cols;
     if ![32, 64, 128].contains(&group_size) || ![2, 3, 4, 5, 6, 8].contains(&bits) {
         return Err(mismatch());
     }

@@ -12,6 +12,7 @@ use super::layers::{Embedding, RmsNorm, Rope};
 use super::linear::Linear;
 use super::weights::WeightMap;
 use super::ModelError;
+use super::transformer::{Block, Transformer};
 
 #[derive(Debug, Clone)]
 pub struct Attention {
@@ -169,129 +170,74 @@ impl Mlp {
     }
 }
 
+/// A pre-norm block: `h + attn(norm(h))`, then `h + mlp(norm(h))`.
 #[derive(Debug, Clone)]
-pub struct Block {
+pub struct LlamaBlock {
     pub input_layernorm: RmsNorm,
     pub self_attn: Attention,
     pub post_attention_layernorm: RmsNorm,
     pub mlp: Mlp,
 }
 
-#[derive(Debug, Clone)]
-pub struct Llama {
-    pub args: ModelArgs,
-    pub embed_tokens: Embedding,
-    pub layers: Vec<Block>,
-    pub norm: RmsNorm,
-    /// `None` when the output head is tied to the embedding.
-    pub lm_head: Option<Linear>,
+impl Block for LlamaBlock {
+    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError> {
+        let h = h.add(self.self_attn.forward(&self.input_layernorm.forward(h)?, mask, cache)?)?;
+        Ok(h.add(self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    }
+
+    fn attention(&self) -> &Attention {
+        &self.self_attn
+    }
+
+    fn mlp(&self) -> &Mlp {
+        &self.mlp
+    }
+
+    fn parts_mut(&mut self) -> (&mut Attention, &mut Mlp) {
+        (&mut self.self_attn, &mut self.mlp)
+    }
+
+    fn window(&self) -> Option<i32> {
+        None
+    }
+
+    fn store_norms(&self, prefix: &str, out: &mut WeightMap) -> Result<(), ModelError> {
+        self.input_layernorm.store(&format!("{prefix}.input_layernorm"), out)?;
+        self.post_attention_layernorm.store(&format!("{prefix}.post_attention_layernorm"), out)
+    }
 }
 
-impl Llama {
-    /// Builds the model from mlx-lm-named weights, checking every shape and
-    /// that no tensor is left over.
-    pub fn from_weights(args: ModelArgs, mut weights: WeightMap) -> Result<Self, ModelError> {
-        args.validate()?;
-        let arch = args.architecture()?;
-        let eps = args.rms_norm_eps;
-        let rope = Rope::new(args.head_dim(), args.rope_traditional, args.rope_theta, args.rope_scaling.as_ref())?;
-        let embed_tokens = Embedding::take(&mut weights, "model.embed_tokens", args.vocab_size, args.hidden_size)?;
-        let layers = (0..args.num_hidden_layers)
-            .map(|i| {
-                let p = format!("model.layers.{i}");
-                Ok(Block {
-                    input_layernorm: RmsNorm::take(&mut weights, &format!("{p}.input_layernorm"), args.hidden_size, eps, false)?,
-                    self_attn: Attention::take(&mut weights, &format!("{p}.self_attn"), &args, arch, rope.clone())?,
-                    post_attention_layernorm: RmsNorm::take(&mut weights, &format!("{p}.post_attention_layernorm"), args.hidden_size, eps, false)?,
-                    mlp: Mlp::take(&mut weights, &format!("{p}.mlp"), args.hidden_size, args.intermediate_size, args.mlp_bias, GateActivation::Silu)?,
-                })
-            })
-            .collect::<Result<Vec<_>, ModelError>>()?;
-        let norm = RmsNorm::take(&mut weights, "model.norm", args.hidden_size, eps, false)?;
-        let lm_head = take_output_head(&mut weights, &args)?;
-        Ok(Self {
-            args,
-            embed_tokens,
-            layers,
-            norm,
-            lm_head,
-        })
-    }
+pub type Llama = Transformer<LlamaBlock>;
 
-    /// Logits `[batch, len, vocab]` for `tokens` `[batch, len]`. With `caches`
-    /// (one per layer) the tokens continue the cached sequence.
-    pub fn forward(&self, tokens: &Array, mut caches: Option<&mut [KvCache]>, key_padding: Option<&Array>) -> Result<Array, ModelError> {
-        let len = tokens.shape()[1];
-        let offset = caches.as_deref().and_then(|c| c.first()).map_or(0, KvCache::offset);
-        let mask = AttentionMask::build(len, offset, None, key_padding)?;
-        let mut h = self.embed_tokens.forward(tokens)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
-            let attn = layer.self_attn.forward(&layer.input_layernorm.forward(&h)?, &mask, cache)?;
-            h = h.add(attn)?;
-            let mlp = layer.mlp.forward(&layer.post_attention_layernorm.forward(&h)?)?;
-            h = h.add(mlp)?;
-        }
-        let h = self.norm.forward(&h)?;
-        match &self.lm_head {
-            Some(head) => head.forward(&h),
-            None => self.embed_tokens.as_linear(&h),
-        }
-    }
-
-    /// Applies `f` to every projection (attention and MLP) and the output head.
-    pub fn map_linears(&mut self, mut f: impl FnMut(&Linear) -> Result<Linear, ModelError>) -> Result<(), ModelError> {
-        for layer in &mut self.layers {
-            layer.self_attn.map_linears(&mut f)?;
-            layer.mlp.map_linears(&mut f)?;
-        }
-        if let Some(head) = &self.lm_head {
-            self.lm_head = Some(f(head)?);
-        }
-        Ok(())
-    }
-
-    /// Every projection with its mlx-lm module path (the output head included).
-    pub fn linears(&self) -> Vec<(String, &Linear)> {
-        let blocks = self.layers.iter().map(|l| (&l.self_attn, &l.mlp));
-        named_linears(blocks, self.lm_head.as_ref())
-    }
-
-    /// The weights under mlx-lm's names (what `export` writes).
-    pub fn weights(&self) -> Result<WeightMap, ModelError> {
-        let mut out = WeightMap::new();
-        self.embed_tokens.store("model.embed_tokens", &mut out);
-        for (i, layer) in self.layers.iter().enumerate() {
+/// Builds a Llama-family model from mlx-lm-named weights, checking every
+/// shape and that no tensor is left over.
+pub fn build(args: ModelArgs, mut weights: WeightMap) -> Result<Llama, ModelError> {
+    args.validate()?;
+    let arch = args.architecture()?;
+    let (dim, eps) = (args.hidden_size, args.rms_norm_eps);
+    let rope = Rope::new(args.head_dim(), args.rope_traditional, args.rope_theta, args.rope_scaling.as_ref())?;
+    let embed_tokens = Embedding::take(&mut weights, "model.embed_tokens", args.vocab_size, dim)?;
+    let layers = (0..args.num_hidden_layers)
+        .map(|i| {
             let p = format!("model.layers.{i}");
-            layer.input_layernorm.store(&format!("{p}.input_layernorm"), &mut out)?;
-            layer.post_attention_layernorm.store(&format!("{p}.post_attention_layernorm"), &mut out)?;
-            layer.self_attn.store(&format!("{p}.self_attn"), &mut out)?;
-            layer.mlp.store(&format!("{p}.mlp"), &mut out);
-        }
-        self.norm.store("model.norm", &mut out)?;
-        if let Some(head) = &self.lm_head {
-            head.store("lm_head", &mut out);
-        }
-        Ok(out)
-    }
-}
-
-/// `model.layers.{i}.self_attn.q_proj`-style names for the projections of
-/// `blocks`, then `lm_head`.
-pub(crate) fn named_linears<'a>(blocks: impl Iterator<Item = (&'a Attention, &'a Mlp)>, lm_head: Option<&'a Linear>) -> Vec<(String, &'a Linear)> {
-    let mut out = Vec::new();
-    for (i, (attn, mlp)) in blocks.enumerate() {
-        for (name, linear) in attn.linears() {
-            out.push((format!("model.layers.{i}.self_attn.{name}"), linear));
-        }
-        for (name, linear) in mlp.linears() {
-            out.push((format!("model.layers.{i}.mlp.{name}"), linear));
-        }
-    }
-    if let Some(head) = lm_head {
-        out.push(("lm_head".to_owned(), head));
-    }
-    out
+            Ok(LlamaBlock {
+                input_layernorm: RmsNorm::take(&mut weights, &format!("{p}.input_layernorm"), dim, eps, false)?,
+                self_attn: Attention::take(&mut weights, &format!("{p}.self_attn"), &args, arch, rope.clone())?,
+                post_attention_layernorm: RmsNorm::take(&mut weights, &format!("{p}.post_attention_layernorm"), dim, eps, false)?,
+                mlp: Mlp::take(&mut weights, &format!("{p}.mlp"), dim, args.intermediate_size, args.mlp_bias, GateActivation::Silu)?,
+            })
+        })
+        .collect::<Result<Vec<_>, ModelError>>()?;
+    let norm = RmsNorm::take(&mut weights, "model.norm", dim, eps, false)?;
+    let lm_head = take_output_head(&mut weights, &args)?;
+    Ok(Transformer {
+        args,
+        embed_tokens,
+        layers,
+        norm,
+        lm_head,
+        embed_scale: 1.0,
+    })
 }
 
 /// The separate output head if the weights have one; `None` means tied to the

@@ -18,6 +18,7 @@ pub mod llama;
 pub mod load;
 pub mod tiny;
 pub mod tokenizer;
+pub mod transformer;
 pub mod weights;
 
 use mlx_rs::{Array, Dtype};
@@ -57,6 +58,24 @@ pub enum ModelError {
     Conversion(#[from] mlx_rs::error::ConversionError),
 }
 
+/// What every architecture provides; the rest (quantization, weight export,
+/// the list of projections for LoRA) is built on it once, in `Decoder`.
+pub trait CausalLm {
+    fn args(&self) -> &ModelArgs;
+    /// Logits `[batch, len, vocab]` for `tokens` `[batch, len]`.
+    fn forward(&self, tokens: &Array, caches: Option<&mut [KvCache]>, key_padding: Option<&Array>) -> Result<Array, ModelError>;
+    fn embed_tokens(&self) -> &layers::Embedding;
+    fn embed_tokens_mut(&mut self) -> &mut layers::Embedding;
+    /// The attention and MLP of each block, in order.
+    fn blocks(&self) -> Vec<(&llama::Attention, &llama::Mlp)>;
+    fn blocks_mut(&mut self) -> Vec<(&mut llama::Attention, &mut llama::Mlp)>;
+    /// The separate output head; `None` when tied to the embedding.
+    fn lm_head(&self) -> Option<&linear::Linear>;
+    fn lm_head_mut(&mut self) -> Option<&mut linear::Linear>;
+    /// Writes every RMSNorm weight, as the checkpoint names and stores it.
+    fn store_norms(&self, out: &mut weights::WeightMap) -> Result<(), ModelError>;
+}
+
 /// A decoder-only language model of one of the supported architectures.
 #[derive(Debug, Clone)]
 pub enum Decoder {
@@ -67,23 +86,31 @@ pub enum Decoder {
 impl Decoder {
     pub fn from_weights(args: ModelArgs, weights: weights::WeightMap) -> Result<Self, ModelError> {
         match args.architecture()? {
-            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => Ok(Decoder::Llama(llama::Llama::from_weights(args, weights)?)),
-            Architecture::Gemma3 => Ok(Decoder::Gemma3(gemma3::Gemma3::from_weights(args, weights)?)),
+            Architecture::Llama | Architecture::Qwen2 | Architecture::Qwen3 => Ok(Decoder::Llama(llama::build(args, weights)?)),
+            Architecture::Gemma3 => Ok(Decoder::Gemma3(gemma3::build(args, weights)?)),
+        }
+    }
+
+    fn model(&self) -> &dyn CausalLm {
+        match self {
+            Decoder::Llama(m) => m,
+            Decoder::Gemma3(m) => m,
+        }
+    }
+
+    fn model_mut(&mut self) -> &mut dyn CausalLm {
+        match self {
+            Decoder::Llama(m) => m,
+            Decoder::Gemma3(m) => m,
         }
     }
 
     pub fn args(&self) -> &ModelArgs {
-        match self {
-            Decoder::Llama(m) => &m.args,
-            Decoder::Gemma3(m) => &m.args,
-        }
+        self.model().args()
     }
 
     pub fn num_layers(&self) -> usize {
-        match self {
-            Decoder::Llama(m) => m.layers.len(),
-            Decoder::Gemma3(m) => m.layers.len(),
-        }
+        self.model().blocks().len()
     }
 
     /// A fresh, empty cache for each layer.
@@ -101,65 +128,82 @@ impl Decoder {
         {
             return Err(ModelError::BadInput(format!("{} caches for {} layers", caches.len(), self.num_layers())));
         }
-        match self {
-            Decoder::Llama(m) => m.forward(tokens, caches, key_padding),
-            Decoder::Gemma3(m) => m.forward(tokens, caches, key_padding),
-        }
+        self.model().forward(tokens, caches, key_padding)
     }
 
-    /// Replaces every quantized projection and embedding with float weights.
-    pub fn dequantize(&mut self, dtype: Dtype) -> Result<(), ModelError> {
-        match self {
-            Decoder::Llama(m) => {
-                m.embed_tokens = m.embed_tokens.dequantized(dtype)?;
-                m.map_linears(|l| l.dequantized(dtype))
+    /// Every projection with its mlx-lm module path, the output head last.
+    pub fn linears(&self) -> Vec<(String, &linear::Linear)> {
+        let model = self.model();
+        let mut out = Vec::new();
+        for (i, (attn, mlp)) in model.blocks().into_iter().enumerate() {
+            for (name, linear) in attn.linears() {
+                out.push((format!("model.layers.{i}.self_attn.{name}"), linear));
             }
-            Decoder::Gemma3(m) => {
-                m.embed_tokens = m.embed_tokens.dequantized(dtype)?;
-                m.map_linears(|l| l.dequantized(dtype))
+            for (name, linear) in mlp.linears() {
+                out.push((format!("model.layers.{i}.mlp.{name}"), linear));
             }
         }
+        if let Some(head) = model.lm_head() {
+            out.push(("lm_head".to_owned(), head));
+        }
+        out
+    }
+
+    /// Replaces every projection (and the output head) with `f` of it.
+    pub fn map_linears(&mut self, mut f: impl FnMut(&linear::Linear) -> Result<linear::Linear, ModelError>) -> Result<(), ModelError> {
+        let model = self.model_mut();
+        for (attn, mlp) in model.blocks_mut() {
+            attn.map_linears(&mut f)?;
+            mlp.map_linears(&mut f)?;
+        }
+        if let Some(head) = model.lm_head_mut() {
+            *head = f(head)?;
+        }
+        Ok(())
+    }
+
+    /// Replaces every quantized projection and the embedding with float weights.
+    pub fn dequantize(&mut self, dtype: Dtype) -> Result<(), ModelError> {
+        let embedding = self.model().embed_tokens().dequantized(dtype)?;
+        *self.model_mut().embed_tokens_mut() = embedding;
+        self.map_linears(|l| l.dequantized(dtype))
     }
 
     /// Quantizes every float projection and the embedding (MLX affine).
     pub fn quantize(&mut self, group_size: i32, bits: i32) -> Result<(), ModelError> {
-        match self {
-            Decoder::Llama(m) => {
-                m.embed_tokens = m.embed_tokens.quantized(group_size, bits)?;
-                m.map_linears(|l| l.quantized(group_size, bits))
-            }
-            Decoder::Gemma3(m) => {
-                m.embed_tokens = m.embed_tokens.quantized(group_size, bits)?;
-                m.map_linears(|l| l.quantized(group_size, bits))
-            }
-        }
+        let embedding = self.model().embed_tokens().quantized(group_size, bits)?;
+        *self.model_mut().embed_tokens_mut() = embedding;
+        self.map_linears(|l| l.quantized(group_size, bits))
+    }
+
+    /// `(module path, group size, bits)` of every quantized module.
+    pub fn quantized_modules(&self) -> Vec<(String, i32, i32)> {
+        let embedding = self.model().embed_tokens().table.quantization();
+        let embedding = embedding.map(|(g, b)| ("model.embed_tokens".to_owned(), g, b));
+        let linears = self
+            .linears()
+            .into_iter()
+            .filter_map(|(name, l)| l.quantization().map(|(g, b)| (name, g, b)));
+        embedding.into_iter().chain(linears).collect()
     }
 
     pub fn is_quantized(&self) -> bool {
         !self.quantized_modules().is_empty()
     }
 
-    /// `(module path, group size, bits)` of every quantized module.
-    pub fn quantized_modules(&self) -> Vec<(String, i32, i32)> {
-        let (linears, embedding) = match self {
-            Decoder::Llama(m) => (m.linears(), &m.embed_tokens),
-            Decoder::Gemma3(m) => (m.linears(), &m.embed_tokens),
-        };
-        let mut out: Vec<(String, i32, i32)> = linears
-            .into_iter()
-            .filter_map(|(name, l)| l.quantization().map(|(g, b)| (name, g, b)))
-            .collect();
-        if let layers::Embedding::Quantized { group_size, bits, .. } = embedding {
-            out.insert(0, ("model.embed_tokens".to_owned(), *group_size, *bits));
-        }
-        out
-    }
-
-    /// Weights under mlx-lm's parameter names.
+    /// Weights under mlx-lm's parameter names (what `export` writes).
     pub fn weights(&self) -> Result<weights::WeightMap, ModelError> {
-        match self {
-            Decoder::Llama(m) => m.weights(),
-            Decoder::Gemma3(m) => m.weights(),
+        let model = self.model();
+        let mut out = weights::WeightMap::new();
+        model.embed_tokens().store("model.embed_tokens", &mut out);
+        for (i, (attn, mlp)) in model.blocks().into_iter().enumerate() {
+            attn.store(&format!("model.layers.{i}.self_attn"), &mut out)?;
+            mlp.store(&format!("model.layers.{i}.mlp"), &mut out);
         }
+        model.store_norms(&mut out)?;
+        if let Some(head) = model.lm_head() {
+            head.store("lm_head", &mut out);
+        }
+        Ok(out)
     }
 }

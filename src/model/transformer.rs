@@ -1,0 +1,105 @@
+//! The decoder skeleton every architecture shares: embed, run the blocks,
+//! normalize, project to the vocabulary. An architecture supplies its block
+//! type (llama.rs, gemma3.rs) and, where it needs one, an embedding scale.
+
+use std::fmt::Debug;
+
+use mlx_rs::Array;
+
+use super::attention::AttentionMask;
+use super::kv_cache::KvCache;
+use super::layers::{Embedding, RmsNorm};
+use super::linear::Linear;
+use super::llama::{Attention, Mlp};
+use super::weights::WeightMap;
+use super::{CausalLm, ModelArgs, ModelError};
+
+/// One transformer block of an architecture.
+pub trait Block: Clone + Debug {
+    /// `h` after this block; `cache` holds the earlier positions.
+    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError>;
+    fn attention(&self) -> &Attention;
+    fn mlp(&self) -> &Mlp;
+    /// Both at once, mutably (for swapping projections, e.g. LoRA).
+    fn parts_mut(&mut self) -> (&mut Attention, &mut Mlp);
+    /// The sliding attention window of a local layer; `None` for global attention.
+    fn window(&self) -> Option<i32>;
+    /// Writes the block's norm weights under `prefix` (`model.layers.{i}`).
+    fn store_norms(&self, prefix: &str, out: &mut WeightMap) -> Result<(), ModelError>;
+}
+
+#[derive(Debug, Clone)]
+pub struct Transformer<B: Block> {
+    pub args: ModelArgs,
+    pub embed_tokens: Embedding,
+    pub layers: Vec<B>,
+    pub norm: RmsNorm,
+    /// `None` when the output head is tied to the embedding.
+    pub lm_head: Option<Linear>,
+    /// Factor on the token embeddings (Gemma: √hidden), else 1.
+    pub embed_scale: f32,
+}
+
+impl<B: Block> CausalLm for Transformer<B> {
+    fn args(&self) -> &ModelArgs {
+        &self.args
+    }
+
+    fn forward(&self, tokens: &Array, mut caches: Option<&mut [KvCache]>, key_padding: Option<&Array>) -> Result<Array, ModelError> {
+        let len = tokens.shape()[1];
+        let offset = caches.as_deref().and_then(|c| c.first()).map_or(0, KvCache::offset);
+        let global_mask = AttentionMask::build(len, offset, None, key_padding)?;
+        let local_mask = match self.layers.iter().find_map(Block::window) {
+            Some(window) => Some(AttentionMask::build(len, offset, Some(window), key_padding)?),
+            None => None,
+        };
+        let mut h = self.embed_tokens.forward(tokens)?;
+        if self.embed_scale != 1.0 {
+            h = h.multiply(Array::from_f32(self.embed_scale))?;
+        }
+        for (i, layer) in self.layers.iter().enumerate() {
+            let cache = caches.as_deref_mut().map(|c| &mut c[i]);
+            let mask = match (layer.window(), &local_mask) {
+                (Some(_), Some(local)) => local,
+                _ => &global_mask,
+            };
+            h = layer.forward(&h, mask, cache)?;
+        }
+        let h = self.norm.forward(&h)?;
+        match &self.lm_head {
+            Some(head) => head.forward(&h),
+            None => self.embed_tokens.as_linear(&h),
+        }
+    }
+
+    fn embed_tokens(&self) -> &Embedding {
+        &self.embed_tokens
+    }
+
+    fn embed_tokens_mut(&mut self) -> &mut Embedding {
+        &mut self.embed_tokens
+    }
+
+    fn blocks(&self) -> Vec<(&Attention, &Mlp)> {
+        self.layers.iter().map(|l| (l.attention(), l.mlp())).collect()
+    }
+
+    fn blocks_mut(&mut self) -> Vec<(&mut Attention, &mut Mlp)> {
+        self.layers.iter_mut().map(Block::parts_mut).collect()
+    }
+
+    fn lm_head(&self) -> Option<&Linear> {
+        self.lm_head.as_ref()
+    }
+
+    fn lm_head_mut(&mut self) -> Option<&mut Linear> {
+        self.lm_head.as_mut()
+    }
+
+    fn store_norms(&self, out: &mut WeightMap) -> Result<(), ModelError> {
+        for (i, layer) in self.layers.iter().enumerate() {
+            layer.store_norms(&format!("model.layers.{i}"), out)?;
+        }
+        self.norm.store("model.norm", out)
+    }
+}
