@@ -157,15 +157,32 @@ pub struct SimulateArgs {
 
 #[derive(Debug, Args)]
 pub struct TrainArgs {
-    /// Data set: `builtin`, a folder of mlx-lm jsonl files, or hf:org/name (default: data.dataset).
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data set: `builtin`, or a folder of mlx-lm jsonl files (default: data.dataset).
     #[arg(long)]
     pub data: Option<String>,
-    /// Where to write adapters.safetensors and adapter_config.json.
+    /// Where to write adapters.safetensors, adapter_config.json, checkpoints and metrics.jsonl.
     #[arg(long, value_name = "DIR", default_value = "adapters")]
     pub adapter_path: PathBuf,
     /// Number of optimizer steps.
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
-    pub iters: u32,
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub iters: u64,
+    /// Evaluate on the validation rows every N steps.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps_per_eval: u64,
+    /// Validation rows used for each evaluation.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub val_rows: u64,
+    /// Write a resumable checkpoint every N steps.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub save_every: u64,
+    /// Continue from the checkpoint in --adapter-path, if there is one.
+    #[arg(long)]
+    pub resume: bool,
+    /// Held-out rows for the exact-match check before and after training (built-in task; 0 skips it).
+    #[arg(long, default_value_t = 50)]
+    pub exact_match_rows: u64,
 }
 
 /// Which base model to load, shared by the commands that use one.
@@ -211,12 +228,17 @@ pub struct GenerateArgs {
 
 #[derive(Debug, Args)]
 pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
     /// An mlx-lm adapter directory to evaluate (default: the base model alone).
     #[arg(long, value_name = "DIR")]
     pub adapter_path: Option<PathBuf>,
     /// Data set (default: data.dataset).
     #[arg(long)]
     pub data: Option<String>,
+    /// Rows of the test split to use (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub rows: u64,
 }
 
 #[derive(Debug, Args)]
@@ -250,6 +272,14 @@ pub struct DoctorArgs {
     /// Print the report as JSON on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+impl ModelArgs {
+    fn apply(&self, config: &mut Config) {
+        if let Some(model) = &self.model {
+            config.model.source = model.clone();
+        }
+    }
 }
 
 impl NetworkArgs {
@@ -293,11 +323,13 @@ impl Command {
                 }
             }
             Command::Train(args) => {
+                args.model.apply(config);
                 if let Some(data) = &args.data {
                     config.data.dataset = data.clone();
                 }
             }
             Command::Eval(args) => {
+                args.model.apply(config);
                 if let Some(data) = &args.data {
                     config.data.dataset = data.clone();
                 }
@@ -307,11 +339,7 @@ impl Command {
                     config.network.data_dir = dir.clone();
                 }
             }
-            Command::Generate(args) => {
-                if let Some(model) = &args.model.model {
-                    config.model.source = model.clone();
-                }
-            }
+            Command::Generate(args) => args.model.apply(config),
             Command::Export(args) => {
                 if let Some(model) = &args.model {
                     config.model.source = model.clone();
@@ -384,6 +412,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Generate(args) => crate::commands::generate::run(&config, args),
         Command::Export(args) => crate::commands::export::run(&config, args),
         Command::Bench(BenchCommand::Generate(args)) => crate::commands::bench::bench_generate(&config, args),
+        Command::Train(args) => crate::commands::train::run(&config, args),
+        Command::Eval(args) => crate::commands::eval::run(&config, args),
         other => {
             eprintln!(
                 "error: `blossom-p2p {}` is not yet implemented in this version; \

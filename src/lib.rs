@@ -4,8 +4,10 @@
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod data;
 pub mod default_model;
 pub mod doctor;
 pub mod logging;
 pub mod mlx_env;
 pub mod model;
+pub mod train;

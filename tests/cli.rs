@@ -93,8 +93,6 @@ fn unimplemented_subcommands_exit_2_with_a_message() {
         vec!["start", "--bootstrap", "/ip4/127.0.0.1/tcp/4001"],
         vec!["relay"],
         vec!["simulate", "--nodes", "4", "--rounds", "2"],
-        vec!["train"],
-        vec!["eval"],
         vec!["status"],
     ] {
         let output = blossom(&args);
@@ -110,7 +108,7 @@ fn bad_config_is_reported_before_anything_runs() {
     let err = stderr(&output);
     assert!(err.contains("--set lora.rank=0: lora.rank: must be between 1 and 4096"), "{err}");
 
-    let output = blossom(&["--config", "configs/nope.toml", "train"]);
+    let output = blossom(&["--config", "configs/nope.toml", "status"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("cannot read config file configs/nope.toml"), "{}", stderr(&output));
 }
@@ -128,7 +126,7 @@ fn bad_flags_are_usage_errors() {
 
 #[test]
 fn json_log_format_emits_json_lines() {
-    let output = blossom(&["-v", "--log-format", "json", "train"]);
+    let output = blossom(&["-v", "--log-format", "json", "status"]);
     let err = stderr(&output);
     let line = err
         .lines()
@@ -136,17 +134,17 @@ fn json_log_format_emits_json_lines() {
         .unwrap_or_else(|| panic!("no debug log line in:\n{err}"));
     let event: serde_json::Value = serde_json::from_str(line).expect("a JSON log line");
     assert_eq!(event["level"], "DEBUG");
-    assert_eq!(event["fields"]["command"], "train");
+    assert_eq!(event["fields"]["command"], "status");
 }
 
 #[test]
 fn quiet_and_rust_log_control_verbosity() {
     // Without -v the debug line is filtered out.
-    let output = blossom(&["train"]);
+    let output = blossom(&["status"]);
     assert!(!stderr(&output).contains("configuration resolved"));
     // RUST_LOG wins over the flags.
     let output = Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
-        .args(["-q", "train"])
+        .args(["-q", "status"])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .env("RUST_LOG", "debug")
         .output()

@@ -7,20 +7,35 @@ use crate::cli::GenerateArgs;
 use crate::config::Config;
 use crate::model::chat::ChatMessage;
 use crate::model::generate::{SamplingParams, generate};
+use crate::model::linear::ProjectionAdapter;
 use crate::model::{LoadOptions, ModelError, load_model};
+use crate::train::adapters;
+use crate::train::lora::LoraApplier;
 
 use super::model_error_exit;
 
 pub fn run(config: &Config, args: &GenerateArgs) -> ExitCode {
-    if args.adapter_path.is_some() {
-        eprintln!("error: --adapter-path is not supported yet: adapters are applied once the trainer lands");
-        return ExitCode::from(2);
-    }
     let source = &config.model.source;
     let loaded = match load_model(source, &LoadOptions { quant: args.model.quant }) {
         Ok(loaded) => loaded,
         Err(err) => return model_error_exit(&format!("cannot load model {source}"), &err),
     };
+    let adapter = match &args.adapter_path {
+        Some(dir) => match adapters::load(dir, &loaded.decoder) {
+            Ok(adapter) => Some(adapter),
+            Err(err) => {
+                eprintln!("error: cannot load adapter {}: {err}", dir.display());
+                return ExitCode::from(2);
+            }
+        },
+        None => None,
+    };
+    let applier = adapter.as_ref().map(|(params, settings)| LoraApplier {
+        params,
+        settings,
+        dropout: None,
+    });
+    let hook = applier.as_ref().map(|a| a as &dyn ProjectionAdapter);
     tracing::info!(model = %source, identity = %&loaded.identity[..16], dequantized = loaded.dequantized, "model loaded");
     let prompt = if args.raw {
         loaded.tokenizer.encode(&args.prompt, true)
@@ -44,7 +59,7 @@ pub fn run(config: &Config, args: &GenerateArgs) -> ExitCode {
     };
     let mut decoder = loaded.tokenizer.stream_decoder();
     let mut stdout = std::io::stdout().lock();
-    let result = generate(&loaded.decoder, &prompt, &params, loaded.tokenizer.eos_ids(), true, |token| {
+    let result = generate(&loaded.decoder, hook, &prompt, &params, loaded.tokenizer.eos_ids(), true, |token| {
         let text = decoder.push(token)?;
         stdout
             .write_all(text.as_bytes())

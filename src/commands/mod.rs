@@ -2,8 +2,10 @@
 //! message on stderr and an exit code (see `cli`).
 
 pub mod bench;
+pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod train;
 
 use std::process::ExitCode;
 

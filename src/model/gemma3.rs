@@ -10,6 +10,7 @@ use super::args::{Architecture, ModelArgs};
 use super::attention::AttentionMask;
 use super::kv_cache::KvCache;
 use super::layers::{Embedding, RmsNorm, Rope};
+use super::linear::ProjectionAdapter;
 use super::llama::{Attention, GateActivation, Mlp, take_output_head};
 use super::transformer::{Block, Transformer};
 use super::weights::WeightMap;
@@ -30,10 +31,10 @@ pub struct Gemma3Block {
 }
 
 impl Block for Gemma3Block {
-    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError> {
-        let attn = self.self_attn.forward(&self.input_layernorm.forward(h)?, mask, cache)?;
+    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>, adapter: Option<&dyn ProjectionAdapter>) -> Result<Array, ModelError> {
+        let attn = self.self_attn.forward(&self.input_layernorm.forward(h)?, mask, cache, adapter)?;
         let h = h.add(self.post_attention_layernorm.forward(&attn)?)?;
-        let mlp = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?)?;
+        let mlp = self.mlp.forward(&self.pre_feedforward_layernorm.forward(&h)?, adapter)?;
         Ok(h.add(self.post_feedforward_layernorm.forward(&mlp)?)?)
     }
 

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use mlx_rs::{Array, Dtype};
 
+use super::linear::ProjectionAdapter;
 use super::{Decoder, KvCache, ModelError};
 
 #[derive(Debug, Clone, PartialEq)]
@@ -55,6 +56,7 @@ impl GenerationStats {
 /// sequence every step: slow, and only there to check the cache.
 pub fn generate(
     model: &Decoder,
+    adapter: Option<&dyn ProjectionAdapter>,
     prompt: &[u32],
     params: &SamplingParams,
     stop_ids: &[u32],
@@ -85,7 +87,7 @@ pub fn generate(
     while generated.len() < params.max_tokens as usize {
         let window = if use_cache { &input[..] } else { &sequence[..] };
         let tokens = Array::from_slice(&window.iter().map(|&t| t as i32).collect::<Vec<_>>(), &[1, window.len() as i32]);
-        let logits = model.forward(&tokens, use_cache.then_some(&mut caches[..]), None)?;
+        let logits = model.forward_adapted(&tokens, use_cache.then_some(&mut caches[..]), None, adapter)?;
         let last = logits
             .take_axis(Array::from_int(window.len() as i32 - 1), 1)?
             .as_dtype(Dtype::Float32)?;

@@ -115,6 +115,14 @@ impl Matrix {
         }
     }
 
+    /// `(rows, cols)` of the logical (unpacked) matrix.
+    pub fn shape(&self) -> (i32, i32) {
+        match self {
+            Matrix::Dense(weight) => (weight.shape()[0], weight.shape()[1]),
+            Matrix::Quantized(q) => (q.scales.shape()[0], q.scales.shape()[1] * q.group_size),
+        }
+    }
+
     /// `(group_size, bits)` when quantized.
     pub fn quantization(&self) -> Option<(i32, i32)> {
         match self {
@@ -124,9 +132,20 @@ impl Matrix {
     }
 }
 
+/// A trainable change to frozen projections (LoRA, DoRA). The model calls it
+/// for every projection it runs; the trainer implements it. This keeps the
+/// model layer free of training code while LoRA still wraps `Linear`.
+pub trait ProjectionAdapter {
+    /// The adapted output of `base` for input `x`, or `None` to leave `base`
+    /// as it is.
+    fn apply(&self, base: &Linear, x: &Array) -> Result<Option<Array>, ModelError>;
+}
+
 /// `y = x Wᵀ (+ b)` with `W` of shape `[out, in]`.
 #[derive(Debug, Clone)]
 pub struct Linear {
+    /// The module path, e.g. `model.layers.3.self_attn.q_proj` (mlx-lm's name).
+    pub path: String,
     pub weight: Matrix,
     pub bias: Option<Array>,
 }
@@ -143,7 +162,21 @@ impl Linear {
         } else {
             None
         };
-        Ok(Linear { weight, bias })
+        Ok(Linear {
+            path: prefix.to_owned(),
+            weight,
+            bias,
+        })
+    }
+
+    /// The output with `adapter` applied where it has something for this layer.
+    pub fn forward_adapted(&self, x: &Array, adapter: Option<&dyn ProjectionAdapter>) -> Result<Array, ModelError> {
+        if let Some(adapter) = adapter
+            && let Some(y) = adapter.apply(self, x)?
+        {
+            return Ok(y);
+        }
+        self.forward(x)
     }
 
     pub fn forward(&self, x: &Array) -> Result<Array, ModelError> {
@@ -158,6 +191,7 @@ impl Linear {
     /// quantized matmul is much slower there than a BLAS sgemm).
     pub fn dequantized(&self, dtype: Dtype) -> Result<Linear, ModelError> {
         Ok(Linear {
+            path: self.path.clone(),
             weight: Matrix::Dense(self.weight.dense(dtype)?),
             bias: self.bias.as_ref().map(|b| b.as_dtype(dtype)).transpose()?,
         })
@@ -165,6 +199,7 @@ impl Linear {
 
     pub fn quantized(&self, group_size: i32, bits: i32) -> Result<Linear, ModelError> {
         Ok(Linear {
+            path: self.path.clone(),
             weight: self.weight.quantized(group_size, bits)?,
             bias: self.bias.clone(),
         })

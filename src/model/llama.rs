@@ -9,7 +9,7 @@ use super::args::{Architecture, ModelArgs};
 use super::attention::{AttentionMask, attend};
 use super::kv_cache::KvCache;
 use super::layers::{Embedding, RmsNorm, Rope};
-use super::linear::Linear;
+use super::linear::{Linear, ProjectionAdapter};
 use super::weights::WeightMap;
 use super::ModelError;
 use super::transformer::{Block, Transformer};
@@ -64,10 +64,10 @@ impl Attention {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError> {
+    pub(crate) fn forward(&self, x: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>, adapter: Option<&dyn ProjectionAdapter>) -> Result<Array, ModelError> {
         let (batch, len) = (x.shape()[0], x.shape()[1]);
         let heads = |proj: &Linear, n: i32, norm: Option<&RmsNorm>| -> Result<Array, ModelError> {
-            let mut h = proj.forward(x)?.reshape(&[batch, len, n, self.head_dim])?;
+            let mut h = proj.forward_adapted(x, adapter)?.reshape(&[batch, len, n, self.head_dim])?;
             if let Some(norm) = norm {
                 h = norm.forward(&h)?;
             }
@@ -86,7 +86,7 @@ impl Attention {
         let out = attend(&q, &k, &v, self.scale, mask)?
             .transpose_axes(&[0, 2, 1, 3])?
             .reshape(&[batch, len, self.n_heads * self.head_dim])?;
-        self.o_proj.forward(&out)
+        self.o_proj.forward_adapted(&out, adapter)
     }
 
     pub(crate) fn store(&self, prefix: &str, out: &mut WeightMap) -> Result<(), ModelError> {
@@ -143,13 +143,13 @@ impl Mlp {
         })
     }
 
-    pub(crate) fn forward(&self, x: &Array) -> Result<Array, ModelError> {
-        let gate = self.gate_proj.forward(x)?;
+    pub(crate) fn forward(&self, x: &Array, adapter: Option<&dyn ProjectionAdapter>) -> Result<Array, ModelError> {
+        let gate = self.gate_proj.forward_adapted(x, adapter)?;
         let gate = match self.activation {
             GateActivation::Silu => mlx_rs::nn::silu(gate)?,
             GateActivation::GeluApprox => mlx_rs::nn::gelu_approximate(gate)?,
         };
-        self.down_proj.forward(&gate.multiply(self.up_proj.forward(x)?)?)
+        self.down_proj.forward_adapted(&gate.multiply(self.up_proj.forward_adapted(x, adapter)?)?, adapter)
     }
 
     pub(crate) fn store(&self, prefix: &str, out: &mut WeightMap) {
@@ -180,9 +180,9 @@ pub struct LlamaBlock {
 }
 
 impl Block for LlamaBlock {
-    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError> {
-        let h = h.add(self.self_attn.forward(&self.input_layernorm.forward(h)?, mask, cache)?)?;
-        Ok(h.add(self.mlp.forward(&self.post_attention_layernorm.forward(&h)?)?)?)
+    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>, adapter: Option<&dyn ProjectionAdapter>) -> Result<Array, ModelError> {
+        let h = h.add(self.self_attn.forward(&self.input_layernorm.forward(h)?, mask, cache, adapter)?)?;
+        Ok(h.add(self.mlp.forward(&self.post_attention_layernorm.forward(&h)?, adapter)?)?)
     }
 
     fn attention(&self) -> &Attention {

@@ -63,7 +63,13 @@ pub enum ModelError {
 pub trait CausalLm {
     fn args(&self) -> &ModelArgs;
     /// Logits `[batch, len, vocab]` for `tokens` `[batch, len]`.
-    fn forward(&self, tokens: &Array, caches: Option<&mut [KvCache]>, key_padding: Option<&Array>) -> Result<Array, ModelError>;
+    fn forward(
+        &self,
+        tokens: &Array,
+        caches: Option<&mut [KvCache]>,
+        key_padding: Option<&Array>,
+        adapter: Option<&dyn linear::ProjectionAdapter>,
+    ) -> Result<Array, ModelError>;
     fn embed_tokens(&self) -> &layers::Embedding;
     fn embed_tokens_mut(&mut self) -> &mut layers::Embedding;
     /// The attention and MLP of each block, in order.
@@ -120,6 +126,17 @@ impl Decoder {
 
     /// Logits `[batch, len, vocab]` for `tokens` `[batch, len]` (int32).
     pub fn forward(&self, tokens: &Array, caches: Option<&mut [KvCache]>, key_padding: Option<&Array>) -> Result<Array, ModelError> {
+        self.forward_adapted(tokens, caches, key_padding, None)
+    }
+
+    /// `forward` with `adapter` (LoRA, DoRA) applied to the projections.
+    pub fn forward_adapted(
+        &self,
+        tokens: &Array,
+        caches: Option<&mut [KvCache]>,
+        key_padding: Option<&Array>,
+        adapter: Option<&dyn linear::ProjectionAdapter>,
+    ) -> Result<Array, ModelError> {
         if tokens.ndim() != 2 {
             return Err(ModelError::BadInput(format!("tokens must be [batch, len], got {:?}", tokens.shape())));
         }
@@ -128,7 +145,7 @@ impl Decoder {
         {
             return Err(ModelError::BadInput(format!("{} caches for {} layers", caches.len(), self.num_layers())));
         }
-        self.model().forward(tokens, caches, key_padding)
+        self.model().forward(tokens, caches, key_padding, adapter)
     }
 
     /// Every projection with its mlx-lm module path, the output head last.

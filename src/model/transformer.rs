@@ -9,7 +9,7 @@ use mlx_rs::Array;
 use super::attention::AttentionMask;
 use super::kv_cache::KvCache;
 use super::layers::{Embedding, RmsNorm};
-use super::linear::Linear;
+use super::linear::{Linear, ProjectionAdapter};
 use super::llama::{Attention, Mlp};
 use super::weights::WeightMap;
 use super::{CausalLm, ModelArgs, ModelError};
@@ -17,7 +17,7 @@ use super::{CausalLm, ModelArgs, ModelError};
 /// One transformer block of an architecture.
 pub trait Block: Clone + Debug {
     /// `h` after this block; `cache` holds the earlier positions.
-    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>) -> Result<Array, ModelError>;
+    fn forward(&self, h: &Array, mask: &AttentionMask, cache: Option<&mut KvCache>, adapter: Option<&dyn ProjectionAdapter>) -> Result<Array, ModelError>;
     fn attention(&self) -> &Attention;
     fn mlp(&self) -> &Mlp;
     /// Both at once, mutably (for swapping projections, e.g. LoRA).
@@ -45,7 +45,13 @@ impl<B: Block> CausalLm for Transformer<B> {
         &self.args
     }
 
-    fn forward(&self, tokens: &Array, mut caches: Option<&mut [KvCache]>, key_padding: Option<&Array>) -> Result<Array, ModelError> {
+    fn forward(
+        &self,
+        tokens: &Array,
+        mut caches: Option<&mut [KvCache]>,
+        key_padding: Option<&Array>,
+        adapter: Option<&dyn ProjectionAdapter>,
+    ) -> Result<Array, ModelError> {
         let len = tokens.shape()[1];
         let offset = caches.as_deref().and_then(|c| c.first()).map_or(0, KvCache::offset);
         let global_mask = AttentionMask::build(len, offset, None, key_padding)?;
@@ -63,11 +69,11 @@ impl<B: Block> CausalLm for Transformer<B> {
                 (Some(_), Some(local)) => local,
                 _ => &global_mask,
             };
-            h = layer.forward(&h, mask, cache)?;
+            h = layer.forward(&h, mask, cache, adapter)?;
         }
         let h = self.norm.forward(&h)?;
         match &self.lm_head {
-            Some(head) => head.forward(&h),
+            Some(head) => head.forward_adapted(&h, adapter),
             None => self.embed_tokens.as_linear(&h),
         }
     }

@@ -1,0 +1,152 @@
+//! `blossom-p2p train`: LoRA/DoRA fine-tuning on one machine, with a progress
+//! bar, periodic validation, metrics JSONL, resumable checkpoints, and (on
+//! the built-in task) exact match before and after.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+
+use crate::cli::TrainArgs;
+use crate::config::Config;
+use crate::data::template::PromptTemplate;
+use crate::data::{Dataset, load_dataset};
+use crate::model::{LoadOptions, load_model};
+use crate::train::checkpoint::{self, CheckpointState};
+use crate::train::lora::LoraSettings;
+use crate::train::metrics::exact_match_rate;
+use crate::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
+
+/// Bad input (settings, data, files) is exit code 2; a failure while running is 1.
+fn train_error_exit(context: &str, err: &TrainError) -> ExitCode {
+    eprintln!("error: {context}: {err}");
+    match err {
+        TrainError::Mlx(_) | TrainError::Io(_) => ExitCode::FAILURE,
+        _ => ExitCode::from(2),
+    }
+}
+
+pub(crate) fn load_data(config: &Config) -> Result<Dataset, TrainError> {
+    let template = match &config.data.template {
+        Some(path) => Some(PromptTemplate::from_file(path).map_err(|e| TrainError::Data(e.to_string()))?),
+        None => None,
+    };
+    load_dataset(&config.data.dataset, config.train.seed, template.as_ref()).map_err(|e| TrainError::Data(e.to_string()))
+}
+
+pub fn run(config: &Config, args: &TrainArgs) -> ExitCode {
+    match train(config, args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => train_error_exit("training failed", &err),
+    }
+}
+
+fn train(config: &Config, args: &TrainArgs) -> Result<(), TrainError> {
+    let dataset = load_data(config)?;
+    let loaded = load_model(&config.model.source, &LoadOptions { quant: args.model.quant })?;
+    tracing::info!(
+        model = %config.model.source,
+        data = %dataset.name,
+        fingerprint = %&dataset.fingerprint[..16],
+        train_rows = dataset.train.len(),
+        "training"
+    );
+    let settings = LoraSettings::from_config(&config.lora);
+    let mut trainer = MlxTrainer::new(loaded.decoder, loaded.tokenizer, settings, config.train.clone(), args.iters)?;
+    let checkpoint_dir = args.adapter_path.join("checkpoint");
+    let mut step = 0;
+    if args.resume && let Some(state) = checkpoint::load(&checkpoint_dir, &mut trainer, &dataset.fingerprint)? {
+        tracing::info!(step = state.step, "resumed from checkpoint");
+        step = state.step;
+    }
+    let exact_rows = &dataset.test[..(args.exact_match_rows as usize).min(dataset.test.len())];
+    let builtin = config.data.dataset == "builtin";
+    if builtin && !exact_rows.is_empty() && step == 0 {
+        let before = exact_match_rate(&trainer.decoder, &trainer.tokenizer, None, exact_rows)?;
+        println!("exact match before training: {:.1}% of {} held-out rows", before * 100.0, exact_rows.len());
+    }
+
+    std::fs::create_dir_all(&args.adapter_path).map_err(|e| TrainError::Io(format!("{}: {e}", args.adapter_path.display())))?;
+    let metrics_path = args.adapter_path.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| TrainError::Io(format!("{}: {e}", metrics_path.display())))?;
+    let val_rows = &dataset.valid[..(args.val_rows as usize).min(dataset.valid.len())];
+
+    let bar = ProgressBar::new(args.iters);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} steps {msg} [{elapsed_precise}<{eta_precise}]")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    bar.set_position(step);
+    let _ = mlx_rs::memory::reset_peak_memory();
+    while step < args.iters {
+        // Train up to the next evaluation or checkpoint boundary.
+        let next = [args.iters, (step / args.steps_per_eval + 1) * args.steps_per_eval, (step / args.save_every + 1) * args.save_every]
+            .into_iter()
+            .min()
+            .unwrap_or(args.iters);
+        let chunk = next - step;
+        let started = std::time::Instant::now();
+        let mut done = 0;
+        let mut report_loss = 0.0;
+        let mut report_tokens = 0;
+        let mut learning_rate = 0.0;
+        // One step at a time, so the bar moves with each.
+        while done < chunk {
+            let report = trainer.train_steps(&dataset.train, 1, step + done)?;
+            done += 1;
+            report_loss += report.loss;
+            report_tokens += report.tokens;
+            learning_rate = report.last_learning_rate;
+            let peak = mlx_rs::memory::peak_memory().unwrap_or(0) as f64 / 1e6;
+            bar.set_message(format!(
+                "loss {:.3} | {:.0} tok/s | lr {:.2e} | peak {:.0} MB",
+                report.loss,
+                report_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+                learning_rate,
+                peak
+            ));
+            bar.inc(1);
+        }
+        step = next;
+        let mut record = json!({
+            "step": step,
+            "train_loss": report_loss / chunk as f32,
+            "learning_rate": learning_rate,
+            "tokens_per_sec": report_tokens as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            "peak_memory_mb": mlx_rs::memory::peak_memory().unwrap_or(0) as f64 / 1e6,
+        });
+        if (step % args.steps_per_eval == 0 || step == args.iters) && !val_rows.is_empty() {
+            let eval = trainer.evaluate(val_rows)?;
+            record["val_loss"] = json!(eval.loss);
+            bar.println(format!("step {step}: train loss {:.3}, val loss {:.3}", report_loss / chunk as f32, eval.loss));
+        }
+        writeln!(metrics, "{record}").map_err(|e| TrainError::Io(format!("{}: {e}", metrics_path.display())))?;
+        if step % args.save_every == 0 || step == args.iters {
+            let state = CheckpointState {
+                step,
+                seed: config.train.seed,
+                dataset: dataset.fingerprint.clone(),
+            };
+            checkpoint::save(&checkpoint_dir, &trainer, &state)?;
+        }
+    }
+    bar.finish();
+    adapters::save(&args.adapter_path, trainer.adapter(), &trainer.settings)?;
+    println!("adapters saved to {}", args.adapter_path.display());
+    if builtin && !exact_rows.is_empty() {
+        let after = exact_match_rate(&trainer.decoder, &trainer.tokenizer, Some((trainer.adapter(), &trainer.settings)), exact_rows)?;
+        println!("exact match after training: {:.1}% of {} held-out rows", after * 100.0, exact_rows.len());
+    }
+    print_done(&args.adapter_path);
+    Ok(())
+}
+
+fn print_done(dir: &Path) {
+    println!("try: blossom-p2p generate --adapter-path {} --prompt \"Reverse the order of these words: apple river stone\"", dir.display());
+}

@@ -1,0 +1,174 @@
+//! LoRA and DoRA (mlx-lm's `tuner/lora.py` and `tuner/dora.py`): low-rank
+//! updates on frozen projections, float or quantized.
+//!
+//! The adapter tensors live in a map under mlx-lm's names
+//! (`model.layers.N.self_attn.q_proj.lora_a`, `.lora_b`, and DoRA's `.m`), so
+//! they are what gets differentiated, averaged, gossiped and saved; the base
+//! model is never touched. `LoraApplier` wraps each adapted `Linear` during a
+//! forward pass through the model's `ProjectionAdapter` hook.
+
+use std::collections::HashMap;
+use std::rc::Rc;
+
+use mlx_rs::{Array, Dtype};
+
+use super::TrainError;
+use crate::config::{FineTuneType, LoraConfig};
+use crate::model::Decoder;
+use crate::model::generate::SplitMix64;
+use crate::model::linear::{Linear, ProjectionAdapter};
+use crate::model::ModelError;
+
+/// Adapter tensors by mlx-lm parameter name.
+pub type AdapterParams = HashMap<Rc<str>, Array>;
+
+/// What to adapt and how.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraSettings {
+    pub dora: bool,
+    /// The last `num_layers` blocks.
+    pub num_layers: usize,
+    pub rank: i32,
+    pub scale: f32,
+    pub dropout: f32,
+    /// Projections inside a block, e.g. `self_attn.q_proj`.
+    pub keys: Vec<String>,
+}
+
+impl LoraSettings {
+    pub fn from_config(config: &LoraConfig) -> Self {
+        Self {
+            dora: config.fine_tune_type == FineTuneType::Dora,
+            num_layers: config.num_layers as usize,
+            rank: config.rank as i32,
+            scale: config.scale as f32,
+            dropout: config.dropout as f32,
+            keys: config.keys.clone(),
+        }
+    }
+
+    /// The adapted projections of `decoder` (module paths), checking that
+    /// the settings fit the model.
+    pub fn targets<'a>(&self, decoder: &'a Decoder) -> Result<Vec<&'a Linear>, TrainError> {
+        if self.rank < 1 {
+            return Err(TrainError::Settings(format!("lora.rank must be at least 1, got {}", self.rank)));
+        }
+        let layers = decoder.num_layers();
+        if self.num_layers == 0 || self.num_layers > layers {
+            return Err(TrainError::Settings(format!(
+                "lora.num_layers = {} but the model has {layers} layers",
+                self.num_layers
+            )));
+        }
+        let linears = decoder.linears();
+        let first = layers - self.num_layers;
+        let mut targets = Vec::new();
+        for key in &self.keys {
+            let known = linears.iter().any(|(path, _)| *path == format!("model.layers.0.{key}"));
+            if !known {
+                let available: Vec<String> = linears
+                    .iter()
+                    .filter_map(|(path, _)| path.strip_prefix("model.layers.0.").map(str::to_owned))
+                    .collect();
+                return Err(TrainError::Settings(format!(
+                    "unknown LoRA target key `{key}`; this model's blocks have {available:?}"
+                )));
+            }
+            for layer in first..layers {
+                let path = format!("model.layers.{layer}.{key}");
+                if let Some((_, linear)) = linears.iter().find(|(p, _)| *p == path) {
+                    targets.push(*linear);
+                }
+            }
+        }
+        Ok(targets)
+    }
+
+    /// Fresh adapters, as mlx-lm initializes them: A uniform in ±1/√in, B
+    /// zero (so training starts at the base model), DoRA's magnitude the
+    /// row norms of the base weight.
+    pub fn init(&self, decoder: &Decoder, seed: u64) -> Result<AdapterParams, TrainError> {
+        let mut rng = SplitMix64::new(seed ^ 0x10_4A);
+        let mut params = AdapterParams::new();
+        for linear in self.targets(decoder)? {
+            let (out_dim, in_dim) = linear.weight.shape();
+            let bound = 1.0 / (in_dim as f64).sqrt();
+            let a: Vec<f32> = (0..in_dim * self.rank).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
+            params.insert(format!("{}.lora_a", linear.path).into(), Array::from_slice(&a, &[in_dim, self.rank]));
+            params.insert(format!("{}.lora_b", linear.path).into(), Array::zeros::<f32>(&[self.rank, out_dim])?);
+            if self.dora {
+                let weight = linear.weight.dense(Dtype::Float32)?;
+                params.insert(format!("{}.m", linear.path).into(), row_norms(&weight)?);
+            }
+        }
+        mlx_rs::transforms::eval(params.values())?;
+        Ok(params)
+    }
+}
+
+fn row_norms(weight: &Array) -> Result<Array, ModelError> {
+    Ok(weight.square()?.sum_axis(1, None)?.sqrt()?)
+}
+
+/// Dropout randomness for one training step: a key per (step, layer), so a
+/// resumed run draws the same masks as an uninterrupted one.
+#[derive(Debug, Clone, Copy)]
+pub struct DropoutState {
+    pub probability: f32,
+    pub seed: u64,
+    pub step: u64,
+}
+
+/// Applies the adapters in `params` to the projections they name.
+pub struct LoraApplier<'a> {
+    pub params: &'a AdapterParams,
+    pub settings: &'a LoraSettings,
+    /// `Some` while training with dropout; `None` at evaluation.
+    pub dropout: Option<DropoutState>,
+}
+
+impl LoraApplier<'_> {
+    fn dropout(&self, x: &Array, path: &str) -> Result<Array, ModelError> {
+        let Some(state) = self.dropout.filter(|d| d.probability > 0.0) else {
+            return Ok(x.clone());
+        };
+        let key_seed = blake3::hash(format!("{}:{}:{path}", state.seed, state.step).as_bytes());
+        let key_seed = u64::from_le_bytes(key_seed.as_bytes()[..8].try_into().unwrap_or_default());
+        let key = mlx_rs::random::key(key_seed)?;
+        let keep = Array::from_f32(1.0 - state.probability);
+        let mask = mlx_rs::random::bernoulli(&keep, x.shape(), &key)?;
+        Ok(x.multiply(mask.as_dtype(x.dtype())?)?.divide(&keep)?)
+    }
+}
+
+impl ProjectionAdapter for LoraApplier<'_> {
+    fn apply(&self, base: &Linear, x: &Array) -> Result<Option<Array>, ModelError> {
+        let Some(a) = self.params.get(format!("{}.lora_a", base.path).as_str()) else {
+            return Ok(None);
+        };
+        let b = self
+            .params
+            .get(format!("{}.lora_b", base.path).as_str())
+            .ok_or_else(|| ModelError::MissingTensor(format!("{}.lora_b", base.path)))?;
+        let scale = Array::from_f32(self.settings.scale);
+        let update = self.dropout(x, &base.path)?.matmul(a)?.matmul(b)?.multiply(&scale)?;
+        if !self.settings.dora {
+            return Ok(Some(base.forward(x)?.add(&update)?));
+        }
+        // DoRA: rescale each output row of the adapted weight to the learned
+        // magnitude m; the norm is a constant for the gradient (as mlx-lm).
+        let m = self
+            .params
+            .get(format!("{}.m", base.path).as_str())
+            .ok_or_else(|| ModelError::MissingTensor(format!("{}.m", base.path)))?;
+        let weight = base.weight.dense(Dtype::Float32)?;
+        let out = x.matmul(weight.t())?.add(&update)?;
+        let adapted = weight.add(b.t().matmul(a.t())?.multiply(&scale)?)?;
+        let denom = mlx_rs::stop_gradient(row_norms(&adapted)?)?;
+        let out = out.multiply(m.divide(&denom)?)?;
+        Ok(Some(match &base.bias {
+            Some(bias) => out.add(bias)?,
+            None => out,
+        }))
+    }
+}

@@ -1,0 +1,277 @@
+//! The trainer every node runs: LoRA/DoRA fine-tuning of a frozen model with
+//! MLX. It knows nothing of peers: the round engine drives it through
+//! `LocalTrainer` (set the adapter, train n steps on these rows, evaluate,
+//! get the adapter), and so does `blossom-p2p train`.
+
+pub mod adapters;
+pub mod batch;
+pub mod checkpoint;
+pub mod lora;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
+
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use mlx_rs::Array;
+use mlx_rs::error::Exception;
+
+use crate::config::TrainConfig;
+use crate::data::Row;
+use crate::model::generate::SplitMix64;
+use crate::model::{Decoder, ModelError, Tokenizer};
+use batch::{Batch, Encoded, encode, make_batch};
+use lora::{AdapterParams, DropoutState, LoraApplier, LoraSettings};
+use optim::Optimizer;
+use schedule::Schedule;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("LoRA settings: {0}")]
+    Settings(String),
+    #[error("data: {0}")]
+    Data(String),
+    #[error("adapter: {0}")]
+    Adapter(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("MLX: {0}")]
+    Mlx(#[from] Exception),
+    #[error("MLX value conversion: {0}")]
+    Conversion(#[from] mlx_rs::error::ConversionError),
+    #[error("{0}")]
+    Io(String),
+}
+
+/// What a stretch of training did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TrainReport {
+    pub steps: u64,
+    /// Mean loss over the steps.
+    pub loss: f32,
+    pub examples: u64,
+    pub tokens: u64,
+    pub elapsed: Duration,
+    pub last_learning_rate: f32,
+}
+
+/// Loss on a set of rows.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct EvalReport {
+    pub loss: f32,
+    pub tokens: u64,
+}
+
+impl EvalReport {
+    pub fn perplexity(&self) -> f32 {
+        self.loss.exp()
+    }
+}
+
+/// The narrow interface the round engine sees.
+pub trait LocalTrainer {
+    fn adapter(&self) -> &AdapterParams;
+    /// Replaces the adapter (e.g. with the round's average); names and shapes
+    /// must match this model's adapter.
+    fn set_adapter(&mut self, params: AdapterParams) -> Result<(), TrainError>;
+    /// Trains `steps` optimizer steps on `rows`; `step_offset` is the global
+    /// step of the first one (the learning rate schedule follows it).
+    fn train_steps(&mut self, rows: &[Row], steps: u64, step_offset: u64) -> Result<TrainReport, TrainError>;
+    fn evaluate(&mut self, rows: &[Row]) -> Result<EvalReport, TrainError>;
+}
+
+/// Mean cross-entropy of the batch's counted targets.
+pub fn batch_loss(decoder: &Decoder, adapter: &LoraApplier<'_>, batch: &Batch) -> Result<Array, ModelError> {
+    let len = batch.tokens.shape()[1];
+    let positions = |from: i32, to: i32| mlx_rs::ops::arange::<_, i32>(from, to, None);
+    let inputs = batch.tokens.take_axis(positions(0, len - 1)?, 1)?;
+    let targets = batch.tokens.take_axis(positions(1, len)?, 1)?;
+    let logits = decoder
+        .forward_adapted(&inputs, None, None, Some(adapter))?
+        .as_dtype(mlx_rs::Dtype::Float32)?;
+    let log_norm = logits.logsumexp_axis(-1, None)?;
+    let picked = logits.take_along_axis(targets.expand_dims(-1)?, -1)?.squeeze_axes(&[-1])?;
+    let per_token = log_norm.subtract(&picked)?.multiply(&batch.loss_mask)?;
+    Ok(per_token.sum(None)?.divide(Array::from_f32(batch.target_tokens as f32))?)
+}
+
+/// The MLX trainer: a frozen decoder, its tokenizer, and the adapter with
+/// its optimizer state.
+pub struct MlxTrainer {
+    pub decoder: Decoder,
+    pub tokenizer: Tokenizer,
+    pub settings: LoraSettings,
+    pub config: TrainConfig,
+    pub schedule: Schedule,
+    pub params: AdapterParams,
+    pub optimizer: Optimizer,
+    encoded: HashMap<u64, Encoded>,
+}
+
+impl MlxTrainer {
+    /// A trainer with fresh adapters; `total_steps` spans the whole run (all
+    /// rounds), for the learning-rate schedule.
+    pub fn new(decoder: Decoder, tokenizer: Tokenizer, settings: LoraSettings, config: TrainConfig, total_steps: u64) -> Result<Self, TrainError> {
+        let params = settings.init(&decoder, config.seed)?;
+        Ok(Self {
+            schedule: Schedule::from_config(&config, total_steps),
+            optimizer: Optimizer::new(config.optimizer),
+            decoder,
+            tokenizer,
+            settings,
+            config,
+            params,
+            encoded: HashMap::new(),
+        })
+    }
+
+    fn encoded(&mut self, row: &Row) -> Result<&Encoded, TrainError> {
+        if !self.encoded.contains_key(&row.index) {
+            let encoded = encode(&self.tokenizer, row, self.config.max_seq_length as usize)?;
+            self.encoded.insert(row.index, encoded);
+        }
+        Ok(&self.encoded[&row.index])
+    }
+
+    /// The rows of global micro-batch `micro` (`step * accumulation + k`): a
+    /// pure function of the step, through a seeded shuffle per epoch, so a
+    /// resumed run sees the same batches as an uninterrupted one.
+    fn batch_rows<'r>(&self, rows: &'r [Row], micro: u64) -> Vec<&'r Row> {
+        let n = rows.len() as u64;
+        let size = u64::from(self.config.batch_size);
+        (0..size)
+            .map(|j| {
+                let position = micro * size + j;
+                let epoch = position / n;
+                let mut order: Vec<u64> = (0..n).collect();
+                let mut rng = SplitMix64::new(self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9));
+                for i in (1..order.len()).rev() {
+                    order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+                }
+                &rows[order[(position % n) as usize] as usize]
+            })
+            .collect()
+    }
+
+    fn make_batch(&mut self, rows: &[&Row]) -> Result<Batch, TrainError> {
+        let mut encoded = Vec::with_capacity(rows.len());
+        for row in rows {
+            encoded.push(self.encoded(row)?.clone());
+        }
+        make_batch(&encoded.iter().collect::<Vec<_>>(), self.config.mask_prompt)
+    }
+
+    /// Loss and gradients of one micro-batch.
+    fn loss_and_grads(&self, batch: &Batch, step: u64) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
+        let decoder = &self.decoder;
+        let settings = &self.settings;
+        let dropout = Some(DropoutState {
+            probability: settings.dropout,
+            seed: self.config.seed,
+            step,
+        });
+        let loss_fn = |params: HashMap<Rc<str>, Array>, batch: Batch| -> Result<Vec<Array>, Exception> {
+            let applier = LoraApplier {
+                params: &params,
+                settings,
+                dropout,
+            };
+            batch_loss(decoder, &applier, &batch)
+                .map(|loss| vec![loss])
+                .map_err(|e| Exception::custom(e.to_string()))
+        };
+        let mut value_and_grad = mlx_rs::transforms::keyed_value_and_grad(loss_fn);
+        let (values, grads) = value_and_grad(self.params.clone(), batch.clone())?;
+        let loss = values.first().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
+        mlx_rs::transforms::eval(grads.values().chain(std::iter::once(loss)))?;
+        Ok((loss.try_item_cast::<f32>()?, grads))
+    }
+}
+
+impl LocalTrainer for MlxTrainer {
+    fn adapter(&self) -> &AdapterParams {
+        &self.params
+    }
+
+    fn set_adapter(&mut self, params: AdapterParams) -> Result<(), TrainError> {
+        adapters::check_compatible(&self.params, &params)?;
+        self.params = params;
+        Ok(())
+    }
+
+    fn train_steps(&mut self, rows: &[Row], steps: u64, step_offset: u64) -> Result<TrainReport, TrainError> {
+        if rows.is_empty() {
+            return Err(TrainError::Data("no rows to train on".into()));
+        }
+        let started = Instant::now();
+        let accumulation = u64::from(self.config.grad_accumulation_steps.max(1));
+        let mut report = TrainReport::default();
+        let mut loss_sum = 0.0f64;
+        for step in step_offset..step_offset + steps {
+            let mut summed: Option<HashMap<Rc<str>, Array>> = None;
+            for k in 0..accumulation {
+                let micro = step * accumulation + k;
+                let batch_rows = self.batch_rows(rows, micro);
+                let batch = self.make_batch(&batch_rows)?;
+                let (loss, grads) = self.loss_and_grads(&batch, micro)?;
+                if !loss.is_finite() {
+                    return Err(TrainError::Data(format!("the loss became {loss} at step {step}; lower train.learning_rate")));
+                }
+                loss_sum += f64::from(loss) / accumulation as f64;
+                report.examples += batch_rows.len() as u64;
+                report.tokens += batch.target_tokens as u64;
+                summed = Some(match summed {
+                    None => grads,
+                    Some(mut total) => {
+                        for (name, grad) in grads {
+                            let sum = match total.get(&name) {
+                                Some(previous) => previous.add(&grad)?,
+                                None => grad,
+                            };
+                            total.insert(name, sum);
+                        }
+                        total
+                    }
+                });
+            }
+            let mut grads = summed.unwrap_or_default();
+            if accumulation > 1 {
+                let scale = Array::from_f32(1.0 / accumulation as f32);
+                for grad in grads.values_mut() {
+                    *grad = grad.multiply(&scale)?;
+                }
+            }
+            let learning_rate = self.schedule.learning_rate(step);
+            self.optimizer.step(&mut self.params, &grads, learning_rate)?;
+            mlx_rs::transforms::eval(self.params.values().chain(self.optimizer.state.values()))?;
+            report.last_learning_rate = learning_rate;
+            report.steps += 1;
+        }
+        report.loss = (loss_sum / report.steps.max(1) as f64) as f32;
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    fn evaluate(&mut self, rows: &[Row]) -> Result<EvalReport, TrainError> {
+        let mut weighted = 0.0f64;
+        let mut tokens = 0u64;
+        let size = self.config.batch_size.max(1) as usize;
+        for chunk in rows.chunks(size) {
+            let batch = self.make_batch(&chunk.iter().collect::<Vec<_>>())?;
+            let applier = LoraApplier {
+                params: &self.params,
+                settings: &self.settings,
+                dropout: None,
+            };
+            let loss = batch_loss(&self.decoder, &applier, &batch)?.try_item_cast::<f32>()?;
+            weighted += f64::from(loss) * batch.target_tokens as f64;
+            tokens += batch.target_tokens as u64;
+        }
+        Ok(EvalReport {
+            loss: if tokens == 0 { 0.0 } else { (weighted / tokens as f64) as f32 },
+            tokens,
+        })
+    }
+}

@@ -1,0 +1,291 @@
+//! The trainer on the tiny model: the loss falls, only the adapter changes,
+//! adapters round-trip bit-exactly, a resumed run equals an uninterrupted
+//! one, and bad settings, rows and adapters are clear errors.
+
+use std::path::Path;
+use std::process::Command;
+
+use blossom_p2p::config::{Config, FineTuneType};
+use blossom_p2p::data::jsonl::load_folder;
+use blossom_p2p::data::{Dataset, load_dataset};
+use blossom_p2p::model::{LoadOptions, QuantMode, load_model};
+use blossom_p2p::train::batch::encode;
+use blossom_p2p::train::checkpoint::{self, CheckpointState};
+use blossom_p2p::train::lora::{AdapterParams, LoraSettings};
+use blossom_p2p::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
+use mlx_rs::Array;
+
+fn config(dora: bool) -> Config {
+    let mut config = Config::default();
+    config.lora.fine_tune_type = if dora { FineTuneType::Dora } else { FineTuneType::Lora };
+    config.lora.num_layers = 2;
+    config.lora.scale = 20.0;
+    config.lora.keys = vec!["self_attn.q_proj".into(), "self_attn.v_proj".into(), "mlp.down_proj".into()];
+    config.train.learning_rate = 1e-3;
+    config.train.learning_rate_min = 1e-4;
+    config.train.mask_prompt = true;
+    config.train.batch_size = 2;
+    config
+}
+
+fn trainer(config: &Config, total_steps: u64) -> MlxTrainer {
+    let model = load_model("tiny", &LoadOptions { quant: QuantMode::Keep }).unwrap();
+    MlxTrainer::new(model.decoder, model.tokenizer, LoraSettings::from_config(&config.lora), config.train.clone(), total_steps).unwrap()
+}
+
+fn builtin() -> Dataset {
+    load_dataset("builtin", 0, None).unwrap()
+}
+
+/// Bit-exact equality of two adapters.
+fn same(a: &AdapterParams, b: &AdapterParams) -> bool {
+    a.len() == b.len()
+        && a.iter().all(|(name, x)| {
+            b.get(name).is_some_and(|y| x.shape() == y.shape() && x.as_slice::<f32>().iter().map(|v| v.to_bits()).eq(y.as_slice::<f32>().iter().map(|v| v.to_bits())))
+        })
+}
+
+#[test]
+fn tiny_loss_falls_with_lora_and_dora() {
+    let data = builtin();
+    for dora in [false, true] {
+        let config = config(dora);
+        let mut trainer = trainer(&config, 30);
+        let before = trainer.evaluate(&data.valid[..16]).unwrap();
+        let report = trainer.train_steps(&data.train, 30, 0).unwrap();
+        let after = trainer.evaluate(&data.valid[..16]).unwrap();
+        assert_eq!(report.steps, 30);
+        assert!(report.tokens > 0 && report.examples == 60);
+        assert!(after.loss < before.loss - 0.3, "dora={dora}: {} -> {}", before.loss, after.loss);
+        // DoRA also learns the magnitudes.
+        let has_m = trainer.adapter().keys().any(|k| k.ends_with(".m"));
+        assert_eq!(has_m, dora);
+    }
+}
+
+#[test]
+fn only_adapter_parameters_change() {
+    let data = builtin();
+    let config = config(true);
+    let mut trainer = trainer(&config, 5);
+    let base_before: Vec<(String, Vec<u32>)> = trainer
+        .decoder
+        .weights()
+        .unwrap()
+        .into_inner()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_slice::<f32>().iter().map(|x| x.to_bits()).collect()))
+        .collect();
+    let adapter_before = trainer.adapter().clone();
+    trainer.train_steps(&data.train, 5, 0).unwrap();
+    let base_after: Vec<(String, Vec<u32>)> = trainer
+        .decoder
+        .weights()
+        .unwrap()
+        .into_inner()
+        .into_iter()
+        .map(|(k, v)| (k, v.as_slice::<f32>().iter().map(|x| x.to_bits()).collect()))
+        .collect();
+    assert_eq!(base_before, base_after, "the base model changed");
+    for (name, before) in &adapter_before {
+        let after = &trainer.adapter()[name];
+        let moved = before.subtract(after).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+        assert!(moved > 0.0, "{name} did not train");
+    }
+}
+
+#[test]
+fn adapters_round_trip_bit_exactly_in_mlx_lm_format() {
+    let data = builtin();
+    let config = config(false);
+    let mut trainer = trainer(&config, 3);
+    trainer.train_steps(&data.train, 3, 0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    adapters::save(dir.path(), trainer.adapter(), &trainer.settings).unwrap();
+    let (loaded, settings) = adapters::load(dir.path(), &trainer.decoder).unwrap();
+    assert!(same(trainer.adapter(), &loaded));
+    assert_eq!(settings, trainer.settings);
+    let config_json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("adapter_config.json")).unwrap()).unwrap();
+    assert_eq!(config_json["fine_tune_type"], "lora");
+    assert_eq!(config_json["num_layers"], 2);
+    assert_eq!(config_json["lora_parameters"]["rank"], 8);
+    // mlx-lm's names and shapes: lora_a is [in, rank], lora_b [rank, out].
+    let a = &loaded["model.layers.3.self_attn.q_proj.lora_a"];
+    let b = &loaded["model.layers.3.self_attn.q_proj.lora_b"];
+    assert_eq!((a.shape(), b.shape()), (&[64, 8][..], &[8, 64][..]));
+    assert!(!loaded.contains_key("model.layers.1.self_attn.q_proj.lora_a"), "only the last num_layers blocks");
+}
+
+#[test]
+fn a_resumed_run_equals_an_uninterrupted_one() {
+    let data = builtin();
+    let mut config = config(true);
+    config.lora.dropout = 0.2; // dropout masks must repeat too
+    config.train.grad_accumulation_steps = 2;
+    let mut straight = trainer(&config, 8);
+    straight.train_steps(&data.train, 8, 0).unwrap();
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut first = trainer(&config, 8);
+    first.train_steps(&data.train, 4, 0).unwrap();
+    let state = CheckpointState {
+        step: 4,
+        seed: config.train.seed,
+        dataset: data.fingerprint.clone(),
+    };
+    checkpoint::save(dir.path(), &first, &state).unwrap();
+    drop(first);
+    let mut resumed = trainer(&config, 8);
+    let loaded = checkpoint::load(dir.path(), &mut resumed, &data.fingerprint).unwrap().expect("a checkpoint");
+    assert_eq!(loaded, state);
+    resumed.train_steps(&data.train, 4, 4).unwrap();
+    assert!(same(straight.adapter(), resumed.adapter()), "resumed run diverged");
+    // Another data set's checkpoint is refused.
+    let err = checkpoint::load(dir.path(), &mut resumed, "other").unwrap_err();
+    assert!(err.to_string().contains("another data set"), "{err}");
+}
+
+#[test]
+fn mask_prompt_covers_exactly_the_chat_prompt() {
+    let data = builtin();
+    let model = load_model("tiny", &LoadOptions::default()).unwrap();
+    let encoded = encode(&model.tokenizer, &data.train[0], 512).unwrap();
+    let blossom_p2p::data::Sample::PromptCompletion { prompt, completion } = &data.train[0].sample else { panic!() };
+    let prompt_ids = model.tokenizer.encode_chat(&[blossom_p2p::model::chat::ChatMessage::user(prompt.clone())]).unwrap();
+    assert_eq!(encoded.prompt_len, prompt_ids.len());
+    assert_eq!(&encoded.tokens[..encoded.prompt_len], &prompt_ids[..]);
+    let trained = model.tokenizer.decode(&encoded.tokens[encoded.prompt_len..], false).unwrap();
+    assert_eq!(trained, format!("{completion}<|im_end|>\n"));
+}
+
+#[test]
+fn bad_settings_are_clear_errors() {
+    let model = load_model("tiny", &LoadOptions::default()).unwrap();
+    let mut settings = LoraSettings::from_config(&config(false).lora);
+    let check = |settings: &LoraSettings, expected: &str| {
+        let err = settings.init(&model.decoder, 0).unwrap_err().to_string();
+        assert!(err.contains(expected), "{err}");
+    };
+    settings.rank = 0;
+    check(&settings, "lora.rank must be at least 1");
+    settings.rank = 8;
+    settings.num_layers = 9;
+    check(&settings, "lora.num_layers = 9 but the model has 4 layers");
+    settings.num_layers = 2;
+    settings.keys = vec!["self_attn.qkv".into()];
+    check(&settings, "unknown LoRA target key `self_attn.qkv`");
+}
+
+#[test]
+fn an_adapter_for_another_model_is_refused() {
+    let data = builtin();
+    let mut config = config(false);
+    config.lora.num_layers = 4;
+    let mut trainer = trainer(&config, 1);
+    trainer.train_steps(&data.train, 1, 0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    adapters::save(dir.path(), trainer.adapter(), &trainer.settings).unwrap();
+    // The Qwen3 fixture has 2 layers: 4 adapted layers cannot fit.
+    let other = load_model(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/models/qwen3"), &LoadOptions::default());
+    let other = match other {
+        Ok(model) => model.decoder,
+        // The fixture has no tokenizer; build the decoder alone.
+        Err(_) => {
+            let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen3");
+            let (args, weights, _) = blossom_p2p::model::load::load_hf_weights(&dir).unwrap();
+            blossom_p2p::model::Decoder::from_weights(args, weights).unwrap()
+        }
+    };
+    let err = adapters::load(dir.path(), &other).unwrap_err().to_string();
+    assert!(err.contains("does not fit this model") && err.contains("num_layers = 4"), "{err}");
+    // A corrupted tensor shape is named.
+    let mut params = trainer.adapter().clone();
+    let name = params.keys().next().unwrap().clone();
+    params.insert(name.clone(), Array::zeros::<f32>(&[3, 3]).unwrap());
+    let err = trainer.set_adapter(params).unwrap_err().to_string();
+    assert!(err.contains(&*name) && err.contains("[3, 3]"), "{err}");
+}
+
+#[test]
+fn malformed_rows_name_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |text: &str| std::fs::write(dir.path().join("train.jsonl"), text).unwrap();
+    let err = |text: &str| {
+        write(text);
+        load_folder(dir.path(), None).unwrap_err().to_string()
+    };
+    let e = err("{\"text\": \"ok\"}\n{\"text\": 5}\n");
+    assert!(e.contains("train.jsonl:2") && e.contains("`text` must be a string"), "{e}");
+    let e = err("{\"prompt\": \"p\", \"completion\": \"c\"}\nnot json\n");
+    assert!(e.contains("train.jsonl:2") && e.contains("not valid JSON"), "{e}");
+    let e = err("{\"question\": \"q\"}\n");
+    assert!(e.contains("train.jsonl:1") && e.contains("unknown row format"), "{e}");
+    let e = err("{\"messages\": [{\"role\": \"robot\", \"content\": \"x\"}]}\n");
+    assert!(e.contains("unknown role `robot`"), "{e}");
+    // Valid data: valid.jsonl absent, so the last tenth is held out.
+    let rows: String = (0..20).map(|i| format!("{{\"prompt\": \"q{i}\", \"completion\": \"a{i}\"}}\n")).collect();
+    write(&rows);
+    let data = load_folder(dir.path(), None).unwrap();
+    assert_eq!((data.train.len(), data.valid.len()), (18, 2));
+    assert_eq!(data.valid[0].index, 18);
+}
+
+#[test]
+fn trainer_errors_on_an_empty_row_set() {
+    let config = config(false);
+    let mut trainer = trainer(&config, 1);
+    assert!(matches!(trainer.train_steps(&[], 1, 0), Err(TrainError::Data(_))));
+}
+
+fn blossom(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run blossom-p2p")
+}
+
+#[test]
+fn train_command_writes_adapters_metrics_and_checkpoints_and_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("run");
+    let out_str = out.to_str().unwrap();
+    let common = ["--set", "lora.num_layers=2", "--set", "train.learning_rate=0.001", "-q"];
+    let mut args = common.to_vec();
+    args.extend(["train", "--model", "tiny", "--iters", "6", "--steps-per-eval", "3", "--save-every", "3", "--val-rows", "4", "--exact-match-rows", "2", "--adapter-path", out_str]);
+    let output = blossom(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("exact match before training") && stdout.contains("exact match after training"), "{stdout}");
+    for file in ["adapters.safetensors", "adapter_config.json", "metrics.jsonl", "checkpoint/state.json", "checkpoint/optimizer.safetensors"] {
+        assert!(out.join(file).exists(), "{file} missing");
+    }
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[1]["step"], 6);
+    assert!(lines[1]["val_loss"].as_f64().is_some() && lines[1]["train_loss"].as_f64().is_some());
+
+    // Resume to 9 steps: one more metrics line, at step 9.
+    let mut args = common.to_vec();
+    args.extend(["train", "--model", "tiny", "--iters", "9", "--steps-per-eval", "3", "--save-every", "3", "--val-rows", "4", "--exact-match-rows", "0", "--adapter-path", out_str, "--resume"]);
+    let output = blossom(&args);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 3);
+    assert!(metrics.lines().last().unwrap().contains("\"step\":9"));
+
+    // The adapter works in generate and eval.
+    let output = blossom(&["-q", "generate", "--model", "tiny", "--adapter-path", out_str, "--prompt", "hi", "--max-tokens", "4"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = blossom(&["-q", "eval", "--model", "tiny", "--adapter-path", out_str, "--rows", "4"]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("perplexity") && stdout.contains("exact match"), "{stdout}");
+
+    // Bad data is exit code 2 with the file and line.
+    std::fs::write(dir.path().join("train.jsonl"), "{\"text\": 1}\n").unwrap();
+    let output = blossom(&["train", "--model", "tiny", "--data", dir.path().to_str().unwrap(), "--iters", "1"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("train.jsonl:1"));
+}
