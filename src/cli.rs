@@ -81,6 +81,23 @@ pub enum BenchCommand {
     /// Prompt and generation tokens/s and peak memory: quantized weights, and
     /// dequantized to float32 (on CPU), in one run.
     Generate(BenchGenerateArgs),
+    /// Training tokens/s, step time and peak memory (LoRA settings from the config).
+    Train(BenchTrainArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Data folder (mlx-lm jsonl); default: generated text rows of --seq-len tokens.
+    #[arg(long)]
+    pub data: Option<String>,
+    /// Tokens a row when generating the rows.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..=65536))]
+    pub seq_len: u32,
+    /// Timed steps (after two warm-up steps).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub steps: u64,
 }
 
 #[derive(Debug, Args)]
@@ -246,9 +263,12 @@ pub struct ExportArgs {
     /// The base model to export (default: model.source).
     #[arg(long, value_name = "PATH|tiny")]
     pub model: Option<String>,
-    /// An adapter to export with it: an mlx-lm adapter directory or an adapter hash in the store.
-    #[arg(long, value_name = "DIR|HASH")]
+    /// An mlx-lm adapter directory to export with the model (into OUT/adapters), or to fuse.
+    #[arg(long, value_name = "DIR")]
     pub adapter: Option<String>,
+    /// Write float32 weights instead of keeping quantized ones.
+    #[arg(long)]
+    pub dequantize: bool,
     /// Output directory (an mlx-lm model folder).
     #[arg(long, visible_alias = "output", value_name = "DIR")]
     pub out: PathBuf,
@@ -350,6 +370,12 @@ impl Command {
                     config.model.source = model.clone();
                 }
             }
+            Command::Bench(BenchCommand::Train(args)) => {
+                args.model.apply(config);
+                if let Some(data) = &args.data {
+                    config.data.dataset = data.clone();
+                }
+            }
             Command::Doctor(_) => {}
         }
     }
@@ -412,6 +438,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Generate(args) => crate::commands::generate::run(&config, args),
         Command::Export(args) => crate::commands::export::run(&config, args),
         Command::Bench(BenchCommand::Generate(args)) => crate::commands::bench::bench_generate(&config, args),
+        Command::Bench(BenchCommand::Train(args)) => crate::commands::bench::bench_train(&config, args),
         Command::Train(args) => crate::commands::train::run(&config, args),
         Command::Eval(args) => crate::commands::eval::run(&config, args),
         other => {

@@ -40,6 +40,17 @@ impl Default for ModelConfig {
     }
 }
 
+/// The projections of a Llama-family block, as mlx-lm names them.
+pub const ALL_PROJECTIONS: [&str; 7] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+];
+
 /// LoRA or DoRA: the low-rank update that wraps each adapted linear layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -75,7 +86,8 @@ impl Default for LoraConfig {
             alpha: 16.0,
             scale: 100.0,
             dropout: 0.1,
-            keys: vec!["self_attn.q_proj".to_owned(), "self_attn.v_proj".to_owned()],
+            // mlx-lm's default: every projection of the block.
+            keys: ALL_PROJECTIONS.iter().map(|k| k.to_string()).collect(),
         }
     }
 }

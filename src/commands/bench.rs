@@ -4,7 +4,10 @@
 use std::process::ExitCode;
 
 
-use crate::cli::BenchGenerateArgs;
+use crate::cli::{BenchGenerateArgs, BenchTrainArgs};
+use crate::data::{Row, Sample};
+use crate::train::lora::LoraSettings;
+use crate::train::{LocalTrainer, MlxTrainer, TrainError};
 use crate::config::Config;
 use crate::model::generate::{GenerationStats, SamplingParams, generate};
 use crate::model::{LoadOptions, LoadedModel, QuantMode, load_model};
@@ -105,4 +108,65 @@ fn max_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+pub fn bench_train(config: &Config, args: &BenchTrainArgs) -> ExitCode {
+    match train_figures(config, args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("error: training benchmark failed: {err}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainError> {
+    let source = &config.model.source;
+    let _ = mlx_rs::memory::clear_cache();
+    let _ = mlx_rs::memory::reset_peak_memory();
+    let loaded = load_model(source, &LoadOptions { quant: args.model.quant })?;
+    let rows: Vec<Row> = match &args.data {
+        Some(_) => super::train::load_data(config)?.train,
+        None => {
+            // Text rows of about seq_len tokens: repeated prose, truncated by max_seq_length.
+            let text = "The river carried the small boat past fields of wheat and old stone houses, while the sun rose over the hills. ";
+            let per_copy = loaded.tokenizer.encode(text, false)?.len().max(1);
+            let copies = args.seq_len as usize / per_copy + 2;
+            (0..64)
+                .map(|i| Row {
+                    index: i,
+                    sample: Sample::Text {
+                        text: format!("{i}. {}", text.repeat(copies)),
+                    },
+                })
+                .collect()
+        }
+    };
+    let mut train_config = config.train.clone();
+    if args.data.is_none() {
+        train_config.max_seq_length = args.seq_len;
+    }
+    let settings = LoraSettings::from_config(&config.lora);
+    let mut trainer = MlxTrainer::new(loaded.decoder, loaded.tokenizer, settings.clone(), train_config.clone(), args.steps + 2)?;
+    trainer.train_steps(&rows, 2, 0)?;
+    let report = trainer.train_steps(&rows, args.steps, 2)?;
+    let peak = mlx_rs::memory::peak_memory().unwrap_or(0) as f64 / 1e6;
+    let seconds = report.elapsed.as_secs_f64().max(1e-9);
+    println!(
+        "bench train: {source}, device {}, {} (rank {}, scale {}, {} layers, keys {:?}), batch {}, seq len {}, {} steps",
+        crate::mlx_env::backend().name(),
+        if settings.dora { "DoRA" } else { "LoRA" },
+        settings.rank,
+        settings.scale,
+        settings.num_layers,
+        settings.keys,
+        train_config.batch_size,
+        train_config.max_seq_length,
+        report.steps
+    );
+    println!("step time: {:.3} s", seconds / report.steps as f64);
+    println!("trained tokens/s: {:.1}", report.tokens as f64 / seconds);
+    println!("peak memory: {peak:.1} MB");
+    println!("train tok/s: {:.1}", report.processed_tokens as f64 / seconds);
+    Ok(())
 }

@@ -124,7 +124,7 @@ fn train(config: &Config, args: &TrainArgs) -> Result<(), TrainError> {
         if (step % args.steps_per_eval == 0 || step == args.iters) && !val_rows.is_empty() {
             let eval = trainer.evaluate(val_rows)?;
             record["val_loss"] = json!(eval.loss);
-            bar.println(format!("step {step}: train loss {:.3}, val loss {:.3}", report_loss / chunk as f32, eval.loss));
+            bar.suspend(|| println!("step {step}: train loss {:.3}, val loss {:.3}", report_loss / chunk as f32, eval.loss));
         }
         writeln!(metrics, "{record}").map_err(|e| TrainError::Io(format!("{}: {e}", metrics_path.display())))?;
         if step % args.save_every == 0 || step == args.iters {

@@ -76,8 +76,12 @@ pub fn load(dir: &Path, decoder: &Decoder) -> Result<(AdapterParams, LoraSetting
     let params: AdapterParams = arrays.into_iter().map(|(k, v)| (Rc::from(k.as_str()), v)).collect();
     let keys = match config.lora_parameters.keys {
         Some(keys) => keys,
-        // mlx-lm's default targets.
-        None => vec!["self_attn.q_proj".to_owned(), "self_attn.v_proj".to_owned()],
+        // mlx-lm's default: every projection of the block.
+        None => decoder
+            .linears()
+            .into_iter()
+            .filter_map(|(path, _)| path.strip_prefix("model.layers.0.").map(str::to_owned))
+            .collect(),
     };
     let settings = LoraSettings {
         dora,

@@ -69,6 +69,8 @@ pub struct Batch {
     pub loss_mask: Array,
     /// Number of target tokens that count.
     pub target_tokens: usize,
+    /// Real (non-padding) tokens in the batch.
+    pub real_tokens: usize,
 }
 
 pub fn make_batch(examples: &[&Encoded], mask_prompt: bool) -> Result<Batch, TrainError> {
@@ -98,6 +100,7 @@ pub fn make_batch(examples: &[&Encoded], mask_prompt: bool) -> Result<Batch, Tra
         tokens: Array::from_slice(&tokens, &[batch, len as i32]),
         loss_mask: Array::from_slice(&mask, &[batch, len as i32 - 1]),
         target_tokens,
+        real_tokens: examples.iter().map(|e| e.tokens.len()).sum(),
     })
 }
 

@@ -172,3 +172,34 @@ impl ProjectionAdapter for LoraApplier<'_> {
         }))
     }
 }
+
+/// Folds the adapters into the base weights (`export --fuse`): each adapted
+/// projection becomes a float32 matrix `W + scale·Bᵀ·Aᵀ`, rescaled row by row
+/// to the magnitude `m` for DoRA. Projections without an adapter keep their
+/// weights, quantized or not.
+pub fn fuse(decoder: &mut Decoder, params: &AdapterParams, settings: &LoraSettings) -> Result<(), TrainError> {
+    let scale = Array::from_f32(settings.scale);
+    decoder.map_linears(|linear| {
+        let (Some(a), Some(b)) = (
+            params.get(format!("{}.lora_a", linear.path).as_str()),
+            params.get(format!("{}.lora_b", linear.path).as_str()),
+        ) else {
+            return Ok(linear.clone());
+        };
+        let weight = linear.weight.dense(Dtype::Float32)?;
+        let mut fused = weight.add(b.t().matmul(a.t())?.multiply(&scale)?)?;
+        if settings.dora {
+            let m = params
+                .get(format!("{}.m", linear.path).as_str())
+                .ok_or_else(|| ModelError::MissingTensor(format!("{}.m", linear.path)))?;
+            let factor = m.divide(row_norms(&fused)?)?.expand_dims(-1)?;
+            fused = fused.multiply(&factor)?;
+        }
+        Ok(Linear {
+            path: linear.path.clone(),
+            weight: crate::model::linear::Matrix::Dense(fused),
+            bias: linear.bias.clone(),
+        })
+    })?;
+    Ok(())
+}

@@ -52,7 +52,10 @@ pub struct TrainReport {
     /// Mean loss over the steps.
     pub loss: f32,
     pub examples: u64,
+    /// Target tokens the loss counted.
     pub tokens: u64,
+    /// All real tokens the model processed (mlx-lm's "Tokens/sec" counts these).
+    pub processed_tokens: u64,
     pub elapsed: Duration,
     pub last_learning_rate: f32,
 }
@@ -222,6 +225,7 @@ impl LocalTrainer for MlxTrainer {
                 loss_sum += f64::from(loss) / accumulation as f64;
                 report.examples += batch_rows.len() as u64;
                 report.tokens += batch.target_tokens as u64;
+                report.processed_tokens += batch.real_tokens as u64;
                 summed = Some(match summed {
                     None => grads,
                     Some(mut total) => {
