@@ -19,6 +19,7 @@ BIN="${BLOSSOM_BIN:-target/debug/blossom-p2p}"
 OPENBLAS="$(ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 2>/dev/null | head -n1 || true)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
+set +o pipefail  # a missing figure is reported below, not fatal
 
 # The same settings on both sides: LoRA, 16 layers, rank 8, every projection,
 # batch 1, sequences of 512 tokens, no dropout.
@@ -40,13 +41,30 @@ lora_parameters:
   dropout: 0.0
 YAML
 
-echo "== mlx_lm lora ($STEPS steps after 2 warm-up) =="
-LD_PRELOAD="$OPENBLAS" "$PY" -m mlx_lm lora --model "$WORK/model" --train --data "$WORK/data" \
+echo "== mlx_lm lora ($STEPS steps after $STEPS warm-up) =="
+# mlx_lm's own CLI, with its report callback swapped for one that prints the
+# figures as JSON (tokens_per_second, peak_memory in GB).
+cat > "$WORK/run_mlx_lm.py" <<'PYEOF'
+import json, sys
+import mlx_lm.lora as lora
+from mlx_lm.tuner.callbacks import TrainingCallback
+
+class Report(TrainingCallback):
+    def on_train_loss_report(self, info):
+        print("REPORT " + json.dumps({k: float(v) for k, v in info.items() if isinstance(v, (int, float))}), flush=True)
+
+lora.get_reporting_callbacks = lambda *args, **kwargs: Report()
+sys.argv = ["mlx_lm.lora"] + sys.argv[1:]
+lora.main()
+PYEOF
+LD_PRELOAD="$OPENBLAS" "$PY" "$WORK/run_mlx_lm.py" --model "$WORK/model" --train --data "$WORK/data" \
   --fine-tune-type lora --num-layers $LAYERS --batch-size 1 --max-seq-length $SEQ \
-  --iters $((STEPS + 2)) --steps-per-report $STEPS --steps-per-eval 100000 --val-batches 1 \
-  --adapter-path "$WORK/mlx-adapters" -c "$WORK/lora.yaml" 2>&1 | tee "$WORK/mlx.log" | grep -E "Iter|Trainable" || true
-THEIRS=$(grep -oE "Tokens/sec [0-9.]+" "$WORK/mlx.log" | tail -n1 | awk '{print $2}')
-THEIR_MEM=$(grep -oE "Peak mem [0-9.]+" "$WORK/mlx.log" | tail -n1 | awk '{print $3}')
+  --iters $((2 * STEPS)) --steps-per-report $STEPS --steps-per-eval 100000 --val-batches 1 \
+  --adapter-path "$WORK/mlx-adapters" -c "$WORK/lora.yaml" > "$WORK/mlx.log" 2>&1 || { tail -5 "$WORK/mlx.log"; exit 1; }
+REPORT=$(grep "^REPORT " "$WORK/mlx.log" | tail -n1 | cut -d' ' -f2-)
+echo "$REPORT"
+THEIRS=$("$PY" -c "import json,sys; print(json.loads(sys.argv[1])['tokens_per_second'])" "$REPORT")
+THEIR_MEM=$("$PY" -c "import json,sys; print(json.loads(sys.argv[1])['peak_memory'])" "$REPORT")
 
 echo "== blossom-p2p bench train =="
 "$BIN" -q --set lora.fine_tune_type=lora --set lora.num_layers=$LAYERS --set lora.rank=$RANK \
@@ -59,5 +77,5 @@ echo "== comparison =="
 echo "mlx_lm lora: ${THEIRS:-?} tokens/s, peak ${THEIR_MEM:-?} GB"
 echo "blossom-p2p: ${OURS:-?} tokens/s, peak ${OUR_MEM:-?} MB"
 if [ -n "${THEIRS:-}" ] && [ -n "${OURS:-}" ]; then
-  "$PY" -c "print(f'ratio (ours / mlx_lm): {float(\"$OURS\") / float(\"$THEIRS\"):.2f}x tokens/s')"
+  "$PY" -c "print(f'ratio (ours / mlx_lm): {float(\"$OURS\") / float(\"$THEIRS\"):.2f}x tokens/s, {float(\"$OUR_MEM\") / 1000 / float(\"$THEIR_MEM\"):.2f}x peak memory')"
 fi
