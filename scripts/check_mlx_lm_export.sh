@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Checks that `blossom-p2p export` writes a folder that Python mlx-lm loads,
-# and that mlx-lm's greedy answer equals ours, for the default model.
+# and that mlx-lm's greedy answer equals ours, for the default model, without
+# and with an adapter trained by `blossom-p2p train`.
 # Skips (exit 0) when Python mlx-lm is not installed. To run it for real:
 #   python3 -m venv .venv-mlx && .venv-mlx/bin/pip install "mlx-lm==0.32.2" "mlx[cpu]==0.32.2"
 #   MLX_LM_PYTHON=.venv-mlx/bin/python bash scripts/check_mlx_lm_export.sh
@@ -28,4 +29,16 @@ for question in "What is the capital of France?" "How many days are in a week?";
     status=1
   fi
 done
+# An adapter trained here must give mlx-lm the same greedy answer as ours.
+"$BIN" -q train --iters 20 --exact-match-rows 0 --val-rows 4 --steps-per-eval 20 --adapter-path "$OUT/adapter" >/dev/null
+question="Reverse the order of these words: apple river stone"
+ours="$("$BIN" -q generate --adapter-path "$OUT/adapter" --prompt "$question" --max-tokens 16)"
+theirs="$("$PY" -m mlx_lm generate --model "$OUT/model" --adapter-path "$OUT/adapter" --prompt "$question" --max-tokens 16 2>/dev/null \
+  | awk '/^==========$/ { inside = !inside; next } inside')"
+if [ "$ours" = "$theirs" ]; then
+  echo "same answer with the adapter: $question -> $ours"
+else
+  echo "DIFFERENT with the adapter: $question"; echo "  blossom-p2p: $ours"; echo "  mlx-lm:      $theirs"
+  status=1
+fi
 exit $status

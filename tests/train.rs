@@ -289,3 +289,51 @@ fn train_command_writes_adapters_metrics_and_checkpoints_and_resumes() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("train.jsonl:1"));
 }
+
+#[test]
+fn fused_export_equals_the_adapted_model() {
+    let data = builtin();
+    for dora in [false, true] {
+        let config = config(dora);
+        let mut trainer = trainer(&config, 10);
+        trainer.train_steps(&data.train, 10, 0).unwrap();
+        let tokens = Array::from_slice(&[5i32, 17, 200, 3, 99, 42], &[1, 6]);
+        let applier = blossom_p2p::train::lora::LoraApplier {
+            params: trainer.adapter(),
+            settings: &trainer.settings,
+            dropout: None,
+        };
+        let adapted = trainer.decoder.forward_adapted(&tokens, None, None, Some(&applier)).unwrap();
+        let mut fused = trainer.decoder.clone();
+        blossom_p2p::train::lora::fuse(&mut fused, trainer.adapter(), &trainer.settings).unwrap();
+        let direct = fused.forward(&tokens, None, None).unwrap();
+        let diff = adapted.subtract(&direct).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+        assert!(diff < 1e-4, "dora={dora}: fused model differs by {diff}");
+        let base = trainer.decoder.forward(&tokens, None, None).unwrap();
+        let moved = adapted.subtract(&base).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+        assert!(moved > 1e-3, "the adapter changes nothing ({moved})");
+    }
+}
+
+#[test]
+fn export_writes_fused_models_and_adapter_folders() {
+    let dir = tempfile::tempdir().unwrap();
+    let adapter = dir.path().join("adapter");
+    let output = blossom(&["-q", "--set", "lora.num_layers=2", "train", "--model", "tiny", "--iters", "2", "--exact-match-rows", "0", "--adapter-path", adapter.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let fused = dir.path().join("fused");
+    let output = blossom(&["-q", "export", "--model", "tiny", "--adapter", adapter.to_str().unwrap(), "--fuse", "--out", fused.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(fused.join("model.safetensors").exists() && !fused.join("adapters").exists());
+    let beside = dir.path().join("beside");
+    let output = blossom(&["-q", "export", "--model", "tiny", "--adapter", adapter.to_str().unwrap(), "--out", beside.to_str().unwrap()]);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(beside.join("adapters/adapters.safetensors").exists() && beside.join("adapters/adapter_config.json").exists());
+    // The fused folder, alone, answers as the base plus the adapter.
+    let with_adapter = blossom(&["-q", "generate", "--model", "tiny", "--adapter-path", adapter.to_str().unwrap(), "--prompt", "hello", "--max-tokens", "12"]);
+    let from_fused = blossom(&["-q", "generate", "--model", fused.to_str().unwrap(), "--prompt", "hello", "--max-tokens", "12"]);
+    assert_eq!(String::from_utf8_lossy(&with_adapter.stdout), String::from_utf8_lossy(&from_fused.stdout));
+    // --fuse without --adapter is a usage error.
+    let output = blossom(&["export", "--model", "tiny", "--fuse", "--out", dir.path().join("x").to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+}
