@@ -7,6 +7,7 @@ pub mod config;
 pub mod data;
 pub mod default_model;
 pub mod doctor;
+pub mod hub;
 pub mod logging;
 pub mod mlx_env;
 pub mod model;

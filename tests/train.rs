@@ -337,3 +337,31 @@ fn export_writes_fused_models_and_adapter_folders() {
     let output = blossom(&["export", "--model", "tiny", "--fuse", "--out", dir.path().join("x").to_str().unwrap()]);
     assert_eq!(output.status.code(), Some(2));
 }
+
+#[test]
+fn hub_data_sets_load_from_the_cache_offline() {
+    let cache = tempfile::tempdir().unwrap();
+    let repo = cache.path().join("datasets--blossom-test--words");
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "feedbeef").unwrap();
+    let data = repo.join("snapshots/feedbeef/data");
+    std::fs::create_dir_all(&data).unwrap();
+    let rows: String = (0..12).map(|i| format!("{{\"prompt\": \"say {i}\", \"completion\": \"{i}\"}}\n")).collect();
+    std::fs::write(data.join("train.jsonl"), rows).unwrap();
+    let adapter = cache.path().join("adapter");
+    let run = |spec: &str| {
+        Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+            .args(["-q", "--set", "lora.num_layers=2", "train", "--model", "tiny", "--data", spec, "--iters", "2", "--exact-match-rows", "0", "--adapter-path"])
+            .arg(&adapter)
+            .env("HF_HUB_CACHE", cache.path())
+            .env("HF_HUB_OFFLINE", "1")
+            .output()
+            .unwrap()
+    };
+    let output = run("hf:blossom-test/words");
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let output = run("hf:blossom-test/absent");
+    assert_eq!(output.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&output.stderr);
+    assert!(err.contains("hf:blossom-test/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
+}

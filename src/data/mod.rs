@@ -106,11 +106,28 @@ impl Dataset {
     }
 }
 
-/// Resolves `data.dataset`: `builtin`, or a folder of mlx-lm jsonl files,
-/// whose rows go through `template` when one is given.
+/// Resolves `data.dataset`: `builtin`, a folder of mlx-lm jsonl files, or
+/// `hf:org/name[@revision]` (a Hub data set with those files at its root or
+/// under `data/`). Rows go through `template` when one is given.
 pub fn load_dataset(source: &str, seed: u64, template: Option<&template::PromptTemplate>) -> Result<Dataset, DataError> {
     if source == "builtin" {
         return builtin::dataset(seed);
+    }
+    if let Some(spec) = source.strip_prefix("hf:") {
+        let hub = |e: crate::hub::HubError| DataError::Read {
+            path: format!("hf:{}", e.spec),
+            message: e.message,
+        };
+        let repo = crate::hub::HubRepo::open(spec, crate::hub::RepoType::Dataset).map_err(hub)?;
+        let prefix = if repo.get_optional("train.jsonl").is_some() { "" } else { "data/" };
+        let train = repo.get(&format!("{prefix}train.jsonl")).map_err(hub)?;
+        for split in ["valid.jsonl", "test.jsonl"] {
+            let _ = repo.get_optional(&format!("{prefix}{split}"));
+        }
+        let folder = train.parent().ok_or_else(|| DataError::Invalid(format!("{source}: no folder")))?;
+        let mut dataset = jsonl::load_folder(folder, template)?;
+        dataset.name = source.to_owned();
+        return Ok(dataset);
     }
     jsonl::load_folder(std::path::Path::new(source), template)
 }
