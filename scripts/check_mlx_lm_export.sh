@@ -18,27 +18,24 @@ OUT="$(mktemp -d)"
 trap 'rm -rf "$OUT"' EXIT
 "$BIN" -q export --out "$OUT/model" >/dev/null
 status=0
-for question in "What is the capital of France?" "How many days are in a week?"; do
-  ours="$("$BIN" -q generate --model "$OUT/model" --prompt "$question" --max-tokens 24)"
-  theirs="$("$PY" -m mlx_lm generate --model "$OUT/model" --prompt "$question" --max-tokens 24 2>/dev/null \
+# Compares our greedy answer with mlx-lm's; args: label, question, extra flags for both.
+compare() {
+  local label="$1" question="$2"
+  shift 2
+  local ours theirs
+  ours="$("$BIN" -q generate --model "$OUT/model" "$@" --prompt "$question" --max-tokens 24)"
+  theirs="$("$PY" -m mlx_lm generate --model "$OUT/model" "$@" --prompt "$question" --max-tokens 24 2>/dev/null \
     | awk '/^==========$/ { inside = !inside; next } inside')"
   if [ "$ours" = "$theirs" ]; then
-    echo "same answer: $question -> $ours"
+    echo "same answer$label: $question -> $ours"
   else
-    echo "DIFFERENT: $question"; echo "  blossom-p2p: $ours"; echo "  mlx-lm:      $theirs"
+    echo "DIFFERENT$label: $question"; echo "  blossom-p2p: $ours"; echo "  mlx-lm:      $theirs"
     status=1
   fi
-done
+}
+compare "" "What is the capital of France?"
+compare "" "How many days are in a week?"
 # An adapter trained here must give mlx-lm the same greedy answer as ours.
 "$BIN" -q train --iters 20 --exact-match-rows 0 --val-rows 4 --steps-per-eval 20 --adapter-path "$OUT/adapter" >/dev/null
-question="Reverse the order of these words: apple river stone"
-ours="$("$BIN" -q generate --adapter-path "$OUT/adapter" --prompt "$question" --max-tokens 16)"
-theirs="$("$PY" -m mlx_lm generate --model "$OUT/model" --adapter-path "$OUT/adapter" --prompt "$question" --max-tokens 16 2>/dev/null \
-  | awk '/^==========$/ { inside = !inside; next } inside')"
-if [ "$ours" = "$theirs" ]; then
-  echo "same answer with the adapter: $question -> $ours"
-else
-  echo "DIFFERENT with the adapter: $question"; echo "  blossom-p2p: $ours"; echo "  mlx-lm:      $theirs"
-  status=1
-fi
+compare " with the adapter" "Reverse the order of these words: apple river stone" --adapter-path "$OUT/adapter"
 exit $status

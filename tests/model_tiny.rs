@@ -10,6 +10,8 @@ use blossom_p2p::model::tiny::{tiny_args, tiny_weights};
 use blossom_p2p::model::{Decoder, LoadOptions, ModelError, QuantMode, load_model};
 use mlx_rs::Array;
 
+mod common;
+
 fn tokens(ids: &[i32]) -> Array {
     Array::from_slice(ids, &[1, ids.len() as i32])
 }
@@ -250,29 +252,13 @@ fn default_model_chats_through_the_cli_and_exports() {
 
 #[test]
 fn hub_models_load_from_the_cache_offline() {
-    // The Hugging Face cache layout: refs/<revision> names a snapshot folder.
-    let cache = tempfile::tempdir().unwrap();
-    let repo = cache.path().join("models--blossom-test--tiny");
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
-    let snapshot = repo.join("snapshots/0123abcd");
+    let (cache, snapshot) = common::fake_hub_cache("models", "blossom-test", "tiny");
     let model = keep("tiny:2").unwrap();
     export_mlx_lm(&model.decoder, &model.tokenizer, &snapshot).unwrap();
-
-    let run = |spec: &str| {
-        Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
-            .args(["-q", "generate", "--model", spec, "--prompt", "hi", "--max-tokens", "4"])
-            .env("HF_HUB_CACHE", cache.path())
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .unwrap()
-    };
+    let run = |spec: &str| common::run_offline(cache.path(), &["-q", "generate", "--model", spec, "--prompt", "hi", "--max-tokens", "4"]);
     let output = run("hf:blossom-test/tiny");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let output = run("hf:blossom-test/absent");
-    assert_eq!(output.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(err.contains("hf:blossom-test/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    common::assert_absent_repo_is_a_clear_error(&run("hf:blossom-test/absent"));
     let output = run("hf:not-a-repo");
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("expected hf:org/name"));

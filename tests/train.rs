@@ -15,6 +15,8 @@ use blossom_p2p::train::lora::{AdapterParams, LoraSettings};
 use blossom_p2p::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
 use mlx_rs::Array;
 
+mod common;
+
 fn config(dora: bool) -> Config {
     let mut config = Config::default();
     config.lora.fine_tune_type = if dora { FineTuneType::Dora } else { FineTuneType::Lora };
@@ -68,25 +70,14 @@ fn only_adapter_parameters_change() {
     let data = builtin();
     let config = config(true);
     let mut trainer = trainer(&config, 5);
-    let base_before: Vec<(String, Vec<u32>)> = trainer
-        .decoder
-        .weights()
-        .unwrap()
-        .into_inner()
-        .into_iter()
-        .map(|(k, v)| (k, v.as_slice::<f32>().iter().map(|x| x.to_bits()).collect()))
-        .collect();
+    let base_bits = |decoder: &blossom_p2p::model::Decoder| -> Vec<(String, Vec<u32>)> {
+        let weights = decoder.weights().unwrap().into_inner();
+        weights.into_iter().map(|(k, v)| (k, v.as_slice::<f32>().iter().map(|x| x.to_bits()).collect())).collect()
+    };
+    let base_before = base_bits(&trainer.decoder);
     let adapter_before = trainer.adapter().clone();
     trainer.train_steps(&data.train, 5, 0).unwrap();
-    let base_after: Vec<(String, Vec<u32>)> = trainer
-        .decoder
-        .weights()
-        .unwrap()
-        .into_inner()
-        .into_iter()
-        .map(|(k, v)| (k, v.as_slice::<f32>().iter().map(|x| x.to_bits()).collect()))
-        .collect();
-    assert_eq!(base_before, base_after, "the base model changed");
+    assert_eq!(base_before, base_bits(&trainer.decoder), "the base model changed");
     for (name, before) in &adapter_before {
         let after = &trainer.adapter()[name];
         let moved = before.subtract(after).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
@@ -340,28 +331,44 @@ fn export_writes_fused_models_and_adapter_folders() {
 
 #[test]
 fn hub_data_sets_load_from_the_cache_offline() {
-    let cache = tempfile::tempdir().unwrap();
-    let repo = cache.path().join("datasets--blossom-test--words");
-    std::fs::create_dir_all(repo.join("refs")).unwrap();
-    std::fs::write(repo.join("refs/main"), "feedbeef").unwrap();
-    let data = repo.join("snapshots/feedbeef/data");
-    std::fs::create_dir_all(&data).unwrap();
+    let (cache, snapshot) = common::fake_hub_cache("datasets", "blossom-test", "words");
+    std::fs::create_dir_all(snapshot.join("data")).unwrap();
     let rows: String = (0..12).map(|i| format!("{{\"prompt\": \"say {i}\", \"completion\": \"{i}\"}}\n")).collect();
-    std::fs::write(data.join("train.jsonl"), rows).unwrap();
+    std::fs::write(snapshot.join("data/train.jsonl"), rows).unwrap();
     let adapter = cache.path().join("adapter");
     let run = |spec: &str| {
-        Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
-            .args(["-q", "--set", "lora.num_layers=2", "train", "--model", "tiny", "--data", spec, "--iters", "2", "--exact-match-rows", "0", "--adapter-path"])
-            .arg(&adapter)
-            .env("HF_HUB_CACHE", cache.path())
-            .env("HF_HUB_OFFLINE", "1")
-            .output()
-            .unwrap()
+        let args = ["-q", "--set", "lora.num_layers=2", "train", "--model", "tiny", "--data", spec, "--iters", "2", "--exact-match-rows", "0", "--adapter-path"];
+        common::run_offline(cache.path(), &[&args[..], &[adapter.to_str().unwrap()]].concat())
     };
     let output = run("hf:blossom-test/words");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    let output = run("hf:blossom-test/absent");
-    assert_eq!(output.status.code(), Some(2));
-    let err = String::from_utf8_lossy(&output.stderr);
-    assert!(err.contains("hf:blossom-test/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    common::assert_absent_repo_is_a_clear_error(&run("hf:blossom-test/absent"));
+}
+
+#[test]
+fn qlora_and_every_optimizer_train() {
+    use blossom_p2p::config::Optimizer;
+    let data = builtin();
+    // QLoRA: the frozen base stays 4-bit quantized.
+    let config_q = config(false);
+    let model = load_model("tiny", &LoadOptions { quant: QuantMode::Keep }).unwrap();
+    let mut decoder = model.decoder;
+    decoder.quantize(32, 4).unwrap();
+    let mut qlora = MlxTrainer::new(decoder, model.tokenizer, LoraSettings::from_config(&config_q.lora), config_q.train.clone(), 20).unwrap();
+    let before = qlora.evaluate(&data.valid[..8]).unwrap().loss;
+    qlora.train_steps(&data.train, 20, 0).unwrap();
+    assert!(qlora.decoder.is_quantized());
+    let after = qlora.evaluate(&data.valid[..8]).unwrap().loss;
+    assert!(after < before - 0.2, "QLoRA: {before} -> {after}");
+    for (optimizer, learning_rate) in [(Optimizer::Adam, 1e-3), (Optimizer::Sgd, 0.5)] {
+        let mut config = config(false);
+        config.train.optimizer = optimizer;
+        config.train.learning_rate = learning_rate;
+        config.train.learning_rate_min = learning_rate / 10.0;
+        let mut trainer = trainer(&config, 20);
+        let before = trainer.evaluate(&data.valid[..8]).unwrap().loss;
+        trainer.train_steps(&data.train, 20, 0).unwrap();
+        let after = trainer.evaluate(&data.valid[..8]).unwrap().loss;
+        assert!(after < before - 0.2, "{optimizer:?}: {before} -> {after}");
+    }
 }
