@@ -11,4 +11,6 @@ pub mod hub;
 pub mod logging;
 pub mod mlx_env;
 pub mod model;
+pub mod p2p;
+pub mod store;
 pub mod train;

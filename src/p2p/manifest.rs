@@ -1,0 +1,135 @@
+//! Manifests: what a node says about an adapter it published (DESIGN.md,
+//! "Protocol"), versioned bincode 2, signed with the author's libp2p ed25519
+//! identity. A manifest is only believed after `verify`.
+
+use libp2p_identity::{Keypair, PeerId, PublicKey};
+use serde::{Deserialize, Serialize};
+
+use super::codec::{CHUNK_SIZE, Digest, Limits};
+
+pub const MANIFEST_VERSION: u16 = 1;
+/// Upper bound on an encoded signed manifest: 2,048 chunk ids (512 MiB of
+/// adapter) plus keys and fields fit well inside.
+pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
+
+const BINCODE: bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Varint, bincode::config::Limit<MAX_MANIFEST_BYTES>> =
+    bincode::config::standard().with_limit::<MAX_MANIFEST_BYTES>();
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub version: u16,
+    /// blake3 of the canonical run config: which run this belongs to.
+    pub run_id: Digest,
+    pub round: u64,
+    /// The author's peer id, as bytes.
+    pub author: Vec<u8>,
+    /// The averaged adapter this one was trained from (none in round 0).
+    pub parent: Option<Digest>,
+    pub chunk_ids: Vec<Digest>,
+    /// blake3 of the whole canonical encoding.
+    pub adapter_hash: Digest,
+    pub adapter_len: u64,
+    /// Training examples and tokens behind this adapter (FedAvg weights).
+    pub examples: u64,
+    pub tokens: u64,
+    pub train_loss: f32,
+    pub eval_loss: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SignedManifest {
+    /// The bincode encoding of a `Manifest`: signed as it is, so the
+    /// signature never depends on re-encoding.
+    pub manifest: Vec<u8>,
+    /// The author's public key, libp2p protobuf encoding.
+    pub public_key: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ManifestError {
+    #[error("manifest of {0} bytes exceeds {MAX_MANIFEST_BYTES}")]
+    TooLarge(usize),
+    #[error("malformed manifest: {0}")]
+    Malformed(String),
+    #[error("manifest version {0} is not supported (this node speaks {MANIFEST_VERSION})")]
+    Version(u16),
+    #[error("the signature does not match the author's key")]
+    BadSignature,
+    #[error("the signing key belongs to {signer}, not to the stated author {author}")]
+    WrongAuthor { signer: String, author: String },
+    #[error("inconsistent manifest: {0}")]
+    Inconsistent(String),
+    #[error("cannot sign: {0}")]
+    Signing(String),
+}
+
+impl SignedManifest {
+    pub fn sign(manifest: &Manifest, keypair: &Keypair) -> Result<Self, ManifestError> {
+        let bytes = bincode::serde::encode_to_vec(manifest, BINCODE).map_err(|e| ManifestError::Signing(e.to_string()))?;
+        let signature = keypair.sign(&bytes).map_err(|e| ManifestError::Signing(e.to_string()))?;
+        Ok(Self {
+            manifest: bytes,
+            public_key: keypair.public().encode_protobuf(),
+            signature,
+        })
+    }
+
+    pub fn to_bytes(&self) -> Result<Vec<u8>, ManifestError> {
+        bincode::serde::encode_to_vec(self, BINCODE).map_err(|e| ManifestError::Malformed(e.to_string()))
+    }
+
+    /// Decodes at most `MAX_MANIFEST_BYTES`; allocation is bounded by bincode's limit.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, ManifestError> {
+        if bytes.len() > MAX_MANIFEST_BYTES {
+            return Err(ManifestError::TooLarge(bytes.len()));
+        }
+        let (signed, read): (SignedManifest, usize) =
+            bincode::serde::decode_from_slice(bytes, BINCODE).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        if read != bytes.len() {
+            return Err(ManifestError::Malformed(format!("{} trailing bytes", bytes.len() - read)));
+        }
+        Ok(signed)
+    }
+
+    /// Checks the signature, that the key is the author's, and that the
+    /// fields agree with each other and with `limits`; returns the manifest
+    /// and its author.
+    pub fn verify(&self, limits: &Limits) -> Result<(Manifest, PeerId), ManifestError> {
+        let key = PublicKey::try_decode_protobuf(&self.public_key).map_err(|e| ManifestError::Malformed(format!("public key: {e}")))?;
+        if !key.verify(&self.manifest, &self.signature) {
+            return Err(ManifestError::BadSignature);
+        }
+        let (manifest, read): (Manifest, usize) =
+            bincode::serde::decode_from_slice(&self.manifest, BINCODE).map_err(|e| ManifestError::Malformed(e.to_string()))?;
+        if read != self.manifest.len() {
+            return Err(ManifestError::Malformed("trailing bytes in the manifest".into()));
+        }
+        if manifest.version != MANIFEST_VERSION {
+            return Err(ManifestError::Version(manifest.version));
+        }
+        let signer = key.to_peer_id();
+        let author = PeerId::from_bytes(&manifest.author).map_err(|e| ManifestError::Malformed(format!("author: {e}")))?;
+        if signer != author {
+            return Err(ManifestError::WrongAuthor {
+                signer: signer.to_string(),
+                author: author.to_string(),
+            });
+        }
+        let len = usize::try_from(manifest.adapter_len).unwrap_or(usize::MAX);
+        if len == 0 || len > limits.max_adapter_bytes {
+            return Err(ManifestError::Inconsistent(format!("adapter length {len} outside 1..={}", limits.max_adapter_bytes)));
+        }
+        if manifest.chunk_ids.len() != len.div_ceil(CHUNK_SIZE) {
+            return Err(ManifestError::Inconsistent(format!(
+                "{} chunk ids for {len} bytes (expected {})",
+                manifest.chunk_ids.len(),
+                len.div_ceil(CHUNK_SIZE)
+            )));
+        }
+        if !manifest.train_loss.is_finite() || manifest.eval_loss.is_some_and(|l| !l.is_finite()) {
+            return Err(ManifestError::Inconsistent("a loss is NaN or infinite".into()));
+        }
+        Ok((manifest, author))
+    }
+}
