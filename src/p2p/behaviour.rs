@@ -1,0 +1,88 @@
+//! The libp2p behaviours one node runs, composed into one.
+
+use std::time::Duration;
+
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response};
+
+use super::chunk_protocol::{ChunkCodec, PROTOCOL};
+use super::codec::{CHUNK_SIZE, Digest};
+
+pub const IDENTIFY_PROTOCOL: &str = "/blossom/id/1";
+
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    pub limits: connection_limits::Behaviour,
+    pub identify: identify::Behaviour,
+    pub ping: ping::Behaviour,
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    pub autonat: autonat::Behaviour,
+    pub relay_client: relay::client::Behaviour,
+    pub relay_server: Toggle<relay::Behaviour>,
+    pub dcutr: dcutr::Behaviour,
+    pub gossipsub: gossipsub::Behaviour,
+    pub chunks: request_response::Behaviour<ChunkCodec>,
+}
+
+/// Gossipsub as DESIGN.md asks: message id = blake3 of the data (so
+/// duplicates collapse), a transmit size above the chunk size, and every
+/// message validated by the application before it is forwarded.
+pub fn gossipsub_config() -> Result<gossipsub::Config, String> {
+    gossipsub::ConfigBuilder::default()
+        .max_transmit_size(CHUNK_SIZE + 64 * 1024)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        .message_id_fn(|message: &gossipsub::Message| gossipsub::MessageId::from(Digest::of(&message.data).0.to_vec()))
+        .heartbeat_interval(Duration::from_millis(500))
+        .build()
+        .map_err(|e| format!("gossipsub config: {e}"))
+}
+
+/// Peers whose messages fail validation lose score fast, and are pruned and
+/// then ignored below the thresholds.
+pub fn topic_score_params() -> gossipsub::TopicScoreParams {
+    gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        invalid_message_deliveries_weight: -100.0,
+        invalid_message_deliveries_decay: 0.9,
+        ..Default::default()
+    }
+}
+
+pub fn build(key: &identity::Keypair, relay_client: relay::client::Behaviour, mdns_on: bool, relay_server: bool) -> Result<Behaviour, String> {
+    let peer_id = key.public().to_peer_id();
+    let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossipsub_config()?)
+        .map_err(|e| format!("gossipsub: {e}"))?;
+    gossipsub
+        .with_peer_score(gossipsub::PeerScoreParams::default(), gossipsub::PeerScoreThresholds::default())
+        .map_err(|e| format!("gossipsub peer score: {e}"))?;
+    let mdns = if mdns_on {
+        Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id).map_err(|e| format!("mdns: {e}"))?)
+    } else {
+        None
+    };
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(512))
+        .with_max_established_per_peer(Some(4))
+        .with_max_pending_incoming(Some(64));
+    let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
+    kad_config.set_query_timeout(Duration::from_secs(30));
+    Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
+        ping: ping::Behaviour::default(),
+        kad: kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config),
+        mdns: mdns.into(),
+        autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+        relay_client,
+        relay_server: relay_server.then(|| relay::Behaviour::new(peer_id, relay::Config::default())).into(),
+        dcutr: dcutr::Behaviour::new(peer_id),
+        gossipsub,
+        chunks: request_response::Behaviour::new(
+            [(PROTOCOL, request_response::ProtocolSupport::Full)],
+            request_response::Config::default().with_request_timeout(Duration::from_secs(20)),
+        ),
+    })
+}

@@ -1,0 +1,98 @@
+//! `/blossom/chunk/1`: request a chunk by id (its bytes or "not found"), or
+//! the newest manifest a peer holds for a run (how late joiners catch up).
+//! Length-prefixed bincode, bounded before anything is allocated.
+
+use std::io;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize};
+
+use super::codec::{CHUNK_SIZE, Digest};
+use super::manifest::MAX_MANIFEST_BYTES;
+
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/blossom/chunk/1");
+/// Requests are a digest and a tag; responses a chunk and a little framing.
+const MAX_REQUEST: usize = 64;
+const MAX_RESPONSE: usize = CHUNK_SIZE + MAX_MANIFEST_BYTES;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkRequest {
+    Chunk(Digest),
+    /// The newest signed manifest the peer holds for this run id.
+    Latest(Digest),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChunkResponse {
+    Chunk(Vec<u8>),
+    /// Encoded `SignedManifest` (verified by the receiver).
+    Manifest(Vec<u8>),
+    NotFound,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ChunkCodec;
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    let mut len = [0u8; 4];
+    io.read_exact(&mut len).await?;
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, format!("frame of {len} bytes exceeds {max}")));
+    }
+    let mut buf = vec![0u8; len];
+    io.read_exact(&mut buf).await?;
+    Ok(buf)
+}
+
+async fn write_frame<T: AsyncWrite + Unpin + Send>(io: &mut T, bytes: &[u8]) -> io::Result<()> {
+    let len = u32::try_from(bytes.len()).map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "frame too large"))?;
+    io.write_all(&len.to_be_bytes()).await?;
+    io.write_all(bytes).await?;
+    io.close().await
+}
+
+fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> io::Result<T> {
+    let config = bincode::config::standard().with_limit::<MAX_RESPONSE>();
+    let (value, read) = bincode::serde::decode_from_slice(bytes, config).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    if read != bytes.len() {
+        return Err(io::Error::new(io::ErrorKind::InvalidData, "trailing bytes"));
+    }
+    Ok(value)
+}
+
+fn encode<T: Serialize>(value: &T) -> io::Result<Vec<u8>> {
+    bincode::serde::encode_to_vec(value, bincode::config::standard()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))
+}
+
+impl libp2p::request_response::Codec for ChunkCodec {
+    type Protocol = StreamProtocol;
+    type Request = ChunkRequest;
+    type Response = ChunkResponse;
+
+    async fn read_request<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ChunkRequest> {
+        decode(&read_frame(io, MAX_REQUEST).await?)
+    }
+
+    async fn read_response<T: AsyncRead + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T) -> io::Result<ChunkResponse> {
+        let response: ChunkResponse = decode(&read_frame(io, MAX_RESPONSE).await?)?;
+        let too_large = match &response {
+            ChunkResponse::Chunk(bytes) => bytes.len() > CHUNK_SIZE,
+            ChunkResponse::Manifest(bytes) => bytes.len() > MAX_MANIFEST_BYTES,
+            ChunkResponse::NotFound => false,
+        };
+        if too_large {
+            return Err(io::Error::new(io::ErrorKind::InvalidData, "response larger than the protocol allows"));
+        }
+        Ok(response)
+    }
+
+    async fn write_request<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, request: ChunkRequest) -> io::Result<()> {
+        write_frame(io, &encode(&request)?).await
+    }
+
+    async fn write_response<T: AsyncWrite + Unpin + Send>(&mut self, _: &StreamProtocol, io: &mut T, response: ChunkResponse) -> io::Result<()> {
+        write_frame(io, &encode(&response)?).await
+    }
+}

@@ -1,0 +1,490 @@
+//! One task owns the libp2p `Swarm`; a cloneable `NetworkHandle` sends it
+//! commands, and events come back on a channel (as in rust-libp2p's
+//! file-sharing example). It gossips signed manifests and content-addressed
+//! chunks, validates every message before it is forwarded, keeps what it
+//! accepts in the store, fetches missing chunks by request-response from
+//! peers that announced them, and serves chunks and the newest manifest.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, identity, kad, mdns, noise, request_response, tcp, yamux};
+use tokio::sync::{mpsc, oneshot};
+
+use super::behaviour::{self, Behaviour, BehaviourEvent};
+use super::chunk_protocol::{ChunkRequest, ChunkResponse};
+use super::codec::{Digest, Limits, reassemble, split_chunks};
+use super::manifest::{Manifest, SignedManifest};
+use crate::store::Store;
+
+/// How long chunks may trickle in by gossip before missing ones are fetched.
+const FETCH_GRACE: Duration = Duration::from_millis(1500);
+/// Chunk requests in flight at once.
+const MAX_IN_FLIGHT: usize = 16;
+
+#[derive(Debug, Clone)]
+pub struct NetworkOptions {
+    pub listen: Vec<Multiaddr>,
+    pub bootstrap: Vec<Multiaddr>,
+    pub mdns: bool,
+    /// Run a circuit-relay server (the `relay` command).
+    pub relay_server: bool,
+    pub store_dir: PathBuf,
+    pub store_quota: u64,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone)]
+pub enum NetworkEvent {
+    Listening(Multiaddr),
+    PeerConnected(PeerId),
+    /// A verified manifest for a subscribed run.
+    Manifest { manifest: Manifest, author: PeerId },
+    /// Every chunk of a manifest arrived, and the adapter matches its hash.
+    AdapterReady { manifest: Manifest, author: PeerId, bytes: Vec<u8> },
+    /// A message failed validation and was not forwarded.
+    Rejected { peer: PeerId, reason: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetworkError {
+    #[error("network setup: {0}")]
+    Setup(String),
+    #[error("the network task has stopped")]
+    Stopped,
+    #[error("{0}")]
+    Command(String),
+}
+
+enum Command {
+    Subscribe(Digest, oneshot::Sender<Result<(), String>>),
+    Publish(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), String>>),
+    Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
+    ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    /// Ask connected peers for the newest manifest of a run, and fetch it.
+    CatchUp(Digest, oneshot::Sender<Result<(), String>>),
+}
+
+/// Cloneable access to the network task.
+#[derive(Clone)]
+pub struct NetworkHandle {
+    commands: mpsc::Sender<Command>,
+    pub peer_id: PeerId,
+}
+
+impl NetworkHandle {
+    async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetworkError> {
+        let (tx, rx) = oneshot::channel();
+        self.commands.send(make(tx)).await.map_err(|_| NetworkError::Stopped)?;
+        rx.await.map_err(|_| NetworkError::Stopped)
+    }
+
+    /// Joins the run's manifest and chunk topics.
+    pub async fn subscribe(&self, run_id: Digest) -> Result<(), NetworkError> {
+        self.call(|tx| Command::Subscribe(run_id, tx)).await?.map_err(NetworkError::Command)
+    }
+
+    /// Stores and gossips a signed manifest and its adapter's chunks.
+    pub async fn publish(&self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
+        self.call(|tx| Command::Publish(Box::new((signed, manifest, adapter)), tx)).await?.map_err(NetworkError::Command)
+    }
+
+    pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
+        self.call(|tx| Command::Dial(addr, tx)).await?.map_err(NetworkError::Command)
+    }
+
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetworkError> {
+        self.call(Command::ListenAddrs).await
+    }
+
+    pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
+        self.call(Command::ConnectedPeers).await
+    }
+
+    pub async fn catch_up(&self, run_id: Digest) -> Result<(), NetworkError> {
+        self.call(|tx| Command::CatchUp(run_id, tx)).await?.map_err(NetworkError::Command)
+    }
+}
+
+fn topics(run_id: &Digest) -> (gossipsub::IdentTopic, gossipsub::IdentTopic) {
+    let hex = run_id.to_hex();
+    (
+        gossipsub::IdentTopic::new(format!("blossom/{hex}/manifests")),
+        gossipsub::IdentTopic::new(format!("blossom/{hex}/chunks")),
+    )
+}
+
+/// An adapter we know the manifest of and are assembling.
+struct Pending {
+    manifest: Manifest,
+    author: PeerId,
+    /// Peers that can serve its chunks: the author and whoever forwarded it.
+    sources: Vec<PeerId>,
+    since: Instant,
+}
+
+struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    store: Store,
+    limits: Limits,
+    commands: mpsc::Receiver<Command>,
+    events: mpsc::Sender<NetworkEvent>,
+    /// Subscribed runs, by the hash of their manifest and chunk topics.
+    manifest_topics: HashMap<gossipsub::TopicHash, Digest>,
+    chunk_topics: HashSet<gossipsub::TopicHash>,
+    pending: HashMap<Digest, Pending>,
+    /// Newest verified manifest of each run, for late joiners.
+    latest: HashMap<Digest, (u64, SignedManifest)>,
+    /// Chunk id → peers still to ask, for retries.
+    wanted: HashMap<Digest, VecDeque<PeerId>>,
+    in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
+}
+
+/// Builds the swarm (TCP and QUIC, noise, yamux, relay client) and starts
+/// its task on the current tokio runtime.
+pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(NetworkHandle, mpsc::Receiver<NetworkEvent>), NetworkError> {
+    let setup = |e: &dyn std::fmt::Display| NetworkError::Setup(e.to_string());
+    let store = Store::open(&options.store_dir, options.store_quota).map_err(|e| setup(&e))?;
+    let (mdns_on, relay_server) = (options.mdns, options.relay_server);
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_quic()
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server).map_err(Into::into))
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
+    if relay_server {
+        swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
+    }
+    for addr in &options.listen {
+        swarm.listen_on(addr.clone()).map_err(|e| setup(&format!("listen on {addr}: {e}")))?;
+    }
+    for addr in &options.bootstrap {
+        swarm.dial(addr.clone()).map_err(|e| setup(&format!("dial {addr}: {e}")))?;
+    }
+    let peer_id = *swarm.local_peer_id();
+    let (command_tx, command_rx) = mpsc::channel(64);
+    let (event_tx, event_rx) = mpsc::channel(256);
+    let event_loop = EventLoop {
+        swarm,
+        store,
+        limits: options.limits,
+        commands: command_rx,
+        events: event_tx,
+        manifest_topics: HashMap::new(),
+        chunk_topics: HashSet::new(),
+        pending: HashMap::new(),
+        latest: HashMap::new(),
+        wanted: HashMap::new(),
+        in_flight: HashMap::new(),
+    };
+    tokio::spawn(event_loop.run());
+    Ok((NetworkHandle { commands: command_tx, peer_id }, event_rx))
+}
+
+impl EventLoop {
+    async fn run(mut self) {
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event).await,
+                command = self.commands.recv() => match command {
+                    Some(command) => self.on_command(command).await,
+                    // Every handle is gone: shut down.
+                    None => return,
+                },
+                _ = tick.tick() => self.fetch_missing(),
+            }
+        }
+    }
+
+    async fn emit(&mut self, event: NetworkEvent) {
+        // A receiver that went away only means nobody listens any more.
+        let _ = self.events.send(event).await;
+    }
+
+    async fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Subscribe(run_id, reply) => {
+                let (manifests, chunks) = topics(&run_id);
+                let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+                let result = gossip
+                    .subscribe(&manifests)
+                    .and_then(|_| gossip.subscribe(&chunks))
+                    .map(|_| ())
+                    .map_err(|e| format!("subscribe: {e}"));
+                for topic in [&manifests, &chunks] {
+                    let _ = gossip.set_topic_params(topic.clone(), behaviour::topic_score_params());
+                }
+                self.manifest_topics.insert(manifests.hash(), run_id);
+                self.chunk_topics.insert(chunks.hash());
+                let _ = reply.send(result);
+            }
+            Command::Publish(publication, reply) => {
+                let (signed, manifest, adapter) = *publication;
+                let _ = reply.send(self.publish(signed, manifest, adapter));
+            }
+            Command::Dial(addr, reply) => {
+                let _ = reply.send(self.swarm.dial(addr.clone()).map_err(|e| format!("dial {addr}: {e}")));
+            }
+            Command::ListenAddrs(reply) => {
+                let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::ConnectedPeers(reply) => {
+                let _ = reply.send(self.swarm.connected_peers().copied().collect());
+            }
+            Command::CatchUp(run_id, reply) => {
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                if peers.is_empty() {
+                    let _ = reply.send(Err("no connected peer to catch up from".into()));
+                    return;
+                }
+                for peer in peers {
+                    self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Latest(run_id));
+                }
+                let _ = reply.send(Ok(()));
+            }
+        }
+    }
+
+    fn publish(&mut self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), String> {
+        let (manifest_topic, chunk_topic) = topics(&manifest.run_id);
+        let chunks = split_chunks(&adapter);
+        for (id, chunk) in &chunks {
+            self.store.put_chunk(id, chunk).map_err(|e| e.to_string())?;
+        }
+        self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
+        self.remember_latest(&manifest, &signed);
+        let bytes = signed.to_bytes().map_err(|e| e.to_string())?;
+        let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+        let ignore_duplicate = |r: Result<gossipsub::MessageId, gossipsub::PublishError>| match r {
+            Ok(_) | Err(gossipsub::PublishError::Duplicate) => Ok(()),
+            Err(e) => Err(format!("publish: {e}")),
+        };
+        ignore_duplicate(gossip.publish(manifest_topic, bytes))?;
+        for (_, chunk) in chunks {
+            ignore_duplicate(gossip.publish(chunk_topic.clone(), chunk.to_vec()))?;
+        }
+        Ok(())
+    }
+
+    fn remember_latest(&mut self, manifest: &Manifest, signed: &SignedManifest) {
+        let newer = self.latest.get(&manifest.run_id).is_none_or(|(round, _)| manifest.round >= *round);
+        if newer {
+            self.latest.insert(manifest.run_id, (manifest.round, signed.clone()));
+        }
+    }
+
+    async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => self.emit(NetworkEvent::Listening(address)).await,
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+                self.swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
+                if num_established.get() == 1 {
+                    self.emit(NetworkEvent::PeerConnected(peer_id)).await;
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                    let _ = self.swarm.dial(addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            })) => self.on_gossip(propagation_source, message_id, message).await,
+            SwarmEvent::Behaviour(BehaviourEvent::Chunks(event)) => self.on_chunk_event(event).await,
+            _ => {}
+        }
+    }
+
+    async fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+        let verdict = if let Some(run_id) = self.manifest_topics.get(&message.topic).copied() {
+            self.accept_manifest(&message.data, run_id, Some(source)).await
+        } else if self.chunk_topics.contains(&message.topic) {
+            self.accept_chunk(&message.data).await
+        } else {
+            Err("message on a topic this node did not join".to_owned())
+        };
+        let acceptance = match &verdict {
+            Ok(()) => gossipsub::MessageAcceptance::Accept,
+            Err(_) => gossipsub::MessageAcceptance::Reject,
+        };
+        self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&id, &source, acceptance);
+        if let Err(reason) = verdict {
+            tracing::warn!(peer = %source, %reason, "rejected a gossip message");
+            self.emit(NetworkEvent::Rejected { peer: source, reason }).await;
+        }
+    }
+
+    /// Verifies a signed manifest for `run_id`, keeps it, and starts
+    /// assembling its adapter.
+    async fn accept_manifest(&mut self, bytes: &[u8], run_id: Digest, source: Option<PeerId>) -> Result<(), String> {
+        let signed = SignedManifest::from_bytes(bytes).map_err(|e| e.to_string())?;
+        let (manifest, author) = signed.verify(&self.limits).map_err(|e| e.to_string())?;
+        if manifest.run_id != run_id {
+            return Err(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id));
+        }
+        self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
+        self.remember_latest(&manifest, &signed);
+        let mut sources = vec![author];
+        sources.extend(source.filter(|s| *s != author));
+        self.pending.entry(manifest.adapter_hash).or_insert(Pending {
+            manifest: manifest.clone(),
+            author,
+            sources,
+            since: Instant::now(),
+        });
+        self.emit(NetworkEvent::Manifest { manifest: manifest.clone(), author }).await;
+        self.complete(manifest.adapter_hash).await;
+        Ok(())
+    }
+
+    async fn accept_chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
+        let id = Digest::of(bytes);
+        self.store.put_chunk(&id, bytes).map_err(|e| e.to_string())?;
+        let waiting: Vec<Digest> = self.pending.iter().filter(|(_, p)| p.manifest.chunk_ids.contains(&id)).map(|(h, _)| *h).collect();
+        for hash in waiting {
+            self.complete(hash).await;
+        }
+        Ok(())
+    }
+
+    /// Emits `AdapterReady` once every chunk of a pending adapter is stored.
+    async fn complete(&mut self, hash: Digest) {
+        let Some(pending) = self.pending.get(&hash) else { return };
+        if !pending.manifest.chunk_ids.iter().all(|id| self.store.has_chunk(id)) {
+            return;
+        }
+        let Some(pending) = self.pending.remove(&hash) else { return };
+        let mut chunks = Vec::with_capacity(pending.manifest.chunk_ids.len());
+        for id in &pending.manifest.chunk_ids {
+            match self.store.get_chunk(id) {
+                Ok(Some(chunk)) => chunks.push(chunk),
+                // Vanished or corrupt: wait for it again.
+                _ => {
+                    self.pending.insert(hash, pending);
+                    return;
+                }
+            }
+        }
+        let parts: Vec<&[u8]> = chunks.iter().map(Vec::as_slice).collect();
+        match reassemble(&pending.manifest.chunk_ids, &parts, &pending.manifest.adapter_hash, &self.limits) {
+            Ok(bytes) => {
+                self.emit(NetworkEvent::AdapterReady {
+                    manifest: pending.manifest,
+                    author: pending.author,
+                    bytes,
+                })
+                .await
+            }
+            Err(e) => tracing::warn!(adapter = ?hash, error = %e, "an adapter failed to reassemble"),
+        }
+    }
+
+    /// Asks peers for chunks of adapters whose grace period passed.
+    fn fetch_missing(&mut self) {
+        let now = Instant::now();
+        for pending in self.pending.values() {
+            if now.duration_since(pending.since) < FETCH_GRACE {
+                continue;
+            }
+            for id in &pending.manifest.chunk_ids {
+                if !self.store.has_chunk(id) && !self.wanted.contains_key(id) && !self.in_flight.values().any(|(c, _)| c == id) {
+                    self.wanted.insert(*id, pending.sources.iter().copied().collect());
+                }
+            }
+        }
+        let ready: Vec<Digest> = self.wanted.keys().copied().collect();
+        for id in ready {
+            if self.in_flight.len() >= MAX_IN_FLIGHT {
+                break;
+            }
+            if self.in_flight.values().any(|(c, _)| *c == id) {
+                continue;
+            }
+            let Some(peer) = self.wanted.get_mut(&id).and_then(VecDeque::pop_front) else {
+                // Every source was tried; wait for new announcements.
+                self.wanted.remove(&id);
+                continue;
+            };
+            let request = self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Chunk(id));
+            self.in_flight.insert(request, (id, peer));
+        }
+    }
+
+    async fn on_chunk_event(&mut self, event: request_response::Event<ChunkRequest, ChunkResponse>) {
+        match event {
+            request_response::Event::Message {
+                message: request_response::Message::Request { request, channel, .. },
+                ..
+            } => {
+                let response = match request {
+                    ChunkRequest::Chunk(id) => match self.store.get_chunk(&id) {
+                        Ok(Some(bytes)) => ChunkResponse::Chunk(bytes),
+                        _ => ChunkResponse::NotFound,
+                    },
+                    ChunkRequest::Latest(run_id) => match self.latest.get(&run_id).map(|(_, s)| s.to_bytes()) {
+                        Some(Ok(bytes)) => ChunkResponse::Manifest(bytes),
+                        _ => ChunkResponse::NotFound,
+                    },
+                };
+                let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);
+            }
+            request_response::Event::Message {
+                peer,
+                message: request_response::Message::Response { request_id, response },
+                ..
+            } => {
+                let asked = self.in_flight.remove(&request_id);
+                match (response, asked) {
+                    (ChunkResponse::Chunk(bytes), Some((id, _))) if Digest::of(&bytes) == id => {
+                        self.wanted.remove(&id);
+                        if let Err(reason) = self.accept_chunk(&bytes).await {
+                            tracing::warn!(%peer, %reason, "could not keep a fetched chunk");
+                        }
+                    }
+                    (ChunkResponse::Chunk(_), Some((id, _))) => {
+                        let reason = format!("sent bytes that are not chunk {id:?}");
+                        self.emit(NetworkEvent::Rejected { peer, reason }).await;
+                    }
+                    (ChunkResponse::Manifest(bytes), _) => {
+                        let run = SignedManifest::from_bytes(&bytes)
+                            .ok()
+                            .and_then(|s| s.verify(&self.limits).ok())
+                            .map(|(m, _)| m.run_id);
+                        let result = match run {
+                            Some(run_id) if self.manifest_topics.values().any(|r| *r == run_id) => self.accept_manifest(&bytes, run_id, Some(peer)).await,
+                            _ => Err("an invalid manifest, or one for a run this node did not join".to_owned()),
+                        };
+                        if let Err(reason) = result {
+                            self.emit(NetworkEvent::Rejected { peer, reason }).await;
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
+                if self.in_flight.remove(&request_id).is_some() {
+                    tracing::debug!(%peer, %error, "chunk request failed; trying another peer");
+                }
+            }
+            _ => {}
+        }
+    }
+}
