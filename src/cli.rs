@@ -127,6 +127,9 @@ pub struct NetworkArgs {
     /// Pre-shared key file of a private network.
     #[arg(long, value_name = "FILE")]
     pub psk: Option<PathBuf>,
+    /// An address others can reach this node at (repeatable), e.g. a public IP or port forward.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub external_address: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -145,6 +148,18 @@ pub struct StartArgs {
     /// Static partitioning: the number of partitions.
     #[arg(long, value_name = "N", requires = "partition_id", value_parser = clap::value_parser!(u32).range(1..))]
     pub num_partitions: Option<u32>,
+    /// The run to join, as 64 hex digits (default: derived from the configuration).
+    #[arg(long, value_name = "HEX")]
+    pub run_id: Option<String>,
+    /// Publish this adapter (safetensors, e.g. adapters.safetensors) once peers are there.
+    #[arg(long, value_name = "FILE")]
+    pub publish: Option<PathBuf>,
+    /// Write every adapter received and verified into this folder, as <hash>.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub receive_dir: Option<PathBuf>,
+    /// Ask connected peers for the newest adapter of the run on start (late joiners).
+    #[arg(long)]
+    pub catch_up: bool,
 }
 
 #[derive(Debug, Args)]
@@ -440,6 +455,8 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Bench(BenchCommand::Generate(args)) => crate::commands::bench::bench_generate(&config, args),
         Command::Bench(BenchCommand::Train(args)) => crate::commands::bench::bench_train(&config, args),
         Command::Train(args) => crate::commands::train::run(&config, args),
+        Command::Start(args) => crate::commands::node::start(&config, args),
+        Command::Relay(args) => crate::commands::node::relay(&config, args),
         Command::Eval(args) => crate::commands::eval::run(&config, args),
         other => {
             eprintln!(

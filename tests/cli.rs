@@ -90,8 +90,6 @@ fn doctor_detects_the_slow_reference_blas() {
 #[test]
 fn unimplemented_subcommands_exit_2_with_a_message() {
     for args in [
-        vec!["start", "--bootstrap", "/ip4/127.0.0.1/tcp/4001"],
-        vec!["relay"],
         vec!["simulate", "--nodes", "4", "--rounds", "2"],
         vec!["status"],
     ] {

@@ -19,6 +19,7 @@ fn node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>) -> (Keyp
     let options = NetworkOptions {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
+        external: vec![],
         mdns: false,
         relay_server: false,
         store_dir: dir.path().join(name),

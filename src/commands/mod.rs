@@ -5,6 +5,7 @@ pub mod bench;
 pub mod eval;
 pub mod export;
 pub mod generate;
+pub mod node;
 pub mod train;
 
 use std::process::ExitCode;

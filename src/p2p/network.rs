@@ -29,6 +29,8 @@ const MAX_IN_FLIGHT: usize = 16;
 pub struct NetworkOptions {
     pub listen: Vec<Multiaddr>,
     pub bootstrap: Vec<Multiaddr>,
+    /// Addresses others can reach this node at.
+    pub external: Vec<Multiaddr>,
     pub mdns: bool,
     /// Run a circuit-relay server (the `relay` command).
     pub relay_server: bool,
@@ -166,6 +168,9 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     }
     for addr in &options.listen {
         swarm.listen_on(addr.clone()).map_err(|e| setup(&format!("listen on {addr}: {e}")))?;
+    }
+    for addr in &options.external {
+        swarm.add_external_address(addr.clone());
     }
     for addr in &options.bootstrap {
         swarm.dial(addr.clone()).map_err(|e| setup(&format!("dial {addr}: {e}")))?;

@@ -1,0 +1,249 @@
+//! `blossom-p2p start` and `relay`: run a libp2p node until Ctrl-C.
+//!
+//! Until the round engine exists, `start` joins the run's topics, takes part
+//! in gossip, serves chunks, can publish an adapter file, keeps received
+//! adapters, and logs what it sees. `relay` is the same swarm with a
+//! circuit-relay server and Kademlia in server mode, training nothing.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use libp2p::Multiaddr;
+use libp2p_identity::Keypair;
+
+use crate::cli::{NetworkArgs, RelayArgs, StartArgs};
+use crate::config::Config;
+use crate::p2p::codec::{Digest, Limits, decode_adapter, encode_adapter, split_chunks};
+use crate::p2p::manifest::{MANIFEST_VERSION, Manifest, SignedManifest};
+use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
+
+/// Disk the content store may use by default.
+const STORE_QUOTA: u64 = 4 * 1024 * 1024 * 1024;
+const IDENTITY_FILE: &str = "identity.key";
+
+#[derive(Debug, thiserror::Error)]
+enum NodeError {
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+fn exit(err: NodeError) -> ExitCode {
+    eprintln!("error: {err}");
+    match err {
+        NodeError::Input(_) => ExitCode::from(2),
+        NodeError::Run(_) => ExitCode::FAILURE,
+    }
+}
+
+/// The node's ed25519 identity, created on first start (mode 0600).
+pub fn load_or_create_identity(data_dir: &Path) -> Result<Keypair, String> {
+    let path = data_dir.join(IDENTITY_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
+            .map_err(|e| format!("identity file {} is not a libp2p key ({e}); move it away to create a new identity", path.display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+            let keypair = Keypair::generate_ed25519();
+            let bytes = keypair.to_protobuf_encoding().map_err(|e| e.to_string())?;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+            std::io::Write::write_all(&mut file, &bytes).map_err(|e| format!("{}: {e}", path.display()))?;
+            tracing::info!(path = %path.display(), "created a new node identity");
+            Ok(keypair)
+        }
+        Err(e) => Err(format!("{}: {e}", path.display())),
+    }
+}
+
+fn multiaddrs(values: &[String], what: &str) -> Result<Vec<Multiaddr>, NodeError> {
+    values
+        .iter()
+        .map(|v| v.parse().map_err(|e| NodeError::Input(format!("{what} `{v}` is not a multiaddr ({e}), e.g. /ip4/1.2.3.4/tcp/4001"))))
+        .collect()
+}
+
+/// The run id: given, or blake3 of the run-defining parts of the
+/// configuration (the round engine will add the model hash and the data
+/// fingerprint, DESIGN.md "Protocol").
+fn run_id(config: &Config, given: Option<&str>) -> Result<Digest, NodeError> {
+    if let Some(hex) = given {
+        return Digest::from_hex(hex).ok_or_else(|| NodeError::Input(format!("--run-id `{hex}` must be 64 hex digits")));
+    }
+    let canonical = serde_json::to_vec(&(&config.model, &config.lora, &config.train, &config.data, &config.federation))
+        .map_err(|e| NodeError::Run(e.to_string()))?;
+    Ok(Digest::of(&canonical))
+}
+
+fn options(config: &Config, network: &NetworkArgs, bootstrap: &[String], relay_server: bool) -> Result<NetworkOptions, NodeError> {
+    if config.network.psk_file.is_some() {
+        return Err(NodeError::Input("private networks (--psk) are not supported yet; run without --psk".into()));
+    }
+    Ok(NetworkOptions {
+        listen: multiaddrs(&config.network.listen, "listen address")?,
+        bootstrap: multiaddrs(bootstrap, "bootstrap address")?,
+        external: multiaddrs(&network.external_address, "external address")?,
+        mdns: config.network.mdns,
+        relay_server,
+        store_dir: config.network.data_dir.join("store"),
+        store_quota: STORE_QUOTA,
+        limits: Limits::default(),
+    })
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, NodeError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| NodeError::Run(format!("cannot start the async runtime: {e}")))
+}
+
+pub fn start(config: &Config, args: &StartArgs) -> ExitCode {
+    match runtime().and_then(|rt| rt.block_on(run_start(config, args))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => exit(err),
+    }
+}
+
+pub fn relay(config: &Config, args: &RelayArgs) -> ExitCode {
+    match runtime().and_then(|rt| rt.block_on(run_relay(config, args))) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => exit(err),
+    }
+}
+
+/// A signed manifest and the canonical bytes of an adapter file.
+fn prepare_publication(path: &Path, run_id: Digest, keypair: &Keypair) -> Result<(SignedManifest, Manifest, Vec<u8>), NodeError> {
+    let raw = std::fs::read(path).map_err(|e| NodeError::Input(format!("{}: {e}", path.display())))?;
+    let tensors = decode_adapter(&raw, &Limits::default()).map_err(|e| NodeError::Input(format!("{}: {e}", path.display())))?;
+    let bytes = encode_adapter(&tensors).map_err(|e| NodeError::Input(format!("{}: {e}", path.display())))?;
+    let manifest = Manifest {
+        version: MANIFEST_VERSION,
+        run_id,
+        round: 0,
+        author: keypair.public().to_peer_id().to_bytes(),
+        parent: None,
+        chunk_ids: split_chunks(&bytes).into_iter().map(|(id, _)| id).collect(),
+        adapter_hash: Digest::of(&bytes),
+        adapter_len: bytes.len() as u64,
+        examples: 0,
+        tokens: 0,
+        train_loss: 0.0,
+        eval_loss: None,
+    };
+    let signed = SignedManifest::sign(&manifest, keypair).map_err(|e| NodeError::Run(e.to_string()))?;
+    Ok((signed, manifest, bytes))
+}
+
+/// Publishing needs peers in the gossip mesh: retry for up to two minutes.
+async fn publish_when_meshed(handle: NetworkHandle, signed: SignedManifest, manifest: Manifest, bytes: Vec<u8>) {
+    for _ in 0..240 {
+        match handle.publish(signed.clone(), manifest.clone(), bytes.clone()).await {
+            Ok(()) => {
+                println!("published adapter {} ({} bytes, {} chunks)", manifest.adapter_hash, bytes.len(), manifest.chunk_ids.len());
+                return;
+            }
+            Err(e) => tracing::debug!(error = %e, "not published yet"),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    tracing::error!("gave up publishing after two minutes: no peer joined the run's topics");
+}
+
+fn save_adapter(dir: &Path, hash: &Digest, bytes: &[u8]) -> Result<PathBuf, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let path = dir.join(format!("{hash}.safetensors"));
+    let temp = dir.join(format!(".{hash}.tmp"));
+    std::fs::write(&temp, bytes).map_err(|e| format!("{}: {e}", temp.display()))?;
+    std::fs::rename(&temp, &path).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok(path)
+}
+
+async fn run_start(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
+    let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
+    let run_id = run_id(config, args.run_id.as_deref())?;
+    let publication = match &args.publish {
+        Some(path) => Some(prepare_publication(path, run_id, &keypair)?),
+        None => None,
+    };
+    let options = options(config, &args.network, &config.network.bootstrap, false)?;
+    let (handle, mut events) = spawn(keypair, options).map_err(|e| NodeError::Run(e.to_string()))?;
+    handle.subscribe(run_id).await.map_err(|e| NodeError::Run(e.to_string()))?;
+    println!("peer id: {}", handle.peer_id);
+    println!("run id: {run_id}");
+    if let Some((signed, manifest, bytes)) = publication {
+        tokio::spawn(publish_when_meshed(handle.clone(), signed, manifest, bytes));
+    }
+    // Until an adapter arrives, every new peer is asked for the newest one.
+    let mut caught_up = !args.catch_up;
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = tokio::signal::ctrl_c() => {
+                println!("stopping");
+                return Ok(());
+            }
+        };
+        let Some(event) = event else { return Err(NodeError::Run("the network task stopped".into())) };
+        match event {
+            NetworkEvent::Listening(addr) => println!("listening on {addr}/p2p/{}", handle.peer_id),
+            NetworkEvent::PeerConnected(peer) => {
+                tracing::info!(%peer, "connected");
+                if !caught_up {
+                    let handle = handle.clone();
+                    tokio::spawn(async move {
+                        // Let the peer's identify and subscriptions settle first.
+                        tokio::time::sleep(Duration::from_secs(1)).await;
+                        if let Err(e) = handle.catch_up(run_id).await {
+                            tracing::warn!(error = %e, "catch-up failed");
+                        }
+                    });
+                }
+            }
+            NetworkEvent::Manifest { manifest, author } => {
+                tracing::info!(%author, round = manifest.round, adapter = %manifest.adapter_hash, "manifest")
+            }
+            NetworkEvent::AdapterReady { manifest, author, bytes } => {
+                caught_up = true;
+                println!("received adapter {} from {author} ({} bytes, hash verified)", manifest.adapter_hash, bytes.len());
+                if let Some(dir) = &args.receive_dir {
+                    match save_adapter(dir, &manifest.adapter_hash, &bytes) {
+                        Ok(path) => println!("saved {}", path.display()),
+                        Err(e) => tracing::error!(error = %e, "cannot save the adapter"),
+                    }
+                }
+            }
+            NetworkEvent::Rejected { peer, reason } => tracing::warn!(%peer, %reason, "rejected"),
+        }
+    }
+}
+
+async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
+    if args.seed_adapters {
+        return Err(NodeError::Input("--seed-adapters is not supported yet; run the relay without it".into()));
+    }
+    let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
+    let options = options(config, &args.network, &config.network.bootstrap, true)?;
+    let (handle, mut events) = spawn(keypair, options).map_err(|e| NodeError::Run(e.to_string()))?;
+    println!("relay peer id: {}", handle.peer_id);
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = tokio::signal::ctrl_c() => {
+                println!("stopping");
+                return Ok(());
+            }
+        };
+        match event {
+            Some(NetworkEvent::Listening(addr)) => println!("listening on {addr}/p2p/{}", handle.peer_id),
+            Some(NetworkEvent::PeerConnected(peer)) => tracing::info!(%peer, "connected"),
+            Some(other) => tracing::debug!(?other, "event"),
+            None => return Err(NodeError::Run("the network task stopped".into())),
+        }
+    }
+}
