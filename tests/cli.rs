@@ -158,3 +158,21 @@ fn setup_script_pins_the_same_model_hash() {
         "scripts/setup.sh and src/default_model.rs disagree on the model hash"
     );
 }
+
+#[test]
+fn bad_pre_shared_keys_and_addresses_are_clear_errors() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().join("node");
+    let data = data.to_str().expect("utf-8");
+    let output = blossom(&["start", "--data-dir", data, "--psk", "/nonexistent/swarm.key"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("pre-shared key /nonexistent/swarm.key"), "{}", stderr(&output));
+    let key = dir.path().join("swarm.key");
+    std::fs::write(&key, "/key/swarm/psk/1.0.0/\n/base16/\nnot-hex\n").expect("write");
+    let output = blossom(&["start", "--data-dir", data, "--psk", key.to_str().expect("utf-8")]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("64 hex digits"), "{}", stderr(&output));
+    let output = blossom(&["start", "--data-dir", data, "--external-address", "1.2.3.4:4001"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(stderr(&output).contains("external address `1.2.3.4:4001` is not a multiaddr"), "{}", stderr(&output));
+}

@@ -9,12 +9,17 @@ use blossom_p2p::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_a
 use blossom_p2p::p2p::manifest::{MANIFEST_VERSION, Manifest, SignedManifest};
 use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
 use libp2p::Multiaddr;
+use libp2p::pnet::PreSharedKey;
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
 
 const WAIT: Duration = Duration::from_secs(30);
 
 fn node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>) -> (Keypair, NetworkHandle, Receiver<NetworkEvent>) {
+    private_node(dir, name, bootstrap, None)
+}
+
+fn private_node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>, psk: Option<PreSharedKey>) -> (Keypair, NetworkHandle, Receiver<NetworkEvent>) {
     let keypair = Keypair::generate_ed25519();
     let options = NetworkOptions {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
@@ -25,6 +30,7 @@ fn node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>) -> (Keyp
         store_dir: dir.path().join(name),
         store_quota: 1 << 30,
         limits: Limits::default(),
+        psk,
     };
     let (handle, events) = spawn(keypair.clone(), options).expect("network starts");
     (keypair, handle, events)
@@ -144,4 +150,35 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     })
     .await;
     assert!(reason.contains("not to the stated author"), "{reason}");
+}
+
+/// Whether `events` reports a connection within `wait`.
+async fn connects(events: &mut Receiver<NetworkEvent>, wait: Duration) -> bool {
+    tokio::time::timeout(wait, async {
+        loop {
+            match events.recv().await {
+                Some(NetworkEvent::PeerConnected(_)) => return true,
+                Some(_) => {}
+                None => return false,
+            }
+        }
+    })
+    .await
+    .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pre_shared_key_keeps_outsiders_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = PreSharedKey::new([7u8; 32]);
+    let (_, _a, mut a_events) = private_node(&dir, "a", vec![], Some(key));
+    let a_addr = listen_addr(&mut a_events).await;
+    // The same key connects.
+    let (_, _b, mut b_events) = private_node(&dir, "b", vec![a_addr.clone()], Some(key));
+    assert!(connects(&mut b_events, WAIT).await, "a node with the key could not connect");
+    // No key, or another key, does not.
+    let (_, _c, mut c_events) = node(&dir, "c", vec![a_addr.clone()]);
+    assert!(!connects(&mut c_events, Duration::from_secs(4)).await, "a node without the key connected");
+    let (_, _d, mut d_events) = private_node(&dir, "d", vec![a_addr], Some(PreSharedKey::new([8u8; 32])));
+    assert!(!connects(&mut d_events, Duration::from_secs(4)).await, "a node with another key connected");
 }

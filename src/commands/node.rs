@@ -10,6 +10,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use libp2p::Multiaddr;
+use libp2p::pnet::PreSharedKey;
 use libp2p_identity::Keypair;
 
 use crate::cli::{NetworkArgs, RelayArgs, StartArgs};
@@ -81,11 +82,23 @@ fn run_id(config: &Config, given: Option<&str>) -> Result<Digest, NodeError> {
 }
 
 fn options(config: &Config, network: &NetworkArgs, bootstrap: &[String], relay_server: bool) -> Result<NetworkOptions, NodeError> {
-    if config.network.psk_file.is_some() {
-        return Err(NodeError::Input("private networks (--psk) are not supported yet; run without --psk".into()));
+    let psk = match &config.network.psk_file {
+        Some(path) => Some(read_psk(path)?),
+        None => None,
+    };
+    if psk.is_some() && config.network.listen.iter().any(|a| a.contains("/quic")) {
+        tracing::warn!("a pre-shared key is set: QUIC is off (pnet cannot wrap it); only the TCP listen addresses are used");
     }
+    let listen: Vec<String> = config
+        .network
+        .listen
+        .iter()
+        .filter(|a| psk.is_none() || !a.contains("/quic"))
+        .cloned()
+        .collect();
     Ok(NetworkOptions {
-        listen: multiaddrs(&config.network.listen, "listen address")?,
+        psk,
+        listen: multiaddrs(&listen, "listen address")?,
         bootstrap: multiaddrs(bootstrap, "bootstrap address")?,
         external: multiaddrs(&network.external_address, "external address")?,
         mdns: config.network.mdns,
@@ -93,6 +106,18 @@ fn options(config: &Config, network: &NetworkArgs, bootstrap: &[String], relay_s
         store_dir: config.network.data_dir.join("store"),
         store_quota: STORE_QUOTA,
         limits: Limits::default(),
+    })
+}
+
+/// A libp2p swarm key file (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex
+/// digits), as go-ipfs and rust-libp2p write them.
+fn read_psk(path: &Path) -> Result<PreSharedKey, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| NodeError::Input(format!("pre-shared key {}: {e}", path.display())))?;
+    text.parse().map_err(|e| {
+        NodeError::Input(format!(
+            "pre-shared key {}: {e}; expected the lines /key/swarm/psk/1.0.0/, /base16/ and 64 hex digits",
+            path.display()
+        ))
     })
 }
 

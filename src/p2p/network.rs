@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
+use libp2p::core::{Transport, upgrade};
+use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, identity, kad, mdns, noise, request_response, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
 
@@ -37,6 +39,9 @@ pub struct NetworkOptions {
     pub store_dir: PathBuf,
     pub store_quota: u64,
     pub limits: Limits,
+    /// A private network: TCP connections are wrapped in libp2p pnet with
+    /// this key, and QUIC is off (its TLS handshake cannot be wrapped).
+    pub psk: Option<PreSharedKey>,
 }
 
 #[derive(Debug, Clone)]
@@ -152,17 +157,36 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     let setup = |e: &dyn std::fmt::Display| NetworkError::Setup(e.to_string());
     let store = Store::open(&options.store_dir, options.store_quota).map_err(|e| setup(&e))?;
     let (mdns_on, relay_server) = (options.mdns, options.relay_server);
-    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
-        .with_tokio()
-        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
-        .map_err(|e| setup(&e))?
-        .with_quic()
-        .with_relay_client(noise::Config::new, yamux::Config::default)
-        .map_err(|e| setup(&e))?
-        .with_behaviour(|key, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server).map_err(Into::into))
-        .map_err(|e| setup(&e))?
-        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-        .build();
+    let build_behaviour = move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server);
+    let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
+    let mut swarm = match options.psk {
+        None => builder
+            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+            .map_err(|e| setup(&e))?
+            .with_quic()
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| setup(&e))?
+            .with_behaviour(|key, relay_client| build_behaviour(key, relay_client).map_err(Into::into))
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+            .build(),
+        Some(psk) => builder
+            .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+                let noise = noise::Config::new(key)?;
+                Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                    .upgrade(upgrade::Version::V1)
+                    .authenticate(noise)
+                    .multiplex(yamux::Config::default()))
+            })
+            .map_err(|e| setup(&e))?
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| setup(&e))?
+            .with_behaviour(|key, relay_client| build_behaviour(key, relay_client).map_err(Into::into))
+            .map_err(|e| setup(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+            .build(),
+    };
     if relay_server {
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
     }
