@@ -2,7 +2,6 @@
 //! weights, and clear errors (never panics) for bad model inputs.
 
 use std::path::Path;
-use std::process::Command;
 
 use blossom_p2p::model::export::export_mlx_lm;
 use blossom_p2p::model::generate::{SamplingParams, generate};
@@ -208,13 +207,7 @@ fn broken_tokenizer_and_config_files_are_clear_errors() {
     assert!(err.contains("model.safetensors") || err.contains("no tensor"), "{err}");
 }
 
-fn blossom(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run blossom-p2p")
-}
+use common::blossom;
 
 #[test]
 fn generate_command_streams_text_and_reports_bad_models() {

@@ -3,7 +3,6 @@
 //! one, and bad settings, rows and adapters are clear errors.
 
 use std::path::Path;
-use std::process::Command;
 
 use blossom_p2p::config::{Config, FineTuneType};
 use blossom_p2p::data::jsonl::load_folder;
@@ -228,13 +227,7 @@ fn trainer_errors_on_an_empty_row_set() {
     assert!(matches!(trainer.train_steps(&[], 1, 0), Err(TrainError::Data(_))));
 }
 
-fn blossom(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .expect("run blossom-p2p")
-}
+use common::blossom;
 
 #[test]
 fn train_command_writes_adapters_metrics_and_checkpoints_and_resumes() {

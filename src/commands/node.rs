@@ -189,6 +189,17 @@ fn save_adapter(dir: &Path, hash: &Digest, bytes: &[u8]) -> Result<PathBuf, Stri
     Ok(path)
 }
 
+/// The next network event, or `None` on Ctrl-C.
+async fn next_event(events: &mut tokio::sync::mpsc::Receiver<NetworkEvent>) -> Result<Option<NetworkEvent>, NodeError> {
+    tokio::select! {
+        event = events.recv() => event.map(Some).ok_or_else(|| NodeError::Run("the network task stopped".into())),
+        _ = tokio::signal::ctrl_c() => {
+            println!("stopping");
+            Ok(None)
+        }
+    }
+}
+
 async fn run_start(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
     let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
     let run_id = run_id(config, args.run_id.as_deref())?;
@@ -207,14 +218,7 @@ async fn run_start(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
     // Until an adapter arrives, every new peer is asked for the newest one.
     let mut caught_up = !args.catch_up;
     loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
-            _ = tokio::signal::ctrl_c() => {
-                println!("stopping");
-                return Ok(());
-            }
-        };
-        let Some(event) = event else { return Err(NodeError::Run("the network task stopped".into())) };
+        let Some(event) = next_event(&mut events).await? else { return Ok(()) };
         match event {
             NetworkEvent::Listening(addr) => println!("listening on {addr}/p2p/{}", handle.peer_id),
             NetworkEvent::PeerConnected(peer) => {
@@ -257,18 +261,11 @@ async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
     let (handle, mut events) = spawn(keypair, options).map_err(|e| NodeError::Run(e.to_string()))?;
     println!("relay peer id: {}", handle.peer_id);
     loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
-            _ = tokio::signal::ctrl_c() => {
-                println!("stopping");
-                return Ok(());
-            }
-        };
+        let Some(event) = next_event(&mut events).await? else { return Ok(()) };
         match event {
-            Some(NetworkEvent::Listening(addr)) => println!("listening on {addr}/p2p/{}", handle.peer_id),
-            Some(NetworkEvent::PeerConnected(peer)) => tracing::info!(%peer, "connected"),
-            Some(other) => tracing::debug!(?other, "event"),
-            None => return Err(NodeError::Run("the network task stopped".into())),
+            NetworkEvent::Listening(addr) => println!("listening on {addr}/p2p/{}", handle.peer_id),
+            NetworkEvent::PeerConnected(peer) => tracing::info!(%peer, "connected"),
+            other => tracing::debug!(?other, "event"),
         }
     }
 }

@@ -33,3 +33,12 @@ pub fn assert_absent_repo_is_a_clear_error(output: &Output) {
     let err = String::from_utf8_lossy(&output.stderr);
     assert!(err.contains("hf:blossom-test/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
+
+/// Runs the binary from the repository root (where `models/` is).
+pub fn blossom(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run blossom-p2p")
+}
