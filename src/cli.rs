@@ -83,6 +83,21 @@ pub enum BenchCommand {
     Generate(BenchGenerateArgs),
     /// Training tokens/s, step time and peak memory (LoRA settings from the config).
     Train(BenchTrainArgs),
+    /// Time and wire bytes for an adapter to reach every node of a loopback network.
+    Gossip(BenchGossipArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGossipArgs {
+    /// Nodes in the network.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=128))]
+    pub nodes: u32,
+    /// Adapter size in megabytes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub megabytes: u32,
+    /// Gossipsub mesh degrees D to compare (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![3, 6, 8], value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub mesh: Vec<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -385,6 +400,7 @@ impl Command {
                     config.model.source = model.clone();
                 }
             }
+            Command::Bench(BenchCommand::Gossip(_)) => {}
             Command::Bench(BenchCommand::Train(args)) => {
                 args.model.apply(config);
                 if let Some(data) = &args.data {
@@ -454,6 +470,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Export(args) => crate::commands::export::run(&config, args),
         Command::Bench(BenchCommand::Generate(args)) => crate::commands::bench::bench_generate(&config, args),
         Command::Bench(BenchCommand::Train(args)) => crate::commands::bench::bench_train(&config, args),
+        Command::Bench(BenchCommand::Gossip(args)) => crate::commands::bench_gossip::bench_gossip(args),
         Command::Train(args) => crate::commands::train::run(&config, args),
         Command::Start(args) => crate::commands::node::start(&config, args),
         Command::Relay(args) => crate::commands::node::relay(&config, args),

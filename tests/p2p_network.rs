@@ -31,6 +31,7 @@ fn private_node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>, 
         store_quota: 1 << 30,
         limits: Limits::default(),
         psk,
+        mesh_n: None,
     };
     let (handle, events) = spawn(keypair.clone(), options).expect("network starts");
     (keypair, handle, events)

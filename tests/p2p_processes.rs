@@ -106,3 +106,17 @@ fn relay_and_two_nodes_move_a_5_mb_adapter_and_a_late_joiner_catches_up() {
     let again = Node::spawn(&["start", "--data-dir", &d("a"), "--listen", listen]);
     assert_eq!(id_line(&again), first_id);
 }
+
+#[test]
+fn gossip_benchmark_runs_and_reports_each_mesh_degree() {
+    let output = Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+        .args(["-q", "bench", "gossip", "--nodes", "4", "--megabytes", "1", "--mesh", "2,3"])
+        .output()
+        .expect("run the benchmark");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("x ideal"), "{stdout}");
+    for degree in ["2", "3"] {
+        assert!(stdout.lines().any(|l| l.split_whitespace().next() == Some(degree)), "no row for D = {degree}:\n{stdout}");
+    }
+}

@@ -2,6 +2,7 @@
 //! message on stderr and an exit code (see `cli`).
 
 pub mod bench;
+pub mod bench_gossip;
 pub mod eval;
 pub mod export;
 pub mod generate;

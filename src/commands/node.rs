@@ -98,6 +98,7 @@ fn options(config: &Config, network: &NetworkArgs, bootstrap: &[String], relay_s
         .collect();
     Ok(NetworkOptions {
         psk,
+        mesh_n: None,
         listen: multiaddrs(&listen, "listen address")?,
         bootstrap: multiaddrs(bootstrap, "bootstrap address")?,
         external: multiaddrs(&network.external_address, "external address")?,

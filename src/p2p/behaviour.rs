@@ -29,8 +29,14 @@ pub struct Behaviour {
 /// Gossipsub as DESIGN.md asks: message id = blake3 of the data (so
 /// duplicates collapse), a transmit size above the chunk size, and every
 /// message validated by the application before it is forwarded.
-pub fn gossipsub_config() -> Result<gossipsub::Config, String> {
-    gossipsub::ConfigBuilder::default()
+pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, String> {
+    let mut builder = gossipsub::ConfigBuilder::default();
+    if let Some(n) = mesh_n {
+        // Keep gossipsub's invariants: outbound_min ≤ low ≤ n ≤ high, 2·outbound_min ≤ n.
+        let low = (n * 2 / 3).max(1);
+        builder.mesh_n(n).mesh_n_low(low).mesh_n_high(n * 2).mesh_outbound_min((n / 2).min(low));
+    }
+    builder
         .max_transmit_size(CHUNK_SIZE + 64 * 1024)
         .validation_mode(gossipsub::ValidationMode::Strict)
         .validate_messages()
@@ -51,9 +57,15 @@ pub fn topic_score_params() -> gossipsub::TopicScoreParams {
     }
 }
 
-pub fn build(key: &identity::Keypair, relay_client: relay::client::Behaviour, mdns_on: bool, relay_server: bool) -> Result<Behaviour, String> {
+pub fn build(
+    key: &identity::Keypair,
+    relay_client: relay::client::Behaviour,
+    mdns_on: bool,
+    relay_server: bool,
+    mesh_n: Option<usize>,
+) -> Result<Behaviour, String> {
     let peer_id = key.public().to_peer_id();
-    let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossipsub_config()?)
+    let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossipsub_config(mesh_n)?)
         .map_err(|e| format!("gossipsub: {e}"))?;
     gossipsub
         .with_peer_score(gossipsub::PeerScoreParams::default(), gossipsub::PeerScoreThresholds::default())

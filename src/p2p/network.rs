@@ -42,6 +42,8 @@ pub struct NetworkOptions {
     /// A private network: TCP connections are wrapped in libp2p pnet with
     /// this key, and QUIC is off (its TLS handshake cannot be wrapped).
     pub psk: Option<PreSharedKey>,
+    /// Gossipsub's mesh degree D (default 6); the benchmark varies it.
+    pub mesh_n: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -156,8 +158,8 @@ struct EventLoop {
 pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(NetworkHandle, mpsc::Receiver<NetworkEvent>), NetworkError> {
     let setup = |e: &dyn std::fmt::Display| NetworkError::Setup(e.to_string());
     let store = Store::open(&options.store_dir, options.store_quota).map_err(|e| setup(&e))?;
-    let (mdns_on, relay_server) = (options.mdns, options.relay_server);
-    let build_behaviour = move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server);
+    let (mdns_on, relay_server, mesh_n) = (options.mdns, options.relay_server, options.mesh_n);
+    let build_behaviour = move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server, mesh_n);
     let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
     let mut swarm = match options.psk {
         None => builder
