@@ -183,3 +183,45 @@ async fn a_pre_shared_key_keeps_outsiders_out() {
     let (_, _d, mut d_events) = private_node(&dir, "d", vec![a_addr], Some(PreSharedKey::new([8u8; 32])));
     assert!(!connects(&mut d_events, Duration::from_secs(4)).await, "a node with another key connected");
 }
+
+/// A reaches B through a `/p2p-circuit` address on the relay R.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_is_reachable_through_a_relay_circuit() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = |name: &str, relay_server: bool, bootstrap: Vec<Multiaddr>| NetworkOptions {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        external: vec![],
+        mdns: false,
+        relay_server,
+        store_dir: dir.path().join(name),
+        store_quota: 1 << 20,
+        limits: Limits::default(),
+        psk: None,
+        mesh_n: None,
+    };
+    let (r, mut r_events) = spawn(Keypair::generate_ed25519(), options("r", true, vec![])).unwrap();
+    let r_addr = listen_addr(&mut r_events).await.with(libp2p::multiaddr::Protocol::P2p(r.peer_id));
+    let (b, mut b_events) = spawn(Keypair::generate_ed25519(), options("b", false, vec![r_addr.clone()])).unwrap();
+    wait_for(&mut b_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    let circuit = r_addr.clone().with(libp2p::multiaddr::Protocol::P2pCircuit);
+    b.listen_on(circuit.clone()).await.unwrap();
+    // The reservation is confirmed when B reports the circuit as a listen address.
+    let relayed = wait_for(&mut b_events, |e| match e {
+        NetworkEvent::Listening(addr) if addr.to_string().contains("p2p-circuit") => Some(addr),
+        _ => None,
+    })
+    .await;
+    assert!(relayed.to_string().starts_with(&circuit.to_string()), "{relayed}");
+
+    // A knows only the circuit address of B.
+    let (a, mut a_events) = spawn(Keypair::generate_ed25519(), options("a", false, vec![])).unwrap();
+    a.dial(circuit.with(libp2p::multiaddr::Protocol::P2p(b.peer_id))).await.unwrap();
+    let peer = wait_for(&mut a_events, |e| match e {
+        NetworkEvent::PeerConnected(peer) if peer == b.peer_id => Some(peer),
+        _ => None,
+    })
+    .await;
+    assert_eq!(peer, b.peer_id);
+    assert!(a.connected_peers().await.unwrap().contains(&b.peer_id));
+}

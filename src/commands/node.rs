@@ -190,6 +190,14 @@ fn save_adapter(dir: &Path, hash: &Digest, bytes: &[u8]) -> Result<PathBuf, Stri
     Ok(path)
 }
 
+/// `addr` ending in this node's `/p2p/<peer id>` (circuit addresses already do).
+fn with_peer_id(addr: Multiaddr, handle: &NetworkHandle) -> Multiaddr {
+    match addr.iter().last() {
+        Some(libp2p::multiaddr::Protocol::P2p(peer)) if peer == handle.peer_id => addr,
+        _ => addr.with(libp2p::multiaddr::Protocol::P2p(handle.peer_id)),
+    }
+}
+
 /// The next network event, or `None` on Ctrl-C.
 async fn next_event(events: &mut tokio::sync::mpsc::Receiver<NetworkEvent>) -> Result<Option<NetworkEvent>, NodeError> {
     tokio::select! {
@@ -221,7 +229,7 @@ async fn run_start(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
     loop {
         let Some(event) = next_event(&mut events).await? else { return Ok(()) };
         match event {
-            NetworkEvent::Listening(addr) => println!("listening on {addr}/p2p/{}", handle.peer_id),
+            NetworkEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &handle)),
             NetworkEvent::PeerConnected(peer) => {
                 tracing::info!(%peer, "connected");
                 if !caught_up {
@@ -264,7 +272,7 @@ async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
     loop {
         let Some(event) = next_event(&mut events).await? else { return Ok(()) };
         match event {
-            NetworkEvent::Listening(addr) => println!("listening on {addr}/p2p/{}", handle.peer_id),
+            NetworkEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &handle)),
             NetworkEvent::PeerConnected(peer) => tracing::info!(%peer, "connected"),
             other => tracing::debug!(?other, "event"),
         }

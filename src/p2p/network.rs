@@ -72,6 +72,7 @@ enum Command {
     Subscribe(Digest, oneshot::Sender<Result<(), String>>),
     Publish(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), String>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
+    Listen(Multiaddr, oneshot::Sender<Result<(), String>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     /// Ask connected peers for the newest manifest of a run, and fetch it.
@@ -104,6 +105,13 @@ impl NetworkHandle {
 
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
         self.call(|tx| Command::Dial(addr, tx)).await?.map_err(NetworkError::Command)
+    }
+
+    /// Listens on `addr`; `<relay address>/p2p-circuit` reserves a slot on a
+    /// relay, so peers that cannot reach this node directly dial it through
+    /// the relay.
+    pub async fn listen_on(&self, addr: Multiaddr) -> Result<(), NetworkError> {
+        self.call(|tx| Command::Listen(addr, tx)).await?.map_err(NetworkError::Command)
     }
 
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetworkError> {
@@ -151,6 +159,7 @@ struct EventLoop {
     /// Chunk id → peers still to ask, for retries.
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
+    relay_server: bool,
 }
 
 /// Builds the swarm (TCP and QUIC, noise, yamux, relay client) and starts
@@ -216,6 +225,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         latest: HashMap::new(),
         wanted: HashMap::new(),
         in_flight: HashMap::new(),
+        relay_server,
     };
     tokio::spawn(event_loop.run());
     Ok((NetworkHandle { commands: command_tx, peer_id }, event_rx))
@@ -265,6 +275,9 @@ impl EventLoop {
             }
             Command::Dial(addr, reply) => {
                 let _ = reply.send(self.swarm.dial(addr.clone()).map_err(|e| format!("dial {addr}: {e}")));
+            }
+            Command::Listen(addr, reply) => {
+                let _ = reply.send(self.swarm.listen_on(addr.clone()).map(|_| ()).map_err(|e| format!("listen on {addr}: {e}")));
             }
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
@@ -316,7 +329,15 @@ impl EventLoop {
 
     async fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => self.emit(NetworkEvent::Listening(address)).await,
+            SwarmEvent::NewListenAddr { address, .. } => {
+                // A relay is, by its job, reachable at the addresses it
+                // listens on; libp2p's relay server only offers reservations
+                // once it has a confirmed external address.
+                if self.relay_server {
+                    self.swarm.add_external_address(address.clone());
+                }
+                self.emit(NetworkEvent::Listening(address)).await
+            }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
