@@ -139,18 +139,38 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     .await;
     assert!(late == bytes, "the late joiner got different bytes");
 
-    // A manifest signed by someone else in B's name is rejected by A.
+    // A manifest B really signed, followed by chunks that are not the
+    // adapter it names: A rejects the chunks (they are not forwarded), and
+    // B's score at A turns negative.
+    let real = adapter_bytes(1);
+    let mut wrong = real.clone();
+    let last = wrong.len() - 1;
+    wrong[last] ^= 0x01;
+    let honest_manifest = make_manifest(run_id, &b_key, &real);
+    let signed = SignedManifest::sign(&honest_manifest, &b_key).unwrap();
+    publish_when_meshed(&b, &signed, &honest_manifest, &wrong).await;
+    let reason = wait_for(&mut a_events, |e| match e {
+        NetworkEvent::Rejected { reason, .. } if reason.contains("does not match its manifest") => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("chunk"), "{reason}");
+
+    // C publishes a manifest signed by someone else in B's name: B, its
+    // neighbour, rejects it.
     let mallory = Keypair::generate_ed25519();
     let small = adapter_bytes(1);
     let forged_manifest = make_manifest(run_id, &b_key, &small);
     let forged = SignedManifest::sign(&forged_manifest, &mallory).unwrap();
-    publish_when_meshed(&b, &forged, &forged_manifest, &small).await;
-    let reason = wait_for(&mut a_events, |e| match e {
-        NetworkEvent::Rejected { reason, .. } => Some(reason),
+    publish_when_meshed(&c, &forged, &forged_manifest, &small).await;
+    let reason = wait_for(&mut b_events, |e| match e {
+        NetworkEvent::Rejected { reason, .. } if reason.contains("not to the stated author") => Some(reason),
         _ => None,
     })
     .await;
-    assert!(reason.contains("not to the stated author"), "{reason}");
+    assert!(reason.contains("stated author"), "{reason}");
+    let score = a.peer_score(b.peer_id).await.unwrap().expect("A scores B");
+    assert!(score < 0.0, "B's score after invalid messages is {score}");
 }
 
 /// Whether `events` reports a connection within `wait`.

@@ -47,10 +47,21 @@ pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, Stri
 }
 
 /// Peers whose messages fail validation lose score fast, and are pruned and
-/// then ignored below the thresholds.
+/// then ignored below the thresholds. Positive terms are kept small (a few
+/// tens at most) so that a handful of invalid messages outweighs them, and
+/// mesh-delivery quotas are off: adapter traffic comes in bursts, once a
+/// round, and an honest quiet peer must not be penalized for it.
 pub fn topic_score_params() -> gossipsub::TopicScoreParams {
     gossipsub::TopicScoreParams {
         topic_weight: 1.0,
+        time_in_mesh_weight: 0.01,
+        time_in_mesh_quantum: Duration::from_secs(1),
+        time_in_mesh_cap: 3600.0,
+        first_message_deliveries_weight: 1.0,
+        first_message_deliveries_decay: 0.5,
+        first_message_deliveries_cap: 20.0,
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
         invalid_message_deliveries_weight: -100.0,
         invalid_message_deliveries_decay: 0.9,
         ..Default::default()

@@ -234,3 +234,34 @@ pub fn reassemble(ids: &[Digest], chunks: &[&[u8]], adapter_hash: &Digest, limit
     }
     Ok(bytes)
 }
+
+/// A chunk as gossiped: it names its adapter and position, so a receiver that
+/// knows the manifest can check it before forwarding it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ChunkMessage {
+    pub adapter_hash: Digest,
+    pub index: u32,
+    pub bytes: Vec<u8>,
+}
+
+const CHUNK_MESSAGE_LIMIT: usize = CHUNK_SIZE + 128;
+
+impl ChunkMessage {
+    pub fn to_bytes(&self) -> Result<Vec<u8>, CodecError> {
+        bincode::serde::encode_to_vec(self, bincode::config::standard()).map_err(|e| CodecError::Malformed(e.to_string()))
+    }
+
+    /// Decodes at most one chunk's worth of bytes.
+    pub fn from_bytes(bytes: &[u8]) -> Result<Self, CodecError> {
+        if bytes.len() > CHUNK_MESSAGE_LIMIT {
+            return Err(CodecError::TooLarge(bytes.len(), CHUNK_MESSAGE_LIMIT));
+        }
+        let config = bincode::config::standard().with_limit::<CHUNK_MESSAGE_LIMIT>();
+        let (message, read): (ChunkMessage, usize) =
+            bincode::serde::decode_from_slice(bytes, config).map_err(|e| CodecError::Malformed(e.to_string()))?;
+        if read != bytes.len() || message.bytes.len() > CHUNK_SIZE {
+            return Err(CodecError::Malformed("chunk message with trailing bytes or an oversized chunk".into()));
+        }
+        Ok(message)
+    }
+}

@@ -18,7 +18,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{self, Behaviour, BehaviourEvent};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse};
-use super::codec::{Digest, Limits, reassemble, split_chunks};
+use super::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks};
 use super::manifest::{Manifest, SignedManifest};
 use crate::store::Store;
 
@@ -75,6 +75,7 @@ enum Command {
     Listen(Multiaddr, oneshot::Sender<Result<(), String>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    PeerScore(PeerId, oneshot::Sender<Option<f64>>),
     /// Ask connected peers for the newest manifest of a run, and fetch it.
     CatchUp(Digest, oneshot::Sender<Result<(), String>>),
 }
@@ -122,6 +123,11 @@ impl NetworkHandle {
         self.call(Command::ConnectedPeers).await
     }
 
+    /// This node's gossipsub score of `peer` (negative after invalid messages).
+    pub async fn peer_score(&self, peer: PeerId) -> Result<Option<f64>, NetworkError> {
+        self.call(|tx| Command::PeerScore(peer, tx)).await
+    }
+
     pub async fn catch_up(&self, run_id: Digest) -> Result<(), NetworkError> {
         self.call(|tx| Command::CatchUp(run_id, tx)).await?.map_err(NetworkError::Command)
     }
@@ -160,6 +166,9 @@ struct EventLoop {
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
     relay_server: bool,
+    /// Chunk ids of every adapter whose manifest was verified, to check
+    /// gossiped chunks against.
+    known: HashMap<Digest, Vec<Digest>>,
 }
 
 /// Builds the swarm (TCP and QUIC, noise, yamux, relay client) and starts
@@ -226,6 +235,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         wanted: HashMap::new(),
         in_flight: HashMap::new(),
         relay_server,
+        known: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((NetworkHandle { commands: command_tx, peer_id }, event_rx))
@@ -263,7 +273,9 @@ impl EventLoop {
                     .map(|_| ())
                     .map_err(|e| format!("subscribe: {e}"));
                 for topic in [&manifests, &chunks] {
-                    let _ = gossip.set_topic_params(topic.clone(), behaviour::topic_score_params());
+                    if let Err(e) = gossip.set_topic_params(topic.clone(), behaviour::topic_score_params()) {
+                        tracing::error!(error = e, "peer scoring is off for a run topic");
+                    }
                 }
                 self.manifest_topics.insert(manifests.hash(), run_id);
                 self.chunk_topics.insert(chunks.hash());
@@ -281,6 +293,9 @@ impl EventLoop {
             }
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::PeerScore(peer, reply) => {
+                let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
@@ -307,6 +322,7 @@ impl EventLoop {
         }
         self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
         self.remember_latest(&manifest, &signed);
+        self.known.insert(manifest.adapter_hash, manifest.chunk_ids.clone());
         let bytes = signed.to_bytes().map_err(|e| e.to_string())?;
         let gossip = &mut self.swarm.behaviour_mut().gossipsub;
         let ignore_duplicate = |r: Result<gossipsub::MessageId, gossipsub::PublishError>| match r {
@@ -314,8 +330,13 @@ impl EventLoop {
             Err(e) => Err(format!("publish: {e}")),
         };
         ignore_duplicate(gossip.publish(manifest_topic, bytes))?;
-        for (_, chunk) in chunks {
-            ignore_duplicate(gossip.publish(chunk_topic.clone(), chunk.to_vec()))?;
+        for (index, (_, chunk)) in chunks.into_iter().enumerate() {
+            let message = ChunkMessage {
+                adapter_hash: manifest.adapter_hash,
+                index: index as u32,
+                bytes: chunk.to_vec(),
+            };
+            ignore_duplicate(gossip.publish(chunk_topic.clone(), message.to_bytes().map_err(|e| e.to_string())?))?;
         }
         Ok(())
     }
@@ -367,14 +388,16 @@ impl EventLoop {
 
     async fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
         let verdict = if let Some(run_id) = self.manifest_topics.get(&message.topic).copied() {
-            self.accept_manifest(&message.data, run_id, Some(source)).await
+            self.accept_manifest(&message.data, run_id, Some(source)).await.map(|()| true)
         } else if self.chunk_topics.contains(&message.topic) {
-            self.accept_chunk(&message.data).await
+            self.accept_chunk_message(&message.data).await
         } else {
             Err("message on a topic this node did not join".to_owned())
         };
         let acceptance = match &verdict {
-            Ok(()) => gossipsub::MessageAcceptance::Accept,
+            Ok(true) => gossipsub::MessageAcceptance::Accept,
+            // Not checkable yet: neither forwarded nor held against the sender.
+            Ok(false) => gossipsub::MessageAcceptance::Ignore,
             Err(_) => gossipsub::MessageAcceptance::Reject,
         };
         self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&id, &source, acceptance);
@@ -394,6 +417,7 @@ impl EventLoop {
         }
         self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
         self.remember_latest(&manifest, &signed);
+        self.known.insert(manifest.adapter_hash, manifest.chunk_ids.clone());
         let mut sources = vec![author];
         sources.extend(source.filter(|s| *s != author));
         self.pending.entry(manifest.adapter_hash).or_insert(Pending {
@@ -405,6 +429,27 @@ impl EventLoop {
         self.emit(NetworkEvent::Manifest { manifest: manifest.clone(), author }).await;
         self.complete(manifest.adapter_hash).await;
         Ok(())
+    }
+
+    /// A gossiped chunk: checked against its manifest when that is known
+    /// (`Ok(true)`: forward), kept unchecked otherwise (`Ok(false)`: not
+    /// forwarded; the manifest, once it comes, decides whether it is used).
+    async fn accept_chunk_message(&mut self, data: &[u8]) -> Result<bool, String> {
+        let message = ChunkMessage::from_bytes(data).map_err(|e| e.to_string())?;
+        match self.known.get(&message.adapter_hash) {
+            Some(ids) => {
+                let expected = ids.get(message.index as usize).copied();
+                if expected != Some(Digest::of(&message.bytes)) {
+                    return Err(format!("chunk {} of adapter {:?} does not match its manifest", message.index, message.adapter_hash));
+                }
+                self.accept_chunk(&message.bytes).await?;
+                Ok(true)
+            }
+            None => {
+                self.accept_chunk(&message.bytes).await?;
+                Ok(false)
+            }
+        }
     }
 
     async fn accept_chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
