@@ -181,9 +181,10 @@ pub struct StartArgs {
 pub struct RelayArgs {
     #[command(flatten)]
     pub network: NetworkArgs,
-    /// Also keep and serve the newest averaged adapter to late joiners.
-    #[arg(long)]
-    pub seed_adapters: bool,
+    /// Also keep and serve the newest adapters of these runs to late joiners
+    /// (repeatable; 64 hex digits each, as `start` prints them).
+    #[arg(long = "seed-run", value_name = "RUN_ID")]
+    pub seed_runs: Vec<String>,
 }
 
 #[derive(Debug, Args)]

@@ -120,3 +120,25 @@ fn gossip_benchmark_runs_and_reports_each_mesh_degree() {
         assert!(stdout.lines().any(|l| l.split_whitespace().next() == Some(degree)), "no row for D = {degree}:\n{stdout}");
     }
 }
+
+/// A seeding relay keeps a run's newest adapter and serves it to a late
+/// joiner after the publisher is gone.
+#[test]
+fn a_seeding_relay_serves_late_joiners_while_trainers_are_offline() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let tensors = write_adapter(&dir.path().join("adapter.safetensors"));
+    let run = Digest::of(b"seeded run").to_hex();
+    let listen = "/ip4/127.0.0.1/tcp/0";
+    let relay = Node::spawn(&["relay", "--data-dir", &d("r"), "--listen", listen, "--seed-run", &run]);
+    let relay_addr = relay.wait_for("listening on /ip4/127.0.0.1/tcp/").trim_start_matches("listening on ").to_owned();
+    let b = Node::spawn(&["start", "--data-dir", &d("b"), "--listen", listen, "--bootstrap", &relay_addr, "--run-id", &run, "--publish", &d("adapter.safetensors")]);
+    let hash = b.wait_for("published adapter").split_whitespace().nth(2).unwrap().to_owned();
+    relay.wait_for(&format!("seeding adapter {hash}"));
+    drop(b);
+    let c = Node::spawn(&["start", "--data-dir", &d("c"), "--listen", listen, "--bootstrap", &relay_addr, "--run-id", &run, "--catch-up", "--receive-dir", &d("c-recv")]);
+    c.wait_for(&format!("received adapter {hash}"));
+    let saved = c.wait_for("saved ");
+    let bytes = std::fs::read(saved.trim_start_matches("saved ")).unwrap();
+    assert_eq!(decode_adapter(&bytes, &Limits::default()).unwrap(), tensors);
+}

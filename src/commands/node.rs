@@ -262,18 +262,28 @@ async fn run_start(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
 }
 
 async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
-    if args.seed_adapters {
-        return Err(NodeError::Input("--seed-adapters is not supported yet; run the relay without it".into()));
-    }
+    let seed_runs = args
+        .seed_runs
+        .iter()
+        .map(|hex| Digest::from_hex(hex).ok_or_else(|| NodeError::Input(format!("--seed-run `{hex}` must be 64 hex digits"))))
+        .collect::<Result<Vec<_>, _>>()?;
     let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
     let options = options(config, &args.network, &config.network.bootstrap, true)?;
     let (handle, mut events) = spawn(keypair, options).map_err(|e| NodeError::Run(e.to_string()))?;
     println!("relay peer id: {}", handle.peer_id);
+    // A seeding relay joins the runs' topics like any node: it validates and
+    // keeps what it sees, and answers late joiners' catch-up requests even
+    // while every trainer is offline.
+    for run_id in seed_runs {
+        handle.subscribe(run_id).await.map_err(|e| NodeError::Run(e.to_string()))?;
+        println!("seeding run {run_id}");
+    }
     loop {
         let Some(event) = next_event(&mut events).await? else { return Ok(()) };
         match event {
             NetworkEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &handle)),
             NetworkEvent::PeerConnected(peer) => tracing::info!(%peer, "connected"),
+            NetworkEvent::AdapterReady { manifest, .. } => println!("seeding adapter {} (round {})", manifest.adapter_hash, manifest.round),
             other => tracing::debug!(?other, "event"),
         }
     }
