@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use blossom_p2p::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter, split_chunks};
-use blossom_p2p::p2p::manifest::{MANIFEST_VERSION, Manifest, SignedManifest};
+use blossom_p2p::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
+use blossom_p2p::p2p::manifest::{Manifest, SignedManifest};
 use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
 use libp2p::Multiaddr;
 use libp2p::pnet::PreSharedKey;
@@ -76,20 +76,7 @@ fn adapter_bytes(megabytes: usize) -> Vec<u8> {
 }
 
 fn make_manifest(run_id: Digest, author: &Keypair, bytes: &[u8]) -> Manifest {
-    Manifest {
-        version: MANIFEST_VERSION,
-        run_id,
-        round: 1,
-        author: author.public().to_peer_id().to_bytes(),
-        parent: None,
-        chunk_ids: split_chunks(bytes).into_iter().map(|(id, _)| id).collect(),
-        adapter_hash: Digest::of(bytes),
-        adapter_len: bytes.len() as u64,
-        examples: 10,
-        tokens: 100,
-        train_loss: 1.0,
-        eval_loss: None,
-    }
+    Manifest::describe(run_id, 1, &author.public().to_peer_id(), bytes)
 }
 
 /// Publishing needs the gossip mesh to exist; retry for a bounded time.

@@ -16,8 +16,8 @@ use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
 
 use crate::cli::BenchGossipArgs;
-use crate::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter, split_chunks};
-use crate::p2p::manifest::{MANIFEST_VERSION, Manifest, SignedManifest};
+use crate::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
+use crate::p2p::manifest::{Manifest, SignedManifest};
 use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
 
 /// Bounded waits: the whole benchmark cannot hang.
@@ -98,20 +98,7 @@ async fn one_run(args: &BenchGossipArgs, mesh_n: usize, store: PathBuf) -> Resul
     }])
     .map_err(|e| e.to_string())?;
     let author = &nodes[0].keypair;
-    let manifest = Manifest {
-        version: MANIFEST_VERSION,
-        run_id,
-        round: 0,
-        author: author.public().to_peer_id().to_bytes(),
-        parent: None,
-        chunk_ids: split_chunks(&bytes).into_iter().map(|(id, _)| id).collect(),
-        adapter_hash: Digest::of(&bytes),
-        adapter_len: bytes.len() as u64,
-        examples: 0,
-        tokens: 0,
-        train_loss: 0.0,
-        eval_loss: None,
-    };
+    let manifest = Manifest::describe(run_id, 0, &author.public().to_peer_id(), &bytes);
     let signed = SignedManifest::sign(&manifest, author).map_err(|e| e.to_string())?;
     // The idle rate of the network (heartbeats, pings), to subtract.
     let idle_start = loopback_tx_bytes();

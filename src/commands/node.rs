@@ -15,8 +15,8 @@ use libp2p_identity::Keypair;
 
 use crate::cli::{NetworkArgs, RelayArgs, StartArgs};
 use crate::config::Config;
-use crate::p2p::codec::{Digest, Limits, decode_adapter, encode_adapter, split_chunks};
-use crate::p2p::manifest::{MANIFEST_VERSION, Manifest, SignedManifest};
+use crate::p2p::codec::{Digest, Limits, decode_adapter, encode_adapter};
+use crate::p2p::manifest::{Manifest, SignedManifest};
 use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
 
 /// Disk the content store may use by default.
@@ -148,20 +148,7 @@ fn prepare_publication(path: &Path, run_id: Digest, keypair: &Keypair) -> Result
     let raw = std::fs::read(path).map_err(|e| NodeError::Input(format!("{}: {e}", path.display())))?;
     let tensors = decode_adapter(&raw, &Limits::default()).map_err(|e| NodeError::Input(format!("{}: {e}", path.display())))?;
     let bytes = encode_adapter(&tensors).map_err(|e| NodeError::Input(format!("{}: {e}", path.display())))?;
-    let manifest = Manifest {
-        version: MANIFEST_VERSION,
-        run_id,
-        round: 0,
-        author: keypair.public().to_peer_id().to_bytes(),
-        parent: None,
-        chunk_ids: split_chunks(&bytes).into_iter().map(|(id, _)| id).collect(),
-        adapter_hash: Digest::of(&bytes),
-        adapter_len: bytes.len() as u64,
-        examples: 0,
-        tokens: 0,
-        train_loss: 0.0,
-        eval_loss: None,
-    };
+    let manifest = Manifest::describe(run_id, 0, &keypair.public().to_peer_id(), &bytes);
     let signed = SignedManifest::sign(&manifest, keypair).map_err(|e| NodeError::Run(e.to_string()))?;
     Ok((signed, manifest, bytes))
 }

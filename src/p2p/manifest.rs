@@ -5,7 +5,7 @@
 use libp2p_identity::{Keypair, PeerId, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use super::codec::{CHUNK_SIZE, Digest, Limits};
+use super::codec::{CHUNK_SIZE, Digest, Limits, split_chunks};
 
 pub const MANIFEST_VERSION: u16 = 1;
 /// Upper bound on an encoded signed manifest: 2,048 chunk ids (512 MiB of
@@ -34,6 +34,27 @@ pub struct Manifest {
     pub tokens: u64,
     pub train_loss: f32,
     pub eval_loss: Option<f32>,
+}
+
+impl Manifest {
+    /// A manifest for the canonical encoding `adapter` by `author` (chunk
+    /// ids, hash and length filled in; training figures zero, no parent).
+    pub fn describe(run_id: Digest, round: u64, author: &PeerId, adapter: &[u8]) -> Manifest {
+        Manifest {
+            version: MANIFEST_VERSION,
+            run_id,
+            round,
+            author: author.to_bytes(),
+            parent: None,
+            chunk_ids: split_chunks(adapter).into_iter().map(|(id, _)| id).collect(),
+            adapter_hash: Digest::of(adapter),
+            adapter_len: adapter.len() as u64,
+            examples: 0,
+            tokens: 0,
+            train_loss: 0.0,
+            eval_loss: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
