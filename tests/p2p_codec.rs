@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use blossom_p2p::p2p::codec::{CHUNK_SIZE, CodecError, Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter, reassemble, split_chunks};
-use blossom_p2p::p2p::manifest::{MANIFEST_VERSION, Manifest, ManifestError, SignedManifest};
+use blossom_p2p::p2p::manifest::{Manifest, ManifestError, SignedManifest};
 use blossom_p2p::store::{Store, StoreError};
 use libp2p_identity::Keypair;
 use proptest::prelude::*;
@@ -29,18 +29,12 @@ fn adapter(len: usize, seed: u32) -> Vec<TensorBytes> {
 
 fn manifest(keypair: &Keypair, bytes: &[u8]) -> Manifest {
     Manifest {
-        version: MANIFEST_VERSION,
-        run_id: Digest::of(b"run"),
-        round: 3,
-        author: keypair.public().to_peer_id().to_bytes(),
         parent: Some(Digest::of(b"parent")),
-        chunk_ids: split_chunks(bytes).into_iter().map(|(id, _)| id).collect(),
-        adapter_hash: Digest::of(bytes),
-        adapter_len: bytes.len() as u64,
         examples: 40,
         tokens: 1234,
         train_loss: 0.5,
         eval_loss: Some(0.6),
+        ..Manifest::describe(Digest::of(b"run"), 3, &keypair.public().to_peer_id(), bytes)
     }
 }
 

@@ -13,13 +13,7 @@ use crate::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
 pub fn run(config: &Config, args: &EvalArgs) -> ExitCode {
     match evaluate(config, args) {
         Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            eprintln!("error: evaluation failed: {err}");
-            match err {
-                TrainError::Mlx(_) | TrainError::Io(_) => ExitCode::FAILURE,
-                _ => ExitCode::from(2),
-            }
-        }
+        Err(err) => super::train::train_error_exit("evaluation failed", &err),
     }
 }
 

@@ -20,7 +20,7 @@ use crate::train::metrics::exact_match_rate;
 use crate::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
 
 /// Bad input (settings, data, files) is exit code 2; a failure while running is 1.
-fn train_error_exit(context: &str, err: &TrainError) -> ExitCode {
+pub(crate) fn train_error_exit(context: &str, err: &TrainError) -> ExitCode {
     eprintln!("error: {context}: {err}");
     match err {
         TrainError::Mlx(_) | TrainError::Io(_) => ExitCode::FAILURE,

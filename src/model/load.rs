@@ -168,10 +168,15 @@ fn hash_files(files: &[PathBuf]) -> Result<String, ModelError> {
 
 /// Whether float32 weights fit comfortably: at most half the available memory.
 fn float32_fits(decoder: &Decoder) -> bool {
-    let args = decoder.args();
-    let per_layer = 4 * args.hidden_size as u64 * args.num_attention_heads.max(1) as u64 * args.head_dim() as u64 / args.num_attention_heads.max(1) as u64
-        + 3 * args.hidden_size as u64 * args.intermediate_size as u64;
-    let params = per_layer * args.num_hidden_layers as u64 + 2 * args.vocab_size as u64 * args.hidden_size as u64;
+    // Counted from the matrices themselves, so every architecture is right.
+    let (vocab, dims) = decoder.embed_matrix().shape();
+    let params: u64 = decoder
+        .linears()
+        .iter()
+        .map(|(_, linear)| linear.weight.shape())
+        .chain(std::iter::once((vocab, dims)))
+        .map(|(rows, cols)| rows as u64 * cols as u64)
+        .sum();
     let bytes = params * 4;
     match available_memory() {
         Some(available) => bytes <= available / 2,

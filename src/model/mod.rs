@@ -193,9 +193,14 @@ impl Decoder {
         self.map_linears(|l| l.quantized(group_size, bits))
     }
 
+    /// The token embedding table (also the output head when tied).
+    pub fn embed_matrix(&self) -> &linear::Matrix {
+        &self.model().embed_tokens().table
+    }
+
     /// `(module path, group size, bits)` of every quantized module.
     pub fn quantized_modules(&self) -> Vec<(String, i32, i32)> {
-        let embedding = self.model().embed_tokens().table.quantization();
+        let embedding = self.embed_matrix().quantization();
         let embedding = embedding.map(|(g, b)| ("model.embed_tokens".to_owned(), g, b));
         let linears = self
             .linears()
