@@ -1,6 +1,7 @@
 //! blossom-p2p: federated LoRA/DoRA fine-tuning with MLX over libp2p, with no
 //! central server. See ../shared/DESIGN.md for the architecture.
 
+pub mod aggregate;
 pub mod cli;
 pub mod commands;
 pub mod config;
