@@ -1,0 +1,200 @@
+//! One direction of a simulated link, and the byte stream built on two.
+//!
+//! A write is accepted at once and delivered to the other end after the
+//! link's serialization time (bandwidth, queued behind earlier writes) and
+//! latency. Loss is modelled as TCP and QUIC experience it on a stream: a
+//! lost segment is retransmitted after a timeout, delaying it and
+//! everything behind it, so nothing arrives out of order or not at all.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use futures::{AsyncRead, AsyncWrite, Future};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
+
+use crate::SplitMix64;
+
+/// The bytes a segment carries on a typical Ethernet path.
+const SEGMENT: usize = 1460;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkParams {
+    /// One-way delay.
+    pub latency: Duration,
+    /// Bytes per second; `None` is unlimited.
+    pub bandwidth: Option<f64>,
+    /// Probability that a segment is lost (and retransmitted).
+    pub loss: f64,
+}
+
+impl LinkParams {
+    pub const IDEAL: Self = Self {
+        latency: Duration::ZERO,
+        bandwidth: None,
+        loss: 0.0,
+    };
+
+    /// The retransmission timeout: at least 200 ms, as Linux TCP's minimum.
+    fn retransmission_timeout(&self) -> Duration {
+        (self.latency * 3).max(Duration::from_millis(200))
+    }
+}
+
+pub(crate) enum Message {
+    Data(Instant, Vec<u8>),
+    /// The link was cut (partition or crash): the reader sees a reset.
+    Cut,
+}
+
+/// Bytes a node's links carried.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
+/// The sending side's shaping state.
+struct Shaper {
+    params: LinkParams,
+    rng: SplitMix64,
+    /// When the link finishes serializing what was written so far.
+    free_at: Instant,
+    /// Delivery time of the last write; later writes never overtake it.
+    last_delivery: Instant,
+}
+
+impl Shaper {
+    fn delivery_time(&mut self, len: usize) -> Instant {
+        let now = Instant::now();
+        let start = self.free_at.max(now);
+        let serialization = self.params.bandwidth.map_or(Duration::ZERO, |bps| Duration::from_secs_f64(len as f64 / bps));
+        self.free_at = start + serialization;
+        let mut at = self.free_at + self.params.latency;
+        if self.params.loss > 0.0 {
+            let segments = len.div_ceil(SEGMENT);
+            let lost = (0..segments).filter(|_| self.rng.next_f64() < self.params.loss).count().min(3);
+            at += self.params.retransmission_timeout() * lost as u32;
+        }
+        at = at.max(self.last_delivery);
+        self.last_delivery = at;
+        at
+    }
+}
+
+/// One end of a simulated connection: `futures` `AsyncRead` + `AsyncWrite`.
+pub struct SimStream {
+    incoming: mpsc::UnboundedReceiver<Message>,
+    outgoing: Option<mpsc::UnboundedSender<Message>>,
+    /// A delivered frame being read, and how far.
+    reading: Option<(Vec<u8>, usize)>,
+    /// A frame that has not arrived yet.
+    waiting: Option<(Pin<Box<Sleep>>, Vec<u8>)>,
+    shaper: Shaper,
+    cut: Arc<AtomicBool>,
+    local: Arc<Counters>,
+    remote: Arc<Counters>,
+}
+
+impl SimStream {
+    pub(crate) fn new(
+        incoming: mpsc::UnboundedReceiver<Message>,
+        outgoing: mpsc::UnboundedSender<Message>,
+        params: LinkParams,
+        seed: u64,
+        cut: Arc<AtomicBool>,
+        (local, remote): (Arc<Counters>, Arc<Counters>),
+    ) -> Self {
+        let now = Instant::now();
+        Self {
+            incoming,
+            outgoing: Some(outgoing),
+            reading: None,
+            waiting: None,
+            shaper: Shaper {
+                params,
+                rng: SplitMix64::new(seed),
+                free_at: now,
+                last_delivery: now,
+            },
+            cut,
+            local,
+            remote,
+        }
+    }
+}
+
+fn reset() -> io::Error {
+    io::Error::new(io::ErrorKind::ConnectionReset, "simulated link cut")
+}
+
+impl AsyncRead for SimStream {
+    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        loop {
+            if let Some((frame, position)) = &mut this.reading {
+                let n = buf.len().min(frame.len() - *position);
+                buf[..n].copy_from_slice(&frame[*position..*position + n]);
+                *position += n;
+                if *position == frame.len() {
+                    this.reading = None;
+                }
+                return Poll::Ready(Ok(n));
+            }
+            if let Some((sleep, _)) = &mut this.waiting {
+                ready!(sleep.as_mut().poll(cx));
+                if let Some((_, frame)) = this.waiting.take() {
+                    this.reading = Some((frame, 0));
+                }
+                continue;
+            }
+            match ready!(this.incoming.poll_recv(cx)) {
+                // The other end closed: end of stream.
+                None => return Poll::Ready(Ok(0)),
+                Some(Message::Cut) => return Poll::Ready(Err(reset())),
+                Some(Message::Data(at, frame)) => {
+                    if at <= Instant::now() {
+                        this.reading = Some((frame, 0));
+                    } else {
+                        this.waiting = Some((Box::pin(tokio::time::sleep_until(at)), frame));
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl AsyncWrite for SimStream {
+    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = &mut *self;
+        if this.cut.load(Ordering::Relaxed) {
+            return Poll::Ready(Err(reset()));
+        }
+        let Some(outgoing) = &this.outgoing else {
+            return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "write after close")));
+        };
+        if buf.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
+        let at = this.shaper.delivery_time(buf.len());
+        outgoing.send(Message::Data(at, buf.to_vec())).map_err(|_| reset())?;
+        this.local.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        this.remote.received.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // Dropping the sender ends the other side's stream once it has read
+        // everything in flight.
+        self.outgoing = None;
+        Poll::Ready(Ok(()))
+    }
+}
