@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use blossom_p2p::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
 use blossom_p2p::p2p::manifest::{Manifest, SignedManifest};
-use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
+use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 use libp2p::Multiaddr;
 use libp2p::pnet::PreSharedKey;
 use libp2p_identity::Keypair;
@@ -32,6 +32,7 @@ fn private_node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>, 
         limits: Limits::default(),
         psk,
         mesh_n: None,
+        transport: TransportKind::Internet,
     };
     let (handle, events) = spawn(keypair.clone(), options).expect("network starts");
     (keypair, handle, events)
@@ -206,6 +207,7 @@ async fn a_node_is_reachable_through_a_relay_circuit() {
         limits: Limits::default(),
         psk: None,
         mesh_n: None,
+        transport: TransportKind::Internet,
     };
     let (r, mut r_events) = spawn(Keypair::generate_ed25519(), options("r", true, vec![])).unwrap();
     let r_addr = listen_addr(&mut r_events).await.with(libp2p::multiaddr::Protocol::P2p(r.peer_id));

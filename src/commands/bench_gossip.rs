@@ -18,7 +18,7 @@ use tokio::sync::mpsc::Receiver;
 use crate::cli::BenchGossipArgs;
 use crate::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
 use crate::p2p::manifest::{Manifest, SignedManifest};
-use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
+use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 
 /// Bounded waits: the whole benchmark cannot hang.
 const SETTLE: Duration = Duration::from_secs(4);
@@ -59,6 +59,7 @@ async fn start_network(nodes: usize, mesh_n: usize, store: &std::path::Path) -> 
             limits: Limits::default(),
             psk: None,
             mesh_n: Some(mesh_n),
+            transport: TransportKind::Internet,
         };
         let (handle, mut events) = spawn(keypair.clone(), options).map_err(|e| e.to_string())?;
         let addr = tokio::time::timeout(DEADLINE, async {

@@ -17,7 +17,7 @@ use crate::cli::{NetworkArgs, RelayArgs, StartArgs};
 use crate::config::Config;
 use crate::p2p::codec::{Digest, Limits, decode_adapter, encode_adapter};
 use crate::p2p::manifest::{Manifest, SignedManifest};
-use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
+use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 
 /// Disk the content store may use by default.
 const STORE_QUOTA: u64 = 4 * 1024 * 1024 * 1024;
@@ -99,6 +99,7 @@ fn options(config: &Config, network: &NetworkArgs, bootstrap: &[String], relay_s
     Ok(NetworkOptions {
         psk,
         mesh_n: None,
+        transport: TransportKind::Internet,
         listen: multiaddrs(&listen, "listen address")?,
         bootstrap: multiaddrs(bootstrap, "bootstrap address")?,
         external: multiaddrs(&network.external_address, "external address")?,

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::codec::{CHUNK_SIZE, Digest, Limits, split_chunks};
 
-pub const MANIFEST_VERSION: u16 = 1;
+pub const MANIFEST_VERSION: u16 = 2;
 /// Upper bound on an encoded signed manifest: 2,048 chunk ids (512 MiB of
 /// adapter) plus keys and fields fit well inside.
 pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
@@ -15,9 +15,20 @@ pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
 const BINCODE: bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Varint, bincode::config::Limit<MAX_MANIFEST_BYTES>> =
     bincode::config::standard().with_limit::<MAX_MANIFEST_BYTES>();
 
+/// What a manifest describes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ManifestKind {
+    /// A node's adapter after its local steps of a round: gossiped, averaged.
+    Update,
+    /// A node's average of a round's updates: kept and served to late
+    /// joiners, never gossiped (nodes that agree already hold its chunks).
+    Average,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Manifest {
     pub version: u16,
+    pub kind: ManifestKind,
     /// blake3 of the canonical run config: which run this belongs to.
     pub run_id: Digest,
     pub round: u64,
@@ -37,11 +48,12 @@ pub struct Manifest {
 }
 
 impl Manifest {
-    /// A manifest for the canonical encoding `adapter` by `author` (chunk
-    /// ids, hash and length filled in; training figures zero, no parent).
+    /// An update manifest for the canonical encoding `adapter` by `author`
+    /// (chunk ids, hash and length filled in; training figures zero, no parent).
     pub fn describe(run_id: Digest, round: u64, author: &PeerId, adapter: &[u8]) -> Manifest {
         Manifest {
             version: MANIFEST_VERSION,
+            kind: ManifestKind::Update,
             run_id,
             round,
             author: author.to_bytes(),

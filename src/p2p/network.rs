@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use libp2p::swarm::SwarmEvent;
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::Boxed;
 use libp2p::core::{Transport, upgrade};
 use libp2p::pnet::{PnetConfig, PreSharedKey};
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, identity, kad, mdns, noise, request_response, tcp, yamux};
@@ -19,7 +21,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::behaviour::{self, Behaviour, BehaviourEvent};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse};
 use super::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks};
-use super::manifest::{Manifest, SignedManifest};
+use super::manifest::{Manifest, ManifestKind, SignedManifest};
 use crate::store::Store;
 
 /// How long chunks may trickle in by gossip before missing ones are fetched.
@@ -44,6 +46,16 @@ pub struct NetworkOptions {
     pub psk: Option<PreSharedKey>,
     /// Gossipsub's mesh degree D (default 6); the benchmark varies it.
     pub mesh_n: Option<usize>,
+    pub transport: TransportKind,
+}
+
+/// What carries the connections.
+#[derive(Debug, Clone)]
+pub enum TransportKind {
+    /// TCP and QUIC (TCP only, wrapped in pnet, when a pre-shared key is set).
+    Internet,
+    /// Node `node` of an in-process simulated network (`simulate`).
+    Simulated { network: netsim::SimNetwork, node: u64 },
 }
 
 #[derive(Debug, Clone)]
@@ -78,6 +90,10 @@ enum Command {
     PeerScore(PeerId, oneshot::Sender<Option<f64>>),
     /// Ask connected peers for the newest manifest of a run, and fetch it.
     CatchUp(Digest, oneshot::Sender<Result<(), String>>),
+    Unsubscribe(Digest, oneshot::Sender<()>),
+    /// Store and serve an adapter without gossiping it.
+    Keep(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), String>>),
+    RunPeers(Digest, oneshot::Sender<Vec<PeerId>>),
 }
 
 /// Cloneable access to the network task.
@@ -102,6 +118,22 @@ impl NetworkHandle {
     /// Stores and gossips a signed manifest and its adapter's chunks.
     pub async fn publish(&self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
         self.call(|tx| Command::Publish(Box::new((signed, manifest, adapter)), tx)).await?.map_err(NetworkError::Command)
+    }
+
+    /// Leaves the run's topics (peers learn it at once, as from a goodbye).
+    pub async fn unsubscribe(&self, run_id: Digest) -> Result<(), NetworkError> {
+        self.call(|tx| Command::Unsubscribe(run_id, tx)).await
+    }
+
+    /// Stores an adapter and its manifest, and serves them to peers that ask
+    /// (catch-up, chunk requests), without gossiping them.
+    pub async fn keep(&self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
+        self.call(|tx| Command::Keep(Box::new((signed, manifest, adapter)), tx)).await?.map_err(NetworkError::Command)
+    }
+
+    /// Connected peers subscribed to the run's manifest topic.
+    pub async fn run_peers(&self, run_id: Digest) -> Result<Vec<PeerId>, NetworkError> {
+        self.call(|tx| Command::RunPeers(run_id, tx)).await
     }
 
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
@@ -160,8 +192,9 @@ struct EventLoop {
     manifest_topics: HashMap<gossipsub::TopicHash, Digest>,
     chunk_topics: HashSet<gossipsub::TopicHash>,
     pending: HashMap<Digest, Pending>,
-    /// Newest verified manifest of each run, for late joiners.
-    latest: HashMap<Digest, (u64, SignedManifest)>,
+    /// Newest verified manifest of each run, for late joiners, by (round,
+    /// is an average).
+    latest: HashMap<Digest, ((u64, bool), SignedManifest)>,
     /// Chunk id → peers still to ask, for retries.
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
@@ -179,8 +212,8 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     let (mdns_on, relay_server, mesh_n) = (options.mdns, options.relay_server, options.mesh_n);
     let build_behaviour = move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server, mesh_n);
     let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
-    let mut swarm = match options.psk {
-        None => builder
+    let mut swarm = match (options.transport, options.psk) {
+        (TransportKind::Internet, None) => builder
             .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
             .map_err(|e| setup(&e))?
             .with_quic()
@@ -190,15 +223,8 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
             .map_err(|e| setup(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
             .build(),
-        Some(psk) => builder
-            .with_other_transport(|key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
-                let noise = noise::Config::new(key)?;
-                Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                    .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                    .upgrade(upgrade::Version::V1)
-                    .authenticate(noise)
-                    .multiplex(yamux::Config::default()))
-            })
+        (kind, psk) => builder
+            .with_other_transport(|key| other_transport(key, kind, psk))
             .map_err(|e| setup(&e))?
             .with_relay_client(noise::Config::new, yamux::Config::default)
             .map_err(|e| setup(&e))?
@@ -239,6 +265,36 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     };
     tokio::spawn(event_loop.run());
     Ok((NetworkHandle { commands: command_tx, peer_id }, event_rx))
+}
+
+/// A private network's TCP (wrapped in pnet), or the simulated network;
+/// either way noise-authenticated and yamux-multiplexed.
+fn other_transport(
+    key: &identity::Keypair,
+    kind: TransportKind,
+    psk: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
+    let noise = noise::Config::new(key)?;
+    let boxed = match (kind, psk) {
+        (TransportKind::Simulated { network, node }, _) => network
+            .transport(node)
+            .upgrade(upgrade::Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        (TransportKind::Internet, psk) => {
+            let psk = psk.ok_or("the internet transport without a pre-shared key is built by with_tcp")?;
+            tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                .upgrade(upgrade::Version::V1)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default())
+                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+                .boxed()
+        }
+    };
+    Ok(boxed)
 }
 
 impl EventLoop {
@@ -285,6 +341,25 @@ impl EventLoop {
                 let (signed, manifest, adapter) = *publication;
                 let _ = reply.send(self.publish(signed, manifest, adapter));
             }
+            Command::Keep(publication, reply) => {
+                let (signed, manifest, adapter) = *publication;
+                let _ = reply.send(self.keep(&signed, &manifest, &adapter).map(|_| ()));
+            }
+            Command::Unsubscribe(run_id, reply) => {
+                let (manifests, chunks) = topics(&run_id);
+                let gossip = &mut self.swarm.behaviour_mut().gossipsub;
+                gossip.unsubscribe(&manifests);
+                gossip.unsubscribe(&chunks);
+                self.manifest_topics.remove(&manifests.hash());
+                self.chunk_topics.remove(&chunks.hash());
+                let _ = reply.send(());
+            }
+            Command::RunPeers(run_id, reply) => {
+                let topic = topics(&run_id).0.hash();
+                let gossip = &self.swarm.behaviour().gossipsub;
+                let peers = gossip.all_peers().filter(|(_, t)| t.contains(&&topic)).map(|(p, _)| *p).collect();
+                let _ = reply.send(peers);
+            }
             Command::Dial(addr, reply) => {
                 let _ = reply.send(self.swarm.dial(addr.clone()).map_err(|e| format!("dial {addr}: {e}")));
             }
@@ -314,15 +389,21 @@ impl EventLoop {
         }
     }
 
-    fn publish(&mut self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), String> {
-        let (manifest_topic, chunk_topic) = topics(&manifest.run_id);
-        let chunks = split_chunks(&adapter);
+    /// Stores the chunks and manifest and remembers them for catch-up.
+    fn keep<'a>(&mut self, signed: &SignedManifest, manifest: &Manifest, adapter: &'a [u8]) -> Result<Vec<(Digest, &'a [u8])>, String> {
+        let chunks = split_chunks(adapter);
         for (id, chunk) in &chunks {
             self.store.put_chunk(id, chunk).map_err(|e| e.to_string())?;
         }
-        self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
-        self.remember_latest(&manifest, &signed);
+        self.store.put_manifest(manifest.round, signed).map_err(|e| e.to_string())?;
+        self.remember_latest(manifest, signed);
         self.known.insert(manifest.adapter_hash, manifest.chunk_ids.clone());
+        Ok(chunks)
+    }
+
+    fn publish(&mut self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), String> {
+        let (manifest_topic, chunk_topic) = topics(&manifest.run_id);
+        let chunks = self.keep(&signed, &manifest, &adapter)?;
         let bytes = signed.to_bytes().map_err(|e| e.to_string())?;
         let gossip = &mut self.swarm.behaviour_mut().gossipsub;
         let ignore_duplicate = |r: Result<gossipsub::MessageId, gossipsub::PublishError>| match r {
@@ -341,10 +422,13 @@ impl EventLoop {
         Ok(())
     }
 
+    /// The newest adapter of each run for late joiners: the highest round,
+    /// and within a round an average over any single update.
     fn remember_latest(&mut self, manifest: &Manifest, signed: &SignedManifest) {
-        let newer = self.latest.get(&manifest.run_id).is_none_or(|(round, _)| manifest.round >= *round);
+        let rank = (manifest.round, manifest.kind == ManifestKind::Average);
+        let newer = self.latest.get(&manifest.run_id).is_none_or(|(known, _)| rank >= *known);
         if newer {
-            self.latest.insert(manifest.run_id, (manifest.round, signed.clone()));
+            self.latest.insert(manifest.run_id, (rank, signed.clone()));
         }
     }
 
