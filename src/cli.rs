@@ -198,9 +198,23 @@ pub struct SimulateArgs {
     /// Network scenario: latency, loss, bandwidth, partitions, churn (netsim/scenarios/*.toml).
     #[arg(long, value_name = "FILE")]
     pub scenario: Option<PathBuf>,
-    /// Where to write per-round metrics (JSONL).
+    /// Where to write per-round metrics (JSONL); a plot goes next to it as .svg
+    /// (default: <data dir>/simulate/metrics.jsonl).
     #[arg(long, value_name = "FILE")]
     pub metrics: Option<PathBuf>,
+    /// Held-out rows for each round's eval loss.
+    #[arg(long, default_value_t = 40)]
+    pub eval_rows: usize,
+    /// Test rows for exact match each round (built-in task; 0 skips it).
+    #[arg(long, default_value_t = 20)]
+    pub exact_match_rows: usize,
+    /// Also train one adapter centrally on all rows for the same total
+    /// steps, and compare its eval loss with the federated result.
+    #[arg(long)]
+    pub centralized_baseline: bool,
+    /// Quantized weights: `auto` dequantizes to float32 on CPU when memory allows.
+    #[arg(long, value_enum, default_value_t = QuantMode::Auto)]
+    pub quant: QuantMode,
 }
 
 #[derive(Debug, Args)]
@@ -476,6 +490,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Start(args) => crate::commands::node::start(&config, args),
         Command::Relay(args) => crate::commands::node::relay(&config, args),
         Command::Eval(args) => crate::commands::eval::run(&config, args),
+        Command::Simulate(args) => crate::commands::simulate::run(&config, args),
         other => {
             eprintln!(
                 "error: `blossom-p2p {}` is not yet implemented in this version; \

@@ -12,6 +12,7 @@ pub mod hub;
 pub mod logging;
 pub mod mlx_env;
 pub mod model;
+pub mod node;
 pub mod p2p;
 pub mod store;
 pub mod train;

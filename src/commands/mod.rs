@@ -7,6 +7,8 @@ pub mod eval;
 pub mod export;
 pub mod generate;
 pub mod node;
+pub mod plot;
+pub mod simulate;
 pub mod train;
 
 use std::process::ExitCode;

@@ -94,6 +94,7 @@ enum Command {
     /// Store and serve an adapter without gossiping it.
     Keep(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), String>>),
     RunPeers(Digest, oneshot::Sender<Vec<PeerId>>),
+    ForgetBefore(u64, oneshot::Sender<Result<(), String>>),
 }
 
 /// Cloneable access to the network task.
@@ -134,6 +135,12 @@ impl NetworkHandle {
     /// Connected peers subscribed to the run's manifest topic.
     pub async fn run_peers(&self, run_id: Digest) -> Result<Vec<PeerId>, NetworkError> {
         self.call(|tx| Command::RunPeers(run_id, tx)).await
+    }
+
+    /// Drops stored manifests of rounds before `round` and the chunks only
+    /// they referenced (the newest adapter of each run stays, for catch-up).
+    pub async fn forget_before(&self, round: u64) -> Result<(), NetworkError> {
+        self.call(|tx| Command::ForgetBefore(round, tx)).await?.map_err(NetworkError::Command)
     }
 
     pub async fn dial(&self, addr: Multiaddr) -> Result<(), NetworkError> {
@@ -192,16 +199,16 @@ struct EventLoop {
     manifest_topics: HashMap<gossipsub::TopicHash, Digest>,
     chunk_topics: HashSet<gossipsub::TopicHash>,
     pending: HashMap<Digest, Pending>,
-    /// Newest verified manifest of each run, for late joiners, by (round,
-    /// is an average).
-    latest: HashMap<Digest, ((u64, bool), SignedManifest)>,
+    /// Newest verified manifest of each run, for late joiners, by (is an
+    /// average, round).
+    latest: HashMap<Digest, ((bool, u64), SignedManifest)>,
     /// Chunk id → peers still to ask, for retries.
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
     relay_server: bool,
     /// Chunk ids of every adapter whose manifest was verified, to check
     /// gossiped chunks against.
-    known: HashMap<Digest, Vec<Digest>>,
+    known: HashMap<Digest, (u64, Vec<Digest>)>,
 }
 
 /// Builds the swarm (TCP and QUIC, noise, yamux, relay client) and starts
@@ -354,6 +361,20 @@ impl EventLoop {
                 self.chunk_topics.remove(&chunks.hash());
                 let _ = reply.send(());
             }
+            Command::ForgetBefore(round, reply) => {
+                let pinned: HashSet<Digest> = self
+                    .latest
+                    .values()
+                    .filter_map(|(_, signed)| signed.verify(&self.limits).ok())
+                    .flat_map(|(manifest, _)| manifest.chunk_ids)
+                    .collect();
+                let result = self.store.gc(round, &pinned).map(|report| {
+                    tracing::debug!(?report, "store clean-up");
+                });
+                self.known.retain(|_, (known_round, _)| *known_round >= round);
+                self.pending.retain(|_, p| p.manifest.round >= round);
+                let _ = reply.send(result.map_err(|e| e.to_string()));
+            }
             Command::RunPeers(run_id, reply) => {
                 let topic = topics(&run_id).0.hash();
                 let gossip = &self.swarm.behaviour().gossipsub;
@@ -397,7 +418,7 @@ impl EventLoop {
         }
         self.store.put_manifest(manifest.round, signed).map_err(|e| e.to_string())?;
         self.remember_latest(manifest, signed);
-        self.known.insert(manifest.adapter_hash, manifest.chunk_ids.clone());
+        self.known.insert(manifest.adapter_hash, (manifest.round, manifest.chunk_ids.clone()));
         Ok(chunks)
     }
 
@@ -422,10 +443,11 @@ impl EventLoop {
         Ok(())
     }
 
-    /// The newest adapter of each run for late joiners: the highest round,
-    /// and within a round an average over any single update.
+    /// The newest adapter of each run for late joiners: the newest average
+    /// if there is one (a node's own update of a later round is one peer's
+    /// view, not the network's), else the newest update.
     fn remember_latest(&mut self, manifest: &Manifest, signed: &SignedManifest) {
-        let rank = (manifest.round, manifest.kind == ManifestKind::Average);
+        let rank = (manifest.kind == ManifestKind::Average, manifest.round);
         let newer = self.latest.get(&manifest.run_id).is_none_or(|(known, _)| rank >= *known);
         if newer {
             self.latest.insert(manifest.run_id, (rank, signed.clone()));
@@ -501,7 +523,7 @@ impl EventLoop {
         }
         self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
         self.remember_latest(&manifest, &signed);
-        self.known.insert(manifest.adapter_hash, manifest.chunk_ids.clone());
+        self.known.insert(manifest.adapter_hash, (manifest.round, manifest.chunk_ids.clone()));
         let mut sources = vec![author];
         sources.extend(source.filter(|s| *s != author));
         self.pending.entry(manifest.adapter_hash).or_insert(Pending {
@@ -521,7 +543,7 @@ impl EventLoop {
     async fn accept_chunk_message(&mut self, data: &[u8]) -> Result<bool, String> {
         let message = ChunkMessage::from_bytes(data).map_err(|e| e.to_string())?;
         match self.known.get(&message.adapter_hash) {
-            Some(ids) => {
+            Some((_, ids)) => {
                 let expected = ids.get(message.index as usize).copied();
                 if expected != Some(Digest::of(&message.bytes)) {
                     return Err(format!("chunk {} of adapter {:?} does not match its manifest", message.index, message.adapter_hash));

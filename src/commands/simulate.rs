@@ -1,0 +1,518 @@
+//! `blossom-p2p simulate`: N real nodes (round engine, libp2p swarm,
+//! gossipsub) in one process over netsim's in-memory network, sharing one
+//! loaded base model on one compute thread. Scenario events (churn,
+//! partitions) fire by round. Each round prints a table row and appends a
+//! JSONL record; a plot of loss and agreement is written at the end.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::Multiaddr;
+use libp2p_identity::Keypair;
+use netsim::{Action, Scenario, SimNetwork, SplitMix64, Traffic};
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use crate::aggregate::Tensors;
+use crate::cli::SimulateArgs;
+use crate::config::Config;
+use crate::model::{LoadOptions, load_model};
+use crate::node::compute::{self, ComputeClient, ComputeSettings};
+use crate::node::engine::{Engine, RoundTrainer, EngineEvent, EngineSettings, PartitionMode, RoundClock, RoundReport, agreement};
+use crate::p2p::codec::{Digest, Limits};
+use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
+use crate::train::lora::LoraSettings;
+use crate::train::{MlxTrainer, TrainError};
+
+use super::plot::{Series, plot_rounds};
+
+/// Peers each node dials when it starts.
+const BOOTSTRAP_PEERS: usize = 3;
+/// Without a scenario timeout, simulated rounds wait at most this long for
+/// missing peers (idle compute time; see RoundClock::ComputeIdle).
+const DEFAULT_SIM_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+enum SimError {
+    #[error("{0}")]
+    Input(String),
+    #[error("{0}")]
+    Run(String),
+}
+
+pub fn run(config: &Config, args: &SimulateArgs) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(simulate(config, args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(SimError::Input(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::from(2)
+        }
+        Err(SimError::Run(message)) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// One simulated node while it runs.
+struct Running {
+    handle: NetworkHandle,
+    task: tokio::task::JoinHandle<()>,
+    client: ComputeClient,
+}
+
+/// What one node reported for a round, with its traffic during the round.
+struct NodeRound {
+    report: RoundReport,
+    traffic: Traffic,
+}
+
+struct Simulation {
+    network: SimNetwork,
+    run_id: Digest,
+    settings: EngineSettings,
+    compute: ComputeClient,
+    work_dir: PathBuf,
+    /// Engine events, tagged with the node and its traffic counters when
+    /// the event happened.
+    reports: mpsc::UnboundedSender<(u64, EngineEvent, Traffic)>,
+    running: BTreeMap<u64, Running>,
+    rng: SplitMix64,
+    seed: u64,
+    /// Traffic counters at each node's last report.
+    traffic_seen: HashMap<u64, Traffic>,
+}
+
+fn keypair(seed: u64, node: u64) -> Result<Keypair, SimError> {
+    let mut secret = *blake3::hash(format!("blossom-simulate:{seed}:{node}").as_bytes()).as_bytes();
+    Keypair::ed25519_from_bytes(&mut secret).map_err(|e| SimError::Run(format!("node key: {e}")))
+}
+
+impl Simulation {
+    /// Starts node `node`; `catch_up` for late joiners and restarts.
+    fn start(&mut self, node: u64, catch_up: bool) -> Result<(), SimError> {
+        let live: Vec<u64> = self.running.keys().copied().filter(|n| *n != node).collect();
+        let mut bootstrap = Vec::new();
+        let mut candidates = live.clone();
+        while bootstrap.len() < BOOTSTRAP_PEERS && !candidates.is_empty() {
+            let pick = (self.rng.next_u64() % candidates.len() as u64) as usize;
+            bootstrap.push(SimNetwork::address(candidates.swap_remove(pick)));
+        }
+        let options = NetworkOptions {
+            listen: vec![SimNetwork::address(node)],
+            bootstrap,
+            external: Vec::new(),
+            mdns: false,
+            relay_server: false,
+            store_dir: self.work_dir.join(format!("node-{node:03}")).join("store"),
+            store_quota: 1 << 30,
+            limits: Limits::default(),
+            psk: None,
+            mesh_n: None,
+            transport: TransportKind::Simulated {
+                network: self.network.clone(),
+                node,
+            },
+        };
+        let keypair = keypair(self.seed, node)?;
+        let (handle, events) = spawn(keypair.clone(), options).map_err(|e| SimError::Run(format!("node {node}: {e}")))?;
+        let client = self.compute.for_slot(node);
+        let mut settings = self.settings.clone();
+        settings.catch_up = catch_up;
+        // One node measures how far FedAvg drifts from the exact average.
+        settings.measure_drift = node == 0;
+        if let RoundClock::ComputeIdle { busy, .. } = &mut settings.clock {
+            *busy = client.busy();
+        }
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let engine = Engine::new(handle.clone(), events, keypair, client.clone(), settings, tx);
+        let reports = self.reports.clone();
+        let network = self.network.clone();
+        let forward = move |event: EngineEvent| {
+            let _ = reports.send((node, event, network.traffic(node)));
+        };
+        let task = tokio::spawn(async move {
+            let run = engine.run();
+            tokio::pin!(run);
+            // Forward the engine's events tagged with the node.
+            loop {
+                tokio::select! {
+                    result = &mut run => {
+                        while let Ok(event) = rx.try_recv() {
+                            forward(event);
+                        }
+                        if let Err(e) = result {
+                            tracing::error!(node, error = %e, "node stopped");
+                            forward(EngineEvent::Finished);
+                        }
+                        return;
+                    }
+                    Some(event) = rx.recv() => forward(event),
+                }
+            }
+        });
+        self.running.insert(node, Running { handle, task, client });
+        Ok(())
+    }
+
+    /// Stops a node: `graceful` leaves the run's topics first.
+    async fn stop(&mut self, node: u64, graceful: bool) {
+        let Some(running) = self.running.remove(&node) else { return };
+        if graceful {
+            let _ = running.handle.unsubscribe(self.run_id).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        } else {
+            self.network.cut_off(node);
+        }
+        running.task.abort();
+        running.client.forget();
+        // Dropping the last handle stops the swarm and frees its address.
+        drop(running.handle);
+    }
+
+    async fn fire(&mut self, round: u32, scenario: &Scenario) -> Result<(), SimError> {
+        for event in scenario.events_at(round).cloned().collect::<Vec<_>>() {
+            let nodes: Vec<u64> = event.nodes.iter().map(|n| u64::from(*n)).collect();
+            println!("  round {round}: {:?} {:?}{}", event.action, event.nodes, if event.groups.is_empty() { String::new() } else { format!(" {:?}", event.groups) });
+            match event.action {
+                Action::Leave => {
+                    for node in nodes {
+                        self.stop(node, true).await;
+                    }
+                }
+                Action::Crash => {
+                    for node in nodes {
+                        self.stop(node, false).await;
+                    }
+                }
+                Action::Join | Action::Restart => {
+                    for node in nodes {
+                        if !self.running.contains_key(&node) {
+                            self.start(node, true)?;
+                        }
+                    }
+                }
+                Action::Partition => {
+                    let groups: Vec<Vec<u64>> = event.groups.iter().map(|g| g.iter().map(|n| u64::from(*n)).collect()).collect();
+                    self.network.partition(&groups);
+                }
+                Action::Heal => {
+                    self.network.heal();
+                    self.redial().await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// After a heal, every node dials a few others again.
+    async fn redial(&mut self) {
+        let live: Vec<u64> = self.running.keys().copied().collect();
+        for (node, running) in &self.running {
+            for _ in 0..BOOTSTRAP_PEERS {
+                let other = live[(self.rng.next_u64() % live.len() as u64) as usize];
+                if other != *node {
+                    let addr: Multiaddr = SimNetwork::address(other);
+                    let _ = running.handle.dial(addr).await;
+                }
+            }
+        }
+    }
+}
+
+fn load_compute(config: &Config, args: &SimulateArgs, total_steps: u64) -> Result<compute::Prepared, SimError> {
+    let config_for_thread = config.clone();
+    let quant = args.quant;
+    let load = move || -> Result<(MlxTrainer, crate::data::Dataset, String), TrainError> {
+        let dataset = super::train::load_data(&config_for_thread)?;
+        let loaded = load_model(&config_for_thread.model.source, &LoadOptions { quant })?;
+        let settings = LoraSettings::from_config(&config_for_thread.lora);
+        let trainer = MlxTrainer::new(loaded.decoder, loaded.tokenizer, settings, config_for_thread.train.clone(), total_steps)?;
+        Ok((trainer, dataset, loaded.identity))
+    };
+    let settings = ComputeSettings {
+        local_steps: u64::from(config.train.local_steps),
+        eval_rows: args.eval_rows,
+        exact_match_rows: args.exact_match_rows,
+    };
+    compute::spawn(load, settings).map_err(SimError::Input)
+}
+
+/// A finished round across nodes.
+struct RoundRow {
+    round: u64,
+    nodes: usize,
+    train_loss: f64,
+    eval_loss: f64,
+    exact_match: Option<f64>,
+    agreement: f64,
+    sent: f64,
+    received: f64,
+    seconds: f64,
+    timed_out: usize,
+    modal: (Digest, Arc<Tensors>),
+}
+
+async fn summarize(round: u64, nodes: &[NodeRound], compute: &ComputeClient, exact_match: bool) -> Result<RoundRow, SimError> {
+    let hashes: Vec<Digest> = nodes.iter().map(|n| n.report.average_hash).collect();
+    // Evaluate each distinct average once.
+    let mut eval: HashMap<Digest, f32> = HashMap::new();
+    let mut counts: BTreeMap<Digest, (usize, Arc<Tensors>)> = BTreeMap::new();
+    for node in nodes {
+        let entry = counts.entry(node.report.average_hash).or_insert((0, node.report.average.clone()));
+        entry.0 += 1;
+    }
+    for (hash, (_, tensors)) in &counts {
+        let loss = compute.evaluate((**tensors).clone()).await.map_err(SimError::Run)?;
+        eval.insert(*hash, loss);
+    }
+    let (modal_hash, (_, modal)) = counts
+        .iter()
+        .max_by_key(|(hash, (count, _))| (*count, std::cmp::Reverse(**hash)))
+        .map(|(h, v)| (*h, v.clone()))
+        .ok_or_else(|| SimError::Run("a round with no reports".into()))?;
+    let exact = if exact_match { Some(f64::from(compute.exact_match(Some((*modal).clone())).await.map_err(SimError::Run)?)) } else { None };
+    let n = nodes.len() as f64;
+    let trained: Vec<f64> = nodes.iter().filter(|x| x.report.rows > 0).map(|x| f64::from(x.report.local.loss)).collect();
+    Ok(RoundRow {
+        round,
+        nodes: nodes.len(),
+        train_loss: trained.iter().sum::<f64>() / trained.len().max(1) as f64,
+        eval_loss: hashes.iter().map(|h| f64::from(eval[h])).sum::<f64>() / n,
+        exact_match: exact,
+        agreement: agreement(&hashes),
+        sent: nodes.iter().map(|x| x.traffic.sent as f64).sum::<f64>() / n,
+        received: nodes.iter().map(|x| x.traffic.received as f64).sum::<f64>() / n,
+        seconds: nodes.iter().map(|x| x.report.elapsed.as_secs_f64()).fold(0.0, f64::max),
+        timed_out: nodes.iter().filter(|x| x.report.timed_out).count(),
+        modal: (modal_hash, modal),
+    })
+}
+
+fn megabytes(bytes: f64) -> String {
+    format!("{:.2} MB", bytes / 1e6)
+}
+
+async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> {
+    let scenario = match &args.scenario {
+        Some(path) => Scenario::load(path).map_err(|e| SimError::Input(e.to_string()))?,
+        None => Scenario::ideal(),
+    };
+    let (nodes, rounds) = (config.federation.nodes, config.federation.rounds);
+    scenario.check(nodes, rounds).map_err(|e| SimError::Input(format!("{e} (--nodes {nodes}, --rounds {rounds})")))?;
+    let local_steps = u64::from(config.train.local_steps);
+    let total_steps = u64::from(rounds) * local_steps;
+    println!("loading {} on the compute thread ...", config.model.source);
+    let prepared = load_compute(config, args, total_steps)?;
+    let compute = prepared.client.clone();
+    let run_id = crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config);
+    let work_dir = config.network.data_dir.join("simulate");
+    // Each simulation starts from empty stores.
+    let _ = std::fs::remove_dir_all(&work_dir);
+    std::fs::create_dir_all(&work_dir).map_err(|e| SimError::Input(format!("{}: {e}", work_dir.display())))?;
+    let metrics_path = args.metrics.clone().unwrap_or_else(|| work_dir.join("metrics.jsonl"));
+    if let Some(parent) = metrics_path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|e| SimError::Input(format!("{}: {e}", parent.display())))?;
+    }
+    let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| SimError::Input(format!("{}: {e}", metrics_path.display())))?;
+    let builtin = config.data.dataset == "builtin" && args.exact_match_rows > 0;
+    let timeout = scenario.round_timeout_secs.map(Duration::from_secs_f64).unwrap_or_else(|| DEFAULT_SIM_TIMEOUT.min(Duration::from_secs(config.federation.round_timeout_secs)));
+    let settings = EngineSettings {
+        run_id,
+        rounds: u64::from(rounds),
+        method: crate::node::method(config),
+        partition: PartitionMode::Hash {
+            buckets: config.federation.num_buckets,
+        },
+        fingerprint: prepared.fingerprint.clone(),
+        train_rows: Arc::new(prepared.train_rows.clone()),
+        clock: RoundClock::ComputeIdle {
+            timeout,
+            busy: compute.busy(),
+        },
+        catch_up: false,
+        min_peers: usize::from(nodes > 1),
+        grace: Duration::from_millis(300),
+        evaluate: false,
+        save_every: 0,
+        save_dir: None,
+        limits: Limits::default(),
+        measure_drift: false,
+    };
+    println!(
+        "simulating {nodes} nodes, {rounds} rounds of {local_steps} steps, scenario `{}`, {:?} averaging; run {}",
+        scenario.name, settings.method, run_id
+    );
+    let before = if builtin { Some(compute.exact_match(None).await.map_err(SimError::Run)?) } else { None };
+    if let Some(before) = before {
+        println!("exact match before training: {:.1}% of {} test rows", before * 100.0, args.exact_match_rows);
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let mut sim = Simulation {
+        network: SimNetwork::new(scenario.link_params(), scenario.seed),
+        run_id,
+        settings,
+        compute: compute.clone(),
+        work_dir: work_dir.clone(),
+        reports: tx,
+        running: BTreeMap::new(),
+        rng: SplitMix64::new(scenario.seed ^ 0x5EED),
+        seed: scenario.seed,
+        traffic_seen: HashMap::new(),
+    };
+    let late: Vec<u64> = scenario.late_joiners().into_iter().map(u64::from).collect();
+    for node in (0..u64::from(nodes)).filter(|n| !late.contains(n)) {
+        sim.start(node, false)?;
+    }
+    sim.fire(0, &scenario).await?;
+    println!(
+        "{:>5} {:>5} {:>10} {:>9} {:>7} {:>9} {:>11} {:>11} {:>8}",
+        "round", "nodes", "train loss", "eval loss", "exact", "agreement", "sent/node", "recv/node", "time"
+    );
+    let started = Instant::now();
+    let mut fired_through = 0u32;
+    let mut by_round: BTreeMap<u64, Vec<NodeRound>> = BTreeMap::new();
+    let mut last_round: HashMap<u64, u64> = HashMap::new();
+    let mut finished: Vec<u64> = Vec::new();
+    let mut rows: Vec<RoundRow> = Vec::new();
+    let mut rejected = 0usize;
+    // Bounded: every node finishes, stops or fails; each event is one step.
+    while sim.running.keys().any(|n| !finished.contains(n)) {
+        let Some((node, event, now)) = rx.recv().await else { break };
+        match event {
+            EngineEvent::Round(report) => {
+                let seen = sim.traffic_seen.insert(node, now).unwrap_or_default();
+                let round = report.round;
+                last_round.insert(node, round);
+                by_round.entry(round).or_default().push(NodeRound {
+                    report,
+                    traffic: Traffic {
+                        sent: now.sent - seen.sent,
+                        received: now.received - seen.received,
+                    },
+                });
+                // Events of round r fire when the first node starts it.
+                while fired_through < (round as u32 + 1).min(rounds.saturating_sub(1)) {
+                    fired_through += 1;
+                    sim.fire(fired_through, &scenario).await?;
+                }
+            }
+            EngineEvent::CaughtUp { round, from } => println!("  node {node} caught up: trains from round {round} on average {from}"),
+            EngineEvent::Rejected { peer, reason } => {
+                rejected += 1;
+                tracing::warn!(node, %peer, %reason, "rejected");
+            }
+            EngineEvent::Finished => finished.push(node),
+        }
+        // A round is complete once every running node has moved past it.
+        while let Some((&round, _)) = by_round.first_key_value() {
+            let done = sim.running.keys().all(|n| finished.contains(n) || last_round.get(n).is_some_and(|r| *r >= round));
+            if !done {
+                break;
+            }
+            let Some((round, nodes_round)) = by_round.pop_first() else { break };
+            let row = summarize(round, &nodes_round, &compute, builtin).await?;
+            print_row(&row);
+            write_record(&mut metrics, &row, &nodes_round)?;
+            rows.push(row);
+        }
+    }
+    while let Some((round, nodes_round)) = by_round.pop_first() {
+        let row = summarize(round, &nodes_round, &compute, builtin).await?;
+        print_row(&row);
+        write_record(&mut metrics, &row, &nodes_round)?;
+        rows.push(row);
+    }
+    let wall = started.elapsed();
+    for node in sim.running.keys().copied().collect::<Vec<_>>() {
+        sim.stop(node, true).await;
+    }
+    let last = rows.last().ok_or_else(|| SimError::Run("no round completed".into()))?;
+    println!("done in {:.1} s; {rejected} messages rejected", wall.as_secs_f64());
+    println!("final agreement {:.2}, eval loss {:.4} (round 0: {:.4})", last.agreement, last.eval_loss, rows[0].eval_loss);
+    if let (Some(before), Some(after)) = (before, last.exact_match) {
+        println!("exact match: {:.1}% before, {:.1}% after", before * 100.0, after * 100.0);
+    }
+    let adapter_bytes = crate::node::adapter_size(&last.modal.1).map_err(SimError::Run)?;
+    let mean_traffic = rows.iter().map(|r| r.sent + r.received).sum::<f64>() / rows.len() as f64;
+    println!(
+        "traffic per node per round: {} sent+received; a Flower server would move {} per client (adapter {} up, average down)",
+        megabytes(mean_traffic),
+        megabytes(2.0 * adapter_bytes as f64),
+        megabytes(adapter_bytes as f64)
+    );
+    let adapter_dir = work_dir.join("adapter");
+    compute.save((*last.modal.1).clone(), adapter_dir.clone()).await.map_err(SimError::Run)?;
+    println!("averaged adapter {} saved in mlx-lm format to {}", last.modal.0, adapter_dir.display());
+    if args.centralized_baseline {
+        let steps = total_steps * u64::from(nodes);
+        println!("centralized baseline: {steps} steps on all rows ...");
+        let central = compute.centralized(steps).await.map_err(SimError::Run)?;
+        let loss = compute.evaluate(central).await.map_err(SimError::Run)?;
+        let gap = (last.eval_loss - f64::from(loss)) / f64::from(loss) * 100.0;
+        println!("centralized eval loss {loss:.4}; federated {:.4}; gap {gap:+.1}%", last.eval_loss);
+        writeln!(metrics, "{}", json!({"centralized_eval_loss": loss, "centralized_steps": steps, "federated_eval_loss": last.eval_loss, "gap_percent": gap}))
+            .map_err(|e| SimError::Run(format!("{}: {e}", metrics_path.display())))?;
+    }
+    let plot_path = metrics_path.with_extension("svg");
+    let round_axis: Vec<f64> = rows.iter().map(|r| r.round as f64).collect();
+    let series = [
+        Series::new("train loss", &round_axis, rows.iter().map(|r| r.train_loss)),
+        Series::new("eval loss", &round_axis, rows.iter().map(|r| r.eval_loss)),
+    ];
+    let mut lower = vec![Series::new("agreement", &round_axis, rows.iter().map(|r| r.agreement))];
+    if builtin {
+        lower.push(Series::new("exact match", &round_axis, rows.iter().map(|r| r.exact_match.unwrap_or(0.0))));
+    }
+    plot_rounds(&plot_path, &format!("{} nodes, scenario {}", nodes, scenario.name), &series, &lower).map_err(SimError::Run)?;
+    println!("metrics: {}; plot: {}", metrics_path.display(), plot_path.display());
+    Ok(())
+}
+
+fn print_row(row: &RoundRow) {
+    let exact = row.exact_match.map_or("-".to_owned(), |e| format!("{:.1}%", e * 100.0));
+    println!(
+        "{:>5} {:>5} {:>10.4} {:>9.4} {:>7} {:>9.2} {:>11} {:>11} {:>7.1}s{}",
+        row.round,
+        row.nodes,
+        row.train_loss,
+        row.eval_loss,
+        exact,
+        row.agreement,
+        megabytes(row.sent),
+        megabytes(row.received),
+        row.seconds,
+        if row.timed_out > 0 { format!("  ({} hit the deadline)", row.timed_out) } else { String::new() }
+    );
+}
+
+fn write_record(out: &mut std::fs::File, row: &RoundRow, nodes: &[NodeRound]) -> Result<(), SimError> {
+    let drift: Vec<f64> = nodes.iter().filter_map(|n| n.report.fedavg_drift).collect();
+    let record = json!({
+        "round": row.round,
+        "nodes": row.nodes,
+        "train_loss": row.train_loss,
+        "eval_loss": row.eval_loss,
+        "exact_match": row.exact_match,
+        "agreement": row.agreement,
+        "bytes_sent_per_node": row.sent,
+        "bytes_received_per_node": row.received,
+        "round_seconds": row.seconds,
+        "deadline_hits": row.timed_out,
+        "average_hash": row.modal.0.to_hex(),
+        "fedavg_drift": drift.first(),
+        "contributors": nodes.iter().map(|n| n.report.contributors).collect::<Vec<_>>(),
+    });
+    writeln!(out, "{record}").map_err(|e| SimError::Run(format!("metrics: {e}")))
+}

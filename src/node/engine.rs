@@ -1,0 +1,553 @@
+//! The round engine (DESIGN.md, "Rounds"): train → publish → collect →
+//! average → next round. It sees the trainer only through [`RoundTrainer`]
+//! and the network only through its handle and events; docs/PROTOCOL.md
+//! explains the choices.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use libp2p::PeerId;
+use libp2p_identity::Keypair;
+use tokio::sync::{mpsc, watch};
+
+use super::partition::{hash_partition, static_partition};
+use super::wire::{decode_checked, encode};
+use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
+use crate::p2p::codec::{Digest, Limits};
+use crate::p2p::manifest::{Manifest, ManifestKind, SignedManifest};
+use crate::p2p::network::{NetworkEvent, NetworkHandle};
+
+/// What a round of local training produced.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalResult {
+    pub loss: f32,
+    pub examples: u64,
+    pub tokens: u64,
+}
+
+/// The trainer as the engine sees it. Adapters cross as plain float
+/// tensors, so a fake trainer is enough to test the engine.
+pub trait RoundTrainer: Clone + Send + Sync + 'static {
+    /// The adapter every node of the run starts from (the same seed gives
+    /// the same tensors on every node).
+    fn initial(&self) -> impl Future<Output = Result<Tensors, String>> + Send;
+    /// Local steps of `round` from `start` on the rows `rows` (indices).
+    fn train(&self, start: Tensors, rows: Vec<u64>, round: u64) -> impl Future<Output = Result<(Tensors, LocalResult), String>> + Send;
+    /// Loss on the held-out rows.
+    fn evaluate(&self, adapter: Tensors) -> impl Future<Output = Result<f32, String>> + Send;
+    /// Writes the adapter in the mlx-lm format into `dir`.
+    fn save(&self, adapter: Tensors, dir: PathBuf) -> impl Future<Output = Result<(), String>> + Send;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum PartitionMode {
+    /// Hash buckets over the round's members (rendezvous hashing).
+    Hash { buckets: u32 },
+    /// Shard `id` of `count`, whoever else is there.
+    Static { id: u32, count: u32 },
+}
+
+/// When a round's collection ends if the quorum does not come first.
+#[derive(Debug, Clone)]
+pub enum RoundClock {
+    /// `timeout` of wall time after this node published.
+    Wall { timeout: Duration },
+    /// Deadlines on the run's schedule: round r ends at start + (r+1)·length.
+    Schedule { start: SystemTime, length: Duration },
+    /// `timeout` counted only while no node's training is queued or running
+    /// (the simulator's nodes share the CPU: a slow CPU must not turn into
+    /// lost rounds). The receiver reports the jobs in flight.
+    ComputeIdle { timeout: Duration, busy: watch::Receiver<usize> },
+}
+
+impl RoundClock {
+    /// Sleeps until the collection deadline of `round`.
+    async fn deadline(&mut self, round: u64) {
+        match self {
+            RoundClock::Wall { timeout } => tokio::time::sleep(*timeout).await,
+            RoundClock::Schedule { start, length } => {
+                let end = *start + *length * (round as u32 + 1);
+                let left = end.duration_since(SystemTime::now()).unwrap_or_default();
+                tokio::time::sleep(left).await;
+            }
+            RoundClock::ComputeIdle { timeout, .. } => {
+                let timeout = *timeout;
+                self.wait(timeout).await
+            }
+        }
+    }
+
+    /// Sleeps `duration` of this clock's time (idle time for ComputeIdle).
+    async fn wait(&mut self, duration: Duration) {
+        match self {
+            RoundClock::Wall { .. } | RoundClock::Schedule { .. } => tokio::time::sleep(duration).await,
+            RoundClock::ComputeIdle { busy, .. } => {
+                let mut left = duration;
+                // Bounded: every pass either ends or spends idle time.
+                loop {
+                    if busy.wait_for(|jobs| *jobs == 0).await.is_err() {
+                        // The compute service is gone; fall back to wall time.
+                        return tokio::time::sleep(left).await;
+                    }
+                    let started = tokio::time::Instant::now();
+                    tokio::select! {
+                        _ = tokio::time::sleep(left) => return,
+                        _ = busy.wait_for(|jobs| *jobs > 0) => {
+                            left = left.saturating_sub(started.elapsed());
+                            if left.is_zero() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct EngineSettings {
+    pub run_id: Digest,
+    /// Rounds of the whole run (the node stops after the last).
+    pub rounds: u64,
+    pub method: Method,
+    pub partition: PartitionMode,
+    pub fingerprint: String,
+    /// Indices of the training rows.
+    pub train_rows: Arc<Vec<u64>>,
+    pub clock: RoundClock,
+    /// Ask peers for the newest average before the first round.
+    pub catch_up: bool,
+    /// Before round 0, wait (up to ten seconds) for this many peers.
+    pub min_peers: usize,
+    /// After the quorum, updates are still taken for this long (clock time):
+    /// late joiners' and, in round 0, those of peers not yet known.
+    pub grace: Duration,
+    /// Evaluate every average on the held-out rows.
+    pub evaluate: bool,
+    /// Save the average in the mlx-lm format every N rounds into `save_dir/round-NNNN`.
+    pub save_every: u32,
+    pub save_dir: Option<PathBuf>,
+    pub limits: Limits,
+    /// Report how far FedAvg's result is from the exact average each round.
+    pub measure_drift: bool,
+}
+
+/// One round, as this node lived it.
+#[derive(Debug, Clone)]
+pub struct RoundReport {
+    pub round: u64,
+    pub average_hash: Digest,
+    pub average: Arc<Tensors>,
+    /// The average this node trained from.
+    pub parent: Digest,
+    pub contributors: usize,
+    pub expected: usize,
+    /// True if the deadline, not the quorum, ended the round.
+    pub timed_out: bool,
+    pub rows: usize,
+    pub local: LocalResult,
+    pub eval_loss: Option<f32>,
+    /// Of this round's contributors, the fraction that trained from the same
+    /// average as this node: agreement on round r−1's average.
+    pub agreement_before: f64,
+    /// ‖FedAvg update − exact average update‖ / ‖exact‖, if measured.
+    pub fedavg_drift: Option<f64>,
+    pub elapsed: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub enum EngineEvent {
+    /// Catch-up found an adapter: training resumes at `round`.
+    CaughtUp { round: u64, from: Digest },
+    Round(RoundReport),
+    Rejected { peer: PeerId, reason: String },
+    Finished,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("trainer: {0}")]
+    Trainer(String),
+    #[error("network: {0}")]
+    Network(String),
+    #[error("averaging: {0}")]
+    Aggregate(String),
+}
+
+/// A peer's update for some round.
+struct Update {
+    manifest: Manifest,
+    tensors: Tensors,
+}
+
+/// Catch-up candidates: the newest verified adapter seen, averages first,
+/// then by round.
+struct Candidate {
+    rank: (bool, u64),
+    hash: Digest,
+    tensors: Tensors,
+}
+
+/// How many rounds ahead of this node updates are kept.
+const LOOKAHEAD: u64 = 2;
+
+pub struct Engine<T: RoundTrainer> {
+    pub net: NetworkHandle,
+    pub events: mpsc::Receiver<NetworkEvent>,
+    pub keypair: Keypair,
+    pub trainer: T,
+    pub settings: EngineSettings,
+    pub reports: mpsc::UnboundedSender<EngineEvent>,
+    /// Updates by round and author.
+    buffered: BTreeMap<u64, BTreeMap<PeerId, Update>>,
+    candidate: Option<Candidate>,
+    /// The layout every adapter must have (the node's own initial adapter).
+    layout: Tensors,
+}
+
+impl<T: RoundTrainer> Engine<T> {
+    pub fn new(
+        net: NetworkHandle,
+        events: mpsc::Receiver<NetworkEvent>,
+        keypair: Keypair,
+        trainer: T,
+        settings: EngineSettings,
+        reports: mpsc::UnboundedSender<EngineEvent>,
+    ) -> Self {
+        Self {
+            net,
+            events,
+            keypair,
+            trainer,
+            settings,
+            reports,
+            buffered: BTreeMap::new(),
+            candidate: None,
+            layout: Tensors::new(),
+        }
+    }
+
+    fn me(&self) -> PeerId {
+        self.net.peer_id
+    }
+
+    fn report(&self, event: EngineEvent) {
+        // A reader that went away only means nobody watches.
+        let _ = self.reports.send(event);
+    }
+
+    /// Handles one network event: buffers updates of rounds `from..from+LOOKAHEAD`,
+    /// remembers the newest adapter for catch-up, reports rejections.
+    fn on_network_event(&mut self, event: NetworkEvent, from: u64) {
+        let (manifest, author, bytes) = match event {
+            NetworkEvent::AdapterReady { manifest, author, bytes } => (manifest, author, bytes),
+            NetworkEvent::Rejected { peer, reason } => return self.report(EngineEvent::Rejected { peer, reason }),
+            _ => return,
+        };
+        if manifest.run_id != self.settings.run_id || author == self.me() {
+            return;
+        }
+        let tensors = match decode_checked(&bytes, &self.layout, &self.settings.limits) {
+            Ok(t) => t,
+            Err(reason) => {
+                tracing::warn!(peer = %author, round = manifest.round, %reason, "rejected an adapter");
+                return self.report(EngineEvent::Rejected { peer: author, reason });
+            }
+        };
+        let rank = (manifest.kind == ManifestKind::Average, manifest.round);
+        if self.candidate.as_ref().is_none_or(|c| rank > c.rank) {
+            self.candidate = Some(Candidate {
+                rank,
+                hash: manifest.adapter_hash,
+                tensors: tensors.clone(),
+            });
+        }
+        if manifest.kind != ManifestKind::Update {
+            return;
+        }
+        // Never average a stale adapter into a newer round.
+        if manifest.round < from || manifest.round >= from + LOOKAHEAD + 1 {
+            tracing::debug!(peer = %author, round = manifest.round, from, "ignored an update outside the round window");
+            return;
+        }
+        let round = self.buffered.entry(manifest.round).or_default();
+        match round.get(&author) {
+            Some(existing) if existing.manifest.adapter_hash != manifest.adapter_hash => {
+                let reason = format!("a second, different update for round {}", manifest.round);
+                self.report(EngineEvent::Rejected { peer: author, reason });
+            }
+            Some(_) => {}
+            None => {
+                round.insert(author, Update { manifest, tensors });
+            }
+        }
+    }
+
+    /// Runs `work` while handling network events (the event channel is
+    /// bounded: leaving it undrained would stall the swarm).
+    async fn while_listening<R>(&mut self, work: impl Future<Output = R>, round: u64) -> Result<R, EngineError> {
+        tokio::pin!(work);
+        loop {
+            tokio::select! {
+                result = &mut work => return Ok(result),
+                event = self.events.recv() => match event {
+                    Some(event) => self.on_network_event(event, round),
+                    None => return Err(EngineError::Network("the network task stopped".into())),
+                },
+            }
+        }
+    }
+
+    async fn sleep_listening(&mut self, duration: Duration, round: u64) -> Result<(), EngineError> {
+        self.while_listening(tokio::time::sleep(duration), round).await
+    }
+
+    /// Asks peers for the newest adapter and waits for it: `Some((round to
+    /// train next, adapter))`, or `None` if nobody had one.
+    async fn catch_up(&mut self, from: u64) -> Result<Option<(u64, Tensors)>, EngineError> {
+        self.candidate = None;
+        // Bounded: about 20 s of asking, then the node starts on its own.
+        for attempt in 0..10 {
+            let peers = self.net.connected_peers().await.map_err(|e| EngineError::Network(e.to_string()))?;
+            if !peers.is_empty() {
+                if let Err(e) = self.net.catch_up(self.settings.run_id).await {
+                    tracing::debug!(error = %e, "catch-up request");
+                }
+            }
+            self.sleep_listening(Duration::from_secs(2), from).await?;
+            if let Some(candidate) = self.candidate.take() {
+                let next = candidate.rank.1 + 1;
+                self.report(EngineEvent::CaughtUp { round: next, from: candidate.hash });
+                tracing::info!(round = next, from = %candidate.hash, "caught up");
+                return Ok(Some((next, candidate.tensors)));
+            }
+            if attempt >= 2 && !peers.is_empty() && self.buffered.is_empty() {
+                // Peers were asked three times and nothing is moving: this
+                // run has not started yet.
+                return Ok(None);
+            }
+        }
+        Ok(None)
+    }
+
+    fn rows(&self, members: &[PeerId]) -> Vec<u64> {
+        match self.settings.partition {
+            PartitionMode::Static { id, count } => static_partition(&self.settings.train_rows, id, count),
+            PartitionMode::Hash { buckets } => {
+                let peers: Vec<Vec<u8>> = members.iter().map(|p| p.to_bytes()).collect();
+                hash_partition(&self.settings.fingerprint, &self.settings.train_rows, buckets, &peers, &self.me().to_bytes())
+            }
+        }
+    }
+
+    fn sign(&self, manifest: &Manifest) -> Result<SignedManifest, EngineError> {
+        SignedManifest::sign(manifest, &self.keypair).map_err(|e| EngineError::Network(e.to_string()))
+    }
+
+    /// Runs the rounds until the last one; reports each.
+    pub async fn run(mut self) -> Result<(), EngineError> {
+        let run_id = self.settings.run_id;
+        self.net.subscribe(run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        let initial = self.trainer.initial().await.map_err(EngineError::Trainer)?;
+        self.layout = initial.clone();
+        let (mut round, mut current) = (0, initial);
+        if self.settings.catch_up
+            && let Some((next, adapter)) = self.catch_up(0).await?
+        {
+            (round, current) = (next, adapter);
+        }
+        let mut members: Vec<PeerId> = Vec::new();
+        if round == 0 {
+            self.wait_for_peers().await?;
+        }
+        while round < self.settings.rounds {
+            if members.is_empty() {
+                members = self.net.run_peers(run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            }
+            if !members.contains(&self.me()) {
+                members.push(self.me());
+            }
+            members.sort();
+            let report = self.round(round, &current, &members).await?;
+            members = report.1;
+            current = (*report.0.average).clone();
+            let lagging = self.buffered.keys().next_back().is_some_and(|r| *r >= round + 2);
+            self.report(EngineEvent::Round(report.0));
+            round += 1;
+            if lagging && let Some((next, adapter)) = self.catch_up(round).await? {
+                // Peers are two rounds ahead (this node was cut off or
+                // slow): rejoin from the newest average instead of
+                // publishing updates nobody will use.
+                (round, current) = (next, adapter);
+                members.clear();
+            }
+            self.buffered.retain(|r, _| *r >= round);
+        }
+        self.report(EngineEvent::Finished);
+        Ok(())
+    }
+
+    async fn wait_for_peers(&mut self) -> Result<(), EngineError> {
+        let wanted = self.settings.min_peers;
+        // Bounded: 100 checks, a tenth of a second each.
+        for _ in 0..100 {
+            let peers = self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            if peers.len() >= wanted {
+                return Ok(());
+            }
+            self.sleep_listening(Duration::from_millis(100), 0).await?;
+        }
+        tracing::warn!(wanted, "starting round 0 before every expected peer joined");
+        Ok(())
+    }
+
+    /// One round from `current` with these `members`; returns the report
+    /// and the next round's members (this round's contributors).
+    async fn round(&mut self, round: u64, current: &Tensors, members: &[PeerId]) -> Result<(RoundReport, Vec<PeerId>), EngineError> {
+        let started = Instant::now();
+        let run_id = self.settings.run_id;
+        let parent = Digest::of(&encode(current).map_err(EngineError::Aggregate)?);
+        let rows = self.rows(members);
+        // 1. Train (a node with no rows this round contributes its start
+        //    adapter with zero weight).
+        let (update, local) = if rows.is_empty() {
+            (current.clone(), LocalResult::default())
+        } else {
+            let (trainer, start, picked) = (self.trainer.clone(), current.clone(), rows.clone());
+            let training = async move { trainer.train(start, picked, round).await };
+            self.while_listening(training, round).await?.map_err(EngineError::Trainer)?
+        };
+        // 2. Publish.
+        let bytes = encode(&update).map_err(EngineError::Aggregate)?;
+        let manifest = Manifest {
+            parent: Some(parent),
+            examples: local.examples,
+            tokens: local.tokens,
+            train_loss: local.loss,
+            ..Manifest::describe(run_id, round, &self.me(), &bytes)
+        };
+        let signed = self.sign(&manifest)?;
+        if let Err(e) = self.net.publish(signed, manifest.clone(), bytes).await {
+            // No peer in the topic right now: the update stays in the store
+            // for fetches, and the round goes on.
+            tracing::warn!(round, error = %e, "could not gossip the update");
+        }
+        let me = self.me();
+        self.buffered.entry(round).or_default().insert(me, Update { manifest, tensors: update });
+        // 3. Collect until every member's update is in, or the deadline.
+        let quorum = |buffered: &BTreeMap<u64, BTreeMap<PeerId, Update>>| {
+            buffered.get(&round).is_some_and(|got| members.iter().all(|m| got.contains_key(m)))
+        };
+        let mut clock = self.settings.clock.clone();
+        let deadline = clock.deadline(round);
+        tokio::pin!(deadline);
+        let mut timed_out = false;
+        // Bounded by the deadline.
+        while !quorum(&self.buffered) {
+            tokio::select! {
+                _ = &mut deadline => {
+                    timed_out = true;
+                    break;
+                }
+                event = self.events.recv() => match event {
+                    Some(event) => self.on_network_event(event, round),
+                    None => return Err(EngineError::Network("the network task stopped".into())),
+                },
+            }
+        }
+        if !timed_out {
+            let mut grace_clock = self.settings.clock.clone();
+            let grace = grace_clock.wait(self.settings.grace);
+            tokio::pin!(grace);
+            loop {
+                tokio::select! {
+                    _ = &mut deadline => break,
+                    _ = &mut grace => break,
+                    event = self.events.recv() => match event {
+                        Some(event) => self.on_network_event(event, round),
+                        None => return Err(EngineError::Network("the network task stopped".into())),
+                    },
+                }
+            }
+        }
+        // 4. Average, inputs sorted by author.
+        let updates = self.buffered.remove(&round).unwrap_or_default();
+        let contributors: Vec<PeerId> = updates.keys().copied().collect();
+        let same_parent = updates.values().filter(|u| u.manifest.parent == Some(parent)).count();
+        let examples: u64 = updates.values().map(|u| u.manifest.examples).sum();
+        let inputs: Vec<Contribution> = updates
+            .into_iter()
+            .map(|(author, u)| Contribution {
+                author: author.to_bytes(),
+                examples: u.manifest.examples,
+                tensors: u.tensors,
+            })
+            .collect();
+        let count = inputs.len();
+        let fedavg_drift = if self.settings.measure_drift { fedavg_drift(inputs.clone()).ok() } else { None };
+        let average = aggregate(self.settings.method, inputs, Some(current)).map_err(|e| EngineError::Aggregate(e.to_string()))?;
+        let average_bytes = encode(&average).map_err(EngineError::Aggregate)?;
+        let average_hash = Digest::of(&average_bytes);
+        let eval_loss = if self.settings.evaluate {
+            let (trainer, adapter) = (self.trainer.clone(), average.clone());
+            let evaluation = async move { trainer.evaluate(adapter).await };
+            Some(self.while_listening(evaluation, round + 1).await?.map_err(EngineError::Trainer)?)
+        } else {
+            None
+        };
+        // Kept and served to late joiners, not gossiped: nodes that agree
+        // already hold these chunks.
+        let average_manifest = Manifest {
+            kind: ManifestKind::Average,
+            parent: Some(parent),
+            examples,
+            eval_loss,
+            ..Manifest::describe(run_id, round, &me, &average_bytes)
+        };
+        let signed = self.sign(&average_manifest)?;
+        self.net.keep(signed, average_manifest, average_bytes).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        if let Err(e) = self.net.forget_before(round.saturating_sub(1)).await {
+            tracing::warn!(error = %e, "store clean-up failed");
+        }
+        if let Some(dir) = &self.settings.save_dir
+            && self.settings.save_every > 0
+            && ((round + 1) % u64::from(self.settings.save_every) == 0 || round + 1 == self.settings.rounds)
+        {
+            let (trainer, adapter, dir) = (self.trainer.clone(), average.clone(), dir.join(format!("round-{round:04}")));
+            let saving = async move { trainer.save(adapter, dir).await };
+            if let Err(e) = self.while_listening(saving, round + 1).await? {
+                tracing::error!(round, error = %e, "could not save the averaged adapter");
+            }
+        }
+        tracing::debug!(round, contributors = count, expected = members.len(), timed_out, average = %average_hash, "round done");
+        let report = RoundReport {
+            round,
+            average_hash,
+            average: Arc::new(average),
+            parent,
+            contributors: count,
+            expected: members.len(),
+            timed_out,
+            rows: rows.len(),
+            local,
+            eval_loss,
+            agreement_before: same_parent as f64 / count.max(1) as f64,
+            fedavg_drift,
+            elapsed: started.elapsed(),
+        };
+        Ok((report, contributors))
+    }
+}
+
+/// Agreement across nodes: the share of `hashes` equal to the most common one.
+pub fn agreement(hashes: &[Digest]) -> f64 {
+    let mut counts: HashMap<&Digest, usize> = HashMap::new();
+    for hash in hashes {
+        *counts.entry(hash).or_default() += 1;
+    }
+    counts.values().max().copied().unwrap_or(0) as f64 / hashes.len().max(1) as f64
+}

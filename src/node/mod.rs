@@ -1,0 +1,48 @@
+//! The node: the round engine joining the trainer and the network (DESIGN.md,
+//! "Layers"). `engine` runs rounds through two narrow seams, the
+//! `RoundTrainer` trait and the p2p `NetworkHandle`; `compute` puts an MLX
+//! trainer behind that trait on its own thread; `partition` decides who
+//! trains on which rows; `wire` turns adapters into network bytes and back.
+
+pub mod compute;
+pub mod engine;
+pub mod partition;
+mod wire;
+
+use crate::aggregate::Method;
+use crate::config::{Aggregation, Config};
+use crate::p2p::codec::Digest;
+
+/// The run id: blake3 of everything nodes must share to average each
+/// other's adapters (DESIGN.md, "Protocol"): the base model's files, the
+/// data set, the LoRA shape, the template, and the round's length and count
+/// (the learning-rate schedule spans the run).
+pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> Digest {
+    let canonical = serde_json::json!({
+        "model": model_identity,
+        "data": data_fingerprint,
+        "lora": &config.lora,
+        "template": &config.data.template,
+        "local_steps": config.train.local_steps,
+        "batch_size": config.train.batch_size,
+        "rounds": config.federation.rounds,
+    });
+    Digest::of(canonical.to_string().as_bytes())
+}
+
+/// Bytes of an adapter's canonical encoding: what one upload moves.
+pub fn adapter_size(tensors: &crate::aggregate::Tensors) -> Result<usize, String> {
+    wire::encode(tensors).map(|bytes| bytes.len())
+}
+
+pub fn method(config: &Config) -> Method {
+    match config.federation.aggregation {
+        Aggregation::Fedavg => Method::FedAvg,
+        Aggregation::Exact => Method::Exact,
+        Aggregation::Median => Method::Median,
+        Aggregation::TrimmedMean => Method::TrimmedMean {
+            fraction: config.federation.trim_fraction,
+        },
+        Aggregation::NormClip => Method::NormClip,
+    }
+}
