@@ -351,8 +351,10 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
         measure_drift: false,
     };
     println!(
-        "simulating {nodes} nodes, {rounds} rounds of {local_steps} steps, scenario `{}`, {:?} averaging; run {}",
-        scenario.name, settings.method, run_id
+        "simulating {nodes} nodes, {rounds} rounds of {local_steps} steps, scenario `{}`, `{}` averaging; run {}",
+        scenario.name,
+        serde_json::to_value(config.federation.aggregation).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default(),
+        run_id
     );
     let before = if builtin { Some(compute.exact_match(None).await.map_err(SimError::Run)?) } else { None };
     if let Some(before) = before {

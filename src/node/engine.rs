@@ -205,6 +205,8 @@ pub struct Engine<T: RoundTrainer> {
     /// Updates by round and author.
     buffered: BTreeMap<u64, BTreeMap<PeerId, Update>>,
     candidate: Option<Candidate>,
+    /// The newest round each peer published an update for: who is active.
+    recent_authors: HashMap<PeerId, u64>,
     /// The layout every adapter must have (the node's own initial adapter).
     layout: Tensors,
 }
@@ -227,6 +229,7 @@ impl<T: RoundTrainer> Engine<T> {
             reports,
             buffered: BTreeMap::new(),
             candidate: None,
+            recent_authors: HashMap::new(),
             layout: Tensors::new(),
         }
     }
@@ -240,9 +243,11 @@ impl<T: RoundTrainer> Engine<T> {
         let _ = self.reports.send(event);
     }
 
-    /// Handles one network event: buffers updates of rounds `from..from+LOOKAHEAD`,
-    /// remembers the newest adapter for catch-up, reports rejections.
-    fn on_network_event(&mut self, event: NetworkEvent, from: u64) {
+    /// Handles one network event: buffers updates of rounds
+    /// `from..=from+LOOKAHEAD` (while catching up, `from` is unknown and the
+    /// newest rounds are kept), remembers the newest adapter for catch-up,
+    /// reports rejections.
+    fn on_network_event(&mut self, event: NetworkEvent, from: Option<u64>) {
         let (manifest, author, bytes) = match event {
             NetworkEvent::AdapterReady { manifest, author, bytes } => (manifest, author, bytes),
             NetworkEvent::Rejected { peer, reason } => return self.report(EngineEvent::Rejected { peer, reason }),
@@ -269,8 +274,12 @@ impl<T: RoundTrainer> Engine<T> {
         if manifest.kind != ManifestKind::Update {
             return;
         }
+        let newest = self.recent_authors.entry(author).or_insert(manifest.round);
+        *newest = (*newest).max(manifest.round);
         // Never average a stale adapter into a newer round.
-        if manifest.round < from || manifest.round >= from + LOOKAHEAD + 1 {
+        if let Some(from) = from
+            && (manifest.round < from || manifest.round > from + LOOKAHEAD)
+        {
             tracing::debug!(peer = %author, round = manifest.round, from, "ignored an update outside the round window");
             return;
         }
@@ -285,11 +294,15 @@ impl<T: RoundTrainer> Engine<T> {
                 round.insert(author, Update { manifest, tensors });
             }
         }
+        // Bounded memory whatever peers claim: the newest rounds win.
+        while self.buffered.len() > LOOKAHEAD as usize + 1 {
+            self.buffered.pop_first();
+        }
     }
 
     /// Runs `work` while handling network events (the event channel is
     /// bounded: leaving it undrained would stall the swarm).
-    async fn while_listening<R>(&mut self, work: impl Future<Output = R>, round: u64) -> Result<R, EngineError> {
+    async fn while_listening<R>(&mut self, work: impl Future<Output = R>, round: Option<u64>) -> Result<R, EngineError> {
         tokio::pin!(work);
         loop {
             tokio::select! {
@@ -302,13 +315,13 @@ impl<T: RoundTrainer> Engine<T> {
         }
     }
 
-    async fn sleep_listening(&mut self, duration: Duration, round: u64) -> Result<(), EngineError> {
+    async fn sleep_listening(&mut self, duration: Duration, round: Option<u64>) -> Result<(), EngineError> {
         self.while_listening(tokio::time::sleep(duration), round).await
     }
 
     /// Asks peers for the newest adapter and waits for it: `Some((round to
     /// train next, adapter))`, or `None` if nobody had one.
-    async fn catch_up(&mut self, from: u64) -> Result<Option<(u64, Tensors)>, EngineError> {
+    async fn catch_up(&mut self, from: Option<u64>) -> Result<Option<(u64, Tensors)>, EngineError> {
         self.candidate = None;
         // Bounded: about 20 s of asking, then the node starts on its own.
         for attempt in 0..10 {
@@ -318,7 +331,14 @@ impl<T: RoundTrainer> Engine<T> {
                     tracing::debug!(error = %e, "catch-up request");
                 }
             }
-            self.sleep_listening(Duration::from_secs(2), from).await?;
+            // Answers need a fetch of the adapter's chunks: give them up to
+            // two seconds, looking every quarter.
+            for _ in 0..8 {
+                self.sleep_listening(Duration::from_millis(250), from).await?;
+                if self.candidate.as_ref().is_some_and(|c| c.rank.0) {
+                    break;
+                }
+            }
             if let Some(candidate) = self.candidate.take() {
                 let next = candidate.rank.1 + 1;
                 self.report(EngineEvent::CaughtUp { round: next, from: candidate.hash });
@@ -356,39 +376,52 @@ impl<T: RoundTrainer> Engine<T> {
         self.layout = initial.clone();
         let (mut round, mut current) = (0, initial);
         if self.settings.catch_up
-            && let Some((next, adapter)) = self.catch_up(0).await?
+            && let Some((next, adapter)) = self.catch_up(None).await?
         {
             (round, current) = (next, adapter);
         }
-        let mut members: Vec<PeerId> = Vec::new();
+        // After a catch-up, ask peers for the round's updates gossiped
+        // before this node was there.
+        let mut rejoined = round > 0;
         if round == 0 {
             self.wait_for_peers().await?;
         }
         while round < self.settings.rounds {
-            if members.is_empty() {
-                members = self.net.run_peers(run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            let members = self.members(round).await?;
+            if rejoined {
+                self.net.ask_round(run_id, round).await.map_err(|e| EngineError::Network(e.to_string()))?;
+                rejoined = false;
             }
-            if !members.contains(&self.me()) {
-                members.push(self.me());
-            }
-            members.sort();
             let report = self.round(round, &current, &members).await?;
-            members = report.1;
-            current = (*report.0.average).clone();
+            current = (*report.average).clone();
             let lagging = self.buffered.keys().next_back().is_some_and(|r| *r >= round + 2);
-            self.report(EngineEvent::Round(report.0));
+            self.report(EngineEvent::Round(report));
             round += 1;
-            if lagging && let Some((next, adapter)) = self.catch_up(round).await? {
+            if lagging && let Some((next, adapter)) = self.catch_up(None).await? {
                 // Peers are two rounds ahead (this node was cut off or
                 // slow): rejoin from the newest average instead of
                 // publishing updates nobody will use.
                 (round, current) = (next, adapter);
-                members.clear();
+                rejoined = true;
             }
             self.buffered.retain(|r, _| *r >= round);
         }
         self.report(EngineEvent::Finished);
         Ok(())
+    }
+
+    /// The round's members, whose updates the quorum waits for (sorted, with
+    /// this node): peers that published an update for the previous round or
+    /// this one. In round 0, or when none did, every connected peer of the run.
+    async fn members(&self, round: u64) -> Result<Vec<PeerId>, EngineError> {
+        let mut members: Vec<PeerId> = self.recent_authors.iter().filter(|(_, r)| **r + 1 >= round).map(|(p, _)| *p).collect();
+        if round == 0 || members.is_empty() {
+            members.extend(self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?);
+        }
+        members.push(self.me());
+        members.sort();
+        members.dedup();
+        Ok(members)
     }
 
     async fn wait_for_peers(&mut self) -> Result<(), EngineError> {
@@ -399,15 +432,14 @@ impl<T: RoundTrainer> Engine<T> {
             if peers.len() >= wanted {
                 return Ok(());
             }
-            self.sleep_listening(Duration::from_millis(100), 0).await?;
+            self.sleep_listening(Duration::from_millis(100), Some(0)).await?;
         }
         tracing::warn!(wanted, "starting round 0 before every expected peer joined");
         Ok(())
     }
 
-    /// One round from `current` with these `members`; returns the report
-    /// and the next round's members (this round's contributors).
-    async fn round(&mut self, round: u64, current: &Tensors, members: &[PeerId]) -> Result<(RoundReport, Vec<PeerId>), EngineError> {
+    /// One round from `current`; the quorum is every one of `members`.
+    async fn round(&mut self, round: u64, current: &Tensors, members: &[PeerId]) -> Result<RoundReport, EngineError> {
         let started = Instant::now();
         let run_id = self.settings.run_id;
         let parent = Digest::of(&encode(current).map_err(EngineError::Aggregate)?);
@@ -419,7 +451,7 @@ impl<T: RoundTrainer> Engine<T> {
         } else {
             let (trainer, start, picked) = (self.trainer.clone(), current.clone(), rows.clone());
             let training = async move { trainer.train(start, picked, round).await };
-            self.while_listening(training, round).await?.map_err(EngineError::Trainer)?
+            self.while_listening(training, Some(round)).await?.map_err(EngineError::Trainer)?
         };
         // 2. Publish.
         let bytes = encode(&update).map_err(EngineError::Aggregate)?;
@@ -454,7 +486,7 @@ impl<T: RoundTrainer> Engine<T> {
                     break;
                 }
                 event = self.events.recv() => match event {
-                    Some(event) => self.on_network_event(event, round),
+                    Some(event) => self.on_network_event(event, Some(round)),
                     None => return Err(EngineError::Network("the network task stopped".into())),
                 },
             }
@@ -468,7 +500,7 @@ impl<T: RoundTrainer> Engine<T> {
                     _ = &mut deadline => break,
                     _ = &mut grace => break,
                     event = self.events.recv() => match event {
-                        Some(event) => self.on_network_event(event, round),
+                        Some(event) => self.on_network_event(event, Some(round)),
                         None => return Err(EngineError::Network("the network task stopped".into())),
                     },
                 }
@@ -476,7 +508,6 @@ impl<T: RoundTrainer> Engine<T> {
         }
         // 4. Average, inputs sorted by author.
         let updates = self.buffered.remove(&round).unwrap_or_default();
-        let contributors: Vec<PeerId> = updates.keys().copied().collect();
         let same_parent = updates.values().filter(|u| u.manifest.parent == Some(parent)).count();
         let examples: u64 = updates.values().map(|u| u.manifest.examples).sum();
         let inputs: Vec<Contribution> = updates
@@ -495,7 +526,7 @@ impl<T: RoundTrainer> Engine<T> {
         let eval_loss = if self.settings.evaluate {
             let (trainer, adapter) = (self.trainer.clone(), average.clone());
             let evaluation = async move { trainer.evaluate(adapter).await };
-            Some(self.while_listening(evaluation, round + 1).await?.map_err(EngineError::Trainer)?)
+            Some(self.while_listening(evaluation, Some(round + 1)).await?.map_err(EngineError::Trainer)?)
         } else {
             None
         };
@@ -519,7 +550,7 @@ impl<T: RoundTrainer> Engine<T> {
         {
             let (trainer, adapter, dir) = (self.trainer.clone(), average.clone(), dir.join(format!("round-{round:04}")));
             let saving = async move { trainer.save(adapter, dir).await };
-            if let Err(e) = self.while_listening(saving, round + 1).await? {
+            if let Err(e) = self.while_listening(saving, Some(round + 1)).await? {
                 tracing::error!(round, error = %e, "could not save the averaged adapter");
             }
         }
@@ -539,7 +570,7 @@ impl<T: RoundTrainer> Engine<T> {
             fedavg_drift,
             elapsed: started.elapsed(),
         };
-        Ok((report, contributors))
+        Ok(report)
     }
 }
 

@@ -68,6 +68,18 @@ pub fn topic_score_params() -> gossipsub::TopicScoreParams {
     }
 }
 
+/// Gossipsub's defaults, except that a node which leaves and rejoins within
+/// the prune backoff (a restart) is not graylisted for its first GRAFTs
+/// (the default penalty, −10 per violation² from the first, left restarted
+/// nodes ignored by their peers; docs/PROTOCOL.md).
+fn peer_score_params() -> gossipsub::PeerScoreParams {
+    gossipsub::PeerScoreParams {
+        behaviour_penalty_weight: -1.0,
+        behaviour_penalty_threshold: 6.0,
+        ..Default::default()
+    }
+}
+
 pub fn build(
     key: &identity::Keypair,
     relay_client: relay::client::Behaviour,
@@ -79,7 +91,7 @@ pub fn build(
     let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossipsub_config(mesh_n)?)
         .map_err(|e| format!("gossipsub: {e}"))?;
     gossipsub
-        .with_peer_score(gossipsub::PeerScoreParams::default(), gossipsub::PeerScoreThresholds::default())
+        .with_peer_score(peer_score_params(), gossipsub::PeerScoreThresholds::default())
         .map_err(|e| format!("gossipsub peer score: {e}"))?;
     let mdns = if mdns_on {
         Some(mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id).map_err(|e| format!("mdns: {e}"))?)

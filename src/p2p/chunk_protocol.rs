@@ -1,5 +1,6 @@
-//! `/blossom/chunk/1`: request a chunk by id (its bytes or "not found"), or
-//! the newest manifest a peer holds for a run (how late joiners catch up).
+//! `/blossom/chunk/1`: request a chunk by id (its bytes or "not found"), the
+//! newest manifest a peer holds for a run (how late joiners catch up), or the
+//! update manifests of one round (what a node that joined mid-round missed).
 //! Length-prefixed bincode, bounded before anything is allocated.
 
 use std::io;
@@ -21,6 +22,8 @@ pub enum ChunkRequest {
     Chunk(Digest),
     /// The newest signed manifest the peer holds for this run id.
     Latest(Digest),
+    /// The signed update manifests the peer holds for (run id, round).
+    Round(Digest, u64),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -28,8 +31,13 @@ pub enum ChunkResponse {
     Chunk(Vec<u8>),
     /// Encoded `SignedManifest` (verified by the receiver).
     Manifest(Vec<u8>),
+    /// Encoded `SignedManifest`s, together at most `MAX_ROUND_MANIFESTS` bytes.
+    Manifests(Vec<Vec<u8>>),
     NotFound,
 }
+
+/// What one `Manifests` response may carry, so it stays inside a frame.
+pub const MAX_ROUND_MANIFESTS: usize = CHUNK_SIZE;
 
 #[derive(Debug, Clone, Default)]
 pub struct ChunkCodec;
@@ -80,6 +88,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
         let too_large = match &response {
             ChunkResponse::Chunk(bytes) => bytes.len() > CHUNK_SIZE,
             ChunkResponse::Manifest(bytes) => bytes.len() > MAX_MANIFEST_BYTES,
+            ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum::<usize>() > MAX_ROUND_MANIFESTS,
             ChunkResponse::NotFound => false,
         };
         if too_large {

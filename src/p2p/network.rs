@@ -19,7 +19,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, identity, kad, mdns,
 use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{self, Behaviour, BehaviourEvent};
-use super::chunk_protocol::{ChunkRequest, ChunkResponse};
+use super::chunk_protocol::{ChunkRequest, ChunkResponse, MAX_ROUND_MANIFESTS};
 use super::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks};
 use super::manifest::{Manifest, ManifestKind, SignedManifest};
 use crate::store::Store;
@@ -95,6 +95,8 @@ enum Command {
     Keep(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), String>>),
     RunPeers(Digest, oneshot::Sender<Vec<PeerId>>),
     ForgetBefore(u64, oneshot::Sender<Result<(), String>>),
+    /// Ask connected peers for a round's update manifests, and fetch them.
+    AskRound(Digest, u64),
 }
 
 /// Cloneable access to the network task.
@@ -165,6 +167,12 @@ impl NetworkHandle {
     /// This node's gossipsub score of `peer` (negative after invalid messages).
     pub async fn peer_score(&self, peer: PeerId) -> Result<Option<f64>, NetworkError> {
         self.call(|tx| Command::PeerScore(peer, tx)).await
+    }
+
+    /// Asks connected peers for the update manifests of `round` (updates
+    /// gossiped before this node joined); they arrive as usual events.
+    pub async fn ask_round(&self, run_id: Digest, round: u64) -> Result<(), NetworkError> {
+        self.commands.send(Command::AskRound(run_id, round)).await.map_err(|_| NetworkError::Stopped)
     }
 
     pub async fn catch_up(&self, run_id: Digest) -> Result<(), NetworkError> {
@@ -375,6 +383,12 @@ impl EventLoop {
                 self.pending.retain(|_, p| p.manifest.round >= round);
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
+            Command::AskRound(run_id, round) => {
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+                for peer in peers {
+                    self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Round(run_id, round));
+                }
+            }
             Command::RunPeers(run_id, reply) => {
                 let topic = topics(&run_id).0.hash();
                 let gossip = &self.swarm.behaviour().gossipsub;
@@ -526,11 +540,17 @@ impl EventLoop {
         self.known.insert(manifest.adapter_hash, (manifest.round, manifest.chunk_ids.clone()));
         let mut sources = vec![author];
         sources.extend(source.filter(|s| *s != author));
+        // An average is never gossiped (it comes from a catch-up answer):
+        // fetch its chunks at once instead of waiting for gossip.
+        let since = match manifest.kind {
+            ManifestKind::Average => Instant::now().checked_sub(FETCH_GRACE).unwrap_or_else(Instant::now),
+            ManifestKind::Update => Instant::now(),
+        };
         self.pending.entry(manifest.adapter_hash).or_insert(Pending {
             manifest: manifest.clone(),
             author,
             sources,
-            since: Instant::now(),
+            since,
         });
         self.emit(NetworkEvent::Manifest { manifest: manifest.clone(), author }).await;
         self.complete(manifest.adapter_hash).await;
@@ -600,6 +620,35 @@ impl EventLoop {
         }
     }
 
+    /// A manifest a peer sent in answer to a request: accepted like a
+    /// gossiped one if it verifies and belongs to a run this node joined.
+    async fn accept_offered_manifest(&mut self, bytes: &[u8], peer: PeerId) -> Result<(), String> {
+        let run = SignedManifest::from_bytes(bytes).ok().and_then(|s| s.verify(&self.limits).ok()).map(|(m, _)| m.run_id);
+        match run {
+            Some(run_id) if self.manifest_topics.values().any(|r| *r == run_id) => self.accept_manifest(bytes, run_id, Some(peer)).await,
+            _ => Err("an invalid manifest, or one for a run this node did not join".to_owned()),
+        }
+    }
+
+    /// The update manifests of a round this node holds, as many as fit.
+    fn round_manifests(&self, run_id: Digest, round: u64) -> ChunkResponse {
+        let mut list = Vec::new();
+        let mut size = 0;
+        for signed in self.store.manifests(round).unwrap_or_default() {
+            let Ok((manifest, _)) = signed.verify(&self.limits) else { continue };
+            if manifest.run_id != run_id || manifest.kind != ManifestKind::Update {
+                continue;
+            }
+            let Ok(bytes) = signed.to_bytes() else { continue };
+            if size + bytes.len() > MAX_ROUND_MANIFESTS {
+                break;
+            }
+            size += bytes.len();
+            list.push(bytes);
+        }
+        if list.is_empty() { ChunkResponse::NotFound } else { ChunkResponse::Manifests(list) }
+    }
+
     /// Asks peers for chunks of adapters whose grace period passed.
     fn fetch_missing(&mut self) {
         let now = Instant::now();
@@ -646,6 +695,7 @@ impl EventLoop {
                         Some(Ok(bytes)) => ChunkResponse::Manifest(bytes),
                         _ => ChunkResponse::NotFound,
                     },
+                    ChunkRequest::Round(run_id, round) => self.round_manifests(run_id, round),
                 };
                 let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);
             }
@@ -666,16 +716,15 @@ impl EventLoop {
                         let reason = format!("sent bytes that are not chunk {id:?}");
                         self.emit(NetworkEvent::Rejected { peer, reason }).await;
                     }
+                    (ChunkResponse::Manifests(list), _) => {
+                        for bytes in list {
+                            if let Err(reason) = self.accept_offered_manifest(&bytes, peer).await {
+                                self.emit(NetworkEvent::Rejected { peer, reason }).await;
+                            }
+                        }
+                    }
                     (ChunkResponse::Manifest(bytes), _) => {
-                        let run = SignedManifest::from_bytes(&bytes)
-                            .ok()
-                            .and_then(|s| s.verify(&self.limits).ok())
-                            .map(|(m, _)| m.run_id);
-                        let result = match run {
-                            Some(run_id) if self.manifest_topics.values().any(|r| *r == run_id) => self.accept_manifest(&bytes, run_id, Some(peer)).await,
-                            _ => Err("an invalid manifest, or one for a run this node did not join".to_owned()),
-                        };
-                        if let Err(reason) = result {
+                        if let Err(reason) = self.accept_offered_manifest(&bytes, peer).await {
                             self.emit(NetworkEvent::Rejected { peer, reason }).await;
                         }
                     }

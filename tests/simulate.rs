@@ -1,0 +1,134 @@
+//! Whole networks in one process: `blossom-p2p simulate` with the tiny model
+//! (real round engine, real libp2p and gossipsub over netsim), one scenario
+//! per test, checked through the metrics JSONL it writes.
+
+mod common;
+
+use std::path::Path;
+
+use serde_json::Value;
+
+/// Runs a simulation of the tiny model and returns its stdout and the
+/// per-round records.
+fn simulate(dir: &Path, nodes: u32, rounds: u32, scenario: Option<&str>, settings: &[&str], extra: &[&str]) -> (String, Vec<Value>) {
+    let data_dir = format!("network.data_dir=\"{}\"", dir.display());
+    let metrics = dir.join("metrics.jsonl");
+    let (nodes, rounds) = (nodes.to_string(), rounds.to_string());
+    let mut args = vec![
+        "-q", "--set", "model.source=tiny", "--set", "lora.num_layers=4", "--set", &data_dir, "--set", "train.local_steps=6",
+    ];
+    for setting in settings {
+        args.extend(["--set", setting]);
+    }
+    args.extend([
+        "simulate", "--nodes", &nodes, "--rounds", &rounds, "--eval-rows", "16", "--exact-match-rows", "2",
+        "--metrics", metrics.to_str().unwrap(),
+    ]);
+    let scenario_path;
+    if let Some(name) = scenario {
+        scenario_path = format!("netsim/scenarios/{name}.toml");
+        args.extend(["--scenario", &scenario_path]);
+    }
+    args.extend(extra);
+    let output = common::blossom(&args);
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "simulate failed\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    let records = std::fs::read_to_string(&metrics)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|r| r.get("round").is_some())
+        .collect();
+    (stdout, records)
+}
+
+fn field(record: &Value, key: &str) -> f64 {
+    record[key].as_f64().unwrap_or_else(|| panic!("{key} in {record}"))
+}
+
+fn agreements(records: &[Value]) -> Vec<f64> {
+    records.iter().map(|r| field(r, "agreement")).collect()
+}
+
+#[test]
+fn ideal_network_loss_falls_and_every_node_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, records) = simulate(dir.path(), 4, 4, Some("ideal"), &[], &["--centralized-baseline"]);
+    assert_eq!(records.len(), 4, "{stdout}");
+    let (first, last) = (&records[0], &records[3]);
+    assert!(field(last, "eval_loss") < field(first, "eval_loss") - 0.1, "{stdout}");
+    assert!(field(last, "train_loss") < field(first, "train_loss"), "{stdout}");
+    assert_eq!(field(last, "agreement"), 1.0, "{stdout}");
+    assert_eq!(field(last, "nodes"), 4.0);
+    assert!(field(last, "bytes_sent_per_node") > 0.0);
+    // The table, the plot and the saved adapter are there.
+    assert!(stdout.contains("agreement") && stdout.contains("exact match: "), "{stdout}");
+    assert!(std::fs::read_to_string(dir.path().join("metrics.svg")).unwrap().contains("<svg"));
+    assert!(dir.path().join("simulate/adapter/adapters.safetensors").exists());
+    assert!(dir.path().join("simulate/adapter/adapter_config.json").exists());
+    assert!(stdout.contains("centralized eval loss"), "{stdout}");
+}
+
+#[test]
+fn lossy_wan_completes_and_agrees() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, records) = simulate(dir.path(), 4, 4, Some("lossy-wan"), &[], &[]);
+    assert_eq!(records.len(), 4, "{stdout}");
+    assert_eq!(agreements(&records)[3], 1.0, "{stdout}");
+}
+
+#[test]
+fn churn_completes_and_live_nodes_agree_again_when_it_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    // Churn events end at round 4; rounds 5 and 6 are quiet.
+    let (stdout, records) = simulate(dir.path(), 4, 7, Some("churn"), &[], &[]);
+    assert_eq!(records.len(), 7, "{stdout}");
+    let nodes: Vec<f64> = records.iter().map(|r| field(r, "nodes")).collect();
+    assert!(nodes.iter().any(|n| *n < 4.0), "the churn took nodes away: {nodes:?}");
+    assert!(stdout.contains("node 1 caught up") && stdout.contains("node 2 caught up"), "{stdout}");
+    assert_eq!(field(&records[6], "agreement"), 1.0, "{stdout}");
+    assert_eq!(field(&records[6], "nodes"), 4.0, "{stdout}");
+}
+
+#[test]
+fn a_late_joiner_catches_up_from_the_newest_average() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, records) = simulate(dir.path(), 4, 5, Some("late-joiners"), &[], &[]);
+    assert!(stdout.contains("node 3 caught up: trains from round"), "{stdout}");
+    assert_eq!(field(&records[0], "nodes"), 2.0, "nodes 2 and 3 join later: {stdout}");
+    let last = records.last().unwrap();
+    assert_eq!(field(last, "nodes"), 4.0, "{stdout}");
+    assert_eq!(field(last, "agreement"), 1.0, "{stdout}");
+}
+
+#[test]
+fn a_partitioned_network_diverges_and_converges_after_healing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, records) = simulate(dir.path(), 4, 5, Some("partition-heal"), &[], &[]);
+    let agreement = agreements(&records);
+    // Split at round 1 into halves: each half averages on its own.
+    assert_eq!(agreement[1], 0.5, "{stdout}");
+    assert_eq!(agreement[4], 1.0, "healed at round 3: {stdout}");
+}
+
+#[test]
+fn exact_and_robust_averaging_run_end_to_end() {
+    for method in ["exact", "median", "trimmed-mean", "norm-clip"] {
+        let dir = tempfile::tempdir().unwrap();
+        let set = format!("federation.aggregation=\"{method}\"");
+        let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set], &[]);
+        assert!(stdout.contains(&format!("`{method}` averaging")), "{stdout}");
+        assert_eq!(agreements(&records)[1], 1.0, "{method}: {stdout}");
+    }
+}
+
+#[test]
+fn a_bad_scenario_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, "name = \"bad\"\n[[event]]\nat_round = 1\naction = \"crash\"\nnodes = [7]\n").unwrap();
+    let output = common::blossom(&["simulate", "--nodes", "3", "--rounds", "3", "--set", "model.source=tiny", "--scenario", bad.to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("node 7 does not exist"), "{stderr}");
+}
