@@ -142,3 +142,36 @@ fn a_seeding_relay_serves_late_joiners_while_trainers_are_offline() {
     let bytes = std::fs::read(saved.trim_start_matches("saved ")).unwrap();
     assert_eq!(decode_adapter(&bytes, &Limits::default()).unwrap(), tensors);
 }
+
+/// Two training nodes (the round engine over real TCP on 127.0.0.1, the tiny
+/// model): both finish every round, average the same two updates, and save
+/// the same mlx-lm adapter.
+#[test]
+fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = |name: &str| dir.path().join(name).to_str().unwrap().to_owned();
+    let listen = "/ip4/127.0.0.1/tcp/0";
+    let train = [
+        "--set", "model.source=tiny", "--set", "lora.num_layers=4", "--set", "federation.rounds=2", "--set", "train.local_steps=3",
+        "--set", "federation.save_every_rounds=1", "--set", "federation.round_timeout_secs=60",
+    ];
+    let with = |extra: &[&str]| -> Vec<String> { train.iter().chain(extra).map(|s| s.to_string()).collect() };
+    let a_args = with(&["start", "--data-dir", &d("a"), "--listen", listen]);
+    let a = Node::spawn(&a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let addr = a.wait_for("listening on /ip4/127.0.0.1/tcp/").trim_start_matches("listening on ").to_owned();
+    let b_args = with(&["start", "--data-dir", &d("b"), "--listen", listen, "--bootstrap", &addr]);
+    let b = Node::spawn(&b_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let last_average = |node: &Node| {
+        let line = node.wait_for("round 1:");
+        assert!(line.contains("2/2 updates"), "{line}");
+        line.rsplit("average ").next().unwrap().to_owned()
+    };
+    let (hash_a, hash_b) = (last_average(&a), last_average(&b));
+    assert_eq!(hash_a, hash_b);
+    a.wait_for("run finished");
+    b.wait_for("run finished");
+    let saved = |node: &str| std::fs::read(dir.path().join(node).join("adapters/round-0001/adapters.safetensors")).unwrap();
+    assert_eq!(saved("a"), saved("b"));
+    let metrics = std::fs::read_to_string(dir.path().join("a/metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+}

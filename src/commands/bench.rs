@@ -126,7 +126,7 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     let _ = mlx_rs::memory::reset_peak_memory();
     let loaded = load_model(source, &LoadOptions { quant: args.model.quant })?;
     let rows: Vec<Row> = match &args.data {
-        Some(_) => super::train::load_data(config)?.train,
+        Some(_) => crate::train::load_data(config)?.train,
         None => {
             // Text rows of about seq_len tokens: repeated prose, truncated by max_seq_length.
             let text = "The river carried the small boat past fields of wheat and old stone houses, while the sun rose over the hills. ";

@@ -18,7 +18,7 @@ pub fn run(config: &Config, args: &EvalArgs) -> ExitCode {
 }
 
 fn evaluate(config: &Config, args: &EvalArgs) -> Result<(), TrainError> {
-    let dataset = super::train::load_data(config)?;
+    let dataset = crate::train::load_data(config)?;
     let loaded = load_model(&config.model.source, &LoadOptions { quant: args.model.quant })?;
     let adapter = match &args.adapter_path {
         Some(dir) => Some(adapters::load(dir, &loaded.decoder)?),

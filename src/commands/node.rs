@@ -1,9 +1,10 @@
 //! `blossom-p2p start` and `relay`: run a libp2p node until Ctrl-C.
 //!
-//! Until the round engine exists, `start` joins the run's topics, takes part
-//! in gossip, serves chunks, can publish an adapter file, keeps received
-//! adapters, and logs what it sees. `relay` is the same swarm with a
-//! circuit-relay server and Kademlia in server mode, training nothing.
+//! `start` trains (the round engine, `commands::start`) unless it is given
+//! `--publish` or `--receive-dir`: then it only exchanges adapter files,
+//! joining the run's topics, taking part in gossip, serving chunks,
+//! publishing a file and keeping what it receives. `relay` is the same swarm
+//! with a circuit-relay server and Kademlia in server mode, training nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -24,7 +25,7 @@ const STORE_QUOTA: u64 = 4 * 1024 * 1024 * 1024;
 const IDENTITY_FILE: &str = "identity.key";
 
 #[derive(Debug, thiserror::Error)]
-enum NodeError {
+pub(crate) enum NodeError {
     #[error("{0}")]
     Input(String),
     #[error("{0}")]
@@ -69,10 +70,10 @@ fn multiaddrs(values: &[String], what: &str) -> Result<Vec<Multiaddr>, NodeError
         .collect()
 }
 
-/// The run id: given, or blake3 of the run-defining parts of the
-/// configuration (the round engine will add the model hash and the data
-/// fingerprint, DESIGN.md "Protocol").
-fn run_id(config: &Config, given: Option<&str>) -> Result<Digest, NodeError> {
+/// The run id of exchange mode: given, or blake3 of the run-defining parts
+/// of the configuration (a training node adds the model's and the data's
+/// hashes: `crate::node::run_id`).
+pub(crate) fn run_id(config: &Config, given: Option<&str>) -> Result<Digest, NodeError> {
     if let Some(hex) = given {
         return Digest::from_hex(hex).ok_or_else(|| NodeError::Input(format!("--run-id `{hex}` must be 64 hex digits")));
     }
@@ -81,7 +82,7 @@ fn run_id(config: &Config, given: Option<&str>) -> Result<Digest, NodeError> {
     Ok(Digest::of(&canonical))
 }
 
-fn options(config: &Config, network: &NetworkArgs, bootstrap: &[String], relay_server: bool) -> Result<NetworkOptions, NodeError> {
+pub(crate) fn network_options(config: &Config, network: &NetworkArgs, bootstrap: &[String], relay_server: bool) -> Result<NetworkOptions, NodeError> {
     let psk = match &config.network.psk_file {
         Some(path) => Some(read_psk(path)?),
         None => None,
@@ -131,7 +132,15 @@ fn runtime() -> Result<tokio::runtime::Runtime, NodeError> {
 }
 
 pub fn start(config: &Config, args: &StartArgs) -> ExitCode {
-    match runtime().and_then(|rt| rt.block_on(run_start(config, args))) {
+    let exchange_only = args.publish.is_some() || args.receive_dir.is_some();
+    let result = runtime().and_then(|rt| {
+        if exchange_only {
+            rt.block_on(run_exchange(config, args))
+        } else {
+            rt.block_on(super::start::run(config, args))
+        }
+    });
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => exit(err),
     }
@@ -179,17 +188,17 @@ fn save_adapter(dir: &Path, hash: &Digest, bytes: &[u8]) -> Result<PathBuf, Stri
 }
 
 /// `addr` ending in this node's `/p2p/<peer id>` (circuit addresses already do).
-fn with_peer_id(addr: Multiaddr, handle: &NetworkHandle) -> Multiaddr {
+pub(crate) fn with_peer_id(addr: Multiaddr, handle: &NetworkHandle) -> Multiaddr {
     match addr.iter().last() {
         Some(libp2p::multiaddr::Protocol::P2p(peer)) if peer == handle.peer_id => addr,
         _ => addr.with(libp2p::multiaddr::Protocol::P2p(handle.peer_id)),
     }
 }
 
-/// The next network event, or `None` on Ctrl-C.
-async fn next_event(events: &mut tokio::sync::mpsc::Receiver<NetworkEvent>) -> Result<Option<NetworkEvent>, NodeError> {
+/// The next item, or `None` on Ctrl-C.
+pub(crate) async fn next_or_ctrl_c<T>(next: impl std::future::Future<Output = Option<T>>) -> Result<Option<T>, NodeError> {
     tokio::select! {
-        event = events.recv() => event.map(Some).ok_or_else(|| NodeError::Run("the network task stopped".into())),
+        item = next => item.map(Some).ok_or_else(|| NodeError::Run("the network task stopped".into())),
         _ = tokio::signal::ctrl_c() => {
             println!("stopping");
             Ok(None)
@@ -197,14 +206,15 @@ async fn next_event(events: &mut tokio::sync::mpsc::Receiver<NetworkEvent>) -> R
     }
 }
 
-async fn run_start(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
+/// Exchange mode: publish and/or receive adapter files, train nothing.
+async fn run_exchange(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
     let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
     let run_id = run_id(config, args.run_id.as_deref())?;
     let publication = match &args.publish {
         Some(path) => Some(prepare_publication(path, run_id, &keypair)?),
         None => None,
     };
-    let options = options(config, &args.network, &config.network.bootstrap, false)?;
+    let options = network_options(config, &args.network, &config.network.bootstrap, false)?;
     let (handle, mut events) = spawn(keypair, options).map_err(|e| NodeError::Run(e.to_string()))?;
     handle.subscribe(run_id).await.map_err(|e| NodeError::Run(e.to_string()))?;
     println!("peer id: {}", handle.peer_id);
@@ -215,7 +225,7 @@ async fn run_start(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
     // Until an adapter arrives, every new peer is asked for the newest one.
     let mut caught_up = !args.catch_up;
     loop {
-        let Some(event) = next_event(&mut events).await? else { return Ok(()) };
+        let Some(event) = next_or_ctrl_c(events.recv()).await? else { return Ok(()) };
         match event {
             NetworkEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &handle)),
             NetworkEvent::PeerConnected(peer) => {
@@ -256,7 +266,7 @@ async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
         .map(|hex| Digest::from_hex(hex).ok_or_else(|| NodeError::Input(format!("--seed-run `{hex}` must be 64 hex digits"))))
         .collect::<Result<Vec<_>, _>>()?;
     let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
-    let options = options(config, &args.network, &config.network.bootstrap, true)?;
+    let options = network_options(config, &args.network, &config.network.bootstrap, true)?;
     let (handle, mut events) = spawn(keypair, options).map_err(|e| NodeError::Run(e.to_string()))?;
     println!("relay peer id: {}", handle.peer_id);
     // A seeding relay joins the runs' topics like any node: it validates and
@@ -267,7 +277,7 @@ async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
         println!("seeding run {run_id}");
     }
     loop {
-        let Some(event) = next_event(&mut events).await? else { return Ok(()) };
+        let Some(event) = next_or_ctrl_c(events.recv()).await? else { return Ok(()) };
         match event {
             NetworkEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &handle)),
             NetworkEvent::PeerConnected(peer) => tracing::info!(%peer, "connected"),

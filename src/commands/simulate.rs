@@ -20,13 +20,10 @@ use tokio::sync::mpsc;
 use crate::aggregate::Tensors;
 use crate::cli::SimulateArgs;
 use crate::config::Config;
-use crate::model::{LoadOptions, load_model};
 use crate::node::compute::{self, ComputeClient, ComputeSettings};
 use crate::node::engine::{Engine, RoundTrainer, EngineEvent, EngineSettings, PartitionMode, RoundClock, RoundReport, agreement};
 use crate::p2p::codec::{Digest, Limits};
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
-use crate::train::lora::LoraSettings;
-use crate::train::{MlxTrainer, TrainError};
 
 use super::plot::{Series, plot_rounds};
 
@@ -231,24 +228,6 @@ impl Simulation {
     }
 }
 
-fn load_compute(config: &Config, args: &SimulateArgs, total_steps: u64) -> Result<compute::Prepared, SimError> {
-    let config_for_thread = config.clone();
-    let quant = args.quant;
-    let load = move || -> Result<(MlxTrainer, crate::data::Dataset, String), TrainError> {
-        let dataset = super::train::load_data(&config_for_thread)?;
-        let loaded = load_model(&config_for_thread.model.source, &LoadOptions { quant })?;
-        let settings = LoraSettings::from_config(&config_for_thread.lora);
-        let trainer = MlxTrainer::new(loaded.decoder, loaded.tokenizer, settings, config_for_thread.train.clone(), total_steps)?;
-        Ok((trainer, dataset, loaded.identity))
-    };
-    let settings = ComputeSettings {
-        local_steps: u64::from(config.train.local_steps),
-        eval_rows: args.eval_rows,
-        exact_match_rows: args.exact_match_rows,
-    };
-    compute::spawn(load, settings).map_err(SimError::Input)
-}
-
 /// A finished round across nodes.
 struct RoundRow {
     round: u64,
@@ -314,7 +293,12 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
     let local_steps = u64::from(config.train.local_steps);
     let total_steps = u64::from(rounds) * local_steps;
     println!("loading {} on the compute thread ...", config.model.source);
-    let prepared = load_compute(config, args, total_steps)?;
+    let compute_settings = ComputeSettings {
+        local_steps,
+        eval_rows: args.eval_rows,
+        exact_match_rows: args.exact_match_rows,
+    };
+    let prepared = compute::spawn_for_config(config, args.quant, compute_settings, total_steps).map_err(SimError::Input)?;
     let compute = prepared.client.clone();
     let run_id = crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config);
     let work_dir = config.network.data_dir.join("simulate");
@@ -397,6 +381,12 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
                 let seen = sim.traffic_seen.insert(node, now).unwrap_or_default();
                 let round = report.round;
                 last_round.insert(node, round);
+                if rows.last().is_some_and(|row| row.round >= round) {
+                    // A node that rejoined from an older average redid a
+                    // round the table already closed.
+                    println!("  node {node} finished round {round} late (it rejoined from an older average)");
+                    continue;
+                }
                 by_round.entry(round).or_default().push(NodeRound {
                     report,
                     traffic: Traffic {
@@ -416,6 +406,7 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
                 tracing::warn!(node, %peer, %reason, "rejected");
             }
             EngineEvent::Finished => finished.push(node),
+            EngineEvent::Listening(_) | EngineEvent::PeerConnected(_) => {}
         }
         // A round is complete once every running node has moved past it.
         while let Some((&round, _)) = by_round.first_key_value() {

@@ -11,8 +11,6 @@ use serde_json::json;
 
 use crate::cli::TrainArgs;
 use crate::config::Config;
-use crate::data::template::PromptTemplate;
-use crate::data::{Dataset, load_dataset};
 use crate::model::{LoadOptions, load_model};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::lora::LoraSettings;
@@ -28,14 +26,6 @@ pub(crate) fn train_error_exit(context: &str, err: &TrainError) -> ExitCode {
     }
 }
 
-pub(crate) fn load_data(config: &Config) -> Result<Dataset, TrainError> {
-    let template = match &config.data.template {
-        Some(path) => Some(PromptTemplate::from_file(path).map_err(|e| TrainError::Data(e.to_string()))?),
-        None => None,
-    };
-    load_dataset(&config.data.dataset, config.train.seed, template.as_ref()).map_err(|e| TrainError::Data(e.to_string()))
-}
-
 pub fn run(config: &Config, args: &TrainArgs) -> ExitCode {
     match train(config, args) {
         Ok(()) => ExitCode::SUCCESS,
@@ -44,7 +34,7 @@ pub fn run(config: &Config, args: &TrainArgs) -> ExitCode {
 }
 
 fn train(config: &Config, args: &TrainArgs) -> Result<(), TrainError> {
-    let dataset = load_data(config)?;
+    let dataset = crate::train::load_data(config)?;
     let loaded = load_model(&config.model.source, &LoadOptions { quant: args.model.quant })?;
     tracing::info!(
         model = %config.model.source,

@@ -15,6 +15,9 @@ use tokio::sync::{oneshot, watch};
 
 use super::engine::{LocalResult, RoundTrainer};
 use crate::aggregate::{Tensor, Tensors};
+use crate::config::Config;
+use crate::model::{LoadOptions, QuantMode, load_model};
+use crate::train::lora::LoraSettings;
 use crate::data::{Dataset, Row};
 use crate::train::lora::AdapterParams;
 use crate::train::metrics::exact_match_rate;
@@ -108,6 +111,20 @@ pub fn spawn(
         fingerprint,
         train_rows,
     })
+}
+
+/// The compute thread for the configured model, data and LoRA settings;
+/// `total_steps` spans the run (the learning-rate schedule).
+pub fn spawn_for_config(config: &Config, quant: QuantMode, settings: ComputeSettings, total_steps: u64) -> Result<Prepared, String> {
+    let config = config.clone();
+    let load = move || -> Result<(MlxTrainer, Dataset, String), TrainError> {
+        let dataset = crate::train::load_data(&config)?;
+        let loaded = load_model(&config.model.source, &LoadOptions { quant })?;
+        let lora = LoraSettings::from_config(&config.lora);
+        let trainer = MlxTrainer::new(loaded.decoder, loaded.tokenizer, lora, config.train.clone(), total_steps)?;
+        Ok((trainer, dataset, loaded.identity))
+    };
+    spawn(load, settings)
 }
 
 impl ComputeClient {

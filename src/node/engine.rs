@@ -161,6 +161,8 @@ pub struct RoundReport {
 
 #[derive(Debug, Clone)]
 pub enum EngineEvent {
+    Listening(libp2p::Multiaddr),
+    PeerConnected(PeerId),
     /// Catch-up found an adapter: training resumes at `round`.
     CaughtUp { round: u64, from: Digest },
     Round(RoundReport),
@@ -251,7 +253,9 @@ impl<T: RoundTrainer> Engine<T> {
         let (manifest, author, bytes) = match event {
             NetworkEvent::AdapterReady { manifest, author, bytes } => (manifest, author, bytes),
             NetworkEvent::Rejected { peer, reason } => return self.report(EngineEvent::Rejected { peer, reason }),
-            _ => return,
+            NetworkEvent::Listening(addr) => return self.report(EngineEvent::Listening(addr)),
+            NetworkEvent::PeerConnected(peer) => return self.report(EngineEvent::PeerConnected(peer)),
+            NetworkEvent::Manifest { .. } => return,
         };
         if manifest.run_id != self.settings.run_id || author == self.me() {
             return;

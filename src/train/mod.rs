@@ -18,7 +18,9 @@ use std::time::{Duration, Instant};
 use mlx_rs::Array;
 use mlx_rs::error::Exception;
 
-use crate::config::TrainConfig;
+use crate::config::{Config, TrainConfig};
+use crate::data::template::PromptTemplate;
+use crate::data::{Dataset, load_dataset};
 use crate::data::Row;
 use crate::model::generate::SplitMix64;
 use crate::model::{Decoder, ModelError, Tokenizer};
@@ -71,6 +73,15 @@ impl EvalReport {
     pub fn perplexity(&self) -> f32 {
         self.loss.exp()
     }
+}
+
+/// The configured data set (`data.dataset`, `data.template`, `train.seed`).
+pub fn load_data(config: &Config) -> Result<Dataset, TrainError> {
+    let template = match &config.data.template {
+        Some(path) => Some(PromptTemplate::from_file(path).map_err(|e| TrainError::Data(e.to_string()))?),
+        None => None,
+    };
+    load_dataset(&config.data.dataset, config.train.seed, template.as_ref()).map_err(|e| TrainError::Data(e.to_string()))
 }
 
 /// The narrow interface the round engine sees.

@@ -1,0 +1,133 @@
+//! `blossom-p2p start` as a training node: the round engine over the real
+//! network (TCP/QUIC, mDNS, relays), with the MLX trainer on its compute
+//! thread. Prints a line per round and appends it to
+//! `<data dir>/metrics.jsonl`; the averaged adapter is saved in the mlx-lm
+//! format under `<data dir>/adapters/round-NNNN` every
+//! `federation.save_every_rounds` rounds and after the last.
+
+use std::io::Write;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::node::{NodeError, load_or_create_identity, network_options, next_or_ctrl_c, with_peer_id};
+use crate::cli::StartArgs;
+use crate::config::{Config, Partitioning};
+use crate::model::QuantMode;
+use crate::node::compute::{self, ComputeSettings};
+use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
+use crate::p2p::codec::Limits;
+use crate::p2p::network::spawn;
+
+/// Held-out rows each average is evaluated on.
+const EVAL_ROWS: usize = 50;
+
+pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
+    let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
+    println!("peer id: {}", keypair.public().to_peer_id());
+    // Check every network flag before the model loads.
+    let options = network_options(config, &args.network, &config.network.bootstrap, false)?;
+    let rounds = u64::from(config.federation.rounds);
+    let local_steps = u64::from(config.train.local_steps);
+    let settings = ComputeSettings {
+        local_steps,
+        eval_rows: EVAL_ROWS,
+        exact_match_rows: 0,
+    };
+    let prepared = compute::spawn_for_config(config, QuantMode::Auto, settings, rounds * local_steps).map_err(NodeError::Input)?;
+    let run_id = match &args.run_id {
+        Some(hex) => super::node::run_id(config, Some(hex))?,
+        None => crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config),
+    };
+    println!("run id: {run_id}");
+    let (handle, events) = spawn(keypair.clone(), options).map_err(|e| NodeError::Run(e.to_string()))?;
+    let partition = match (config.federation.partitioning, args.partition_id, args.num_partitions) {
+        (_, Some(id), Some(count)) => PartitionMode::Static { id, count },
+        (Partitioning::Static, _, _) => {
+            return Err(NodeError::Input("federation.partitioning = \"static\" needs --partition-id K --num-partitions N".into()));
+        }
+        _ => PartitionMode::Hash {
+            buckets: config.federation.num_buckets,
+        },
+    };
+    let engine_settings = EngineSettings {
+        run_id,
+        rounds,
+        method: crate::node::method(config),
+        partition,
+        fingerprint: prepared.fingerprint.clone(),
+        train_rows: Arc::new(prepared.train_rows.clone()),
+        clock: RoundClock::Wall {
+            timeout: Duration::from_secs(config.federation.round_timeout_secs),
+        },
+        catch_up: args.catch_up,
+        min_peers: usize::from(!config.network.bootstrap.is_empty()),
+        grace: Duration::from_secs(2),
+        evaluate: true,
+        save_every: config.federation.save_every_rounds,
+        save_dir: Some(config.network.data_dir.join("adapters")),
+        limits: Limits::default(),
+        measure_drift: false,
+    };
+    let metrics_path = config.network.data_dir.join("metrics.jsonl");
+    let mut metrics = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&metrics_path)
+        .map_err(|e| NodeError::Input(format!("{}: {e}", metrics_path.display())))?;
+    let (tx, mut reports) = mpsc::unbounded_channel();
+    let peer_handle = handle.clone();
+    let engine = Engine::new(handle, events, keypair, prepared.client, engine_settings, tx);
+    let task = tokio::spawn(engine.run());
+    // Bounded by the engine: it sends `Finished` (or stops) after the last round.
+    loop {
+        let Some(event) = next_or_ctrl_c(reports.recv()).await? else {
+            task.abort();
+            return Ok(());
+        };
+        match event {
+            EngineEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &peer_handle)),
+            EngineEvent::PeerConnected(peer) => tracing::info!(%peer, "connected"),
+            EngineEvent::CaughtUp { round, from } => println!("caught up: training from round {round} on average {from}"),
+            EngineEvent::Rejected { peer, reason } => tracing::warn!(%peer, %reason, "rejected"),
+            EngineEvent::Round(report) => {
+                println!(
+                    "round {}: train loss {:.4}, eval loss {}, {}/{} updates{}, agreement {:.2}, average {}",
+                    report.round,
+                    report.local.loss,
+                    report.eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    report.contributors,
+                    report.expected,
+                    if report.timed_out { " (deadline)" } else { "" },
+                    report.agreement_before,
+                    report.average_hash
+                );
+                let record = json!({
+                    "round": report.round,
+                    "train_loss": report.local.loss,
+                    "eval_loss": report.eval_loss,
+                    "examples": report.local.examples,
+                    "rows": report.rows,
+                    "contributors": report.contributors,
+                    "expected": report.expected,
+                    "timed_out": report.timed_out,
+                    "agreement_previous_round": report.agreement_before,
+                    "average_hash": report.average_hash.to_hex(),
+                    "round_seconds": report.elapsed.as_secs_f64(),
+                });
+                writeln!(metrics, "{record}").map_err(|e| NodeError::Run(format!("{}: {e}", metrics_path.display())))?;
+            }
+            EngineEvent::Finished => {
+                println!("run finished after round {}", rounds.saturating_sub(1));
+                break;
+            }
+        }
+    }
+    match task.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(NodeError::Run(e.to_string())),
+        Err(e) => Err(NodeError::Run(format!("the round engine stopped: {e}"))),
+    }
+}
