@@ -15,5 +15,5 @@ fn ci_runs_the_readme_test_command() {
 
 #[test]
 fn readme_gives_the_setup_and_main_job_command() {
-    assert!(README.contains("bash scripts/setup.sh && cargo run --quiet -- doctor"));
+    assert!(README.contains("bash scripts/setup.sh && cargo run --quiet -- simulate --nodes 4 --rounds 4"));
 }
