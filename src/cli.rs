@@ -208,8 +208,9 @@ pub struct SimulateArgs {
     /// Test rows for exact match each round (built-in task; 0 skips it).
     #[arg(long, default_value_t = 20)]
     pub exact_match_rows: usize,
-    /// Also train one adapter centrally on all rows for the same total
-    /// steps, and compare its eval loss with the federated result.
+    /// Also train adapters centrally on all rows, for the run's steps and for
+    /// all nodes' steps together, and compare their eval loss with the
+    /// federated result.
     #[arg(long)]
     pub centralized_baseline: bool,
     /// Quantized weights: `auto` dequantizes to float32 on CPU when memory allows.

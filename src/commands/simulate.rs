@@ -449,14 +449,17 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
     compute.save((*last.modal.1).clone(), adapter_dir.clone()).await.map_err(SimError::Run)?;
     println!("averaged adapter {} saved in mlx-lm format to {}", last.modal.0, adapter_dir.display());
     if args.centralized_baseline {
-        let steps = total_steps * u64::from(nodes);
-        println!("centralized baseline: {steps} steps on all rows ...");
-        let central = compute.centralized(steps).await.map_err(SimError::Run)?;
-        let loss = compute.evaluate(central).await.map_err(SimError::Run)?;
-        let gap = (last.eval_loss - f64::from(loss)) / f64::from(loss) * 100.0;
-        println!("centralized eval loss {loss:.4}; federated {:.4}; gap {gap:+.1}%", last.eval_loss);
-        writeln!(metrics, "{}", json!({"centralized_eval_loss": loss, "centralized_steps": steps, "federated_eval_loss": last.eval_loss, "gap_percent": gap}))
-            .map_err(|e| SimError::Run(format!("{}: {e}", metrics_path.display())))?;
+        // Two readings of "the same total steps": as many steps as the run's
+        // schedule (each node's count), and as many as all nodes together.
+        for (what, steps) in [("the run's steps", total_steps), ("all nodes' steps", total_steps * u64::from(nodes))] {
+            println!("centralized baseline: {steps} steps ({what}) on all rows ...");
+            let central = compute.centralized(steps).await.map_err(SimError::Run)?;
+            let loss = compute.evaluate(central).await.map_err(SimError::Run)?;
+            let gap = (last.eval_loss - f64::from(loss)) / f64::from(loss) * 100.0;
+            println!("centralized eval loss {loss:.4} after {steps} steps; federated {:.4}; gap {gap:+.1}%", last.eval_loss);
+            let record = json!({"centralized_eval_loss": loss, "centralized_steps": steps, "federated_eval_loss": last.eval_loss, "gap_percent": gap});
+            writeln!(metrics, "{record}").map_err(|e| SimError::Run(format!("{}: {e}", metrics_path.display())))?;
+        }
     }
     let plot_path = metrics_path.with_extension("svg");
     let round_axis: Vec<f64> = rows.iter().map(|r| r.round as f64).collect();
