@@ -498,17 +498,13 @@ impl<T: RoundTrainer> Engine<T> {
         if !timed_out {
             let mut grace_clock = self.settings.clock.clone();
             let grace = grace_clock.wait(self.settings.grace);
-            tokio::pin!(grace);
-            loop {
+            let grace_or_deadline = async {
                 tokio::select! {
-                    _ = &mut deadline => break,
-                    _ = &mut grace => break,
-                    event = self.events.recv() => match event {
-                        Some(event) => self.on_network_event(event, Some(round)),
-                        None => return Err(EngineError::Network("the network task stopped".into())),
-                    },
+                    _ = &mut deadline => {}
+                    _ = grace => {}
                 }
-            }
+            };
+            self.while_listening(grace_or_deadline, Some(round)).await?;
         }
         // 4. Average, inputs sorted by author.
         let updates = self.buffered.remove(&round).unwrap_or_default();
