@@ -28,6 +28,9 @@ pub fn init(verbosity: i16, format: LogFormat) -> anyhow::Result<()> {
     let filter = match std::env::var("RUST_LOG") {
         Ok(directives) if !directives.trim().is_empty() => EnvFilter::try_new(&directives)
             .map_err(|err| anyhow::anyhow!("RUST_LOG={directives:?} is not a valid filter: {err}"))?,
+        // libp2p's swarm announces every local peer id at info: one line per
+        // node, noise in a simulation of many; `-v` shows it again.
+        _ if verbosity == 0 => EnvFilter::new("info,libp2p_swarm=warn"),
         _ => EnvFilter::new(level_for(verbosity)),
     };
     let builder = tracing_subscriber::fmt()
