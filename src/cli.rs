@@ -142,6 +142,10 @@ pub struct NetworkArgs {
     /// Pre-shared key file of a private network.
     #[arg(long, value_name = "FILE")]
     pub psk: Option<PathBuf>,
+    /// Only these peer ids (one per line, `#` comments) may connect; others
+    /// are refused and their manifests ignored.
+    #[arg(long, value_name = "FILE")]
+    pub allow_peers: Option<PathBuf>,
     /// An address others can reach this node at (repeatable), e.g. a public IP or port forward.
     #[arg(long, value_name = "MULTIADDR")]
     pub external_address: Vec<String>,
@@ -355,6 +359,9 @@ impl NetworkArgs {
         }
         if let Some(dir) = &self.data_dir {
             config.network.data_dir = dir.clone();
+        }
+        if let Some(file) = &self.allow_peers {
+            config.network.allow_peers_file = Some(file.clone());
         }
         if let Some(psk) = &self.psk {
             config.network.psk_file = Some(psk.clone());

@@ -239,6 +239,8 @@ pub struct NetworkConfig {
     pub data_dir: PathBuf,
     /// Pre-shared key of a private network (libp2p pnet).
     pub psk_file: Option<PathBuf>,
+    /// A closed run: only these peer ids (one per line) may connect.
+    pub allow_peers_file: Option<PathBuf>,
 }
 
 impl Default for NetworkConfig {
@@ -252,6 +254,7 @@ impl Default for NetworkConfig {
             mdns: true,
             data_dir: PathBuf::from(".blossom"),
             psk_file: None,
+            allow_peers_file: None,
         }
     }
 }

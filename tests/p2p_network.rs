@@ -8,7 +8,8 @@ use std::time::Duration;
 use blossom_p2p::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
 use blossom_p2p::p2p::manifest::{Manifest, SignedManifest};
 use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
+use std::collections::HashSet;
 use libp2p::pnet::PreSharedKey;
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
@@ -21,6 +22,18 @@ fn node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>) -> (Keyp
 
 fn private_node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>, psk: Option<PreSharedKey>) -> (Keypair, NetworkHandle, Receiver<NetworkEvent>) {
     let keypair = Keypair::generate_ed25519();
+    let (handle, events) = spawn_node(dir, name, keypair.clone(), bootstrap, psk, None);
+    (keypair, handle, events)
+}
+
+fn spawn_node(
+    dir: &tempfile::TempDir,
+    name: &str,
+    keypair: Keypair,
+    bootstrap: Vec<Multiaddr>,
+    psk: Option<PreSharedKey>,
+    allowed_peers: Option<HashSet<PeerId>>,
+) -> (NetworkHandle, Receiver<NetworkEvent>) {
     let options = NetworkOptions {
         listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
         bootstrap,
@@ -33,9 +46,9 @@ fn private_node(dir: &tempfile::TempDir, name: &str, bootstrap: Vec<Multiaddr>, 
         psk,
         mesh_n: None,
         transport: TransportKind::Internet,
+        allowed_peers,
     };
-    let (handle, events) = spawn(keypair.clone(), options).expect("network starts");
-    (keypair, handle, events)
+    spawn(keypair, options).expect("network starts")
 }
 
 async fn listen_addr(events: &mut Receiver<NetworkEvent>) -> Multiaddr {
@@ -192,6 +205,42 @@ async fn a_pre_shared_key_keeps_outsiders_out() {
     assert!(!connects(&mut d_events, Duration::from_secs(4)).await, "a node with another key connected");
 }
 
+/// A closed run: A and B allow each other; C, outside the list, is refused
+/// by A at connection time and never becomes A's peer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowlist_keeps_other_peers_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a_key, b_key) = (Keypair::generate_ed25519(), Keypair::generate_ed25519());
+    let allowed: HashSet<PeerId> = [a_key.public().to_peer_id(), b_key.public().to_peer_id()].into();
+    let (a, mut a_events) = spawn_node(&dir, "a", a_key, vec![], None, Some(allowed.clone()));
+    let a_addr = listen_addr(&mut a_events).await;
+    let (b, _b_events) = spawn_node(&dir, "b", b_key, vec![a_addr.clone()], None, Some(allowed));
+    let connected = wait_for(&mut a_events, |e| match e {
+        NetworkEvent::PeerConnected(peer) => Some(peer),
+        _ => None,
+    })
+    .await;
+    assert_eq!(connected, b.peer_id);
+    let (_, c, _c_events) = node(&dir, "c", vec![a_addr.clone()]);
+    // C dials A repeatedly for a few seconds; A never takes it as a peer.
+    let c_peer = c.peer_id;
+    let outsider_connected = tokio::time::timeout(Duration::from_secs(4), async {
+        loop {
+            let _ = c.dial(a_addr.clone()).await;
+            match tokio::time::timeout(Duration::from_millis(500), a_events.recv()).await {
+                Ok(Some(NetworkEvent::PeerConnected(peer))) if peer == c_peer => return true,
+                Ok(None) => return false,
+                _ => {}
+            }
+        }
+    })
+    .await
+    .unwrap_or(false);
+    assert!(!outsider_connected, "a peer outside the allowlist connected");
+    assert!(!a.connected_peers().await.unwrap().contains(&c_peer));
+    assert!(a.connected_peers().await.unwrap().contains(&b.peer_id));
+}
+
 /// A reaches B through a `/p2p-circuit` address on the relay R.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_node_is_reachable_through_a_relay_circuit() {
@@ -208,6 +257,7 @@ async fn a_node_is_reachable_through_a_relay_circuit() {
         psk: None,
         mesh_n: None,
         transport: TransportKind::Internet,
+        allowed_peers: None,
     };
     let (r, mut r_events) = spawn(Keypair::generate_ed25519(), options("r", true, vec![])).unwrap();
     let r_addr = listen_addr(&mut r_events).await.with(libp2p::multiaddr::Protocol::P2p(r.peer_id));

@@ -60,6 +60,7 @@ async fn start_network(nodes: usize, mesh_n: usize, store: &std::path::Path) -> 
             psk: None,
             mesh_n: Some(mesh_n),
             transport: TransportKind::Internet,
+            allowed_peers: None,
         };
         let (handle, mut events) = spawn(keypair.clone(), options).map_err(|e| e.to_string())?;
         let addr = tokio::time::timeout(DEADLINE, async {

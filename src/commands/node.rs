@@ -6,11 +6,12 @@
 //! publishing a file and keeping what it receives. `relay` is the same swarm
 //! with a circuit-relay server and Kademlia in server mode, training nothing.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use libp2p::pnet::PreSharedKey;
 use libp2p_identity::Keypair;
 
@@ -109,7 +110,32 @@ pub(crate) fn network_options(config: &Config, network: &NetworkArgs, bootstrap:
         store_dir: config.network.data_dir.join("store"),
         store_quota: STORE_QUOTA,
         limits: Limits::default(),
+        allowed_peers: match &config.network.allow_peers_file {
+            Some(path) => Some(read_allowlist(path)?),
+            None => None,
+        },
     })
+}
+
+/// A closed run's peer ids: one per line; blank lines and `#` comments are
+/// skipped.
+pub(crate) fn read_allowlist(path: &Path) -> Result<HashSet<PeerId>, NodeError> {
+    let text = std::fs::read_to_string(path).map_err(|e| NodeError::Input(format!("allowlist {}: {e}", path.display())))?;
+    let mut peers = HashSet::new();
+    for (number, line) in text.lines().enumerate() {
+        let entry = line.split('#').next().unwrap_or_default().trim();
+        if entry.is_empty() {
+            continue;
+        }
+        let peer: PeerId = entry.parse().map_err(|e| {
+            NodeError::Input(format!("allowlist {}:{}: `{entry}` is not a peer id ({e}); `blossom-p2p start` prints each node's", path.display(), number + 1))
+        })?;
+        peers.insert(peer);
+    }
+    if peers.is_empty() {
+        return Err(NodeError::Input(format!("allowlist {} names no peer; list the run's peer ids, one per line", path.display())));
+    }
+    Ok(peers)
 }
 
 /// A libp2p swarm key file (`/key/swarm/psk/1.0.0/`, `/base16/`, 64 hex

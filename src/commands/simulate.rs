@@ -121,6 +121,7 @@ impl Simulation {
                 network: self.network.clone(),
                 node,
             },
+            allowed_peers: None,
         };
         let keypair = keypair(self.seed, node)?;
         let (handle, events) = spawn(keypair.clone(), options).map_err(|e| SimError::Run(format!("node {node}: {e}")))?;

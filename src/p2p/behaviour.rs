@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
-use libp2p::{autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response};
+use libp2p::{PeerId, allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response};
 
 use super::chunk_protocol::{ChunkCodec, PROTOCOL};
 use super::codec::{CHUNK_SIZE, Digest};
@@ -13,6 +13,8 @@ pub const IDENTIFY_PROTOCOL: &str = "/blossom/id/1";
 
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// A closed run's allowlist: other peers' connections are denied.
+    pub allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -86,6 +88,7 @@ pub fn build(
     mdns_on: bool,
     relay_server: bool,
     mesh_n: Option<usize>,
+    allowed: Option<&std::collections::HashSet<PeerId>>,
 ) -> Result<Behaviour, String> {
     let peer_id = key.public().to_peer_id();
     let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossipsub_config(mesh_n)?)
@@ -104,7 +107,15 @@ pub fn build(
         .with_max_pending_incoming(Some(64));
     let mut kad_config = kad::Config::new(kad::PROTOCOL_NAME);
     kad_config.set_query_timeout(Duration::from_secs(30));
+    let allowed = allowed.map(|peers| {
+        let mut list = allow_block_list::Behaviour::<allow_block_list::AllowedPeers>::default();
+        for peer in peers {
+            list.allow_peer(*peer);
+        }
+        list
+    });
     Ok(Behaviour {
+        allowed: allowed.into(),
         limits: connection_limits::Behaviour::new(limits),
         identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
         ping: ping::Behaviour::default(),

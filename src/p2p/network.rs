@@ -47,6 +47,9 @@ pub struct NetworkOptions {
     /// Gossipsub's mesh degree D (default 6); the benchmark varies it.
     pub mesh_n: Option<usize>,
     pub transport: TransportKind,
+    /// A closed run: only these peers may connect, and only their manifests
+    /// are accepted (also when another peer forwards them).
+    pub allowed_peers: Option<HashSet<PeerId>>,
 }
 
 /// What carries the connections.
@@ -214,6 +217,7 @@ struct EventLoop {
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
     relay_server: bool,
+    allowed_peers: Option<HashSet<PeerId>>,
     /// Peers that identified as relay servers: they may join a run's topics
     /// to seed it, but never train, so they are not run members.
     relays: HashSet<PeerId>,
@@ -228,7 +232,10 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     let setup = |e: &dyn std::fmt::Display| NetworkError::Setup(e.to_string());
     let store = Store::open(&options.store_dir, options.store_quota).map_err(|e| setup(&e))?;
     let (mdns_on, relay_server, mesh_n) = (options.mdns, options.relay_server, options.mesh_n);
-    let build_behaviour = move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server, mesh_n);
+    let allowed_peers = options.allowed_peers.clone();
+    let allowed_for_behaviour = allowed_peers.clone();
+    let build_behaviour =
+        move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server, mesh_n, allowed_for_behaviour.as_ref());
     let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
     let mut swarm = match (options.transport, options.psk) {
         (TransportKind::Internet, None) => builder
@@ -280,6 +287,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         in_flight: HashMap::new(),
         relay_server,
         relays: HashSet::new(),
+        allowed_peers,
         known: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
@@ -545,6 +553,9 @@ impl EventLoop {
         let (manifest, author) = signed.verify(&self.limits).map_err(|e| e.to_string())?;
         if manifest.run_id != run_id {
             return Err(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id));
+        }
+        if self.allowed_peers.as_ref().is_some_and(|allowed| !allowed.contains(&author)) {
+            return Err(format!("manifest by {author}, who is not in this run's allowlist"));
         }
         self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
         self.remember_latest(&manifest, &signed);
