@@ -332,6 +332,9 @@ pub struct StatusArgs {
     /// The node's data directory (default: network.data_dir).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -499,14 +502,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Relay(args) => crate::commands::node::relay(&config, args),
         Command::Eval(args) => crate::commands::eval::run(&config, args),
         Command::Simulate(args) => crate::commands::simulate::run(&config, args),
-        other => {
-            eprintln!(
-                "error: `blossom-p2p {}` is not yet implemented in this version; \
-                 `blossom-p2p doctor` checks the installation",
-                other.name()
-            );
-            ExitCode::from(2)
-        }
+        Command::Status(args) => crate::commands::status::run(&config, args),
     }
 }
 

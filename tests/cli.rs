@@ -88,10 +88,11 @@ fn doctor_detects_the_slow_reference_blas() {
 }
 
 #[test]
-fn unimplemented_subcommands_exit_2_with_a_message() {
-    let output = blossom(&["status"]);
-    assert_eq!(output.status.code(), Some(2));
-    assert!(stderr(&output).contains("not yet implemented"), "{}", stderr(&output));
+fn status_of_a_directory_where_no_node_ran_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = blossom(&["status", "--data-dir", dir.path().to_str().unwrap()]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("no node has run in"), "{}", stderr(&output));
 }
 
 #[test]

@@ -174,4 +174,12 @@ fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
     assert_eq!(saved("a"), saved("b"));
     let metrics = std::fs::read_to_string(dir.path().join("a/metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2);
+    // `status` reads what the node left in its data dir.
+    let output = Command::new(env!("CARGO_BIN_EXE_blossom-p2p")).args(["status", "--json", "--data-dir", &d("a")]).output().unwrap();
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(status["state"], "finished");
+    assert_eq!(status["round"], 2);
+    assert_eq!(status["last_average"].as_str(), Some(hash_a.as_str()));
+    assert!(status["bytes_sent"].as_u64().unwrap() > 0 && status["bytes_received"].as_u64().unwrap() > 0, "{status}");
 }

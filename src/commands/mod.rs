@@ -10,6 +10,7 @@ pub mod node;
 pub mod plot;
 pub mod simulate;
 pub mod start;
+pub mod status;
 pub mod train;
 
 use std::process::ExitCode;

@@ -18,6 +18,7 @@ use crate::config::{Config, Partitioning};
 use crate::model::QuantMode;
 use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
+use crate::node::status::NodeStatus;
 use crate::p2p::codec::Limits;
 use crate::p2p::network::spawn;
 
@@ -81,6 +82,22 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
     let peer_handle = handle.clone();
     let engine = Engine::new(handle, events, keypair, prepared.client, engine_settings, tx);
     let task = tokio::spawn(engine.run());
+    let data_dir = config.network.data_dir.clone();
+    let mut status = NodeStatus {
+        pid: std::process::id(),
+        peer_id: peer_handle.peer_id.to_string(),
+        run_id: run_id.to_hex(),
+        rounds,
+        ..NodeStatus::default()
+    };
+    let publish_status = |status: &mut NodeStatus| {
+        let (sent, received) = peer_handle.payload_traffic();
+        (status.bytes_sent, status.bytes_received) = (sent, received);
+        if let Err(e) = status.write(&data_dir) {
+            tracing::warn!(error = %e, "cannot write the status file");
+        }
+    };
+    publish_status(&mut status);
     // Bounded by the engine: it sends `Finished` (or stops) after the last round.
     loop {
         let Some(event) = next_or_ctrl_c(reports.recv()).await? else {
@@ -89,10 +106,31 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
         };
         match event {
             EngineEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &peer_handle)),
-            EngineEvent::PeerConnected(peer) => tracing::info!(%peer, "connected"),
-            EngineEvent::CaughtUp { round, from } => println!("caught up: training from round {round} on average {from}"),
-            EngineEvent::Rejected { peer, reason } => tracing::warn!(%peer, %reason, "rejected"),
+            EngineEvent::PeerConnected(peer) => {
+                tracing::info!(%peer, "connected");
+                if let Ok(peers) = peer_handle.connected_peers().await {
+                    status.connected_peers = peers.iter().map(ToString::to_string).collect();
+                }
+                publish_status(&mut status);
+            }
+            EngineEvent::CaughtUp { round, from } => {
+                println!("caught up: training from round {round} on average {from}");
+                status.round = round;
+                publish_status(&mut status);
+            }
+            EngineEvent::Rejected { peer, reason } => {
+                tracing::warn!(%peer, %reason, "rejected");
+                status.rejected += 1;
+            }
             EngineEvent::Round(report) => {
+                status.round = report.round + 1;
+                status.last_average = Some(report.average_hash.to_hex());
+                status.agreement = Some(report.agreement_before);
+                status.last_eval_loss = report.eval_loss;
+                if let Ok(peers) = peer_handle.connected_peers().await {
+                    status.connected_peers = peers.iter().map(ToString::to_string).collect();
+                }
+                publish_status(&mut status);
                 println!(
                     "round {}: train loss {:.4}, eval loss {}, {}/{} updates{}, agreement {:.2}, average {}",
                     report.round,
@@ -120,6 +158,8 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
                 writeln!(metrics, "{record}").map_err(|e| NodeError::Run(format!("{}: {e}", metrics_path.display())))?;
             }
             EngineEvent::Finished => {
+                status.finished = true;
+                publish_status(&mut status);
                 println!("run finished after round {}", rounds.saturating_sub(1));
                 break;
             }

@@ -7,6 +7,8 @@
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -102,14 +104,29 @@ enum Command {
     AskRound(Digest, u64),
 }
 
+/// Payload bytes this node published or served, and received: unique
+/// gossip messages and request-response answers, not protocol framing or
+/// gossipsub's forwarding copies.
+#[derive(Debug, Default)]
+pub struct PayloadTraffic {
+    pub sent: AtomicU64,
+    pub received: AtomicU64,
+}
+
 /// Cloneable access to the network task.
 #[derive(Clone)]
 pub struct NetworkHandle {
     commands: mpsc::Sender<Command>,
     pub peer_id: PeerId,
+    traffic: Arc<PayloadTraffic>,
 }
 
 impl NetworkHandle {
+    /// (sent, received) payload bytes so far.
+    pub fn payload_traffic(&self) -> (u64, u64) {
+        (self.traffic.sent.load(Ordering::Relaxed), self.traffic.received.load(Ordering::Relaxed))
+    }
+
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetworkError> {
         let (tx, rx) = oneshot::channel();
         self.commands.send(make(tx)).await.map_err(|_| NetworkError::Stopped)?;
@@ -183,6 +200,14 @@ impl NetworkHandle {
     }
 }
 
+fn response_size(response: &ChunkResponse) -> usize {
+    match response {
+        ChunkResponse::Chunk(bytes) | ChunkResponse::Manifest(bytes) => bytes.len(),
+        ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum(),
+        ChunkResponse::NotFound => 0,
+    }
+}
+
 fn topics(run_id: &Digest) -> (gossipsub::IdentTopic, gossipsub::IdentTopic) {
     let hex = run_id.to_hex();
     (
@@ -218,6 +243,7 @@ struct EventLoop {
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
     relay_server: bool,
     allowed_peers: Option<HashSet<PeerId>>,
+    traffic: Arc<PayloadTraffic>,
     /// Peers that identified as relay servers: they may join a run's topics
     /// to seed it, but never train, so they are not run members.
     relays: HashSet<PeerId>,
@@ -273,6 +299,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     let peer_id = *swarm.local_peer_id();
     let (command_tx, command_rx) = mpsc::channel(64);
     let (event_tx, event_rx) = mpsc::channel(256);
+    let traffic = Arc::new(PayloadTraffic::default());
     let event_loop = EventLoop {
         swarm,
         store,
@@ -288,10 +315,11 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         relay_server,
         relays: HashSet::new(),
         allowed_peers,
+        traffic: traffic.clone(),
         known: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
-    Ok((NetworkHandle { commands: command_tx, peer_id }, event_rx))
+    Ok((NetworkHandle { commands: command_tx, peer_id, traffic }, event_rx))
 }
 
 /// A private network's TCP (wrapped in pnet), or the simulated network;
@@ -461,6 +489,7 @@ impl EventLoop {
             Ok(_) | Err(gossipsub::PublishError::Duplicate) => Ok(()),
             Err(e) => Err(format!("publish: {e}")),
         };
+        let mut published = bytes.len();
         ignore_duplicate(gossip.publish(manifest_topic, bytes))?;
         for (index, (_, chunk)) in chunks.into_iter().enumerate() {
             let message = ChunkMessage {
@@ -468,8 +497,11 @@ impl EventLoop {
                 index: index as u32,
                 bytes: chunk.to_vec(),
             };
-            ignore_duplicate(gossip.publish(chunk_topic.clone(), message.to_bytes().map_err(|e| e.to_string())?))?;
+            let data = message.to_bytes().map_err(|e| e.to_string())?;
+            published += data.len();
+            ignore_duplicate(gossip.publish(chunk_topic.clone(), data))?;
         }
+        self.count_sent(published);
         Ok(())
     }
 
@@ -525,7 +557,16 @@ impl EventLoop {
         }
     }
 
+    fn count_sent(&self, bytes: usize) {
+        self.traffic.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
+    fn count_received(&self, bytes: usize) {
+        self.traffic.received.fetch_add(bytes as u64, Ordering::Relaxed);
+    }
+
     async fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
+        self.count_received(message.data.len());
         let verdict = if let Some(run_id) = self.manifest_topics.get(&message.topic).copied() {
             self.accept_manifest(&message.data, run_id, Some(source)).await.map(|()| true)
         } else if self.chunk_topics.contains(&message.topic) {
@@ -719,6 +760,7 @@ impl EventLoop {
                     },
                     ChunkRequest::Round(run_id, round) => self.round_manifests(run_id, round),
                 };
+                self.count_sent(response_size(&response));
                 let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);
             }
             request_response::Event::Message {
@@ -726,6 +768,7 @@ impl EventLoop {
                 message: request_response::Message::Response { request_id, response },
                 ..
             } => {
+                self.count_received(response_size(&response));
                 let asked = self.in_flight.remove(&request_id);
                 match (response, asked) {
                     (ChunkResponse::Chunk(bytes), Some((id, _))) if Digest::of(&bytes) == id => {

@@ -1,0 +1,48 @@
+//! `blossom-p2p status`: a running node's view of its run, read from the
+//! status file it keeps in its data directory.
+
+use std::process::ExitCode;
+
+use crate::cli::StatusArgs;
+use crate::config::Config;
+use crate::node::status::NodeStatus;
+
+pub fn run(config: &Config, args: &StatusArgs) -> ExitCode {
+    let status = match NodeStatus::read(&config.network.data_dir) {
+        Ok(status) => status,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let state = if status.finished {
+        "finished"
+    } else if status.alive() {
+        "running"
+    } else {
+        "stopped (its process is gone)"
+    };
+    if args.json {
+        let mut value = serde_json::to_value(&status).unwrap_or_default();
+        value["state"] = serde_json::Value::from(state);
+        println!("{value}");
+    } else {
+        let age = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs().saturating_sub(status.updated))
+            .unwrap_or(0);
+        println!("node      {} ({state}, pid {}, updated {age} s ago)", status.peer_id, status.pid);
+        println!("run       {}", status.run_id);
+        println!("round     {} of {}", status.round.min(status.rounds), status.rounds);
+        println!("average   {}", status.last_average.as_deref().unwrap_or("none yet"));
+        println!("agreement {}", status.agreement.map_or("-".to_owned(), |a| format!("{a:.2}")));
+        println!("eval loss {}", status.last_eval_loss.map_or("-".to_owned(), |l| format!("{l:.4}")));
+        println!("traffic   {:.2} MB sent, {:.2} MB received (payload)", status.bytes_sent as f64 / 1e6, status.bytes_received as f64 / 1e6);
+        println!("rejected  {} messages", status.rejected);
+        println!("peers     {}", status.connected_peers.len());
+        for peer in &status.connected_peers {
+            println!("          {peer}");
+        }
+    }
+    if state == "running" || status.finished { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+}
