@@ -241,6 +241,8 @@ pub struct NetworkConfig {
     pub psk_file: Option<PathBuf>,
     /// A closed run: only these peer ids (one per line) may connect.
     pub allow_peers_file: Option<PathBuf>,
+    /// Disk the content store may use, in MB.
+    pub store_quota_mb: u64,
 }
 
 impl Default for NetworkConfig {
@@ -255,6 +257,7 @@ impl Default for NetworkConfig {
             data_dir: PathBuf::from(".blossom"),
             psk_file: None,
             allow_peers_file: None,
+            store_quota_mb: 4096,
         }
     }
 }
@@ -412,6 +415,7 @@ impl Config {
         check(federation.round_timeout_secs >= 1, "federation.round_timeout_secs", "must be at least 1 second")?;
 
         check(!network.data_dir.as_os_str().is_empty(), "network.data_dir", "must not be empty")?;
+        check(network.store_quota_mb >= 1, "network.store_quota_mb", "must be at least 1 (MB)")?;
         for (key, addrs) in [("network.listen", &network.listen), ("network.bootstrap", &network.bootstrap)] {
             if let Some(bad) = addrs.iter().find(|a| !a.starts_with('/')) {
                 return Err((key.to_owned(), format!("`{bad}` is not a multiaddr (they start with `/`, e.g. /ip4/1.2.3.4/tcp/4001)")));

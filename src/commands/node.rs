@@ -21,8 +21,6 @@ use crate::p2p::codec::{Digest, Limits, decode_adapter, encode_adapter};
 use crate::p2p::manifest::{Manifest, SignedManifest};
 use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 
-/// Disk the content store may use by default.
-const STORE_QUOTA: u64 = 4 * 1024 * 1024 * 1024;
 const IDENTITY_FILE: &str = "identity.key";
 
 #[derive(Debug, thiserror::Error)]
@@ -108,7 +106,7 @@ pub(crate) fn network_options(config: &Config, network: &NetworkArgs, bootstrap:
         mdns: config.network.mdns,
         relay_server,
         store_dir: config.network.data_dir.join("store"),
-        store_quota: STORE_QUOTA,
+        store_quota: config.network.store_quota_mb.saturating_mul(1 << 20),
         limits: Limits::default(),
         allowed_peers: match &config.network.allow_peers_file {
             Some(path) => Some(read_allowlist(path)?),
@@ -281,6 +279,7 @@ async fn run_exchange(config: &Config, args: &StartArgs) -> Result<(), NodeError
                 }
             }
             NetworkEvent::Rejected { peer, reason } => tracing::warn!(%peer, %reason, "rejected"),
+            NetworkEvent::DialFailed { peer, error } => tracing::warn!(?peer, %error, "could not connect"),
         }
     }
 }

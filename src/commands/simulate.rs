@@ -87,6 +87,7 @@ struct Simulation {
     running: BTreeMap<u64, Running>,
     rng: SplitMix64,
     seed: u64,
+    store_quota: u64,
     /// Traffic counters at each node's last report.
     traffic_seen: HashMap<u64, Traffic>,
 }
@@ -113,7 +114,7 @@ impl Simulation {
             mdns: false,
             relay_server: false,
             store_dir: self.work_dir.join(format!("node-{node:03}")).join("store"),
-            store_quota: 1 << 30,
+            store_quota: self.store_quota,
             limits: Limits::default(),
             psk: None,
             mesh_n: None,
@@ -357,6 +358,7 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
         rng: SplitMix64::new(scenario.seed ^ 0x5EED),
         seed: scenario.seed,
         traffic_seen: HashMap::new(),
+        store_quota: config.network.store_quota_mb.saturating_mul(1 << 20),
     };
     let late: Vec<u64> = scenario.late_joiners().into_iter().map(u64::from).collect();
     for node in (0..u64::from(nodes)).filter(|n| !late.contains(n)) {

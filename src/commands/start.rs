@@ -20,10 +20,36 @@ use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::status::NodeStatus;
 use crate::p2p::codec::Limits;
-use crate::p2p::network::spawn;
+use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 
 /// Held-out rows each average is evaluated on.
 const EVAL_ROWS: usize = 50;
+
+/// Waits, up to 30 s, for a first connection when bootstrap peers are
+/// given: a node that reaches none of them can never join, and says so.
+async fn reach_bootstrap(events: &mut mpsc::Receiver<NetworkEvent>, handle: &NetworkHandle, bootstrap: &[String]) -> Result<(), NodeError> {
+    let mut failures = Vec::new();
+    let deadline = tokio::time::sleep(Duration::from_secs(30));
+    tokio::pin!(deadline);
+    // Bounded by the deadline and by one failure per address.
+    while failures.len() < bootstrap.len() {
+        tokio::select! {
+            _ = &mut deadline => break,
+            event = events.recv() => match event {
+                Some(NetworkEvent::Listening(addr)) => println!("listening on {}", with_peer_id(addr, handle)),
+                Some(NetworkEvent::PeerConnected(_)) => return Ok(()),
+                Some(NetworkEvent::DialFailed { error, .. }) => failures.push(error),
+                Some(_) => {}
+                None => return Err(NodeError::Run("the network task stopped".into())),
+            },
+        }
+    }
+    let why = failures.last().map_or("no answer within 30 s", String::as_str);
+    Err(NodeError::Run(format!(
+        "could not reach any bootstrap peer ({}): {why}; check the addresses and that those peers are running",
+        bootstrap.join(", ")
+    )))
+}
 
 pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
     let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
@@ -43,7 +69,10 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
         None => crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config),
     };
     println!("run id: {run_id}");
-    let (handle, events) = spawn(keypair.clone(), options).map_err(|e| NodeError::Run(e.to_string()))?;
+    let (handle, mut events) = spawn(keypair.clone(), options).map_err(|e| NodeError::Run(e.to_string()))?;
+    if !config.network.bootstrap.is_empty() {
+        reach_bootstrap(&mut events, &handle, &config.network.bootstrap).await?;
+    }
     let partition = match (config.federation.partitioning, args.partition_id, args.num_partitions) {
         (_, Some(id), Some(count)) => PartitionMode::Static { id, count },
         (Partitioning::Static, _, _) => {

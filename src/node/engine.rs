@@ -18,7 +18,7 @@ use super::wire::{decode_checked, encode};
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
 use crate::p2p::codec::{Digest, Limits};
 use crate::p2p::manifest::{Manifest, ManifestKind, SignedManifest};
-use crate::p2p::network::{NetworkEvent, NetworkHandle};
+use crate::p2p::network::{NetworkError, NetworkEvent, NetworkHandle};
 
 /// What a round of local training produced.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -255,6 +255,7 @@ impl<T: RoundTrainer> Engine<T> {
             NetworkEvent::Rejected { peer, reason } => return self.report(EngineEvent::Rejected { peer, reason }),
             NetworkEvent::Listening(addr) => return self.report(EngineEvent::Listening(addr)),
             NetworkEvent::PeerConnected(peer) => return self.report(EngineEvent::PeerConnected(peer)),
+            NetworkEvent::DialFailed { peer, error } => return tracing::debug!(?peer, %error, "a dial failed"),
             NetworkEvent::Manifest { .. } => return,
         };
         if manifest.run_id != self.settings.run_id || author == self.me() {
@@ -467,10 +468,13 @@ impl<T: RoundTrainer> Engine<T> {
             ..Manifest::describe(run_id, round, &self.me(), &bytes)
         };
         let signed = self.sign(&manifest)?;
-        if let Err(e) = self.net.publish(signed, manifest.clone(), bytes).await {
+        match self.net.publish(signed, manifest.clone(), bytes).await {
+            Ok(()) => {}
+            // A node that cannot keep its own update cannot serve it.
+            Err(e @ NetworkError::Store(_)) => return Err(EngineError::Network(e.to_string())),
             // No peer in the topic right now: the update stays in the store
             // for fetches, and the round goes on.
-            tracing::warn!(round, error = %e, "could not gossip the update");
+            Err(e) => tracing::warn!(round, error = %e, "could not gossip the update"),
         }
         let me = self.me();
         self.buffered.entry(round).or_default().insert(me, Update { manifest, tensors: update });

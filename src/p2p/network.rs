@@ -73,6 +73,8 @@ pub enum NetworkEvent {
     AdapterReady { manifest: Manifest, author: PeerId, bytes: Vec<u8> },
     /// A message failed validation and was not forwarded.
     Rejected { peer: PeerId, reason: String },
+    /// An outgoing connection failed (e.g. an unreachable bootstrap peer).
+    DialFailed { peer: Option<PeerId>, error: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,11 +85,15 @@ pub enum NetworkError {
     Stopped,
     #[error("{0}")]
     Command(String),
+    /// The local store cannot take this node's own data (full, or its disk
+    /// failed): the node cannot serve what it publishes.
+    #[error("the chunk store cannot keep it: {0}")]
+    Store(String),
 }
 
 enum Command {
     Subscribe(Digest, oneshot::Sender<Result<(), String>>),
-    Publish(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), String>>),
+    Publish(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), NetworkError>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Listen(Multiaddr, oneshot::Sender<Result<(), String>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -97,7 +103,7 @@ enum Command {
     CatchUp(Digest, oneshot::Sender<Result<(), String>>),
     Unsubscribe(Digest, oneshot::Sender<()>),
     /// Store and serve an adapter without gossiping it.
-    Keep(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), String>>),
+    Keep(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), NetworkError>>),
     RunPeers(Digest, oneshot::Sender<Vec<PeerId>>),
     ForgetBefore(u64, oneshot::Sender<Result<(), String>>),
     /// Ask connected peers for a round's update manifests, and fetch them.
@@ -140,7 +146,7 @@ impl NetworkHandle {
 
     /// Stores and gossips a signed manifest and its adapter's chunks.
     pub async fn publish(&self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
-        self.call(|tx| Command::Publish(Box::new((signed, manifest, adapter)), tx)).await?.map_err(NetworkError::Command)
+        self.call(|tx| Command::Publish(Box::new((signed, manifest, adapter)), tx)).await?
     }
 
     /// Leaves the run's topics (peers learn it at once, as from a goodbye).
@@ -151,7 +157,7 @@ impl NetworkHandle {
     /// Stores an adapter and its manifest, and serves them to peers that ask
     /// (catch-up, chunk requests), without gossiping them.
     pub async fn keep(&self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
-        self.call(|tx| Command::Keep(Box::new((signed, manifest, adapter)), tx)).await?.map_err(NetworkError::Command)
+        self.call(|tx| Command::Keep(Box::new((signed, manifest, adapter)), tx)).await?
     }
 
     /// Connected peers subscribed to the run's manifest topic, relays excepted.
@@ -469,25 +475,26 @@ impl EventLoop {
     }
 
     /// Stores the chunks and manifest and remembers them for catch-up.
-    fn keep<'a>(&mut self, signed: &SignedManifest, manifest: &Manifest, adapter: &'a [u8]) -> Result<Vec<(Digest, &'a [u8])>, String> {
+    fn keep<'a>(&mut self, signed: &SignedManifest, manifest: &Manifest, adapter: &'a [u8]) -> Result<Vec<(Digest, &'a [u8])>, NetworkError> {
         let chunks = split_chunks(adapter);
+        let store = |e: crate::store::StoreError| NetworkError::Store(e.to_string());
         for (id, chunk) in &chunks {
-            self.store.put_chunk(id, chunk).map_err(|e| e.to_string())?;
+            self.store.put_chunk(id, chunk).map_err(store)?;
         }
-        self.store.put_manifest(manifest.round, signed).map_err(|e| e.to_string())?;
+        self.store.put_manifest(manifest.round, signed).map_err(store)?;
         self.remember_latest(manifest, signed);
         self.known.insert(manifest.adapter_hash, (manifest.round, manifest.chunk_ids.clone()));
         Ok(chunks)
     }
 
-    fn publish(&mut self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), String> {
+    fn publish(&mut self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
         let (manifest_topic, chunk_topic) = topics(&manifest.run_id);
         let chunks = self.keep(&signed, &manifest, &adapter)?;
-        let bytes = signed.to_bytes().map_err(|e| e.to_string())?;
+        let bytes = signed.to_bytes().map_err(|e| NetworkError::Command(e.to_string()))?;
         let gossip = &mut self.swarm.behaviour_mut().gossipsub;
         let ignore_duplicate = |r: Result<gossipsub::MessageId, gossipsub::PublishError>| match r {
             Ok(_) | Err(gossipsub::PublishError::Duplicate) => Ok(()),
-            Err(e) => Err(format!("publish: {e}")),
+            Err(e) => Err(NetworkError::Command(format!("publish: {e}"))),
         };
         let mut published = bytes.len();
         ignore_duplicate(gossip.publish(manifest_topic, bytes))?;
@@ -497,7 +504,7 @@ impl EventLoop {
                 index: index as u32,
                 bytes: chunk.to_vec(),
             };
-            let data = message.to_bytes().map_err(|e| e.to_string())?;
+            let data = message.to_bytes().map_err(|e| NetworkError::Command(e.to_string()))?;
             published += data.len();
             ignore_duplicate(gossip.publish(chunk_topic.clone(), data))?;
         }
@@ -526,6 +533,13 @@ impl EventLoop {
                     self.swarm.add_external_address(address.clone());
                 }
                 self.emit(NetworkEvent::Listening(address)).await
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                self.emit(NetworkEvent::DialFailed {
+                    peer: peer_id,
+                    error: error.to_string(),
+                })
+                .await
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());

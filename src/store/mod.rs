@@ -17,7 +17,7 @@ pub enum StoreError {
     Io { path: String, message: String },
     #[error("chunk {expected:?} does not hash to its id (got {actual:?})")]
     WrongHash { expected: Digest, actual: Digest },
-    #[error("the store quota of {quota} bytes would be exceeded ({used} used, {incoming} incoming)")]
+    #[error("the store quota of {quota} bytes would be exceeded ({used} used, {incoming} incoming); raise network.store_quota_mb or free disk space")]
     Quota { quota: u64, used: u64, incoming: u64 },
     #[error("stored chunk {0:?} is corrupt and was removed")]
     Corrupt(Digest),
