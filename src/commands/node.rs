@@ -46,7 +46,8 @@ pub fn load_or_create_identity(data_dir: &Path) -> Result<Keypair, String> {
         Ok(bytes) => Keypair::from_protobuf_encoding(&bytes)
             .map_err(|e| format!("identity file {} is not a libp2p key ({e}); move it away to create a new identity", path.display())),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            std::fs::create_dir_all(data_dir).map_err(|e| format!("{}: {e}", data_dir.display()))?;
+            std::fs::create_dir_all(data_dir)
+                .map_err(|e| format!("cannot create the data directory {} ({e}); choose a writable --data-dir", data_dir.display()))?;
             let keypair = Keypair::generate_ed25519();
             let bytes = keypair.to_protobuf_encoding().map_err(|e| e.to_string())?;
             let mut options = std::fs::OpenOptions::new();

@@ -12,7 +12,7 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::node::{NodeError, load_or_create_identity, network_options, next_or_ctrl_c, with_peer_id};
+use super::node::{NodeError, load_or_create_identity, network_options, with_peer_id};
 use crate::cli::StartArgs;
 use crate::config::{Config, Partitioning};
 use crate::model::QuantMode;
@@ -129,10 +129,16 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
     publish_status(&mut status);
     // Bounded by the engine: it sends `Finished` (or stops) after the last round.
     loop {
-        let Some(event) = next_or_ctrl_c(reports.recv()).await? else {
-            task.abort();
-            return Ok(());
+        let event = tokio::select! {
+            event = reports.recv() => event,
+            _ = tokio::signal::ctrl_c() => {
+                println!("stopping");
+                task.abort();
+                return Ok(());
+            }
         };
+        // The engine stopped (an error, reported below).
+        let Some(event) = event else { break };
         match event {
             EngineEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &peer_handle)),
             EngineEvent::PeerConnected(peer) => {

@@ -31,7 +31,8 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
         path: path.display().to_string(),
         message,
     };
-    let file = GgufFile::load(path).map_err(|e| load_err(format!("not a readable GGUF file ({e})")))?;
+    super::gguf_check::check(path).map_err(|e| load_err(format!("not a valid GGUF file: {e}")))?;
+    let file = GgufFile::load(path).map_err(|e| load_err(format!("not a readable GGUF file ({})", super::mlx_message(&e))))?;
     let meta = Metadata { file: &file, path };
     let arch = meta.string("general.architecture")?;
     let tokens = meta.strings("tokenizer.ggml.tokens")?;

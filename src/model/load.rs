@@ -138,7 +138,7 @@ pub fn load_hf_weights(dir: &Path) -> Result<(ModelArgs, WeightMap, Vec<PathBuf>
     };
     let mut weights = WeightMap::new();
     for file in &files {
-        let arrays = Array::load_safetensors(file).map_err(|e| load_err(format!("{}: {e}", file.display())))?;
+        let arrays = Array::load_safetensors(file).map_err(|e| load_err(format!("{}: {}", file.display(), super::mlx_message(&e))))?;
         for (name, array) in arrays {
             weights.insert(name, array);
         }

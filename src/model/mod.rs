@@ -11,6 +11,7 @@ pub mod gemma3;
 pub mod generate;
 pub mod hub;
 pub mod gguf;
+mod gguf_check;
 pub mod kv_cache;
 pub mod layers;
 pub mod linear;
@@ -227,5 +228,16 @@ impl Decoder {
             head.store("lm_head", &mut out);
         }
         Ok(out)
+    }
+}
+
+/// An MLX error as a person should read it: the message, without the C++
+/// source location and quoting MLX wraps it in (`"[load_gguf] … at /…/io.cpp:40" at /…`).
+pub fn mlx_message(error: &impl std::fmt::Display) -> String {
+    let text = error.to_string();
+    let message = text.split(" at /").next().unwrap_or(&text).trim_matches('"');
+    match message.strip_prefix('[').and_then(|m| m.split_once("] ")) {
+        Some((_, rest)) => rest.to_owned(),
+        None => message.to_owned(),
     }
 }

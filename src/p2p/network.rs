@@ -206,6 +206,22 @@ impl NetworkHandle {
     }
 }
 
+/// An error with its sources (libp2p's transport errors keep the cause,
+/// e.g. "Address already in use", only there).
+fn with_sources(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    // Bounded by the chain's length.
+    while let Some(cause) = source {
+        let part = cause.to_string();
+        if !part.is_empty() && !text.contains(&part) {
+            text = if text.is_empty() { part } else { format!("{text}: {part}") };
+        }
+        source = cause.source();
+    }
+    text
+}
+
 fn response_size(response: &ChunkResponse) -> usize {
     match response {
         ChunkResponse::Chunk(bytes) | ChunkResponse::Manifest(bytes) => bytes.len(),
@@ -294,7 +310,11 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
     }
     for addr in &options.listen {
-        swarm.listen_on(addr.clone()).map_err(|e| setup(&format!("listen on {addr}: {e}")))?;
+        swarm.listen_on(addr.clone()).map_err(|e| {
+            let why = with_sources(&e);
+            let hint = if why.contains("in use") { "; another process has this port: pick another in --listen, or stop it" } else { "" };
+            setup(&format!("cannot listen on {addr}: {why}{hint}"))
+        })?;
     }
     for addr in &options.external {
         swarm.add_external_address(addr.clone());
