@@ -172,3 +172,18 @@ fn bad_pre_shared_keys_and_addresses_are_clear_errors() {
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("external address `1.2.3.4:4001` is not a multiaddr"), "{}", stderr(&output));
 }
+
+#[test]
+fn json_logs_of_a_training_node_carry_run_peer_and_round() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = blossom(&[
+        "--log-format", "json", "-v", "--set", "model.source=tiny", "--set", "lora.num_layers=4", "--set", "federation.rounds=1",
+        "--set", "train.local_steps=1", "start", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", dir.path().to_str().unwrap(),
+    ]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let line = stderr(&output).lines().find(|l| l.contains("round done")).map(str::to_owned).expect("a round-done log line");
+    let record: serde_json::Value = serde_json::from_str(&line).unwrap();
+    let spans = record["spans"].as_array().expect("spans");
+    assert!(spans.iter().any(|s| s["run"].as_str().is_some_and(|r| r.len() == 64) && s["peer"].as_str().is_some_and(|p| p.starts_with("12D3Koo"))), "{line}");
+    assert!(spans.iter().any(|s| s["round"] == 0), "{line}");
+}

@@ -132,8 +132,12 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
         let event = tokio::select! {
             event = reports.recv() => event,
             _ = tokio::signal::ctrl_c() => {
+                // Tell peers at once (they stop counting on this node's
+                // updates), leave the status for `status`, exit 0.
                 println!("stopping");
                 task.abort();
+                let _ = peer_handle.unsubscribe(run_id).await;
+                publish_status(&mut status);
                 return Ok(());
             }
         };

@@ -373,8 +373,14 @@ impl<T: RoundTrainer> Engine<T> {
         SignedManifest::sign(manifest, &self.keypair).map_err(|e| EngineError::Network(e.to_string()))
     }
 
-    /// Runs the rounds until the last one; reports each.
-    pub async fn run(mut self) -> Result<(), EngineError> {
+    /// Runs the rounds until the last one; reports each. Logs carry the
+    /// run id, the peer id and the round as fields (`--log-format json`).
+    pub async fn run(self) -> Result<(), EngineError> {
+        let span = tracing::info_span!("node", run = %self.settings.run_id, peer = %self.net.peer_id);
+        tracing::Instrument::instrument(self.run_rounds(), span).await
+    }
+
+    async fn run_rounds(mut self) -> Result<(), EngineError> {
         let run_id = self.settings.run_id;
         self.net.subscribe(run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
         let initial = self.trainer.initial().await.map_err(EngineError::Trainer)?;
@@ -397,7 +403,7 @@ impl<T: RoundTrainer> Engine<T> {
                 self.net.ask_round(run_id, round).await.map_err(|e| EngineError::Network(e.to_string()))?;
                 rejoined = false;
             }
-            let report = self.round(round, &current, &members).await?;
+            let report = tracing::Instrument::instrument(self.round(round, &current, &members), tracing::info_span!("round", round)).await?;
             current = (*report.average).clone();
             let lagging = self.buffered.keys().next_back().is_some_and(|r| *r >= round + 2);
             self.report(EngineEvent::Round(report));
