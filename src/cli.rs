@@ -217,6 +217,12 @@ pub struct SimulateArgs {
     /// federated result.
     #[arg(long)]
     pub centralized_baseline: bool,
+    /// Make the last --attackers nodes publish poisoned updates.
+    #[arg(long, value_enum)]
+    pub attack: Option<crate::commands::poison::Attack>,
+    /// How many nodes attack (the highest-numbered ones).
+    #[arg(long, default_value_t = 1, requires = "attack")]
+    pub attackers: u32,
     /// Quantized weights: `auto` dequantizes to float32 on CPU when memory allows.
     #[arg(long, value_enum, default_value_t = QuantMode::Auto)]
     pub quant: QuantMode,

@@ -132,3 +132,21 @@ fn a_bad_scenario_is_a_clear_error() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("node 7 does not exist"), "{stderr}");
 }
+
+/// One of five nodes publishes noise instead of its update: plain FedAvg's
+/// result is ruined, the coordinate-wise median stays near the clean run.
+#[test]
+fn robust_averaging_withstands_a_poisoning_node_and_fedavg_does_not() {
+    let eval = |method: &str, attack: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let set = format!("federation.aggregation=\"{method}\"");
+        let (stdout, records) = simulate(dir.path(), 5, 3, None, &[&set], attack);
+        assert!(stdout.contains("attack") || attack.is_empty(), "{stdout}");
+        field(records.last().unwrap(), "eval_loss")
+    };
+    let clean = eval("fedavg", &[]);
+    let poisoned_fedavg = eval("fedavg", &["--attack", "noise"]);
+    let poisoned_median = eval("median", &["--attack", "noise"]);
+    assert!(poisoned_fedavg > clean * 1.2, "FedAvg under attack {poisoned_fedavg} vs clean {clean}");
+    assert!(poisoned_median < clean * 1.05, "median under attack {poisoned_median} vs clean {clean}");
+}

@@ -8,6 +8,7 @@ pub mod export;
 pub mod generate;
 pub mod node;
 pub mod plot;
+pub mod poison;
 pub mod simulate;
 pub mod start;
 pub mod status;

@@ -26,6 +26,7 @@ use crate::p2p::codec::{Digest, Limits};
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
 
 use super::plot::{Series, plot_rounds};
+use super::poison::{Attack, SimTrainer};
 
 /// Peers each node dials when it starts.
 const BOOTSTRAP_PEERS: usize = 3;
@@ -88,6 +89,9 @@ struct Simulation {
     rng: SplitMix64,
     seed: u64,
     store_quota: u64,
+    attack: Option<Attack>,
+    /// Nodes from this one on attack.
+    first_attacker: u64,
     /// Traffic counters at each node's last report.
     traffic_seen: HashMap<u64, Traffic>,
 }
@@ -135,7 +139,13 @@ impl Simulation {
             *busy = client.busy();
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
-        let engine = Engine::new(handle.clone(), events, keypair, client.clone(), settings, tx);
+        let attack = self.attack.filter(|_| node >= self.first_attacker);
+        let trainer = SimTrainer {
+            client: client.clone(),
+            attack,
+            seed: self.seed ^ node,
+        };
+        let engine = Engine::new(handle.clone(), events, keypair, trainer, settings, tx);
         let reports = self.reports.clone();
         let network = self.network.clone();
         let forward = move |event: EngineEvent| {
@@ -292,6 +302,9 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
     };
     let (nodes, rounds) = (config.federation.nodes, config.federation.rounds);
     scenario.check(nodes, rounds).map_err(|e| SimError::Input(format!("{e} (--nodes {nodes}, --rounds {rounds})")))?;
+    if args.attack.is_some() && args.attackers >= nodes {
+        return Err(SimError::Input(format!("--attackers {} must be below --nodes {nodes}: someone has to be honest", args.attackers)));
+    }
     let local_steps = u64::from(config.train.local_steps);
     let total_steps = u64::from(rounds) * local_steps;
     println!("loading {} on the compute thread ...", config.model.source);
@@ -359,7 +372,12 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
         seed: scenario.seed,
         traffic_seen: HashMap::new(),
         store_quota: config.network.store_quota_mb.saturating_mul(1 << 20),
+        attack: args.attack,
+        first_attacker: u64::from(nodes.saturating_sub(args.attackers)),
     };
+    if let Some(attack) = args.attack {
+        println!("nodes {}..{} attack: {attack:?}", u64::from(nodes.saturating_sub(args.attackers)), nodes - 1);
+    }
     let late: Vec<u64> = scenario.late_joiners().into_iter().map(u64::from).collect();
     for node in (0..u64::from(nodes)).filter(|n| !late.contains(n)) {
         sim.start(node, false)?;

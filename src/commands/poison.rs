@@ -1,0 +1,75 @@
+//! Poisoning attacks for `simulate --attack`: a node that trains honestly,
+//! then publishes a corrupted update (well-formed, so only robust averaging
+//! can limit it). Every other node is untouched.
+
+use std::path::PathBuf;
+
+use clap::ValueEnum;
+use netsim::SplitMix64;
+
+use crate::aggregate::Tensors;
+use crate::node::compute::ComputeClient;
+use crate::node::engine::{LocalResult, RoundTrainer};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Attack {
+    /// The update (trained − start) scaled by 100.
+    Scale,
+    /// The update reversed: start − (trained − start).
+    SignFlip,
+    /// Gaussian noise (standard deviation 1) in place of the update.
+    Noise,
+}
+
+/// A node's trainer in simulation: honest, or an attacker.
+#[derive(Clone)]
+pub struct SimTrainer {
+    pub client: ComputeClient,
+    pub attack: Option<Attack>,
+    pub seed: u64,
+}
+
+/// A standard normal draw (Box-Muller).
+fn normal(rng: &mut SplitMix64) -> f64 {
+    let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
+    let u2 = rng.next_f64();
+    (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
+}
+
+pub fn poison(attack: Attack, start: &Tensors, trained: &mut Tensors, rng: &mut SplitMix64) {
+    for (name, tensor) in trained.iter_mut() {
+        let Some(base) = start.get(name) else { continue };
+        for (value, &before) in tensor.values.iter_mut().zip(&base.values) {
+            let delta = f64::from(*value) - f64::from(before);
+            let poisoned = match attack {
+                Attack::Scale => f64::from(before) + 100.0 * delta,
+                Attack::SignFlip => f64::from(before) - delta,
+                Attack::Noise => f64::from(before) + normal(rng),
+            };
+            *value = poisoned as f32;
+        }
+    }
+}
+
+impl RoundTrainer for SimTrainer {
+    async fn initial(&self) -> Result<Tensors, String> {
+        self.client.initial().await
+    }
+
+    async fn train(&self, start: Tensors, rows: Vec<u64>, round: u64) -> Result<(Tensors, LocalResult), String> {
+        let (mut trained, local) = self.client.train(start.clone(), rows, round).await?;
+        if let Some(attack) = self.attack {
+            let mut rng = SplitMix64::new(self.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            poison(attack, &start, &mut trained, &mut rng);
+        }
+        Ok((trained, local))
+    }
+
+    async fn evaluate(&self, adapter: Tensors) -> Result<f32, String> {
+        self.client.evaluate(adapter).await
+    }
+
+    async fn save(&self, adapter: Tensors, dir: PathBuf) -> Result<(), String> {
+        self.client.save(adapter, dir).await
+    }
+}
