@@ -11,7 +11,7 @@ pub mod gemma3;
 pub mod generate;
 pub mod hub;
 pub mod gguf;
-mod gguf_check;
+pub mod gguf_check;
 pub mod kv_cache;
 pub mod layers;
 pub mod linear;
