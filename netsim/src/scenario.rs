@@ -201,7 +201,7 @@ mod tests {
         for entry in std::fs::read_dir(&dir).unwrap() {
             let path = entry.unwrap().path();
             let scenario = Scenario::load(&path).unwrap_or_else(|e| panic!("{e}"));
-            scenario.check(8, 8).unwrap_or_else(|e| panic!("{e}"));
+            scenario.check(10, 20).unwrap_or_else(|e| panic!("{e}"));
             count += 1;
         }
         assert!(count >= 5, "ideal, lossy WAN, churn, partition-and-heal, late joiners");

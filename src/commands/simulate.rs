@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -314,6 +314,16 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
         exact_match_rows: args.exact_match_rows,
     };
     let prepared = compute::spawn_for_config(config, args.quant, compute_settings, total_steps).map_err(SimError::Input)?;
+    let result = run_simulation(config, args, &scenario, &prepared).await;
+    // MLX must let go of everything before the process exits.
+    tokio::task::block_in_place(|| prepared.client.shutdown());
+    result
+}
+
+async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenario, prepared: &compute::Prepared) -> Result<(), SimError> {
+    let (nodes, rounds) = (config.federation.nodes, config.federation.rounds);
+    let local_steps = u64::from(config.train.local_steps);
+    let total_steps = u64::from(rounds) * local_steps;
     let compute = prepared.client.clone();
     let run_id = crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config);
     let work_dir = config.network.data_dir.join("simulate");
@@ -438,14 +448,14 @@ async fn simulate(config: &Config, args: &SimulateArgs) -> Result<(), SimError> 
             let Some((round, nodes_round)) = by_round.pop_first() else { break };
             let row = summarize(round, &nodes_round, &compute, builtin).await?;
             print_row(&row);
-            write_record(&mut metrics, &row, &nodes_round)?;
+            write_record(&mut metrics, &row, &nodes_round, &work_dir)?;
             rows.push(row);
         }
     }
     while let Some((round, nodes_round)) = by_round.pop_first() {
         let row = summarize(round, &nodes_round, &compute, builtin).await?;
         print_row(&row);
-        write_record(&mut metrics, &row, &nodes_round)?;
+        write_record(&mut metrics, &row, &nodes_round, &work_dir)?;
         rows.push(row);
     }
     let wall = started.elapsed();
@@ -514,8 +524,38 @@ fn print_row(row: &RoundRow) {
     );
 }
 
-fn write_record(out: &mut std::fs::File, row: &RoundRow, nodes: &[NodeRound]) -> Result<(), SimError> {
+/// This process's resident and peak resident memory, in MB (Linux; none elsewhere).
+fn memory_mb() -> (Option<f64>, Option<f64>) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map(|kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Bytes under `dir`, recursively.
+fn disk_usage(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.file_type() {
+            Ok(t) if t.is_dir() => disk_usage(&e.path()),
+            _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+        })
+        .sum()
+}
+
+fn write_record(out: &mut std::fs::File, row: &RoundRow, nodes: &[NodeRound], work_dir: &Path) -> Result<(), SimError> {
     let drift: Vec<f64> = nodes.iter().filter_map(|n| n.report.fedavg_drift).collect();
+    let (rss, peak) = memory_mb();
+    let largest_store = std::fs::read_dir(work_dir)
+        .map(|entries| entries.flatten().map(|e| disk_usage(&e.path().join("store"))).max().unwrap_or(0))
+        .unwrap_or(0);
     let record = json!({
         "round": row.round,
         "nodes": row.nodes,
@@ -530,6 +570,9 @@ fn write_record(out: &mut std::fs::File, row: &RoundRow, nodes: &[NodeRound]) ->
         "average_hash": row.modal.0.to_hex(),
         "fedavg_drift": drift.first(),
         "contributors": nodes.iter().map(|n| n.report.contributors).collect::<Vec<_>>(),
+        "rss_mb": rss,
+        "peak_rss_mb": peak,
+        "largest_store_bytes": largest_store,
     });
     writeln!(out, "{record}").map_err(|e| SimError::Run(format!("metrics: {e}")))
 }

@@ -64,6 +64,20 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
         exact_match_rows: 0,
     };
     let prepared = compute::spawn_for_config(config, QuantMode::Auto, settings, rounds * local_steps).map_err(NodeError::Input)?;
+    let result = run_node(config, args, keypair, options, &prepared).await;
+    // MLX must let go of everything before the process exits.
+    tokio::task::block_in_place(|| prepared.client.shutdown());
+    result
+}
+
+async fn run_node(
+    config: &Config,
+    args: &StartArgs,
+    keypair: libp2p_identity::Keypair,
+    options: crate::p2p::network::NetworkOptions,
+    prepared: &compute::Prepared,
+) -> Result<(), NodeError> {
+    let rounds = u64::from(config.federation.rounds);
     let run_id = match &args.run_id {
         Some(hex) => super::node::run_id(config, Some(hex))?,
         None => crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config),
@@ -109,7 +123,7 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
         .map_err(|e| NodeError::Input(format!("{}: {e}", metrics_path.display())))?;
     let (tx, mut reports) = mpsc::unbounded_channel();
     let peer_handle = handle.clone();
-    let engine = Engine::new(handle, events, keypair, prepared.client, engine_settings, tx);
+    let engine = Engine::new(handle, events, keypair, prepared.client.clone(), engine_settings, tx);
     let task = tokio::spawn(engine.run());
     let data_dir = config.network.data_dir.clone();
     let mut status = NodeStatus {

@@ -44,6 +44,8 @@ enum Job {
     /// `steps` steps from the initial adapter on every training row: the
     /// centralized baseline a federated run is compared with.
     Centralized(u64, Reply<Tensors>),
+    /// Free everything MLX holds and end the thread.
+    Shutdown,
 }
 
 /// The running compute thread and what it loaded.
@@ -71,6 +73,7 @@ pub struct ComputeClient {
     slot: u64,
     jobs: std_mpsc::Sender<Job>,
     busy: Arc<watch::Sender<usize>>,
+    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 /// Starts the thread. `load` runs on it and builds the trainer (the model
@@ -83,7 +86,7 @@ pub fn spawn(
     let busy = Arc::new(watch::Sender::new(0usize));
     let (ready_tx, ready_rx) = std_mpsc::channel();
     let busy_thread = busy.clone();
-    std::thread::Builder::new()
+    let thread = std::thread::Builder::new()
         .name("mlx-compute".into())
         .spawn(move || {
             let mut worker = match load() {
@@ -97,16 +100,25 @@ pub fn spawn(
                     return;
                 }
             };
-            // Ends when every client is dropped.
+            // Ends on Shutdown, or when every client is dropped.
             while let Ok(job) = receiver.recv() {
+                if matches!(job, Job::Shutdown) {
+                    break;
+                }
                 worker.run(job);
                 busy_thread.send_modify(|n| *n = n.saturating_sub(1));
             }
+            drop(worker);
         })
         .map_err(|e| format!("cannot start the compute thread: {e}"))?;
     let (model_identity, fingerprint, train_rows) = ready_rx.recv().map_err(|_| "the compute thread stopped while loading".to_owned())??;
     Ok(Prepared {
-        client: ComputeClient { slot: 0, jobs, busy },
+        client: ComputeClient {
+            slot: 0,
+            jobs,
+            busy,
+            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+        },
         model_identity,
         fingerprint,
         train_rows,
@@ -156,6 +168,20 @@ impl ComputeClient {
     /// Trains a fresh adapter for `steps` steps on every training row.
     pub async fn centralized(&self, steps: u64) -> Result<Tensors, String> {
         self.ask(|reply| Job::Centralized(steps, reply)).await
+    }
+
+    /// Ends the thread and waits until MLX has freed everything it held.
+    /// Call it before the process exits: MLX's own global state is torn down
+    /// at exit, and arrays freed on another thread at the same moment
+    /// corrupt the heap.
+    pub fn shutdown(&self) {
+        let _ = self.jobs.send(Job::Shutdown);
+        let handle = self.thread.lock().ok().and_then(|mut h| h.take());
+        if let Some(handle) = handle
+            && handle.join().is_err()
+        {
+            tracing::error!("the compute thread panicked");
+        }
     }
 
     pub fn forget(&self) {
@@ -267,6 +293,7 @@ impl Worker {
             Job::Centralized(steps, reply) => {
                 let _ = reply.send(self.centralized(steps).map_err(text));
             }
+            Job::Shutdown => {}
         }
     }
 
