@@ -156,6 +156,10 @@ pub struct StartArgs {
     /// Multiaddr of a peer or relay to join through (repeatable).
     #[arg(long, value_name = "MULTIADDR")]
     pub bootstrap: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a loopback address,
+    /// e.g. 127.0.0.1:9090; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub network: NetworkArgs,
     /// Do not look for peers on the LAN by mDNS.

@@ -111,6 +111,8 @@ fn bad_inputs_get_clear_errors_and_non_zero_exits() {
         ("simulate: a node that does not exist", with_tiny(&["simulate", "--nodes", "3", "--rounds", "3", "--scenario", &p("scenario.toml")]), 2, "node 9 does not exist"),
         ("data dir that cannot be created", vec!["start".into(), "--data-dir".into(), "/proc/blossom/node".into()], 2, "choose a writable --data-dir"),
         ("port already in use", with_tiny(&["start", "--no-mdns", "--listen", &taken]), 1, "pick another in --listen"),
+        ("metrics on a public address", with_tiny(&["start", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--metrics", "0.0.0.0:9090"]), 2, "loopback"),
+        ("metrics address that is not one", vec!["start".into(), "--metrics".into(), "localhost".into()], 2, "--metrics"),
         (
             "unreachable bootstrap peer",
             with_tiny(&["start", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--bootstrap", "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWQK22rTBY5uEJQQLQ6ZkEtgD4nuozcDaB47zj166R7TPd"]),

@@ -156,9 +156,18 @@ fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
         "--set", "federation.save_every_rounds=1", "--set", "federation.round_timeout_secs=60",
     ];
     let with = |extra: &[&str]| -> Vec<String> { train.iter().chain(extra).map(|s| s.to_string()).collect() };
-    let a_args = with(&["start", "--data-dir", &d("a"), "--listen", listen]);
+    let a_args = with(&["start", "--data-dir", &d("a"), "--listen", listen, "--metrics", "127.0.0.1:0"]);
     let a = Node::spawn(&a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let metrics_url = a.wait_for("metrics on http://").trim_start_matches("metrics on http://").to_owned();
     let addr = a.wait_for("listening on /ip4/127.0.0.1/tcp/").trim_start_matches("listening on ").to_owned();
+    // The Prometheus page answers while the node runs.
+    let (host, path) = metrics_url.split_once('/').unwrap();
+    let mut socket = std::net::TcpStream::connect(host).unwrap();
+    std::io::Write::write_all(&mut socket, format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).unwrap();
+    let mut page = String::new();
+    std::io::Read::read_to_string(&mut socket, &mut page).unwrap();
+    assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");
+    assert!(page.contains("# TYPE blossom_round gauge") && page.contains("blossom_rounds{run=\""), "{page}");
     let b_args = with(&["start", "--data-dir", &d("b"), "--listen", listen, "--bootstrap", &addr]);
     let b = Node::spawn(&b_args.iter().map(String::as_str).collect::<Vec<_>>());
     let last_average = |node: &Node| {

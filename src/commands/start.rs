@@ -18,6 +18,7 @@ use crate::config::{Config, Partitioning};
 use crate::model::QuantMode;
 use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
+use crate::node::prometheus;
 use crate::node::status::NodeStatus;
 use crate::p2p::codec::Limits;
 use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
@@ -133,9 +134,20 @@ async fn run_node(
         rounds,
         ..NodeStatus::default()
     };
+    let shared = Arc::new(std::sync::Mutex::new(status.clone()));
+    if let Some(addr) = args.metrics {
+        if !addr.ip().is_loopback() {
+            return Err(NodeError::Input(format!("--metrics {addr}: the metrics endpoint only listens on a loopback address, e.g. 127.0.0.1:9090")));
+        }
+        let bound = prometheus::serve(addr, shared.clone()).await.map_err(|e| NodeError::Input(format!("--metrics {addr}: {e}")))?;
+        println!("metrics on http://{bound}/metrics");
+    }
     let publish_status = |status: &mut NodeStatus| {
         let (sent, received) = peer_handle.payload_traffic();
         (status.bytes_sent, status.bytes_received) = (sent, received);
+        if let Ok(mut copy) = shared.lock() {
+            *copy = status.clone();
+        }
         if let Err(e) = status.write(&data_dir) {
             tracing::warn!(error = %e, "cannot write the status file");
         }

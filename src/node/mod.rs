@@ -7,6 +7,7 @@
 pub mod compute;
 pub mod engine;
 pub mod partition;
+pub mod prometheus;
 pub mod status;
 mod wire;
 
