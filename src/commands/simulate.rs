@@ -446,17 +446,11 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
                 break;
             }
             let Some((round, nodes_round)) = by_round.pop_first() else { break };
-            let row = summarize(round, &nodes_round, &compute, builtin).await?;
-            print_row(&row);
-            write_record(&mut metrics, &row, &nodes_round, &work_dir)?;
-            rows.push(row);
+            rows.push(close_round(round, &nodes_round, &compute, builtin, &mut metrics, &work_dir).await?);
         }
     }
     while let Some((round, nodes_round)) = by_round.pop_first() {
-        let row = summarize(round, &nodes_round, &compute, builtin).await?;
-        print_row(&row);
-        write_record(&mut metrics, &row, &nodes_round, &work_dir)?;
-        rows.push(row);
+        rows.push(close_round(round, &nodes_round, &compute, builtin, &mut metrics, &work_dir).await?);
     }
     let wall = started.elapsed();
     for node in sim.running.keys().copied().collect::<Vec<_>>() {
@@ -505,6 +499,21 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
     plot_rounds(&plot_path, &format!("{} nodes, scenario {}", nodes, scenario.name), &series, &lower).map_err(SimError::Run)?;
     println!("metrics: {}; plot: {}", metrics_path.display(), plot_path.display());
     Ok(())
+}
+
+/// Summarizes a finished round, prints its table row and appends its record.
+async fn close_round(
+    round: u64,
+    nodes: &[NodeRound],
+    compute: &ComputeClient,
+    exact_match: bool,
+    metrics: &mut std::fs::File,
+    work_dir: &Path,
+) -> Result<RoundRow, SimError> {
+    let row = summarize(round, nodes, compute, exact_match).await?;
+    print_row(&row);
+    write_record(metrics, &row, nodes, work_dir)?;
+    Ok(row)
 }
 
 fn print_row(row: &RoundRow) {

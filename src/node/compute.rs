@@ -150,11 +150,20 @@ impl ComputeClient {
         self.busy.subscribe()
     }
 
+    /// Queues a job, counting it as busy until the thread has run it;
+    /// false if the thread has stopped.
+    fn enqueue(&self, job: Job) -> bool {
+        self.busy.send_modify(|n| *n += 1);
+        let sent = self.jobs.send(job).is_ok();
+        if !sent {
+            self.busy.send_modify(|n| *n = n.saturating_sub(1));
+        }
+        sent
+    }
+
     async fn ask<T>(&self, make: impl FnOnce(Reply<T>) -> Job) -> Result<T, String> {
         let (tx, rx) = oneshot::channel();
-        self.busy.send_modify(|n| *n += 1);
-        if self.jobs.send(make(tx)).is_err() {
-            self.busy.send_modify(|n| *n = n.saturating_sub(1));
+        if !self.enqueue(make(tx)) {
             return Err("the compute thread stopped".into());
         }
         rx.await.map_err(|_| "the compute thread stopped".to_owned())?
@@ -185,10 +194,8 @@ impl ComputeClient {
     }
 
     pub fn forget(&self) {
-        self.busy.send_modify(|n| *n += 1);
-        if self.jobs.send(Job::Forget(self.slot)).is_err() {
-            self.busy.send_modify(|n| *n = n.saturating_sub(1));
-        }
+        // A stopped thread has nothing left to forget.
+        let _ = self.enqueue(Job::Forget(self.slot));
     }
 }
 

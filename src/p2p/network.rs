@@ -247,6 +247,15 @@ struct Pending {
     since: Instant,
 }
 
+/// A run's newest verified manifest, served to late joiners.
+struct Latest {
+    /// (is an average, round): averages first, then the newer round.
+    rank: (bool, u64),
+    /// Its chunks, kept through store clean-ups.
+    chunk_ids: Vec<Digest>,
+    signed: SignedManifest,
+}
+
 struct EventLoop {
     swarm: Swarm<Behaviour>,
     store: Store,
@@ -259,7 +268,7 @@ struct EventLoop {
     pending: HashMap<Digest, Pending>,
     /// Newest verified manifest of each run, for late joiners, by (is an
     /// average, round).
-    latest: HashMap<Digest, ((bool, u64), SignedManifest)>,
+    latest: HashMap<Digest, Latest>,
     /// Chunk id → peers still to ask, for retries.
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
@@ -436,12 +445,7 @@ impl EventLoop {
                 let _ = reply.send(());
             }
             Command::ForgetBefore(round, reply) => {
-                let pinned: HashSet<Digest> = self
-                    .latest
-                    .values()
-                    .filter_map(|(_, signed)| signed.verify(&self.limits).ok())
-                    .flat_map(|(manifest, _)| manifest.chunk_ids)
-                    .collect();
+                let pinned: HashSet<Digest> = self.latest.values().flat_map(|latest| latest.chunk_ids.iter().copied()).collect();
                 let result = self.store.gc(round, &pinned).map(|report| {
                     tracing::debug!(?report, "store clean-up");
                 });
@@ -537,9 +541,13 @@ impl EventLoop {
     /// view, not the network's), else the newest update.
     fn remember_latest(&mut self, manifest: &Manifest, signed: &SignedManifest) {
         let rank = (manifest.kind == ManifestKind::Average, manifest.round);
-        let newer = self.latest.get(&manifest.run_id).is_none_or(|(known, _)| rank >= *known);
-        if newer {
-            self.latest.insert(manifest.run_id, (rank, signed.clone()));
+        if self.latest.get(&manifest.run_id).is_none_or(|known| rank >= known.rank) {
+            let latest = Latest {
+                rank,
+                chunk_ids: manifest.chunk_ids.clone(),
+                signed: signed.clone(),
+            };
+            self.latest.insert(manifest.run_id, latest);
         }
     }
 
@@ -602,7 +610,7 @@ impl EventLoop {
     async fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
         self.count_received(message.data.len());
         let verdict = if let Some(run_id) = self.manifest_topics.get(&message.topic).copied() {
-            self.accept_manifest(&message.data, run_id, Some(source)).await.map(|()| true)
+            self.accept_manifest(&message.data, Some(run_id), Some(source)).await.map(|()| true)
         } else if self.chunk_topics.contains(&message.topic) {
             self.accept_chunk_message(&message.data).await
         } else {
@@ -621,13 +629,21 @@ impl EventLoop {
         }
     }
 
-    /// Verifies a signed manifest for `run_id`, keeps it, and starts
+    /// Verifies a signed manifest (gossiped on `topic_run`'s topic, or
+    /// offered in answer to a request: `None`), keeps it, and starts
     /// assembling its adapter.
-    async fn accept_manifest(&mut self, bytes: &[u8], run_id: Digest, source: Option<PeerId>) -> Result<(), String> {
+    async fn accept_manifest(&mut self, bytes: &[u8], topic_run: Option<Digest>, source: Option<PeerId>) -> Result<(), String> {
         let signed = SignedManifest::from_bytes(bytes).map_err(|e| e.to_string())?;
         let (manifest, author) = signed.verify(&self.limits).map_err(|e| e.to_string())?;
-        if manifest.run_id != run_id {
-            return Err(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id));
+        match topic_run {
+            Some(run_id) if manifest.run_id != run_id => {
+                return Err(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id));
+            }
+            // Offered in answer to a request: it must be for a run this node joined.
+            None if !self.manifest_topics.values().any(|r| *r == manifest.run_id) => {
+                return Err(format!("a manifest for run {:?}, which this node did not join", manifest.run_id));
+            }
+            _ => {}
         }
         if self.allowed_peers.as_ref().is_some_and(|allowed| !allowed.contains(&author)) {
             return Err(format!("manifest by {author}, who is not in this run's allowlist"));
@@ -717,16 +733,6 @@ impl EventLoop {
         }
     }
 
-    /// A manifest a peer sent in answer to a request: accepted like a
-    /// gossiped one if it verifies and belongs to a run this node joined.
-    async fn accept_offered_manifest(&mut self, bytes: &[u8], peer: PeerId) -> Result<(), String> {
-        let run = SignedManifest::from_bytes(bytes).ok().and_then(|s| s.verify(&self.limits).ok()).map(|(m, _)| m.run_id);
-        match run {
-            Some(run_id) if self.manifest_topics.values().any(|r| *r == run_id) => self.accept_manifest(bytes, run_id, Some(peer)).await,
-            _ => Err("an invalid manifest, or one for a run this node did not join".to_owned()),
-        }
-    }
-
     /// The update manifests of a round this node holds, as many as fit.
     fn round_manifests(&self, run_id: Digest, round: u64) -> ChunkResponse {
         let mut list = Vec::new();
@@ -788,7 +794,7 @@ impl EventLoop {
                         Ok(Some(bytes)) => ChunkResponse::Chunk(bytes),
                         _ => ChunkResponse::NotFound,
                     },
-                    ChunkRequest::Latest(run_id) => match self.latest.get(&run_id).map(|(_, s)| s.to_bytes()) {
+                    ChunkRequest::Latest(run_id) => match self.latest.get(&run_id).map(|l| l.signed.to_bytes()) {
                         Some(Ok(bytes)) => ChunkResponse::Manifest(bytes),
                         _ => ChunkResponse::NotFound,
                     },
@@ -817,13 +823,13 @@ impl EventLoop {
                     }
                     (ChunkResponse::Manifests(list), _) => {
                         for bytes in list {
-                            if let Err(reason) = self.accept_offered_manifest(&bytes, peer).await {
+                            if let Err(reason) = self.accept_manifest(&bytes, None, Some(peer)).await {
                                 self.emit(NetworkEvent::Rejected { peer, reason }).await;
                             }
                         }
                     }
                     (ChunkResponse::Manifest(bytes), _) => {
-                        if let Err(reason) = self.accept_offered_manifest(&bytes, peer).await {
+                        if let Err(reason) = self.accept_manifest(&bytes, None, Some(peer)).await {
                             self.emit(NetworkEvent::Rejected { peer, reason }).await;
                         }
                     }
