@@ -186,10 +186,9 @@ struct Update {
     tensors: Tensors,
 }
 
-/// Catch-up candidates: the newest verified adapter seen, averages first,
-/// then by round.
+/// The newest verified average seen while catching up.
 struct Candidate {
-    rank: (bool, u64),
+    round: u64,
     hash: Digest,
     tensors: Tensors,
 }
@@ -246,8 +245,8 @@ impl<T: RoundTrainer> Engine<T> {
     }
 
     /// Handles one network event: buffers updates of rounds
-    /// `from..=from+LOOKAHEAD` (while catching up, `from` is unknown and the
-    /// newest rounds are kept), remembers the newest adapter for catch-up,
+    /// `from..=from+LOOKAHEAD` (while catching up, `from` is unknown, the
+    /// newest rounds are kept and the newest average is remembered),
     /// reports rejections.
     fn on_network_event(&mut self, event: NetworkEvent, from: Option<u64>) {
         let (manifest, author, bytes) = match event {
@@ -268,15 +267,14 @@ impl<T: RoundTrainer> Engine<T> {
                 return self.report(EngineEvent::Rejected { peer: author, reason });
             }
         };
-        let rank = (manifest.kind == ManifestKind::Average, manifest.round);
-        if self.candidate.as_ref().is_none_or(|c| rank > c.rank) {
-            self.candidate = Some(Candidate {
-                rank,
-                hash: manifest.adapter_hash,
-                tensors: tensors.clone(),
-            });
-        }
-        if manifest.kind != ManifestKind::Update {
+        if manifest.kind == ManifestKind::Average {
+            if from.is_none() && self.candidate.as_ref().is_none_or(|c| manifest.round > c.round) {
+                self.candidate = Some(Candidate {
+                    round: manifest.round,
+                    hash: manifest.adapter_hash,
+                    tensors,
+                });
+            }
             return;
         }
         let newest = self.recent_authors.entry(author).or_insert(manifest.round);
@@ -324,11 +322,12 @@ impl<T: RoundTrainer> Engine<T> {
         self.while_listening(tokio::time::sleep(duration), round).await
     }
 
-    /// Asks peers for the newest adapter and waits for it: `Some((round to
-    /// train next, adapter))`, or `None` if nobody had one.
-    async fn catch_up(&mut self, from: Option<u64>) -> Result<Option<(u64, Tensors)>, EngineError> {
+    /// Asks peers for the newest average and waits for it: `Some((round to
+    /// train next, adapter))`, or `None` to start at round 0 (the run has
+    /// not finished a round yet).
+    async fn catch_up(&mut self) -> Result<Option<(u64, Tensors)>, EngineError> {
         self.candidate = None;
-        // Bounded: about 20 s of asking, then the node starts on its own.
+        // Bounded: about 20 s of asking.
         for attempt in 0..10 {
             let peers = self.net.connected_peers().await.map_err(|e| EngineError::Network(e.to_string()))?;
             if !peers.is_empty() {
@@ -339,24 +338,34 @@ impl<T: RoundTrainer> Engine<T> {
             // Answers need a fetch of the adapter's chunks: give them up to
             // two seconds, looking every quarter.
             for _ in 0..8 {
-                self.sleep_listening(Duration::from_millis(250), from).await?;
-                if self.candidate.as_ref().is_some_and(|c| c.rank.0) {
+                self.sleep_listening(Duration::from_millis(250), None).await?;
+                if self.candidate.is_some() {
                     break;
                 }
             }
             if let Some(candidate) = self.candidate.take() {
-                let next = candidate.rank.1 + 1;
+                let next = candidate.round + 1;
                 self.report(EngineEvent::CaughtUp { round: next, from: candidate.hash });
                 tracing::info!(round = next, from = %candidate.hash, "caught up");
                 return Ok(Some((next, candidate.tensors)));
             }
-            if attempt >= 2 && !peers.is_empty() && self.buffered.is_empty() {
-                // Peers were asked three times and nothing is moving: this
-                // run has not started yet.
+            let newest_update = self.buffered.keys().next_back().copied();
+            // Peers train round 0 and have no average yet: join them.
+            let in_round_zero = newest_update == Some(0);
+            // Peers were asked three times and nothing is moving: this run
+            // has not started yet.
+            let not_started = attempt >= 2 && !peers.is_empty() && newest_update.is_none();
+            if in_round_zero || not_started {
                 return Ok(None);
             }
         }
-        Ok(None)
+        // Updates go round but no average came: start from the newest update,
+        // in its round (one peer's view, better than none).
+        let Some((round, updates)) = self.buffered.pop_last() else { return Ok(None) };
+        let Some((author, update)) = updates.into_iter().next() else { return Ok(None) };
+        tracing::warn!(round, from = %author, "no average came; starting from a peer's update");
+        self.report(EngineEvent::CaughtUp { round, from: update.manifest.adapter_hash });
+        Ok(Some((round, update.tensors)))
     }
 
     fn rows(&self, members: &[PeerId]) -> Vec<u64> {
@@ -387,7 +396,7 @@ impl<T: RoundTrainer> Engine<T> {
         self.layout = initial.clone();
         let (mut round, mut current) = (0, initial);
         if self.settings.catch_up
-            && let Some((next, adapter)) = self.catch_up(None).await?
+            && let Some((next, adapter)) = self.catch_up().await?
         {
             (round, current) = (next, adapter);
         }
@@ -408,7 +417,7 @@ impl<T: RoundTrainer> Engine<T> {
             let lagging = self.buffered.keys().next_back().is_some_and(|r| *r >= round + 2);
             self.report(EngineEvent::Round(report));
             round += 1;
-            if lagging && let Some((next, adapter)) = self.catch_up(None).await? {
+            if lagging && let Some((next, adapter)) = self.catch_up().await? {
                 // Peers are two rounds ahead (this node was cut off or
                 // slow): rejoin from the newest average instead of
                 // publishing updates nobody will use.
@@ -423,12 +432,15 @@ impl<T: RoundTrainer> Engine<T> {
 
     /// The round's members, whose updates the quorum waits for (sorted, with
     /// this node): peers that published an update for the previous round or
-    /// this one. In round 0, or when none did, every connected peer of the run.
+    /// this one, and every connected peer of the run. Waiting for connected
+    /// peers that have not published yet (a late joiner still catching up, a
+    /// node one round behind) keeps all nodes in step: without it such a
+    /// node's updates always arrived after its peers had closed the round,
+    /// and it stayed one round out of phase, averaging other sets of updates,
+    /// for the rest of the run.
     async fn members(&self, round: u64) -> Result<Vec<PeerId>, EngineError> {
         let mut members: Vec<PeerId> = self.recent_authors.iter().filter(|(_, r)| **r + 1 >= round).map(|(p, _)| *p).collect();
-        if round == 0 || members.is_empty() {
-            members.extend(self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?);
-        }
+        members.extend(self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?);
         members.push(self.me());
         members.sort();
         members.dedup();
