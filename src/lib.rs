@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod default_model;
 pub mod doctor;
+pub mod durable;
 pub mod hub;
 pub mod logging;
 pub mod mlx_env;

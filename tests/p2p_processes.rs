@@ -4,61 +4,14 @@
 //! through request-response. All waits are bounded; processes are killed at
 //! the end.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::process::Command;
+
+use common::Node;
 
 use blossom_p2p::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter};
-
-/// A running node; killed when dropped.
-struct Node {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Node {
-    fn spawn(args: &[&str]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
-            .args(["-q", "--set", "network.mdns=false"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start a node");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    return;
-                }
-            }
-        });
-        Node { child, lines }
-    }
-
-    /// The first output line containing `needle`, within 60 s.
-    fn wait_for(&self, needle: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
-                Err(_) => break,
-            }
-        }
-        panic!("no line with {needle:?} within 60 s");
-    }
-}
 
 fn write_adapter(path: &Path) -> Vec<TensorBytes> {
     let count = 5 * 1024 * 1024 / 4;

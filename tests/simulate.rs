@@ -90,6 +90,28 @@ fn churn_completes_and_live_nodes_agree_again_when_it_stops() {
     assert_eq!(field(&records[6], "nodes"), 4.0, "{stdout}");
 }
 
+/// The CI version of the churn soak (the full one: README, `churn-soak`):
+/// a third of six nodes churning over lossy links, then quiet rounds.
+#[test]
+fn a_short_churn_soak_stays_bounded_and_ends_in_agreement() {
+    let dir = tempfile::tempdir().unwrap();
+    let quota_mb = 64;
+    let quota = format!("network.store_quota_mb={quota_mb}");
+    let (stdout, records) = simulate(dir.path(), 6, 7, Some("churn-soak-short"), &[&quota], &[]);
+    assert_eq!(records.len(), 7, "{stdout}");
+    let nodes: Vec<f64> = records.iter().map(|r| field(r, "nodes")).collect();
+    assert!(nodes.iter().any(|n| *n < 6.0), "the churn took nodes away: {nodes:?}");
+    // Quiet from round 4: everyone agrees again within two rounds.
+    assert_eq!(field(&records[6], "agreement"), 1.0, "{stdout}");
+    assert_eq!(field(&records[6], "nodes"), 6.0, "{stdout}");
+    for record in &records {
+        assert!(field(record, "largest_store_bytes") <= (quota_mb * 1024 * 1024) as f64, "{record}");
+    }
+    // Memory: the peak does not keep growing once the churn stops.
+    let peak = |r: &Value| field(r, "peak_rss_mb");
+    assert!(peak(&records[6]) <= peak(&records[3]) * 1.25, "peak RSS grew: {} MB → {} MB", peak(&records[3]), peak(&records[6]));
+}
+
 #[test]
 fn a_late_joiner_catches_up_from_the_newest_average() {
     let dir = tempfile::tempdir().unwrap();

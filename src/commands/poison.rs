@@ -72,4 +72,12 @@ impl RoundTrainer for SimTrainer {
     async fn save(&self, adapter: Tensors, dir: PathBuf) -> Result<(), String> {
         self.client.save(adapter, dir).await
     }
+
+    async fn optimizer_state(&self) -> Result<Tensors, String> {
+        self.client.optimizer_state().await
+    }
+
+    async fn restore_optimizer_state(&self, state: Tensors) -> Result<(), String> {
+        self.client.restore_optimizer_state(state).await
+    }
 }

@@ -22,6 +22,7 @@ use crate::cli::SimulateArgs;
 use crate::config::Config;
 use crate::node::compute::{self, ComputeClient, ComputeSettings};
 use crate::node::engine::{Engine, RoundTrainer, EngineEvent, EngineSettings, PartitionMode, RoundClock, RoundReport, agreement};
+use crate::node::status::rejection_kind;
 use crate::p2p::codec::{Digest, Limits};
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
 
@@ -358,6 +359,8 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
         save_dir: None,
         limits: Limits::default(),
         measure_drift: false,
+        // Simulated nodes restart from their peers (catch-up), not from disk.
+        checkpoint: None,
     };
     println!(
         "simulating {nodes} nodes, {rounds} rounds of {local_steps} steps, scenario `{}`, `{}` averaging; run {}",
@@ -403,7 +406,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
     let mut last_round: HashMap<u64, u64> = HashMap::new();
     let mut finished: Vec<u64> = Vec::new();
     let mut rows: Vec<RoundRow> = Vec::new();
-    let mut rejected = 0usize;
+    let mut rejected: BTreeMap<&str, usize> = BTreeMap::new();
     // Bounded: every node finishes, stops or fails; each event is one step.
     while sim.running.keys().any(|n| !finished.contains(n)) {
         let Some((node, event, now)) = rx.recv().await else { break };
@@ -433,11 +436,17 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
             }
             EngineEvent::CaughtUp { round, from } => println!("  node {node} caught up: trains from round {round} on average {from}"),
             EngineEvent::Rejected { peer, reason } => {
-                rejected += 1;
-                tracing::warn!(node, %peer, %reason, "rejected");
+                let kind = rejection_kind(&reason);
+                *rejected.entry(kind).or_default() += 1;
+                // Late updates of honest nodes are routine under churn.
+                if kind == "stale-round" {
+                    tracing::debug!(node, %peer, %reason, "rejected");
+                } else {
+                    tracing::warn!(node, %peer, %reason, kind, "rejected");
+                }
             }
             EngineEvent::Finished => finished.push(node),
-            EngineEvent::Listening(_) | EngineEvent::PeerConnected(_) => {}
+            EngineEvent::Listening(_) | EngineEvent::PeerConnected(_) | EngineEvent::Resumed { .. } => {}
         }
         // A round is complete once every running node has moved past it.
         while let Some((&round, _)) = by_round.first_key_value() {
@@ -457,7 +466,9 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
         sim.stop(node, true).await;
     }
     let last = rows.last().ok_or_else(|| SimError::Run("no round completed".into()))?;
-    println!("done in {:.1} s; {rejected} messages rejected", wall.as_secs_f64());
+    let by_kind: Vec<String> = rejected.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+    let detail = if by_kind.is_empty() { String::new() } else { format!(" ({})", by_kind.join(", ")) };
+    println!("done in {:.1} s; {} messages rejected{detail}", wall.as_secs_f64(), rejected.values().sum::<usize>());
     println!("final agreement {:.2}, eval loss {:.4} (round 0: {:.4})", last.agreement, last.eval_loss, rows[0].eval_loss);
     if let (Some(before), Some(after)) = (before, last.exact_match) {
         println!("exact match: {:.1}% before, {:.1}% after", before * 100.0, after * 100.0);

@@ -16,10 +16,11 @@ use super::node::{NodeError, load_or_create_identity, network_options, with_peer
 use crate::cli::StartArgs;
 use crate::config::{Config, Partitioning};
 use crate::model::QuantMode;
+use crate::node::checkpoint::CheckpointFile;
 use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::prometheus;
-use crate::node::status::NodeStatus;
+use crate::node::status::{NodeStatus, rejection_kind};
 use crate::p2p::codec::Limits;
 use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 
@@ -79,6 +80,7 @@ async fn run_node(
     prepared: &compute::Prepared,
 ) -> Result<(), NodeError> {
     let rounds = u64::from(config.federation.rounds);
+    let local_steps = u64::from(config.train.local_steps);
     let run_id = match &args.run_id {
         Some(hex) => super::node::run_id(config, Some(hex))?,
         None => crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config),
@@ -115,6 +117,7 @@ async fn run_node(
         save_dir: Some(config.network.data_dir.join("adapters")),
         limits: Limits::default(),
         measure_drift: false,
+        checkpoint: Some(CheckpointFile::new(&config.network.data_dir.join("checkpoints"), run_id, config.train.seed, local_steps)),
     };
     let metrics_path = config.network.data_dir.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
@@ -158,9 +161,11 @@ async fn run_node(
         let event = tokio::select! {
             event = reports.recv() => event,
             _ = tokio::signal::ctrl_c() => {
-                // Tell peers at once (they stop counting on this node's
-                // updates), leave the status for `status`, exit 0.
-                println!("stopping");
+                // The round in progress is abandoned; the checkpoint of the
+                // last finished round stays. Tell peers at once (they stop
+                // counting on this node's updates), leave the status for
+                // `status`, exit 0.
+                println!("stopping: run the same command to resume from round {}", status.round);
                 task.abort();
                 let _ = peer_handle.unsubscribe(run_id).await;
                 publish_status(&mut status);
@@ -178,14 +183,26 @@ async fn run_node(
                 }
                 publish_status(&mut status);
             }
+            EngineEvent::Resumed { round } => {
+                println!("resumed from the checkpoint: training round {round}");
+                status.round = round;
+                publish_status(&mut status);
+            }
             EngineEvent::CaughtUp { round, from } => {
                 println!("caught up: training from round {round} on average {from}");
                 status.round = round;
                 publish_status(&mut status);
             }
             EngineEvent::Rejected { peer, reason } => {
-                tracing::warn!(%peer, %reason, "rejected");
-                status.rejected += 1;
+                let kind = rejection_kind(&reason);
+                // Late updates of honest nodes are routine after a restart.
+                if kind == "stale-round" {
+                    tracing::debug!(%peer, %reason, "rejected");
+                } else {
+                    tracing::warn!(%peer, %reason, kind, "rejected");
+                }
+                status.count_rejection(&reason);
+                publish_status(&mut status);
             }
             EngineEvent::Round(report) => {
                 status.round = report.round + 1;

@@ -38,7 +38,9 @@ pub fn run(config: &Config, args: &StatusArgs) -> ExitCode {
         println!("agreement {}", status.agreement.map_or("-".to_owned(), |a| format!("{a:.2}")));
         println!("eval loss {}", status.last_eval_loss.map_or("-".to_owned(), |l| format!("{l:.4}")));
         println!("traffic   {:.2} MB sent, {:.2} MB received (payload)", status.bytes_sent as f64 / 1e6, status.bytes_received as f64 / 1e6);
-        println!("rejected  {} messages", status.rejected);
+        let by_reason: Vec<String> = status.rejected_by_reason.iter().map(|(reason, n)| format!("{n} {reason}")).collect();
+        let detail = if by_reason.is_empty() { String::new() } else { format!(" ({})", by_reason.join(", ")) };
+        println!("rejected  {} messages{detail}", status.rejected);
         println!("peers     {}", status.connected_peers.len());
         for peer in &status.connected_peers {
             println!("          {peer}");

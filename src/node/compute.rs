@@ -41,6 +41,10 @@ enum Job {
     Save(Tensors, PathBuf, Reply<()>),
     /// A node crashed: its optimizer state is gone with it.
     Forget(u64),
+    /// A node's optimizer state, for its checkpoint.
+    OptimizerState(u64, Reply<Tensors>),
+    /// A node's checkpointed optimizer state, back in place.
+    RestoreOptimizer(u64, Tensors, Reply<()>),
     /// `steps` steps from the initial adapter on every training row: the
     /// centralized baseline a federated run is compared with.
     Centralized(u64, Reply<Tensors>),
@@ -216,6 +220,16 @@ impl RoundTrainer for ComputeClient {
     async fn save(&self, adapter: Tensors, dir: PathBuf) -> Result<(), String> {
         self.ask(|reply| Job::Save(adapter, dir, reply)).await
     }
+
+    async fn optimizer_state(&self) -> Result<Tensors, String> {
+        let slot = self.slot;
+        self.ask(|reply| Job::OptimizerState(slot, reply)).await
+    }
+
+    async fn restore_optimizer_state(&self, state: Tensors) -> Result<(), String> {
+        let slot = self.slot;
+        self.ask(|reply| Job::RestoreOptimizer(slot, state, reply)).await
+    }
 }
 
 fn to_tensors(params: &AdapterParams) -> Result<Tensors, TrainError> {
@@ -296,6 +310,16 @@ impl Worker {
             }
             Job::Forget(slot) => {
                 self.optimizers.remove(&slot);
+            }
+            Job::OptimizerState(slot, reply) => {
+                let state = self.optimizers.get(&slot).map_or_else(|| Ok(Tensors::new()), |o| to_tensors(&o.state));
+                let _ = reply.send(state.map_err(text));
+            }
+            Job::RestoreOptimizer(slot, state, reply) => {
+                let mut optimizer = Optimizer::new(self.trainer.config.optimizer);
+                optimizer.state = to_params(&state);
+                self.optimizers.insert(slot, optimizer);
+                let _ = reply.send(Ok(()));
             }
             Job::Centralized(steps, reply) => {
                 let _ = reply.send(self.centralized(steps).map_err(text));

@@ -13,6 +13,7 @@ use libp2p::PeerId;
 use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, watch};
 
+use super::checkpoint::{CheckpointError, CheckpointFile};
 use super::partition::{hash_partition, static_partition};
 use super::wire::{decode_checked, encode};
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
@@ -40,6 +41,10 @@ pub trait RoundTrainer: Clone + Send + Sync + 'static {
     fn evaluate(&self, adapter: Tensors) -> impl Future<Output = Result<f32, String>> + Send;
     /// Writes the adapter in the mlx-lm format into `dir`.
     fn save(&self, adapter: Tensors, dir: PathBuf) -> impl Future<Output = Result<(), String>> + Send;
+    /// This node's optimizer state, for its checkpoint.
+    fn optimizer_state(&self) -> impl Future<Output = Result<Tensors, String>> + Send;
+    /// Puts a checkpointed optimizer state back.
+    fn restore_optimizer_state(&self, state: Tensors) -> impl Future<Output = Result<(), String>> + Send;
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -134,6 +139,8 @@ pub struct EngineSettings {
     pub limits: Limits,
     /// Report how far FedAvg's result is from the exact average each round.
     pub measure_drift: bool,
+    /// Checkpoint after every round, and resume from it at start.
+    pub checkpoint: Option<CheckpointFile>,
 }
 
 /// One round, as this node lived it.
@@ -165,6 +172,8 @@ pub enum EngineEvent {
     PeerConnected(PeerId),
     /// Catch-up found an adapter: training resumes at `round`.
     CaughtUp { round: u64, from: Digest },
+    /// The node's own checkpoint: training resumes at `round`.
+    Resumed { round: u64 },
     Round(RoundReport),
     Rejected { peer: PeerId, reason: String },
     Finished,
@@ -178,6 +187,8 @@ pub enum EngineError {
     Network(String),
     #[error("averaging: {0}")]
     Aggregate(String),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
 }
 
 /// A peer's update for some round.
@@ -283,8 +294,9 @@ impl<T: RoundTrainer> Engine<T> {
         if let Some(from) = from
             && (manifest.round < from || manifest.round > from + LOOKAHEAD)
         {
-            tracing::debug!(peer = %author, round = manifest.round, from, "ignored an update outside the round window");
-            return;
+            let reason = format!("round {} outside the round window {from}..={}", manifest.round, from + LOOKAHEAD);
+            tracing::debug!(peer = %author, %reason, "ignored an update");
+            return self.report(EngineEvent::Rejected { peer: author, reason });
         }
         let round = self.buffered.entry(manifest.round).or_default();
         match round.get(&author) {
@@ -395,8 +407,18 @@ impl<T: RoundTrainer> Engine<T> {
         let initial = self.trainer.initial().await.map_err(EngineError::Trainer)?;
         self.layout = initial.clone();
         let (mut round, mut current) = (0, initial);
-        if self.settings.catch_up
+        if let Some(file) = &self.settings.checkpoint
+            && let Some(checkpoint) = file.load(&self.layout, &self.settings.limits)?
+        {
+            self.trainer.restore_optimizer_state(checkpoint.optimizer).await.map_err(EngineError::Trainer)?;
+            (round, current) = (checkpoint.round, checkpoint.adapter);
+            tracing::info!(round, "resumed from the checkpoint");
+            self.report(EngineEvent::Resumed { round });
+        }
+        // A resumed node asks too: its peers may have gone on meanwhile.
+        if (self.settings.catch_up || round > 0) && round < self.settings.rounds
             && let Some((next, adapter)) = self.catch_up().await?
+            && next > round
         {
             (round, current) = (next, adapter);
         }
@@ -414,6 +436,7 @@ impl<T: RoundTrainer> Engine<T> {
             }
             let report = tracing::Instrument::instrument(self.round(round, &current, &members), tracing::info_span!("round", round)).await?;
             current = (*report.average).clone();
+            self.checkpoint(round + 1, &current).await?;
             let lagging = self.buffered.keys().next_back().is_some_and(|r| *r >= round + 2);
             self.report(EngineEvent::Round(report));
             round += 1;
@@ -428,6 +451,24 @@ impl<T: RoundTrainer> Engine<T> {
         }
         self.report(EngineEvent::Finished);
         Ok(())
+    }
+
+    /// Writes the checkpoint of a node about to train `round` from `adapter`
+    /// (on a blocking thread: it fsyncs), listening meanwhile.
+    async fn checkpoint(&mut self, round: u64, adapter: &Tensors) -> Result<(), EngineError> {
+        let Some(file) = self.settings.checkpoint.clone() else { return Ok(()) };
+        let optimizer = self.trainer.optimizer_state().await.map_err(EngineError::Trainer)?;
+        let checkpoint = file.at(round, adapter.clone(), optimizer);
+        let path = file.path().display().to_string();
+        let writing = tokio::task::spawn_blocking(move || file.save(&checkpoint));
+        match self.while_listening(writing, Some(round)).await? {
+            Ok(result) => Ok(result?),
+            Err(e) => Err(CheckpointError::Io {
+                path,
+                message: format!("the writer stopped: {e}"),
+            }
+            .into()),
+        }
     }
 
     /// The round's members, whose updates the quorum waits for (sorted, with

@@ -2,8 +2,10 @@
 //! "Layers"). `engine` runs rounds through two narrow seams, the
 //! `RoundTrainer` trait and the p2p `NetworkHandle`; `compute` puts an MLX
 //! trainer behind that trait on its own thread; `partition` decides who
-//! trains on which rows; `wire` turns adapters into network bytes and back.
+//! trains on which rows; `wire` turns adapters into network bytes and back; `checkpoint` keeps
+//! what a node needs to resume after a crash.
 
+pub mod checkpoint;
 pub mod compute;
 pub mod engine;
 pub mod partition;

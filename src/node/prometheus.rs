@@ -26,6 +26,10 @@ pub fn render(status: &NodeStatus) -> String {
     metric("blossom_payload_sent_bytes_total", "counter", "Payload bytes published and served.", status.bytes_sent as f64);
     metric("blossom_payload_received_bytes_total", "counter", "Payload bytes received.", status.bytes_received as f64);
     metric("blossom_rejected_messages_total", "counter", "Messages that failed validation.", status.rejected as f64);
+    let _ = writeln!(page, "# HELP blossom_rejected_by_reason_total Messages that failed validation, by the check that failed.\n# TYPE blossom_rejected_by_reason_total counter");
+    for (reason, count) in &status.rejected_by_reason {
+        let _ = writeln!(page, "blossom_rejected_by_reason_total{{run=\"{}\",peer=\"{}\",reason=\"{reason}\"}} {count}", status.run_id, status.peer_id);
+    }
     page
 }
 

@@ -2,7 +2,7 @@
 //! data directory, replaced atomically (write, fsync, rename) whenever
 //! something changes, so a reader never sees half of it.
 
-use std::io::Write;
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -27,9 +27,32 @@ pub struct NodeStatus {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub rejected: u64,
+    /// Rejections by kind ([`rejection_kind`]).
+    #[serde(default)]
+    pub rejected_by_reason: BTreeMap<String, u64>,
     pub finished: bool,
     /// Seconds since the Unix epoch at the last update.
     pub updated: u64,
+}
+
+/// The kind of a rejection, from its message (metrics label): what the
+/// check that failed was about.
+pub fn rejection_kind(reason: &str) -> &'static str {
+    const KINDS: [(&[&str], &str); 9] = [
+        (&["signature", "signing key"], "signature"),
+        (&["allowlist"], "not-allowed"),
+        (&["on the topic of run", "did not join", "wrong run"], "wrong-run"),
+        (&["outside the round window"], "stale-round"),
+        (&["second, different update"], "equivocation"),
+        (&["NaN or infinite"], "non-finite"),
+        (&["has shape", "unexpected tensor", "tensors, missing"], "wrong-shape"),
+        (&["travel as float32"], "wrong-dtype"),
+        (&["hashes to", "does not match", "not chunk"], "hash-mismatch"),
+    ];
+    KINDS
+        .iter()
+        .find(|(needles, _)| needles.iter().any(|n| reason.contains(n)))
+        .map_or("malformed", |(_, kind)| kind)
 }
 
 pub fn path(data_dir: &Path) -> PathBuf {
@@ -39,11 +62,8 @@ pub fn path(data_dir: &Path) -> PathBuf {
 impl NodeStatus {
     pub fn write(&mut self, data_dir: &Path) -> std::io::Result<()> {
         self.updated = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-        let temp = data_dir.join(format!(".{STATUS_FILE}.tmp"));
-        let mut file = std::fs::File::create(&temp)?;
-        file.write_all(&serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?)?;
-        file.sync_all()?;
-        std::fs::rename(&temp, path(data_dir))
+        let bytes = serde_json::to_vec_pretty(self).map_err(std::io::Error::other)?;
+        crate::durable::write_atomically(&data_dir.join(format!(".{STATUS_FILE}.tmp")), &path(data_dir), &bytes, "status-write")
     }
 
     pub fn read(data_dir: &Path) -> Result<Self, String> {
@@ -58,6 +78,12 @@ impl NodeStatus {
         serde_json::from_str(&text).map_err(|e| format!("{} is not a node status file: {e}", file.display()))
     }
 
+    /// Counts a rejection under its kind.
+    pub fn count_rejection(&mut self, reason: &str) {
+        self.rejected += 1;
+        *self.rejected_by_reason.entry(rejection_kind(reason).to_owned()).or_default() += 1;
+    }
+
     /// Whether the process that wrote this is still running.
     pub fn alive(&self) -> bool {
         #[cfg(unix)]
@@ -70,5 +96,28 @@ impl NodeStatus {
         {
             true
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejections_are_counted_by_kind() {
+        let mut status = NodeStatus::default();
+        for reason in [
+            "the signature does not match the author's key",
+            "a.lora_a has shape [2, 3], expected [4, 4]",
+            "a.lora_b has NaN or infinite values",
+            "round 1 outside the round window 3..=5",
+            "chunk 0 of adapter x does not match its manifest",
+            "not a valid adapter encoding: eof",
+        ] {
+            status.count_rejection(reason);
+        }
+        assert_eq!(status.rejected, 6);
+        let kinds: Vec<&str> = status.rejected_by_reason.keys().map(String::as_str).collect();
+        assert_eq!(kinds, ["hash-mismatch", "malformed", "non-finite", "signature", "stale-round", "wrong-shape"]);
     }
 }

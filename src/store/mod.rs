@@ -1,11 +1,11 @@
 //! The content-addressed store on disk: chunks under `chunks/<2 hex>/<rest>`
-//! named by their blake3, verified on write and on read, written atomically
-//! (temporary file, fsync, rename); signed manifests by round; garbage
+//! named by their blake3, verified on write, on read and when the store
+//! opens, written atomically (temporary file, fsync, rename; leftovers of a
+//! crash are removed on open); signed manifests by round; garbage
 //! collection of old rounds; and a disk quota.
 
 use std::collections::HashSet;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::p2p::codec::{Digest, Limits};
@@ -54,9 +54,17 @@ impl Store {
         for entry in fs::read_dir(root.join("tmp")).map_err(io_err(root))?.flatten() {
             let _ = fs::remove_file(entry.path());
         }
+        // A chunk whose content does not match its name (a disk that lost a
+        // write the rename had made visible) is dropped: peers have it.
         let mut used = 0;
-        for (_, path) in walk_chunks(&root.join("chunks"))? {
-            used += fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        for (id, path) in walk_chunks(&root.join("chunks"))? {
+            match fs::read(&path) {
+                Ok(bytes) if Digest::of(&bytes) == id => used += bytes.len() as u64,
+                _ => {
+                    tracing::warn!(chunk = ?id, path = %path.display(), "removed a stored chunk that does not match its name");
+                    let _ = fs::remove_file(&path);
+                }
+            }
         }
         Ok(Self {
             root: root.to_owned(),
@@ -96,7 +104,7 @@ impl Store {
                 incoming: bytes.len() as u64,
             });
         }
-        self.write_atomically(&path, bytes)?;
+        self.write_atomically(&path, bytes, "chunk-write")?;
         self.used += bytes.len() as u64;
         Ok(true)
     }
@@ -126,7 +134,7 @@ impl Store {
         })?;
         let dir = self.root.join("manifests").join(format!("{round:020}"));
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        self.write_atomically(&dir.join(format!("{}.bin", Digest::of(&bytes).to_hex())), &bytes)
+        self.write_atomically(&dir.join(format!("{}.bin", Digest::of(&bytes).to_hex())), &bytes, "manifest-write")
     }
 
     /// The signed manifests kept for `round` (re-verified by the caller).
@@ -184,19 +192,11 @@ impl Store {
         Ok(report)
     }
 
-    fn write_atomically(&self, path: &Path, bytes: &[u8]) -> Result<(), StoreError> {
+    fn write_atomically(&self, path: &Path, bytes: &[u8], point: &str) -> Result<(), StoreError> {
         let parent = path.parent().unwrap_or(&self.root);
         fs::create_dir_all(parent).map_err(io_err(parent))?;
         let temp = self.root.join("tmp").join(format!("{}.{}", std::process::id(), Digest::of(path.as_os_str().as_encoded_bytes()).to_hex()));
-        let mut file = fs::File::create(&temp).map_err(io_err(&temp))?;
-        file.write_all(bytes).map_err(io_err(&temp))?;
-        file.sync_all().map_err(io_err(&temp))?;
-        fs::rename(&temp, path).map_err(io_err(path))?;
-        // The rename is durable once the directory is.
-        if let Ok(dir) = fs::File::open(parent) {
-            let _ = dir.sync_all();
-        }
-        Ok(())
+        crate::durable::write_atomically(&temp, path, bytes, point).map_err(io_err(path))
     }
 }
 

@@ -1,8 +1,11 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)] // each test binary uses its own subset
 
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
 
 /// A Hugging Face cache in a temporary folder with one repository
 /// (`models--org--name` or `datasets--org--name`) whose `main` points at an
@@ -41,4 +44,80 @@ pub fn blossom(args: &[&str]) -> Output {
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .expect("run blossom-p2p")
+}
+
+/// A running node process; killed (SIGKILL) when dropped. Its stdout and
+/// stderr lines arrive on one channel.
+pub struct Node {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn forward_lines(stream: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(stream).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+impl Node {
+    pub fn spawn(args: &[&str]) -> Node {
+        Self::spawn_with_env(args, &[])
+    }
+
+    pub fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
+            .args(["-q", "--set", "network.mdns=false"])
+            .args(args)
+            .envs(env.iter().copied())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start a node");
+        let (tx, lines) = mpsc::channel();
+        forward_lines(child.stdout.take().expect("piped stdout"), tx.clone());
+        forward_lines(child.stderr.take().expect("piped stderr"), tx);
+        Node { child, lines }
+    }
+
+    /// The first output line containing `needle`, within 60 s.
+    pub fn wait_for(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("no line with {needle:?} within 60 s");
+    }
+
+    /// `kill -9`: the process gets no chance to clean up.
+    pub fn kill_9(mut self) {
+        self.child.kill().expect("SIGKILL");
+        self.child.wait().expect("reap");
+    }
+
+    /// Waits (up to 60 s) for the process to exit by itself.
+    pub fn exit_code(mut self) -> Option<i32> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the node did not exit within 60 s");
+    }
 }
