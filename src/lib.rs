@@ -15,5 +15,6 @@ pub mod mlx_env;
 pub mod model;
 pub mod node;
 pub mod p2p;
+pub mod serve;
 pub mod store;
 pub mod train;

@@ -20,7 +20,7 @@ fn answer(model: &LoadedModel, question: &str, max_tokens: u32) -> String {
         max_tokens,
         ..Default::default()
     };
-    let (tokens, _) = generate(&model.decoder, None, &prompt, &params, model.tokenizer.eos_ids(), true, |_| Ok(())).expect("generate");
+    let (tokens, _) = generate(&model.decoder, None, &prompt, &params, model.tokenizer.eos_ids(), true, |_| Ok(true)).expect("generate");
     model.tokenizer.decode(&tokens, true).expect("decode")
 }
 
@@ -66,8 +66,8 @@ fn greedy_generation_with_and_without_the_kv_cache_agree() {
         max_tokens: 16,
         ..Default::default()
     };
-    let (cached, _) = generate(&model.decoder, None, &prompt, &params, &[], true, |_| Ok(())).unwrap();
-    let (uncached, _) = generate(&model.decoder, None, &prompt, &params, &[], false, |_| Ok(())).unwrap();
+    let (cached, _) = generate(&model.decoder, None, &prompt, &params, &[], true, |_| Ok(true)).unwrap();
+    let (uncached, _) = generate(&model.decoder, None, &prompt, &params, &[], false, |_| Ok(true)).unwrap();
     assert_eq!(cached.len(), 16);
     assert_eq!(cached, uncached);
 }

@@ -47,8 +47,8 @@ fn tiny_greedy_generation_is_the_same_with_and_without_cache() {
         max_tokens: 24,
         ..Default::default()
     };
-    let (cached, stats) = generate(&model.decoder, None, &prompt, &params, &[], true, |_| Ok(())).unwrap();
-    let (uncached, _) = generate(&model.decoder, None, &prompt, &params, &[], false, |_| Ok(())).unwrap();
+    let (cached, stats) = generate(&model.decoder, None, &prompt, &params, &[], true, |_| Ok(true)).unwrap();
+    let (uncached, _) = generate(&model.decoder, None, &prompt, &params, &[], false, |_| Ok(true)).unwrap();
     assert_eq!(cached.len(), 24);
     assert_eq!(stats.generated_tokens, 24);
     assert_eq!(cached, uncached);
@@ -59,7 +59,7 @@ fn tiny_greedy_generation_is_the_same_with_and_without_cache() {
         seed: 11,
         ..params
     };
-    let run = || generate(&model.decoder, None, &prompt, &sampled, &[], true, |_| Ok(())).unwrap().0;
+    let run = || generate(&model.decoder, None, &prompt, &sampled, &[], true, |_| Ok(true)).unwrap().0;
     assert_eq!(run(), run());
 }
 

@@ -88,10 +88,10 @@ fn measure(loaded: &LoadedModel, args: &BenchGenerateArgs) -> Result<(f64, f64),
         ..Default::default()
     };
     let warmup = SamplingParams { max_tokens: 2, ..params.clone() };
-    generate(&loaded.decoder, None, &prompt, &warmup, &[], true, |_| Ok(()))?;
+    generate(&loaded.decoder, None, &prompt, &warmup, &[], true, |_| Ok(true))?;
     let mut runs: Vec<GenerationStats> = Vec::new();
     for _ in 0..args.repeats {
-        runs.push(generate(&loaded.decoder, None, &prompt, &params, &[], true, |_| Ok(()))?.1);
+        runs.push(generate(&loaded.decoder, None, &prompt, &params, &[], true, |_| Ok(true))?.1);
     }
     let median = |mut values: Vec<f64>| {
         values.sort_by(f64::total_cmp);

@@ -64,6 +64,7 @@ pub fn run(config: &Config, args: &GenerateArgs) -> ExitCode {
         stdout
             .write_all(text.as_bytes())
             .and_then(|()| stdout.flush())
+            .map(|()| true)
             .map_err(|e| ModelError::BadInput(format!("cannot write to stdout: {e}")))
     });
     let _ = writeln!(stdout).and_then(|()| stdout.flush());

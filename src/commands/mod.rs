@@ -9,6 +9,7 @@ pub mod generate;
 pub mod node;
 pub mod plot;
 pub mod poison;
+pub mod serve;
 pub mod simulate;
 pub mod start;
 pub mod status;

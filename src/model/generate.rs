@@ -51,8 +51,9 @@ impl GenerationStats {
 }
 
 /// Generates up to `params.max_tokens` tokens after `prompt`, calling
-/// `on_token` with each one as soon as it is chosen. Stops at any `stop_ids`
-/// (which is not passed on). `use_cache = false` recomputes the whole
+/// `on_token` with each one as soon as it is chosen; it returns whether to go
+/// on (a server stops at a stop string, or when its client is gone). Stops
+/// at any `stop_ids` (which is not passed on). `use_cache = false` recomputes the whole
 /// sequence every step: slow, and only there to check the cache.
 pub fn generate(
     model: &Decoder,
@@ -61,7 +62,7 @@ pub fn generate(
     params: &SamplingParams,
     stop_ids: &[u32],
     use_cache: bool,
-    mut on_token: impl FnMut(u32) -> Result<(), ModelError>,
+    mut on_token: impl FnMut(u32) -> Result<bool, ModelError>,
 ) -> Result<(Vec<u32>, GenerationStats), ModelError> {
     if prompt.is_empty() {
         return Err(ModelError::BadInput("the prompt has no tokens".into()));
@@ -107,7 +108,9 @@ pub fn generate(
         generated.push(token);
         sequence.push(token);
         input = vec![token];
-        on_token(token)?;
+        if !on_token(token)? {
+            break;
+        }
     }
     stats.generated_tokens = generated.len();
     stats.generation_time = started.elapsed().saturating_sub(stats.prompt_time);

@@ -34,7 +34,7 @@ pub fn exact_match_rate(
             dropout: None,
         });
         let hook = applier.as_ref().map(|a| a as &dyn crate::model::linear::ProjectionAdapter);
-        let (tokens, _) = generate(decoder, hook, &ids, &params, tokenizer.eos_ids(), true, |_| Ok(()))?;
+        let (tokens, _) = generate(decoder, hook, &ids, &params, tokenizer.eos_ids(), true, |_| Ok(true))?;
         let answer = tokenizer.decode(&tokens, true)?;
         hits += usize::from(exact_match(&answer, completion));
         total += 1;
