@@ -350,17 +350,29 @@ pub struct ExportArgs {
     #[arg(long, value_name = "PATH|tiny")]
     pub model: Option<String>,
     /// An mlx-lm adapter directory to export with the model (into OUT/adapters), or to fuse.
-    #[arg(long, value_name = "DIR")]
+    #[arg(long, visible_alias = "adapter-path", value_name = "DIR")]
     pub adapter: Option<String>,
-    /// Write float32 weights instead of keeping quantized ones.
+    /// Write float32 weights instead of keeping quantized ones (mlx format).
     #[arg(long)]
     pub dequantize: bool,
-    /// Output directory (an mlx-lm model folder).
-    #[arg(long, visible_alias = "output", value_name = "DIR")]
+    /// Output: a directory (mlx: an mlx-lm model folder) or a file (gguf).
+    #[arg(long, visible_alias = "output", value_name = "PATH")]
     pub out: PathBuf,
     /// Fuse the adapter into the base weights and write a whole model.
     #[arg(long, requires = "adapter")]
     pub fuse: bool,
+    /// `mlx`: an mlx-lm model folder; `gguf`: one GGUF file for llama.cpp, Ollama, LM Studio.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Mlx)]
+    pub format: ExportFormat,
+    /// GGUF weight format.
+    #[arg(long, value_enum, default_value_t = crate::model::gguf_write::GgufQuant::Q8_0)]
+    pub quant: crate::model::gguf_write::GgufQuant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Mlx,
+    Gguf,
 }
 
 #[derive(Debug, Args)]

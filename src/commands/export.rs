@@ -1,10 +1,12 @@
-//! `blossom-p2p export`: write the base model as an mlx-lm model folder.
+//! `blossom-p2p export`: write the base model as an mlx-lm model folder, or
+//! (`--format gguf`) the model with its adapter fused as one GGUF file.
 
 use std::process::ExitCode;
 
-use crate::cli::ExportArgs;
+use crate::cli::{ExportArgs, ExportFormat};
 use crate::config::Config;
 use crate::model::export::export_mlx_lm;
+use crate::model::gguf_write::export_gguf;
 use crate::model::{LoadOptions, QuantMode, load_model};
 use crate::train::adapters;
 use crate::train::lora::fuse;
@@ -13,9 +15,15 @@ use super::model_error_exit;
 
 pub fn run(config: &Config, args: &ExportArgs) -> ExitCode {
     let source = &config.model.source;
+    let gguf = args.format == ExportFormat::Gguf;
+    if gguf && args.adapter.is_some() && !args.fuse {
+        eprintln!("error: a GGUF file holds one model: add --fuse to fuse the adapter into it");
+        return ExitCode::from(2);
+    }
     // Quantized weights are written as they are (GGUF's blocks are exactly
-    // MLX affine), unless float32 is asked for.
-    let quant = if args.dequantize { QuantMode::Dequantize } else { QuantMode::Keep };
+    // MLX affine), unless float32 is asked for; GGUF export quantizes anew
+    // from float weights.
+    let quant = if args.dequantize || gguf { QuantMode::Dequantize } else { QuantMode::Keep };
     let mut loaded = match load_model(source, &LoadOptions { quant }) {
         Ok(loaded) => loaded,
         Err(err) => return model_error_exit(&format!("cannot load model {source}"), &err),
@@ -39,6 +47,24 @@ pub fn run(config: &Config, args: &ExportArgs) -> ExitCode {
             eprintln!("error: cannot export the adapter: {err}");
             return ExitCode::FAILURE;
         }
+    }
+    if gguf {
+        let name = args.adapter.as_deref().map_or_else(|| source.clone(), |adapter| format!("{source} + {adapter}"));
+        return match export_gguf(&loaded.decoder, &loaded.tokenizer, args.quant, &name, &args.out) {
+            Ok(summary) => {
+                println!(
+                    "exported {name} to {} ({} tensors, {} quantized as {:?}, {:.1} MB); try: llama-cli -m {}",
+                    args.out.display(),
+                    summary.tensors,
+                    summary.quantized,
+                    args.quant,
+                    summary.bytes as f64 / 1e6,
+                    args.out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(err) => model_error_exit("GGUF export failed", &err),
+        };
     }
     match export_mlx_lm(&loaded.decoder, &loaded.tokenizer, &args.out) {
         Ok(summary) => {

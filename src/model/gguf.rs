@@ -104,35 +104,55 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
     Ok(GgufModel { args, weights, vocab })
 }
 
+/// llama.cpp's names of a block's modules, with mlx-lm's.
+const BLOCK_MODULES: [(&str, &str); 11] = [
+    ("attn_norm", "input_layernorm"),
+    ("ffn_norm", "post_attention_layernorm"),
+    ("attn_q", "self_attn.q_proj"),
+    ("attn_k", "self_attn.k_proj"),
+    ("attn_v", "self_attn.v_proj"),
+    ("attn_output", "self_attn.o_proj"),
+    ("attn_q_norm", "self_attn.q_norm"),
+    ("attn_k_norm", "self_attn.k_norm"),
+    ("ffn_gate", "mlp.gate_proj"),
+    ("ffn_up", "mlp.up_proj"),
+    ("ffn_down", "mlp.down_proj"),
+];
+
+/// And of the modules outside the blocks.
+const TOP_MODULES: [(&str, &str); 3] = [("token_embd", "model.embed_tokens"), ("output_norm", "model.norm"), ("output", "lm_head")];
+
 /// llama.cpp tensor names to mlx-lm / Hugging Face names.
 fn hf_name(gguf: &str) -> Option<String> {
     let (stem, suffix) = gguf.rsplit_once('.')?;
     if !["weight", "bias", "scales", "biases"].contains(&suffix) {
         return None;
     }
-    let mapped = match stem {
-        "token_embd" => "model.embed_tokens".to_owned(),
-        "output_norm" => "model.norm".to_owned(),
-        "output" => "lm_head".to_owned(),
-        _ => {
-            let rest = stem.strip_prefix("blk.")?;
-            let (layer, part) = rest.split_once('.')?;
+    let mapped = match TOP_MODULES.iter().find(|(g, _)| *g == stem) {
+        Some((_, hf)) => (*hf).to_owned(),
+        None => {
+            let (layer, part) = stem.strip_prefix("blk.")?.split_once('.')?;
             let layer: u32 = layer.parse().ok()?;
-            let module = match part {
-                "attn_norm" => "input_layernorm",
-                "ffn_norm" => "post_attention_layernorm",
-                "attn_q" => "self_attn.q_proj",
-                "attn_k" => "self_attn.k_proj",
-                "attn_v" => "self_attn.v_proj",
-                "attn_output" => "self_attn.o_proj",
-                "attn_q_norm" => "self_attn.q_norm",
-                "attn_k_norm" => "self_attn.k_norm",
-                "ffn_gate" => "mlp.gate_proj",
-                "ffn_up" => "mlp.up_proj",
-                "ffn_down" => "mlp.down_proj",
-                _ => return None,
-            };
+            let (_, module) = BLOCK_MODULES.iter().find(|(g, _)| *g == part)?;
             format!("model.layers.{layer}.{module}")
+        }
+    };
+    Some(format!("{mapped}.{suffix}"))
+}
+
+/// mlx-lm / Hugging Face names to llama.cpp's (float tensors only).
+pub(crate) fn gguf_name(hf: &str) -> Option<String> {
+    let (stem, suffix) = hf.rsplit_once('.')?;
+    if !["weight", "bias"].contains(&suffix) {
+        return None;
+    }
+    let mapped = match TOP_MODULES.iter().find(|(_, h)| *h == stem) {
+        Some((g, _)) => (*g).to_owned(),
+        None => {
+            let (layer, module) = stem.strip_prefix("model.layers.")?.split_once('.')?;
+            let layer: u32 = layer.parse().ok()?;
+            let (part, _) = BLOCK_MODULES.iter().find(|(_, h)| *h == module)?;
+            format!("blk.{layer}.{part}")
         }
     };
     Some(format!("{mapped}.{suffix}"))
@@ -248,6 +268,10 @@ mod tests {
         assert_eq!(hf_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
         assert_eq!(hf_name("blk.x.attn_q.weight"), None);
         assert_eq!(hf_name("rope_freqs.weight"), None);
+        for name in ["token_embd.weight", "output.weight", "blk.3.attn_q.weight", "blk.11.ffn_down.weight", "blk.0.attn_k.bias"] {
+            assert_eq!(gguf_name(&hf_name(name).unwrap()).as_deref(), Some(name));
+        }
+        assert_eq!(gguf_name("model.layers.0.self_attn.q_proj.scales"), None);
     }
 
     #[test]

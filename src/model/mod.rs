@@ -12,6 +12,7 @@ pub mod generate;
 pub mod hub;
 pub mod gguf;
 pub mod gguf_check;
+pub mod gguf_write;
 pub mod kv_cache;
 pub mod layers;
 pub mod linear;

@@ -51,6 +51,8 @@ pub struct Tokenizer {
     eos_ids: Vec<u32>,
     eos_token: Option<String>,
     chat_template: Option<String>,
+    /// The GGUF vocabulary it was built from (GGUF export writes it back).
+    gguf_vocab: Option<GgufVocab>,
 }
 
 impl Tokenizer {
@@ -131,8 +133,13 @@ impl Tokenizer {
             eos_ids: vocab.eos_token_id.into_iter().collect(),
             eos_token: token(vocab.eos_token_id),
             chat_template: vocab.chat_template.clone(),
+            gguf_vocab: Some(vocab.clone()),
             inner,
         })
+    }
+
+    pub fn gguf_vocab(&self) -> Option<&GgufVocab> {
+        self.gguf_vocab.as_ref()
     }
 
     /// A Hugging Face model folder: `tokenizer.json`, `tokenizer_config.json`
@@ -182,6 +189,7 @@ impl Tokenizer {
             eos_ids,
             eos_token,
             chat_template,
+            gguf_vocab: None,
             inner,
         })
     }
