@@ -5,7 +5,9 @@
 #   2. Linux only: the prebuilt CPU MLX from the PyPI wheel mlx-cpu, in .deps/,
 #   3. the embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF) in models/,
 #      checked against its blake3 hash,
-#   4. a build of the workspace (skip with --no-build).
+#   4. the Python `openai` and `gguf` packages the tests use, in .deps/python,
+#   5. with --tests, Debian's chromium (the dashboard test's headless browser),
+#   6. a build of the workspace (skip with --no-build).
 # Nothing outside the repository is written except system packages.
 set -euo pipefail
 
@@ -30,11 +32,13 @@ wheel_sha256() {
 }
 
 BUILD=1
+TEST_TOOLS=0
 for arg in "$@"; do
   case "$arg" in
     --no-build) BUILD=0 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (known: --no-build, --help)" >&2; exit 2 ;;
+    --tests) TEST_TOOLS=1 ;;
+    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (known: --no-build, --tests, --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -70,6 +74,8 @@ install_system_packages() {
   if [ "$OS" = Linux ]; then
     command -v dpkg >/dev/null || die "only Debian/Ubuntu are supported on Linux (no dpkg found)"
     local wanted=(cmake libclang-dev libopenblas0-pthread b3sum unzip g++ python3-pip) missing=()
+    # The dashboard test drives a headless browser.
+    [ "$TEST_TOOLS" = 1 ] && wanted+=(chromium)
     for pkg in "${wanted[@]}"; do
       dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done

@@ -162,6 +162,9 @@ pub struct StartArgs {
     /// e.g. 127.0.0.1:9090; port 0 picks one).
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Serve the live web dashboard at http://ADDR/ (a loopback address, e.g. 127.0.0.1:8090).
+    #[arg(long, value_name = "ADDR")]
+    pub dashboard: Option<std::net::SocketAddr>,
     #[command(flatten)]
     pub network: NetworkArgs,
     /// Do not look for peers on the LAN by mDNS.
@@ -232,6 +235,9 @@ pub struct SimulateArgs {
     /// Quantized weights: `auto` dequantizes to float32 on CPU when memory allows.
     #[arg(long, value_enum, default_value_t = QuantMode::Auto)]
     pub quant: QuantMode,
+    /// Serve the live web dashboard at http://ADDR/ (a loopback address); it stays up after the run until Ctrl-C.
+    #[arg(long, value_name = "ADDR")]
+    pub dashboard: Option<std::net::SocketAddr>,
 }
 
 #[derive(Debug, Args)]

@@ -5,6 +5,7 @@ pub mod aggregate;
 pub mod cli;
 pub mod commands;
 pub mod config;
+pub mod dashboard;
 pub mod data;
 pub mod default_model;
 pub mod doctor;

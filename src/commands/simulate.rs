@@ -23,6 +23,7 @@ use crate::config::Config;
 use crate::node::compute::{self, ComputeClient, ComputeSettings};
 use crate::node::engine::{Engine, RoundTrainer, EngineEvent, EngineSettings, PartitionMode, RoundClock, RoundReport, agreement};
 use crate::node::status::rejection_kind;
+use crate::dashboard::{Dashboard, DashboardState, PeerRow, RoundPoint};
 use crate::p2p::codec::{Digest, Limits};
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
 
@@ -372,6 +373,28 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
     if let Some(before) = before {
         println!("exact match before training: {:.1}% of {} test rows", before * 100.0, args.exact_match_rows);
     }
+    let dashboard = match args.dashboard {
+        Some(addr) if !addr.ip().is_loopback() => {
+            return Err(SimError::Input(format!("--dashboard {addr}: the dashboard only listens on a loopback address, e.g. 127.0.0.1:{}", addr.port())));
+        }
+        Some(addr) => {
+            let dashboard = Dashboard::new(DashboardState {
+                mode: "simulation".into(),
+                run_id: run_id.to_hex(),
+                rounds: u64::from(rounds),
+                ..DashboardState::default()
+            });
+            let bound = dashboard.serve(addr).await.map_err(|e| SimError::Input(format!("--dashboard {addr}: {e}")))?;
+            println!("dashboard on http://{bound}/");
+            Some(dashboard)
+        }
+        None => None,
+    };
+    let show = |change: &dyn Fn(&mut DashboardState)| {
+        if let Some(dashboard) = &dashboard {
+            dashboard.update(change);
+        }
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut sim = Simulation {
         network: SimNetwork::new(scenario.link_params(), scenario.seed),
@@ -407,11 +430,19 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
     let mut finished: Vec<u64> = Vec::new();
     let mut rows: Vec<RoundRow> = Vec::new();
     let mut rejected: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut node_rows: BTreeMap<u64, PeerRow> = BTreeMap::new();
     // Bounded: every node finishes, stops or fails; each event is one step.
     while sim.running.keys().any(|n| !finished.contains(n)) {
         let Some((node, event, now)) = rx.recv().await else { break };
         match event {
             EngineEvent::Round(report) => {
+                let peer = sim.running.get(&node).map(|r| r.handle.peer_id.to_string()).unwrap_or_default();
+                node_rows.insert(node, PeerRow {
+                    peer: format!("node {node}: {peer}"),
+                    round: Some(report.round),
+                    rows: Some(report.rows),
+                    state: String::new(),
+                });
                 let seen = sim.traffic_seen.insert(node, now).unwrap_or_default();
                 let round = report.round;
                 last_round.insert(node, round);
@@ -446,8 +477,19 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
                 }
             }
             EngineEvent::Finished => finished.push(node),
-            EngineEvent::Listening(_) | EngineEvent::PeerConnected(_) | EngineEvent::Resumed { .. } => {}
+            EngineEvent::Listening(_) | EngineEvent::PeerConnected(_) | EngineEvent::Resumed { .. } | EngineEvent::Collecting { .. } => {}
         }
+        show(&|view| {
+            view.round = last_round.values().max().map_or(0, |r| r + 1);
+            view.peers = node_rows
+                .iter()
+                .map(|(n, row)| PeerRow {
+                    state: if finished.contains(n) { "finished" } else if sim.running.contains_key(n) { "running" } else { "offline" }.into(),
+                    ..row.clone()
+                })
+                .collect();
+            view.rejected_by_reason = rejected.iter().map(|(kind, n)| ((*kind).to_owned(), *n as u64)).collect();
+        });
         // A round is complete once every running node has moved past it.
         while let Some((&round, _)) = by_round.first_key_value() {
             let done = sim.running.keys().all(|n| finished.contains(n) || last_round.get(n).is_some_and(|r| *r >= round));
@@ -456,6 +498,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
             }
             let Some((round, nodes_round)) = by_round.pop_first() else { break };
             rows.push(close_round(round, &nodes_round, &compute, builtin, &mut metrics, &work_dir).await?);
+            show(&|view| show_row(view, &rows));
         }
     }
     while let Some((round, nodes_round)) = by_round.pop_first() {
@@ -509,7 +552,30 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
     }
     plot_rounds(&plot_path, &format!("{} nodes, scenario {}", nodes, scenario.name), &series, &lower).map_err(SimError::Run)?;
     println!("metrics: {}; plot: {}", metrics_path.display(), plot_path.display());
+    if let Some(dashboard) = &dashboard {
+        show(&|view| show_row(view, &rows));
+        dashboard.update(|view| view.finished = true);
+        println!("the dashboard stays up until Ctrl-C");
+        let _ = tokio::signal::ctrl_c().await;
+    }
     Ok(())
+}
+
+/// The dashboard's chart and totals after the newest closed round.
+fn show_row(view: &mut DashboardState, rows: &[RoundRow]) {
+    view.history = rows
+        .iter()
+        .map(|r| RoundPoint {
+            round: r.round,
+            train_loss: Some(r.train_loss),
+            eval_loss: Some(r.eval_loss),
+            exact_match: r.exact_match,
+            agreement: Some(r.agreement),
+        })
+        .collect();
+    view.agreement = rows.last().map(|r| r.agreement);
+    view.bytes_sent = rows.iter().map(|r| r.sent).sum::<f64>() as u64;
+    view.bytes_received = rows.iter().map(|r| r.received).sum::<f64>() as u64;
 }
 
 /// Summarizes a finished round, prints its table row and appends its record.

@@ -21,6 +21,7 @@ use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::prometheus;
 use crate::node::status::{NodeStatus, rejection_kind};
+use crate::dashboard::{Dashboard, DashboardState, PeerRow, RoundPoint};
 use crate::p2p::codec::Limits;
 use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 
@@ -51,6 +52,15 @@ async fn reach_bootstrap(events: &mut mpsc::Receiver<NetworkEvent>, handle: &Net
         "could not reach any bootstrap peer ({}): {why}; check the addresses and that those peers are running",
         bootstrap.join(", ")
     )))
+}
+
+/// Operator endpoints listen on loopback only: they are not authenticated.
+fn loopback_only(addr: std::net::SocketAddr, flag: &str) -> Result<(), NodeError> {
+    if addr.ip().is_loopback() {
+        Ok(())
+    } else {
+        Err(NodeError::Input(format!("{flag} {addr}: this endpoint only listens on a loopback address, e.g. 127.0.0.1:{}", addr.port())))
+    }
 }
 
 pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
@@ -139,18 +149,43 @@ async fn run_node(
     };
     let shared = Arc::new(std::sync::Mutex::new(status.clone()));
     if let Some(addr) = args.metrics {
-        if !addr.ip().is_loopback() {
-            return Err(NodeError::Input(format!("--metrics {addr}: the metrics endpoint only listens on a loopback address, e.g. 127.0.0.1:9090")));
-        }
+        loopback_only(addr, "--metrics")?;
         let bound = prometheus::serve(addr, shared.clone()).await.map_err(|e| NodeError::Input(format!("--metrics {addr}: {e}")))?;
         println!("metrics on http://{bound}/metrics");
     }
+    let dashboard = match args.dashboard {
+        Some(addr) => {
+            loopback_only(addr, "--dashboard")?;
+            let dashboard = Dashboard::new(DashboardState {
+                mode: "node".into(),
+                run_id: run_id.to_hex(),
+                rounds,
+                ..DashboardState::default()
+            });
+            let bound = dashboard.serve(addr).await.map_err(|e| NodeError::Input(format!("--dashboard {addr}: {e}")))?;
+            println!("dashboard on http://{bound}/");
+            Some(dashboard)
+        }
+        None => None,
+    };
+    let show = |change: &dyn Fn(&mut DashboardState)| {
+        if let Some(dashboard) = &dashboard {
+            dashboard.update(change);
+        }
+    };
     let publish_status = |status: &mut NodeStatus| {
         let (sent, received) = peer_handle.payload_traffic();
         (status.bytes_sent, status.bytes_received) = (sent, received);
         if let Ok(mut copy) = shared.lock() {
             *copy = status.clone();
         }
+        show(&|view| {
+            view.round = status.round;
+            view.agreement = status.agreement;
+            (view.bytes_sent, view.bytes_received) = (status.bytes_sent, status.bytes_received);
+            view.rejected_by_reason = status.rejected_by_reason.clone();
+            view.finished = status.finished;
+        });
         if let Err(e) = status.write(&data_dir) {
             tracing::warn!(error = %e, "cannot write the status file");
         }
@@ -204,7 +239,30 @@ async fn run_node(
                 status.count_rejection(&reason);
                 publish_status(&mut status);
             }
+            EngineEvent::Collecting { deadline, .. } => {
+                let unix_ms = deadline.and_then(|d| d.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
+                show(&|view| view.deadline_unix_ms = unix_ms);
+            }
             EngineEvent::Round(report) => {
+                show(&|view| {
+                    view.history.push(RoundPoint {
+                        round: report.round,
+                        train_loss: (report.rows > 0).then_some(f64::from(report.local.loss)),
+                        eval_loss: report.eval_loss.map(f64::from),
+                        exact_match: None,
+                        agreement: Some(report.agreement_before),
+                    });
+                    view.peers = report
+                        .members
+                        .iter()
+                        .map(|m| PeerRow {
+                            peer: m.peer.to_string(),
+                            round: m.newest_round,
+                            rows: m.rows,
+                            state: if m.peer == peer_handle.peer_id { "this node".into() } else { "member".into() },
+                        })
+                        .collect();
+                });
                 status.round = report.round + 1;
                 status.last_average = Some(report.average_hash.to_hex());
                 status.agreement = Some(report.agreement_before);

@@ -69,13 +69,22 @@ pub enum RoundClock {
 }
 
 impl RoundClock {
+    /// When the collection of `round`, starting now, ends in wall time, if
+    /// that is known in advance.
+    fn wall_deadline(&self, round: u64) -> Option<SystemTime> {
+        match self {
+            RoundClock::Wall { timeout } => Some(SystemTime::now() + *timeout),
+            RoundClock::Schedule { start, length } => Some(*start + *length * (round as u32 + 1)),
+            RoundClock::ComputeIdle { .. } => None,
+        }
+    }
+
     /// Sleeps until the collection deadline of `round`.
     async fn deadline(&mut self, round: u64) {
         match self {
             RoundClock::Wall { timeout } => tokio::time::sleep(*timeout).await,
-            RoundClock::Schedule { start, length } => {
-                let end = *start + *length * (round as u32 + 1);
-                let left = end.duration_since(SystemTime::now()).unwrap_or_default();
+            RoundClock::Schedule { .. } => {
+                let left = self.wall_deadline(round).and_then(|end| end.duration_since(SystemTime::now()).ok()).unwrap_or_default();
                 tokio::time::sleep(left).await;
             }
             RoundClock::ComputeIdle { timeout, .. } => {
@@ -143,6 +152,16 @@ pub struct EngineSettings {
     pub checkpoint: Option<CheckpointFile>,
 }
 
+/// A member of a round as this node saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MemberView {
+    pub peer: PeerId,
+    /// The newest round it published an update for, as far as this node knows.
+    pub newest_round: Option<u64>,
+    /// Its training rows this round (hash partitions; unknown for static ones).
+    pub rows: Option<usize>,
+}
+
 /// One round, as this node lived it.
 #[derive(Debug, Clone)]
 pub struct RoundReport {
@@ -164,6 +183,7 @@ pub struct RoundReport {
     /// ‖FedAvg update − exact average update‖ / ‖exact‖, if measured.
     pub fedavg_drift: Option<f64>,
     pub elapsed: Duration,
+    pub members: Vec<MemberView>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,6 +194,9 @@ pub enum EngineEvent {
     CaughtUp { round: u64, from: Digest },
     /// The node's own checkpoint: training resumes at `round`.
     Resumed { round: u64 },
+    /// The update of `round` is out; collection ends by `deadline` at the
+    /// latest (unknown in advance for an idle-time clock).
+    Collecting { round: u64, deadline: Option<SystemTime> },
     Round(RoundReport),
     Rejected { peer: PeerId, reason: String },
     Finished,
@@ -383,11 +406,28 @@ impl<T: RoundTrainer> Engine<T> {
     fn rows(&self, members: &[PeerId]) -> Vec<u64> {
         match self.settings.partition {
             PartitionMode::Static { id, count } => static_partition(&self.settings.train_rows, id, count),
-            PartitionMode::Hash { buckets } => {
-                let peers: Vec<Vec<u8>> = members.iter().map(|p| p.to_bytes()).collect();
-                hash_partition(&self.settings.fingerprint, &self.settings.train_rows, buckets, &peers, &self.me().to_bytes())
-            }
+            PartitionMode::Hash { buckets } => self.hash_rows(members, buckets, &self.me()),
         }
+    }
+
+    fn hash_rows(&self, members: &[PeerId], buckets: u32, member: &PeerId) -> Vec<u64> {
+        let peers: Vec<Vec<u8>> = members.iter().map(|p| p.to_bytes()).collect();
+        hash_partition(&self.settings.fingerprint, &self.settings.train_rows, buckets, &peers, &member.to_bytes())
+    }
+
+    /// Every member's newest round and share of the rows, for the report.
+    fn member_views(&self, members: &[PeerId], round: u64) -> Vec<MemberView> {
+        members
+            .iter()
+            .map(|peer| MemberView {
+                peer: *peer,
+                newest_round: if *peer == self.me() { Some(round) } else { self.recent_authors.get(peer).copied() },
+                rows: match self.settings.partition {
+                    PartitionMode::Hash { buckets } => Some(self.hash_rows(members, buckets, peer).len()),
+                    PartitionMode::Static { .. } => None,
+                },
+            })
+            .collect()
     }
 
     fn sign(&self, manifest: &Manifest) -> Result<SignedManifest, EngineError> {
@@ -542,6 +582,7 @@ impl<T: RoundTrainer> Engine<T> {
             buffered.get(&round).is_some_and(|got| members.iter().all(|m| got.contains_key(m)))
         };
         let mut clock = self.settings.clock.clone();
+        self.report(EngineEvent::Collecting { round, deadline: clock.wall_deadline(round) });
         let deadline = clock.deadline(round);
         tokio::pin!(deadline);
         let mut timed_out = false;
@@ -632,6 +673,7 @@ impl<T: RoundTrainer> Engine<T> {
             agreement_before: same_parent as f64 / count.max(1) as f64,
             fedavg_drift,
             elapsed: started.elapsed(),
+            members: self.member_views(members, round),
         };
         Ok(report)
     }

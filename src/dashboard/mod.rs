@@ -1,0 +1,118 @@
+//! The live web dashboard of `start --dashboard ADDR` and `simulate
+//! --dashboard ADDR`: a page embedded in the binary (no CDN), the state as
+//! JSON at `/api/status`, and every change pushed at `/api/events`
+//! (server-sent events). Producers update the state through [`Dashboard`];
+//! this module knows nothing of the node or the simulation.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use axum::Router;
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Serialize;
+use tokio::sync::watch;
+
+/// One peer (or simulated node) as the page lists it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct PeerRow {
+    pub peer: String,
+    /// The newest round it is known to have trained.
+    pub round: Option<u64>,
+    /// Its training rows in that round (its partition).
+    pub rows: Option<usize>,
+    pub state: String,
+}
+
+/// One finished round on the chart.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct RoundPoint {
+    pub round: u64,
+    pub train_loss: Option<f64>,
+    pub eval_loss: Option<f64>,
+    pub exact_match: Option<f64>,
+    pub agreement: Option<f64>,
+}
+
+/// Everything the page shows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct DashboardState {
+    /// `node` or `simulation`.
+    pub mode: String,
+    pub run_id: String,
+    /// The round being trained or collected.
+    pub round: u64,
+    pub rounds: u64,
+    /// When the current round's collection ends, if the clock is wall time.
+    pub deadline_unix_ms: Option<u64>,
+    pub peers: Vec<PeerRow>,
+    pub history: Vec<RoundPoint>,
+    pub agreement: Option<f64>,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub rejected_by_reason: BTreeMap<String, u64>,
+    pub finished: bool,
+}
+
+/// The producer's handle: every update reaches the page at once.
+#[derive(Clone)]
+pub struct Dashboard {
+    state: watch::Sender<DashboardState>,
+}
+
+impl Dashboard {
+    pub fn new(initial: DashboardState) -> Self {
+        Self { state: watch::Sender::new(initial) }
+    }
+
+    pub fn update(&self, change: impl FnOnce(&mut DashboardState)) {
+        self.state.send_modify(change);
+    }
+
+    /// Binds `addr` and serves until the process ends; returns the bound
+    /// address (port 0 picks one).
+    pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
+        let listener = tokio::net::TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let app = router(self.state.subscribe());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "the dashboard stopped");
+            }
+        });
+        Ok(bound)
+    }
+}
+
+const INDEX: &str = include_str!("static/index.html");
+const SCRIPT: &str = include_str!("static/app.js");
+const STYLE: &str = include_str!("static/style.css");
+
+fn asset(content_type: &'static str, body: &'static str) -> Response {
+    ([(header::CONTENT_TYPE, content_type), (header::CACHE_CONTROL, "no-cache")], body).into_response()
+}
+
+fn router(state: watch::Receiver<DashboardState>) -> Router {
+    let status = state.clone();
+    Router::new()
+        .route("/", get(|| async { asset("text/html; charset=utf-8", INDEX) }))
+        .route("/app.js", get(|| async { asset("text/javascript; charset=utf-8", SCRIPT) }))
+        .route("/style.css", get(|| async { asset("text/css; charset=utf-8", STYLE) }))
+        .route("/api/status", get(move || async move { axum::Json(status.borrow().clone()) }))
+        .route("/api/events", get(move || async move { events(state.clone()) }))
+}
+
+/// The current state at once, then each change.
+fn events(mut state: watch::Receiver<DashboardState>) -> impl IntoResponse {
+    state.mark_changed();
+    let stream = futures::stream::unfold(state, |mut state| async move {
+        // Ends when the producer is gone.
+        state.changed().await.ok()?;
+        let json = serde_json::to_string(&*state.borrow_and_update()).ok()?;
+        Some((Ok::<Event, Infallible>(Event::default().data(json)), state))
+    });
+    Sse::new(stream).keep_alive(KeepAlive::default())
+}
