@@ -23,7 +23,7 @@ use crate::config::Config;
 use crate::node::compute::{self, ComputeClient, ComputeSettings};
 use crate::node::engine::{Engine, RoundTrainer, EngineEvent, EngineSettings, PartitionMode, RoundClock, RoundReport, agreement};
 use crate::node::status::rejection_kind;
-use crate::dashboard::{Dashboard, DashboardState, PeerRow, RoundPoint};
+use crate::dashboard::{Dashboard, DashboardState, PeerRow, RoundPoint, update_if};
 use crate::p2p::codec::{Digest, Limits};
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
 
@@ -373,28 +373,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
     if let Some(before) = before {
         println!("exact match before training: {:.1}% of {} test rows", before * 100.0, args.exact_match_rows);
     }
-    let dashboard = match args.dashboard {
-        Some(addr) if !addr.ip().is_loopback() => {
-            return Err(SimError::Input(format!("--dashboard {addr}: the dashboard only listens on a loopback address, e.g. 127.0.0.1:{}", addr.port())));
-        }
-        Some(addr) => {
-            let dashboard = Dashboard::new(DashboardState {
-                mode: "simulation".into(),
-                run_id: run_id.to_hex(),
-                rounds: u64::from(rounds),
-                ..DashboardState::default()
-            });
-            let bound = dashboard.serve(addr).await.map_err(|e| SimError::Input(format!("--dashboard {addr}: {e}")))?;
-            println!("dashboard on http://{bound}/");
-            Some(dashboard)
-        }
-        None => None,
-    };
-    let show = |change: &dyn Fn(&mut DashboardState)| {
-        if let Some(dashboard) = &dashboard {
-            dashboard.update(change);
-        }
-    };
+    let dashboard = Dashboard::launch(args.dashboard, "simulation", run_id.to_hex(), u64::from(rounds)).await.map_err(SimError::Input)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let mut sim = Simulation {
         network: SimNetwork::new(scenario.link_params(), scenario.seed),
@@ -479,7 +458,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
             EngineEvent::Finished => finished.push(node),
             EngineEvent::Listening(_) | EngineEvent::PeerConnected(_) | EngineEvent::Resumed { .. } | EngineEvent::Collecting { .. } => {}
         }
-        show(&|view| {
+        update_if(&dashboard, |view| {
             view.round = last_round.values().max().map_or(0, |r| r + 1);
             view.peers = node_rows
                 .iter()
@@ -498,7 +477,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
             }
             let Some((round, nodes_round)) = by_round.pop_first() else { break };
             rows.push(close_round(round, &nodes_round, &compute, builtin, &mut metrics, &work_dir).await?);
-            show(&|view| show_row(view, &rows));
+            update_if(&dashboard, |view| show_row(view, &rows));
         }
     }
     while let Some((round, nodes_round)) = by_round.pop_first() {
@@ -553,8 +532,10 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
     plot_rounds(&plot_path, &format!("{} nodes, scenario {}", nodes, scenario.name), &series, &lower).map_err(SimError::Run)?;
     println!("metrics: {}; plot: {}", metrics_path.display(), plot_path.display());
     if let Some(dashboard) = &dashboard {
-        show(&|view| show_row(view, &rows));
-        dashboard.update(|view| view.finished = true);
+        dashboard.update(|view| {
+            show_row(view, &rows);
+            view.finished = true;
+        });
         println!("the dashboard stays up until Ctrl-C");
         let _ = tokio::signal::ctrl_c().await;
     }

@@ -21,7 +21,7 @@ use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::prometheus;
 use crate::node::status::{NodeStatus, rejection_kind};
-use crate::dashboard::{Dashboard, DashboardState, PeerRow, RoundPoint};
+use crate::dashboard::{Dashboard, PeerRow, RoundPoint, update_if};
 use crate::p2p::codec::Limits;
 use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 
@@ -153,33 +153,14 @@ async fn run_node(
         let bound = prometheus::serve(addr, shared.clone()).await.map_err(|e| NodeError::Input(format!("--metrics {addr}: {e}")))?;
         println!("metrics on http://{bound}/metrics");
     }
-    let dashboard = match args.dashboard {
-        Some(addr) => {
-            loopback_only(addr, "--dashboard")?;
-            let dashboard = Dashboard::new(DashboardState {
-                mode: "node".into(),
-                run_id: run_id.to_hex(),
-                rounds,
-                ..DashboardState::default()
-            });
-            let bound = dashboard.serve(addr).await.map_err(|e| NodeError::Input(format!("--dashboard {addr}: {e}")))?;
-            println!("dashboard on http://{bound}/");
-            Some(dashboard)
-        }
-        None => None,
-    };
-    let show = |change: &dyn Fn(&mut DashboardState)| {
-        if let Some(dashboard) = &dashboard {
-            dashboard.update(change);
-        }
-    };
+    let dashboard = Dashboard::launch(args.dashboard, "node", run_id.to_hex(), rounds).await.map_err(NodeError::Input)?;
     let publish_status = |status: &mut NodeStatus| {
         let (sent, received) = peer_handle.payload_traffic();
         (status.bytes_sent, status.bytes_received) = (sent, received);
         if let Ok(mut copy) = shared.lock() {
             *copy = status.clone();
         }
-        show(&|view| {
+        update_if(&dashboard, |view| {
             view.round = status.round;
             view.agreement = status.agreement;
             (view.bytes_sent, view.bytes_received) = (status.bytes_sent, status.bytes_received);
@@ -241,10 +222,10 @@ async fn run_node(
             }
             EngineEvent::Collecting { deadline, .. } => {
                 let unix_ms = deadline.and_then(|d| d.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
-                show(&|view| view.deadline_unix_ms = unix_ms);
+                update_if(&dashboard, |view| view.deadline_unix_ms = unix_ms);
             }
             EngineEvent::Round(report) => {
-                show(&|view| {
+                update_if(&dashboard, |view| {
                     view.history.push(RoundPoint {
                         round: report.round,
                         train_loss: (report.rows > 0).then_some(f64::from(report.local.loss)),

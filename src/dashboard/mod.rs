@@ -72,6 +72,24 @@ impl Dashboard {
         self.state.send_modify(change);
     }
 
+    /// The dashboard of `--dashboard ADDR`, if given: checked to be on
+    /// loopback (it is not authenticated), serving, and announced on stdout.
+    pub async fn launch(addr: Option<SocketAddr>, mode: &str, run_id: String, rounds: u64) -> Result<Option<Dashboard>, String> {
+        let Some(addr) = addr else { return Ok(None) };
+        if !addr.ip().is_loopback() {
+            return Err(format!("--dashboard {addr}: the dashboard only listens on a loopback address, e.g. 127.0.0.1:{}", addr.port()));
+        }
+        let dashboard = Dashboard::new(DashboardState {
+            mode: mode.into(),
+            run_id,
+            rounds,
+            ..DashboardState::default()
+        });
+        let bound = dashboard.serve(addr).await.map_err(|e| format!("--dashboard {addr}: {e}"))?;
+        println!("dashboard on http://{bound}/");
+        Ok(Some(dashboard))
+    }
+
     /// Binds `addr` and serves until the process ends; returns the bound
     /// address (port 0 picks one).
     pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
@@ -84,6 +102,13 @@ impl Dashboard {
             }
         });
         Ok(bound)
+    }
+}
+
+/// Applies `change` when there is a dashboard.
+pub fn update_if(dashboard: &Option<Dashboard>, change: impl FnOnce(&mut DashboardState)) {
+    if let Some(dashboard) = dashboard {
+        dashboard.update(change);
     }
 }
 

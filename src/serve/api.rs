@@ -76,20 +76,35 @@ pub struct StreamOptions {
 }
 
 /// What both endpoints share: sampling and stopping.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, Deserialize)]
 pub struct Sampling {
+    #[serde(default)]
     pub max_tokens: Option<u32>,
+    #[serde(default)]
     pub temperature: Option<f32>,
+    #[serde(default)]
     pub top_p: Option<f32>,
+    #[serde(default)]
     pub seed: Option<u64>,
+    #[serde(default)]
     pub stop: Option<Stop>,
+    #[serde(default)]
     pub n: Option<u32>,
+    #[serde(default)]
     pub frequency_penalty: Option<f32>,
+    #[serde(default)]
     pub presence_penalty: Option<f32>,
 }
 
+const SAMPLING_FIELDS: [&str; 8] = ["max_tokens", "temperature", "top_p", "seed", "stop", "n", "frequency_penalty", "presence_penalty"];
+
+/// A request body: its own fields plus the sampling ones (serde cannot deny
+/// unknown fields through `flatten`, so [`parse`] checks the names).
+pub trait Request: serde::de::DeserializeOwned {
+    const FIELDS: &'static [&'static str];
+}
+
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct ChatRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -102,24 +117,12 @@ pub struct ChatRequest {
     pub max_completion_tokens: Option<u32>,
     #[serde(default)]
     pub user: Option<String>,
-    // Flattened fields cannot be combined with deny_unknown_fields in serde,
-    // so the sampling fields are repeated here and gathered by `sampling()`.
-    #[serde(default)]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+impl Request for ChatRequest {
+    const FIELDS: &'static [&'static str] = &["model", "messages", "stream", "stream_options", "max_completion_tokens", "user"];
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -130,7 +133,6 @@ pub enum PromptIn {
 }
 
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CompletionRequest {
     #[serde(default)]
     pub model: Option<String>,
@@ -143,35 +145,19 @@ pub struct CompletionRequest {
     pub echo: bool,
     #[serde(default)]
     pub user: Option<String>,
-    #[serde(default)]
-    pub max_tokens: Option<u32>,
-    #[serde(default)]
-    pub temperature: Option<f32>,
-    #[serde(default)]
-    pub top_p: Option<f32>,
-    #[serde(default)]
-    pub seed: Option<u64>,
-    #[serde(default)]
-    pub stop: Option<Stop>,
-    #[serde(default)]
-    pub n: Option<u32>,
-    #[serde(default)]
-    pub frequency_penalty: Option<f32>,
-    #[serde(default)]
-    pub presence_penalty: Option<f32>,
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+impl Request for CompletionRequest {
+    const FIELDS: &'static [&'static str] = &["model", "prompt", "stream", "stream_options", "echo", "user"];
 }
 
 impl ChatRequest {
     pub fn sampling(&self) -> Sampling {
         Sampling {
-            max_tokens: self.max_completion_tokens.or(self.max_tokens),
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            n: self.n,
-            frequency_penalty: self.frequency_penalty,
-            presence_penalty: self.presence_penalty,
+            max_tokens: self.max_completion_tokens.or(self.sampling.max_tokens),
+            ..self.sampling.clone()
         }
     }
 
@@ -214,19 +200,6 @@ impl ChatRequest {
 }
 
 impl CompletionRequest {
-    pub fn sampling(&self) -> Sampling {
-        Sampling {
-            max_tokens: self.max_tokens,
-            temperature: self.temperature,
-            top_p: self.top_p,
-            seed: self.seed,
-            stop: self.stop.clone(),
-            n: self.n,
-            frequency_penalty: self.frequency_penalty,
-            presence_penalty: self.presence_penalty,
-        }
-    }
-
     pub fn prompt(&self) -> Result<String, ApiError> {
         match &self.prompt {
             PromptIn::One(text) => Ok(text.clone()),
@@ -286,8 +259,14 @@ pub struct Usage {
     pub total_tokens: usize,
 }
 
-/// Parses a request body, naming the field that is wrong.
-pub fn parse<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+/// Parses a request body, naming the field that is wrong or unknown.
+pub fn parse<T: Request>(body: &[u8]) -> Result<T, ApiError> {
+    let value: serde_json::Value = serde_json::from_slice(body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    let object = value.as_object().ok_or_else(|| ApiError::bad_request("invalid JSON body: expected an object"))?;
+    if let Some(unknown) = object.keys().find(|k| !T::FIELDS.contains(&k.as_str()) && !SAMPLING_FIELDS.contains(&k.as_str())) {
+        let known: Vec<&str> = T::FIELDS.iter().chain(&SAMPLING_FIELDS).copied().collect();
+        return Err(ApiError::bad_request(format!("invalid JSON body: unknown field `{unknown}`; this server takes {}", known.join(", "))));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     serde_path_to_error::deserialize(&mut deserializer).map_err(|e| {
         let path = e.path().to_string();
@@ -313,7 +292,7 @@ mod tests {
         let request: ChatRequest = parse(br#"{"messages":[{"role":"tool","content":"x"}]}"#).unwrap();
         assert!(request.messages().unwrap_err().message.contains("role"));
         let request: CompletionRequest = parse(br#"{"prompt":"a","stop":["x","y"],"temperature":0.5,"seed":3}"#).unwrap();
-        let (params, stop) = request.sampling().checked(16).unwrap();
+        let (params, stop) = request.sampling.checked(16).unwrap();
         assert_eq!((params.max_tokens, params.temperature, params.seed, stop.len()), (16, 0.5, 3, 2));
     }
 }

@@ -186,7 +186,7 @@ async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
         prompt: Prompt::Text(prompt),
         stream: request.stream,
         include_usage: request.stream_options.as_ref().is_some_and(|o| o.include_usage),
-        sampling: request.sampling(),
+        sampling: request.sampling.clone(),
         default_max: DEFAULT_COMPLETION_TOKENS,
     };
     run(state, generation).await
