@@ -386,6 +386,9 @@ pub struct StatusArgs {
     /// The node's data directory (default: network.data_dir).
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Read a running node's or simulation's dashboard instead (its /api/status), e.g. http://127.0.0.1:8090.
+    #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
+    pub dashboard: Option<String>,
     /// Print the status as JSON.
     #[arg(long)]
     pub json: bool,

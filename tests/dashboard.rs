@@ -68,5 +68,10 @@ fn the_dashboard_fills_in_during_a_simulation() {
     assert_eq!(status["peers"].as_array().unwrap().len(), 3);
     assert!(!status["history"].as_array().unwrap().is_empty());
     assert!(status["peers"][0]["rows"].as_u64().unwrap() > 0, "{status}");
+    // `status` reads it too.
+    let output = common::blossom(&["status", "--dashboard", url.trim_end_matches('/')]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("peers     3") && stdout.contains("round     "), "{stdout}");
     drop(sim);
 }

@@ -1,13 +1,50 @@
 //! `blossom-p2p status`: a running node's view of its run, read from the
-//! status file it keeps in its data directory.
+//! status file it keeps in its data directory, or from a dashboard's
+//! `/api/status` (`--dashboard URL`: a node's or a whole simulation's).
 
 use std::process::ExitCode;
 
 use crate::cli::StatusArgs;
 use crate::config::Config;
+use crate::dashboard::fetch_status;
 use crate::node::status::NodeStatus;
 
+/// Prints what a dashboard's `/api/status` says.
+fn from_dashboard(url: &str, json: bool) -> ExitCode {
+    let (state, body) = match fetch_status(url) {
+        Ok(answer) => answer,
+        Err(message) => {
+            eprintln!("error: {message}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if json {
+        println!("{body}");
+        return ExitCode::SUCCESS;
+    }
+    println!("{:<9} {} ({})", state.mode, state.run_id, if state.finished { "finished" } else { "running" });
+    println!("round     {} of {}", state.round.min(state.rounds), state.rounds);
+    println!("agreement {}", state.agreement.map_or("-".to_owned(), |a| format!("{a:.2}")));
+    if let Some(last) = state.history.last() {
+        println!("eval loss {}", last.eval_loss.map_or("-".to_owned(), |l| format!("{l:.4}")));
+    }
+    println!("traffic   {:.2} MB sent, {:.2} MB received", state.bytes_sent as f64 / 1e6, state.bytes_received as f64 / 1e6);
+    let rejected: u64 = state.rejected_by_reason.values().sum();
+    let by_reason: Vec<String> = state.rejected_by_reason.iter().map(|(reason, n)| format!("{n} {reason}")).collect();
+    println!("rejected  {rejected} messages{}", if by_reason.is_empty() { String::new() } else { format!(" ({})", by_reason.join(", ")) });
+    println!("peers     {}", state.peers.len());
+    for peer in &state.peers {
+        let round = peer.round.map_or("-".to_owned(), |r| r.to_string());
+        let rows = peer.rows.map_or("-".to_owned(), |r| r.to_string());
+        println!("          {}  round {round}  rows {rows}  {}", peer.peer, peer.state);
+    }
+    ExitCode::SUCCESS
+}
+
 pub fn run(config: &Config, args: &StatusArgs) -> ExitCode {
+    if let Some(url) = &args.dashboard {
+        return from_dashboard(url, args.json);
+    }
     let status = match NodeStatus::read(&config.network.data_dir) {
         Ok(status) => status,
         Err(message) => {

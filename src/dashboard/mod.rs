@@ -13,11 +13,11 @@ use axum::http::header;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 /// One peer (or simulated node) as the page lists it.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct PeerRow {
     pub peer: String,
     /// The newest round it is known to have trained.
@@ -28,7 +28,7 @@ pub struct PeerRow {
 }
 
 /// One finished round on the chart.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RoundPoint {
     pub round: u64,
     pub train_loss: Option<f64>,
@@ -38,7 +38,7 @@ pub struct RoundPoint {
 }
 
 /// Everything the page shows.
-#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct DashboardState {
     /// `node` or `simulation`.
     pub mode: String,
@@ -103,6 +103,33 @@ impl Dashboard {
         });
         Ok(bound)
     }
+}
+
+/// Reads a dashboard's `/api/status` (`base`: `http://host:port`), with a
+/// plain HTTP/1.1 GET: what `blossom-p2p status --dashboard` shows.
+pub fn fetch_status(base: &str) -> Result<(DashboardState, String), String> {
+    use std::io::{Read, Write};
+    let host = base
+        .strip_prefix("http://")
+        .map(|rest| rest.split('/').next().unwrap_or_default())
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| format!("--dashboard {base}: give the dashboard's address as http://HOST:PORT"))?;
+    let failed = |e: std::io::Error| format!("cannot read {base}/api/status: {e}; is a node or simulation running with --dashboard?");
+    let mut socket = std::net::TcpStream::connect(host).map_err(failed)?;
+    socket.set_read_timeout(Some(std::time::Duration::from_secs(10))).map_err(failed)?;
+    socket
+        .write_all(format!("GET /api/status HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes())
+        .map_err(failed)?;
+    let mut response = Vec::new();
+    // Bounded: at most 16 MB.
+    socket.take(16 << 20).read_to_end(&mut response).map_err(failed)?;
+    let response = String::from_utf8_lossy(&response);
+    let (head, body) = response.split_once("\r\n\r\n").ok_or_else(|| format!("{base}/api/status: not an HTTP answer"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("{base}/api/status answered {}", head.lines().next().unwrap_or_default()));
+    }
+    let state = serde_json::from_str(body).map_err(|e| format!("{base}/api/status is not a blossom-p2p dashboard: {e}"))?;
+    Ok((state, body.to_owned()))
 }
 
 /// Applies `change` when there is a dashboard.
