@@ -252,17 +252,7 @@ async fn run_node(
                     status.connected_peers = peers.iter().map(ToString::to_string).collect();
                 }
                 publish_status(&mut status);
-                println!(
-                    "round {}: train loss {:.4}, eval loss {}, {}/{} updates{}, agreement {:.2}, average {}",
-                    report.round,
-                    report.local.loss,
-                    report.eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
-                    report.contributors,
-                    report.expected,
-                    if report.timed_out { " (deadline)" } else { "" },
-                    report.agreement_before,
-                    report.average_hash
-                );
+                // The record first: a line on stdout announces a round already on disk.
                 let record = json!({
                     "round": report.round,
                     "train_loss": report.local.loss,
@@ -277,6 +267,17 @@ async fn run_node(
                     "round_seconds": report.elapsed.as_secs_f64(),
                 });
                 writeln!(metrics, "{record}").map_err(|e| NodeError::Run(format!("{}: {e}", metrics_path.display())))?;
+                println!(
+                    "round {}: train loss {:.4}, eval loss {}, {}/{} updates{}, agreement {:.2}, average {}",
+                    report.round,
+                    report.local.loss,
+                    report.eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
+                    report.contributors,
+                    report.expected,
+                    if report.timed_out { " (deadline)" } else { "" },
+                    report.agreement_before,
+                    report.average_hash
+                );
             }
             EngineEvent::Finished => {
                 status.finished = true;

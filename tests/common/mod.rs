@@ -51,6 +51,8 @@ pub fn blossom(args: &[&str]) -> Output {
 pub struct Node {
     child: Child,
     lines: mpsc::Receiver<String>,
+    /// The last lines read, for failure messages.
+    seen: std::cell::RefCell<std::collections::VecDeque<String>>,
 }
 
 impl Drop for Node {
@@ -87,7 +89,11 @@ impl Node {
         let (tx, lines) = mpsc::channel();
         forward_lines(child.stdout.take().expect("piped stdout"), tx.clone());
         forward_lines(child.stderr.take().expect("piped stderr"), tx);
-        Node { child, lines }
+        Node {
+            child,
+            lines,
+            seen: Default::default(),
+        }
     }
 
     /// The first output line containing `needle`, within 60 s.
@@ -95,12 +101,21 @@ impl Node {
         let deadline = Instant::now() + Duration::from_secs(60);
         while let Some(left) = deadline.checked_duration_since(Instant::now()) {
             match self.lines.recv_timeout(left) {
-                Ok(line) if line.contains(needle) => return line,
-                Ok(_) => {}
+                Ok(line) => {
+                    let mut seen = self.seen.borrow_mut();
+                    seen.push_back(line.clone());
+                    if seen.len() > 40 {
+                        seen.pop_front();
+                    }
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
                 Err(_) => break,
             }
         }
-        panic!("no line with {needle:?} within 60 s");
+        let seen: Vec<String> = self.seen.borrow().iter().cloned().collect();
+        panic!("no line with {needle:?} within 60 s; the last lines:\n{}", seen.join("\n"));
     }
 
     /// `kill -9`: the process gets no chance to clean up.
