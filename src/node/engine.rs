@@ -462,9 +462,10 @@ impl<T: RoundTrainer> Engine<T> {
         {
             (round, current) = (next, adapter);
         }
-        // After a catch-up, ask peers for the round's updates gossiped
-        // before this node was there.
-        let mut rejoined = round > 0;
+        // Ask peers for the first round's updates gossiped before this node
+        // subscribed (a catch-up, or peers that started round 0 first:
+        // without them the quorum waits for the deadline).
+        let mut rejoined = true;
         if round == 0 {
             self.wait_for_peers().await?;
         }
