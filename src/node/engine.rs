@@ -14,7 +14,7 @@ use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, watch};
 
 use super::checkpoint::{CheckpointError, CheckpointFile};
-use super::partition::{hash_partition, static_partition};
+use super::partition::{hash_partition, hash_partition_sizes, static_partition};
 use super::wire::{decode_checked, encode};
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
 use crate::p2p::codec::{Digest, Limits};
@@ -406,26 +406,29 @@ impl<T: RoundTrainer> Engine<T> {
     fn rows(&self, members: &[PeerId]) -> Vec<u64> {
         match self.settings.partition {
             PartitionMode::Static { id, count } => static_partition(&self.settings.train_rows, id, count),
-            PartitionMode::Hash { buckets } => self.hash_rows(members, buckets, &self.me()),
+            PartitionMode::Hash { buckets } => {
+                let peers: Vec<Vec<u8>> = members.iter().map(|p| p.to_bytes()).collect();
+                hash_partition(&self.settings.fingerprint, &self.settings.train_rows, buckets, &peers, &self.me().to_bytes())
+            }
         }
-    }
-
-    fn hash_rows(&self, members: &[PeerId], buckets: u32, member: &PeerId) -> Vec<u64> {
-        let peers: Vec<Vec<u8>> = members.iter().map(|p| p.to_bytes()).collect();
-        hash_partition(&self.settings.fingerprint, &self.settings.train_rows, buckets, &peers, &member.to_bytes())
     }
 
     /// Every member's newest round and share of the rows, for the report.
     fn member_views(&self, members: &[PeerId], round: u64) -> Vec<MemberView> {
+        let sizes = match self.settings.partition {
+            PartitionMode::Hash { buckets } => {
+                let peers: Vec<Vec<u8>> = members.iter().map(|p| p.to_bytes()).collect();
+                hash_partition_sizes(&self.settings.fingerprint, &self.settings.train_rows, buckets, &peers).into_iter().map(Some).collect()
+            }
+            PartitionMode::Static { .. } => vec![None; members.len()],
+        };
         members
             .iter()
-            .map(|peer| MemberView {
+            .zip(sizes)
+            .map(|(peer, rows)| MemberView {
                 peer: *peer,
                 newest_round: if *peer == self.me() { Some(round) } else { self.recent_authors.get(peer).copied() },
-                rows: match self.settings.partition {
-                    PartitionMode::Hash { buckets } => Some(self.hash_rows(members, buckets, peer).len()),
-                    PartitionMode::Static { .. } => None,
-                },
+                rows,
             })
             .collect()
     }

@@ -32,12 +32,28 @@ pub fn owner(bucket: u32, peers: &[Vec<u8>]) -> Option<usize> {
     peers.iter().enumerate().max_by(|(i, a), (j, b)| score(a, bucket).cmp(&score(b, bucket)).then(j.cmp(i))).map(|(i, _)| i)
 }
 
+/// The position in `peers` of each row's owner, in `indices` order.
+fn row_owners<'a>(fingerprint: &'a str, indices: &'a [u64], num_buckets: u32, peers: &[Vec<u8>]) -> impl Iterator<Item = (u64, Option<usize>)> + 'a {
+    let owners: Vec<Option<usize>> = (0..num_buckets).map(|b| owner(b, peers)).collect();
+    indices.iter().map(move |&i| (i, owners[bucket(fingerprint, i, num_buckets) as usize]))
+}
+
 /// The row indices (in `indices` order) that `me` trains on when `peers`
 /// (which should include `me`) are live.
 pub fn hash_partition(fingerprint: &str, indices: &[u64], num_buckets: u32, peers: &[Vec<u8>], me: &[u8]) -> Vec<u64> {
     let Some(mine) = peers.iter().position(|p| p == me) else { return Vec::new() };
-    let owners: Vec<Option<usize>> = (0..num_buckets).map(|b| owner(b, peers)).collect();
-    indices.iter().copied().filter(|&i| owners[bucket(fingerprint, i, num_buckets) as usize] == Some(mine)).collect()
+    row_owners(fingerprint, indices, num_buckets, peers).filter(|(_, owner)| *owner == Some(mine)).map(|(i, _)| i).collect()
+}
+
+/// How many rows each of `peers` trains on (in `peers` order), in one pass.
+pub fn hash_partition_sizes(fingerprint: &str, indices: &[u64], num_buckets: u32, peers: &[Vec<u8>]) -> Vec<usize> {
+    let mut sizes = vec![0; peers.len()];
+    for (_, owner) in row_owners(fingerprint, indices, num_buckets, peers) {
+        if let Some(owner) = owner {
+            sizes[owner] += 1;
+        }
+    }
+    sizes
 }
 
 /// Partition `id` of `count` contiguous shards, sized as Hugging Face
@@ -73,6 +89,8 @@ mod tests {
             }
         }
         assert!(seen.iter().all(|&c| c == 1));
+        let sizes: Vec<usize> = live.iter().map(|me| hash_partition("fp", &rows, 256, &live, me).len()).collect();
+        assert_eq!(hash_partition_sizes("fp", &rows, 256, &live), sizes);
     }
 
     #[test]
