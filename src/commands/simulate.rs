@@ -22,7 +22,7 @@ use crate::cli::SimulateArgs;
 use crate::config::Config;
 use crate::node::compute::{self, ComputeClient, ComputeSettings};
 use crate::node::engine::{Engine, RoundTrainer, EngineEvent, EngineSettings, PartitionMode, RoundClock, RoundReport, agreement};
-use crate::node::status::rejection_kind;
+use crate::node::status::{rejection_detail, rejection_kind};
 use crate::dashboard::{Dashboard, DashboardState, PeerRow, RoundPoint, update_if};
 use crate::p2p::codec::{Digest, Limits};
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
@@ -408,7 +408,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
     let mut last_round: HashMap<u64, u64> = HashMap::new();
     let mut finished: Vec<u64> = Vec::new();
     let mut rows: Vec<RoundRow> = Vec::new();
-    let mut rejected: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
     let mut node_rows: BTreeMap<u64, PeerRow> = BTreeMap::new();
     // Bounded: every node finishes, stops or fails; each event is one step.
     while sim.running.keys().any(|n| !finished.contains(n)) {
@@ -447,7 +447,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
             EngineEvent::CaughtUp { round, from } => println!("  node {node} caught up: trains from round {round} on average {from}"),
             EngineEvent::Rejected { peer, reason } => {
                 let kind = rejection_kind(&reason);
-                *rejected.entry(kind).or_default() += 1;
+                *rejected.entry(kind.to_owned()).or_default() += 1;
                 // Late updates of honest nodes are routine under churn.
                 if kind == "stale-round" {
                     tracing::debug!(node, %peer, %reason, "rejected");
@@ -467,7 +467,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
                     ..row.clone()
                 })
                 .collect();
-            view.rejected_by_reason = rejected.iter().map(|(kind, n)| ((*kind).to_owned(), *n as u64)).collect();
+            view.rejected_by_reason = rejected.clone();
         });
         // A round is complete once every running node has moved past it.
         while let Some((&round, _)) = by_round.first_key_value() {
@@ -488,9 +488,7 @@ async fn run_simulation(config: &Config, args: &SimulateArgs, scenario: &Scenari
         sim.stop(node, true).await;
     }
     let last = rows.last().ok_or_else(|| SimError::Run("no round completed".into()))?;
-    let by_kind: Vec<String> = rejected.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
-    let detail = if by_kind.is_empty() { String::new() } else { format!(" ({})", by_kind.join(", ")) };
-    println!("done in {:.1} s; {} messages rejected{detail}", wall.as_secs_f64(), rejected.values().sum::<usize>());
+    println!("done in {:.1} s; {} messages rejected{}", wall.as_secs_f64(), rejected.values().sum::<u64>(), rejection_detail(&rejected));
     println!("final agreement {:.2}, eval loss {:.4} (round 0: {:.4})", last.agreement, last.eval_loss, rows[0].eval_loss);
     if let (Some(before), Some(after)) = (before, last.exact_match) {
         println!("exact match: {:.1}% before, {:.1}% after", before * 100.0, after * 100.0);

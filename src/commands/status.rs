@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use crate::cli::StatusArgs;
 use crate::config::Config;
 use crate::dashboard::fetch_status;
-use crate::node::status::NodeStatus;
+use crate::node::status::{NodeStatus, rejection_detail};
 
 /// Prints what a dashboard's `/api/status` says.
 fn from_dashboard(url: &str, json: bool) -> ExitCode {
@@ -30,8 +30,7 @@ fn from_dashboard(url: &str, json: bool) -> ExitCode {
     }
     println!("traffic   {:.2} MB sent, {:.2} MB received", state.bytes_sent as f64 / 1e6, state.bytes_received as f64 / 1e6);
     let rejected: u64 = state.rejected_by_reason.values().sum();
-    let by_reason: Vec<String> = state.rejected_by_reason.iter().map(|(reason, n)| format!("{n} {reason}")).collect();
-    println!("rejected  {rejected} messages{}", if by_reason.is_empty() { String::new() } else { format!(" ({})", by_reason.join(", ")) });
+    println!("rejected  {rejected} messages{}", rejection_detail(&state.rejected_by_reason));
     println!("peers     {}", state.peers.len());
     for peer in &state.peers {
         let round = peer.round.map_or("-".to_owned(), |r| r.to_string());
@@ -75,9 +74,7 @@ pub fn run(config: &Config, args: &StatusArgs) -> ExitCode {
         println!("agreement {}", status.agreement.map_or("-".to_owned(), |a| format!("{a:.2}")));
         println!("eval loss {}", status.last_eval_loss.map_or("-".to_owned(), |l| format!("{l:.4}")));
         println!("traffic   {:.2} MB sent, {:.2} MB received (payload)", status.bytes_sent as f64 / 1e6, status.bytes_received as f64 / 1e6);
-        let by_reason: Vec<String> = status.rejected_by_reason.iter().map(|(reason, n)| format!("{n} {reason}")).collect();
-        let detail = if by_reason.is_empty() { String::new() } else { format!(" ({})", by_reason.join(", ")) };
-        println!("rejected  {} messages{detail}", status.rejected);
+        println!("rejected  {} messages{}", status.rejected, rejection_detail(&status.rejected_by_reason));
         println!("peers     {}", status.connected_peers.len());
         for peer in &status.connected_peers {
             println!("          {peer}");

@@ -55,6 +55,16 @@ pub fn rejection_kind(reason: &str) -> &'static str {
         .map_or("malformed", |(_, kind)| kind)
 }
 
+/// `" (3 stale-round, 1 signature)"`, or nothing when there are none: the
+/// counts by kind after a total, as `status` and `simulate` print them.
+pub fn rejection_detail(counts: &BTreeMap<String, u64>) -> String {
+    if counts.is_empty() {
+        return String::new();
+    }
+    let parts: Vec<String> = counts.iter().map(|(kind, n)| format!("{n} {kind}")).collect();
+    format!(" ({})", parts.join(", "))
+}
+
 pub fn path(data_dir: &Path) -> PathBuf {
     data_dir.join(STATUS_FILE)
 }
