@@ -158,10 +158,11 @@ pub(crate) fn gguf_name(hf: &str) -> Option<String> {
     Some(format!("{mapped}.{suffix}"))
 }
 
-/// Inverse of llama.cpp's `permute`: within each head, rows were reordered
-/// from [2, head_dim/2] to [head_dim/2, 2]. Works row-wise, so it applies to
-/// packed quantized weights, their scales and biases, and bias vectors alike.
-fn unpermute_rows(array: &Array, heads: i32, name: &str) -> Result<Array, ModelError> {
+/// llama.cpp's `permute` of the Q/K rows within each head, from [2,
+/// head_dim/2] to [head_dim/2, 2] (GGUF export), or with `undo` its inverse
+/// (loading). Works row-wise, so it applies to packed quantized weights,
+/// their scales and biases, and bias vectors alike.
+fn reorder_rows(array: &Array, heads: i32, name: &str, undo: bool) -> Result<Array, ModelError> {
     let shape = array.shape().to_vec();
     let rows = shape[0];
     if heads <= 0 || rows % (heads * 2) != 0 {
@@ -171,9 +172,20 @@ fn unpermute_rows(array: &Array, heads: i32, name: &str) -> Result<Array, ModelE
             actual: shape,
         });
     }
-    let mut split = vec![heads, rows / heads / 2, 2];
+    let half = rows / heads / 2;
+    let mut split = if undo { vec![heads, half, 2] } else { vec![heads, 2, half] };
     split.extend_from_slice(&shape[1..]);
     Ok(array.reshape(&split)?.swap_axes(1, 2)?.reshape(&shape)?)
+}
+
+/// Q/K rows in llama.cpp's order, for GGUF export.
+pub(crate) fn permute_rows(array: &Array, heads: i32, name: &str) -> Result<Array, ModelError> {
+    reorder_rows(array, heads, name, false)
+}
+
+/// Q/K rows from llama.cpp's order back to the Hugging Face layout.
+fn unpermute_rows(array: &Array, heads: i32, name: &str) -> Result<Array, ModelError> {
+    reorder_rows(array, heads, name, true)
 }
 
 /// Typed access to GGUF metadata with errors that name the key.
@@ -282,6 +294,7 @@ mod tests {
         let hf: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
         let hf = Array::from_slice(&hf, &[rows, cols]);
         let permuted = hf.reshape(&[heads, 2, head_dim / 2, cols]).unwrap().swap_axes(1, 2).unwrap().reshape(&[rows, cols]).unwrap();
+        assert_eq!(permute_rows(&hf, heads, "t").unwrap().as_slice::<f32>(), permuted.as_slice::<f32>());
         let back = unpermute_rows(&permuted, heads, "t").unwrap();
         assert_eq!(back.as_slice::<f32>(), hf.as_slice::<f32>());
         assert!(unpermute_rows(&hf, 3, "t").is_err());

@@ -13,7 +13,7 @@ use std::path::Path;
 
 use mlx_rs::{Array, Dtype};
 
-use super::gguf::gguf_name;
+use super::gguf::{gguf_name, permute_rows};
 use super::{Decoder, ModelError, Tokenizer};
 
 const ALIGNMENT: u64 = 32;
@@ -309,7 +309,7 @@ pub fn export_gguf(decoder: &Decoder, tokenizer: &Tokenizer, quant: GgufQuant, n
     written += padding(written);
     let mut data = Vec::new();
     for entry in &entries {
-        let values = tensor_values(&weights[&entry.source], entry.permute_heads)?;
+        let values = tensor_values(&weights[&entry.source], entry.permute_heads, &entry.name)?;
         data.clear();
         match entry.quant {
             None => data.extend(values.iter().flat_map(|v| v.to_le_bytes())),
@@ -335,20 +335,9 @@ pub fn export_gguf(decoder: &Decoder, tokenizer: &Tokenizer, quant: GgufQuant, n
 }
 
 /// A tensor's values as float32 rows, Q/K rows permuted for llama.cpp.
-fn tensor_values(array: &Array, permute_heads: Option<i32>) -> Result<Vec<f32>, ModelError> {
+fn tensor_values(array: &Array, permute_heads: Option<i32>, name: &str) -> Result<Vec<f32>, ModelError> {
     let array = match permute_heads {
-        Some(heads) => {
-            let shape = array.shape().to_vec();
-            let (rows, cols) = (shape[0], shape[1]);
-            if heads <= 0 || rows % (heads * 2) != 0 {
-                return Err(ModelError::ShapeMismatch {
-                    name: "attention projection".into(),
-                    expected: vec![heads * 2, cols],
-                    actual: shape,
-                });
-            }
-            array.reshape(&[heads, 2, rows / heads / 2, cols])?.swap_axes(1, 2)?.reshape(&[rows, cols])?
-        }
+        Some(heads) => permute_rows(array, heads, name)?,
         None => array.clone(),
     };
     let array = array.as_dtype(Dtype::Float32)?;
