@@ -10,6 +10,7 @@ pub mod data;
 pub mod default_model;
 pub mod doctor;
 pub mod durable;
+pub mod http;
 pub mod hub;
 pub mod logging;
 pub mod mlx_env;

@@ -116,7 +116,7 @@ fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
     // The Prometheus page answers while the node runs.
     let (host, path) = metrics_url.split_once('/').unwrap();
     let mut socket = std::net::TcpStream::connect(host).unwrap();
-    std::io::Write::write_all(&mut socket, format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes()).unwrap();
+    std::io::Write::write_all(&mut socket, format!("GET /{path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n").as_bytes()).unwrap();
     let mut page = String::new();
     std::io::Read::read_to_string(&mut socket, &mut page).unwrap();
     assert!(page.starts_with("HTTP/1.1 200 OK"), "{page}");

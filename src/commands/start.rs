@@ -54,15 +54,6 @@ async fn reach_bootstrap(events: &mut mpsc::Receiver<NetworkEvent>, handle: &Net
     )))
 }
 
-/// Operator endpoints listen on loopback only: they are not authenticated.
-fn loopback_only(addr: std::net::SocketAddr, flag: &str) -> Result<(), NodeError> {
-    if addr.ip().is_loopback() {
-        Ok(())
-    } else {
-        Err(NodeError::Input(format!("{flag} {addr}: this endpoint only listens on a loopback address, e.g. 127.0.0.1:{}", addr.port())))
-    }
-}
-
 pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
     let keypair = load_or_create_identity(&config.network.data_dir).map_err(NodeError::Input)?;
     println!("peer id: {}", keypair.public().to_peer_id());
@@ -149,7 +140,7 @@ async fn run_node(
     };
     let shared = Arc::new(std::sync::Mutex::new(status.clone()));
     if let Some(addr) = args.metrics {
-        loopback_only(addr, "--metrics")?;
+        crate::http::loopback_only(addr, "--metrics").map_err(NodeError::Input)?;
         let bound = prometheus::serve(addr, shared.clone()).await.map_err(|e| NodeError::Input(format!("--metrics {addr}: {e}")))?;
         println!("metrics on http://{bound}/metrics");
     }

@@ -76,9 +76,7 @@ impl Dashboard {
     /// loopback (it is not authenticated), serving, and announced on stdout.
     pub async fn launch(addr: Option<SocketAddr>, mode: &str, run_id: String, rounds: u64) -> Result<Option<Dashboard>, String> {
         let Some(addr) = addr else { return Ok(None) };
-        if !addr.ip().is_loopback() {
-            return Err(format!("--dashboard {addr}: the dashboard only listens on a loopback address, e.g. 127.0.0.1:{}", addr.port()));
-        }
+        crate::http::loopback_only(addr, "--dashboard")?;
         let dashboard = Dashboard::new(DashboardState {
             mode: mode.into(),
             run_id,
@@ -93,15 +91,7 @@ impl Dashboard {
     /// Binds `addr` and serves until the process ends; returns the bound
     /// address (port 0 picks one).
     pub async fn serve(&self, addr: SocketAddr) -> std::io::Result<SocketAddr> {
-        let listener = tokio::net::TcpListener::bind(addr).await?;
-        let bound = listener.local_addr()?;
-        let app = router(self.state.subscribe());
-        tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
-                tracing::error!(error = %e, "the dashboard stopped");
-            }
-        });
-        Ok(bound)
+        crate::http::spawn(addr, router(self.state.subscribe()), "dashboard").await
     }
 }
 

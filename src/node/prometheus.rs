@@ -1,14 +1,13 @@
 //! `start --metrics 127.0.0.1:9090`: the node's status in the Prometheus
-//! text format at `/metrics`. A tiny HTTP/1.1 responder (one request per
-//! connection, bounded reads) over tokio: enough for a scraper, and no web
-//! framework for one page.
+//! text format at `/metrics`.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpListener;
+use axum::Router;
+use axum::http::{StatusCode, header};
+use axum::routing::get;
 
 use super::status::NodeStatus;
 
@@ -33,36 +32,15 @@ pub fn render(status: &NodeStatus) -> String {
     page
 }
 
-/// Binds `addr` and serves the shared status until the process ends;
-/// returns the bound address (port 0 picks one).
+/// Binds `addr` (loopback) and serves the shared status at `/metrics` until
+/// the process ends; returns the bound address (port 0 picks one).
 pub async fn serve(addr: SocketAddr, status: Arc<Mutex<NodeStatus>>) -> std::io::Result<SocketAddr> {
-    let listener = TcpListener::bind(addr).await?;
-    let bound = listener.local_addr()?;
-    tokio::spawn(async move {
-        // Runs for the life of the node; each connection is handled and closed.
-        loop {
-            let Ok((mut socket, _)) = listener.accept().await else { continue };
-            let status = status.clone();
-            tokio::spawn(async move {
-                let mut request = vec![0u8; 4096];
-                let read = match tokio::time::timeout(std::time::Duration::from_secs(5), socket.read(&mut request)).await {
-                    Ok(Ok(n)) => n,
-                    _ => return,
-                };
-                let first_line = String::from_utf8_lossy(&request[..read]).lines().next().unwrap_or_default().to_owned();
-                let (code, body) = if first_line.starts_with("GET /metrics ") {
-                    ("200 OK", status.lock().map(|s| render(&s)).unwrap_or_default())
-                } else {
-                    ("404 Not Found", "try GET /metrics\n".to_owned())
-                };
-                let response = format!(
-                    "HTTP/1.1 {code}\r\nContent-Type: text/plain; version=0.0.4\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    Ok(bound)
+    let page = move || async move {
+        let body = status.lock().map(|s| render(&s)).unwrap_or_default();
+        ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], body)
+    };
+    let app = Router::new()
+        .route("/metrics", get(page))
+        .fallback(|| async { (StatusCode::NOT_FOUND, "try GET /metrics\n") });
+    crate::http::spawn(addr, app, "metrics endpoint").await
 }
