@@ -56,9 +56,8 @@ pub fn save(dir: &Path, params: &AdapterParams, settings: &LoraSettings) -> Resu
         },
     };
     let text = serde_json::to_string_pretty(&config).map_err(|e| io(CONFIG_FILE, &e))? + "\n";
-    let temp = dir.join(format!(".{CONFIG_FILE}.tmp"));
-    std::fs::write(&temp, text).map_err(|e| io(CONFIG_FILE, &e))?;
-    std::fs::rename(&temp, dir.join(CONFIG_FILE)).map_err(|e| io(CONFIG_FILE, &e))
+    crate::durable::write_atomically(&dir.join(format!(".{CONFIG_FILE}.tmp")), &dir.join(CONFIG_FILE), text.as_bytes(), "adapter-config-write")
+        .map_err(|e| io(CONFIG_FILE, &e))
 }
 
 /// Reads an adapter directory (ours or mlx-lm's) and checks it against `decoder`.

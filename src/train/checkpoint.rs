@@ -36,9 +36,8 @@ pub fn save(dir: &Path, trainer: &MlxTrainer, state: &CheckpointState) -> Result
         Array::save_safetensors(names.iter().map(|n| (n.as_ref(), &trainer.optimizer.state[*n])), None, &temp).map_err(|e| io(&e))?;
     }
     std::fs::rename(&temp, dir.join(OPTIMIZER_FILE)).map_err(|e| io(&e))?;
-    let temp = dir.join(format!(".{STATE_FILE}.tmp"));
-    std::fs::write(&temp, serde_json::to_string_pretty(state).map_err(|e| io(&e))?).map_err(|e| io(&e))?;
-    std::fs::rename(&temp, dir.join(STATE_FILE)).map_err(|e| io(&e))
+    let text = serde_json::to_string_pretty(state).map_err(|e| io(&e))?;
+    crate::durable::write_atomically(&dir.join(format!(".{STATE_FILE}.tmp")), &dir.join(STATE_FILE), text.as_bytes(), "train-checkpoint-write").map_err(|e| io(&e))
 }
 
 /// Loads a checkpoint into `trainer`; `None` when `dir` holds none.
