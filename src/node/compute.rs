@@ -16,6 +16,7 @@ use tokio::sync::{oneshot, watch};
 use super::engine::{LocalResult, RoundTrainer};
 use crate::aggregate::{Tensor, Tensors};
 use crate::config::Config;
+use crate::model::thread::ModelThread;
 use crate::model::{LoadOptions, QuantMode, load_model};
 use crate::train::lora::LoraSettings;
 use crate::data::{Dataset, Row};
@@ -77,7 +78,7 @@ pub struct ComputeClient {
     slot: u64,
     jobs: std_mpsc::Sender<Job>,
     busy: Arc<watch::Sender<usize>>,
-    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    thread: ModelThread,
 }
 
 /// Starts the thread. `load` runs on it and builds the trainer (the model
@@ -121,7 +122,7 @@ pub fn spawn(
             slot: 0,
             jobs,
             busy,
-            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            thread: ModelThread::new(thread, "compute"),
         },
         model_identity,
         fingerprint,
@@ -183,18 +184,11 @@ impl ComputeClient {
         self.ask(|reply| Job::Centralized(steps, reply)).await
     }
 
-    /// Ends the thread and waits until MLX has freed everything it held.
-    /// Call it before the process exits: MLX's own global state is torn down
-    /// at exit, and arrays freed on another thread at the same moment
-    /// corrupt the heap.
+    /// Ends the thread and waits until MLX has freed everything it held
+    /// (before the process exits: see `model::thread`).
     pub fn shutdown(&self) {
         let _ = self.jobs.send(Job::Shutdown);
-        let handle = self.thread.lock().ok().and_then(|mut h| h.take());
-        if let Some(handle) = handle
-            && handle.join().is_err()
-        {
-            tracing::error!("the compute thread panicked");
-        }
+        self.thread.join();
     }
 
     pub fn forget(&self) {

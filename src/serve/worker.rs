@@ -16,6 +16,7 @@ use super::api::Usage;
 use crate::model::chat::ChatMessage;
 use crate::model::generate::{SamplingParams, generate};
 use crate::model::linear::ProjectionAdapter;
+use crate::model::thread::ModelThread;
 use crate::model::{LoadOptions, LoadedModel, QuantMode, load_model};
 use crate::train::adapters;
 use crate::train::lora::{AdapterParams, LoraApplier, LoraSettings};
@@ -65,7 +66,7 @@ pub struct ModelWorker {
     waiting: Arc<AtomicUsize>,
     queue: usize,
     pub adapter: Arc<RwLock<Option<AdapterInfo>>>,
-    thread: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    thread: ModelThread,
 }
 
 #[derive(Debug, PartialEq)]
@@ -131,7 +132,7 @@ impl ModelWorker {
             waiting,
             queue,
             adapter: shown,
-            thread: Arc::new(std::sync::Mutex::new(Some(thread))),
+            thread: ModelThread::new(thread, "model"),
         })
     }
 
@@ -158,15 +159,10 @@ impl ModelWorker {
     }
 
     /// Ends the model thread and waits until MLX has freed what it held
-    /// (before the process exits: see `ComputeClient::shutdown`).
+    /// (before the process exits: see `model::thread`).
     pub fn shutdown(&self) {
         let _ = self.jobs.send(Job::Shutdown);
-        let handle = self.thread.lock().ok().and_then(|mut h| h.take());
-        if let Some(handle) = handle
-            && handle.join().is_err()
-        {
-            tracing::error!("the model thread panicked");
-        }
+        self.thread.join();
     }
 }
 
