@@ -1,4 +1,4 @@
-//! Link settings for MLX on Linux (../shared/MLX_ON_LINUX.md, items 6-7).
+//! Link settings for MLX on Linux (docs/MLX_ON_LINUX.md, "The link").
 //!
 //! mlx-sys builds mlx-c against the prebuilt `libmlx.so` that
 //! `scripts/setup.sh` unpacks into `.deps/mlx-cpu`. This script tells the
@@ -19,7 +19,8 @@ const OPENBLAS_CANDIDATES: &[&str] = &[
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     let os = env::var("CARGO_CFG_TARGET_OS").unwrap_or_default();
-    if os != "linux" {
+    // A relay build (`--no-default-features`) has no MLX to link.
+    if os != "linux" || env::var_os("CARGO_FEATURE_TRAIN").is_none() {
         return;
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -2,14 +2,22 @@
 # Checks that `blossom-p2p export` writes a folder that Python mlx-lm loads,
 # and that mlx-lm's greedy answer equals ours, for the default model, without
 # and with an adapter trained by `blossom-p2p train`.
-# Skips (exit 0) when Python mlx-lm is not installed. To run it for real:
-#   python3 -m venv .venv-mlx && .venv-mlx/bin/pip install "mlx-lm==0.32.2" "mlx[cpu]==0.32.2"
-#   MLX_LM_PYTHON=.venv-mlx/bin/python bash scripts/check_mlx_lm_export.sh
+# Uses the mlx-lm that `bash scripts/setup.sh --tests` installs into
+# .deps/python (mlx-lm 0.32.2 with mlx[cpu] 0.32.2, the wheel we link), or the
+# Python named by MLX_LM_PYTHON. Without mlx-lm it skips (exit 0), except in
+# CI (CI set), where that is a failure.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${MLX_LM_PYTHON:-python3}"
+if [ -z "${MLX_LM_PYTHON:-}" ] && [ -d .deps/python/mlx_lm ]; then
+  export PYTHONPATH="$PWD/.deps/python${PYTHONPATH:+:$PYTHONPATH}"
+fi
 if ! "$PY" -c "import mlx_lm" >/dev/null 2>&1; then
-  echo "SKIP: Python mlx-lm is not installed for $PY (set MLX_LM_PYTHON to a Python that has mlx-lm 0.32.2)"
+  if [ -n "${CI:-}" ]; then
+    echo "FAIL: Python mlx-lm is not installed for $PY; CI must have it (bash scripts/setup.sh --tests installs it)"
+    exit 1
+  fi
+  echo "SKIP: Python mlx-lm is not installed for $PY (bash scripts/setup.sh --tests installs it into .deps/python)"
   exit 0
 fi
 BIN="${BLOSSOM_BIN:-target/debug/blossom-p2p}"

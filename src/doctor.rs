@@ -11,9 +11,20 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cli::DoctorArgs;
 use crate::default_model::{DEFAULT_MODEL_BLAKE3, ModelCheck, check_default_model};
 use crate::mlx_env::{self, Backend, BlasKind};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// The default model file to check.
+    #[arg(long, value_name = "FILE", default_value = crate::default_model::DEFAULT_MODEL_PATH)]
+    pub model: PathBuf,
+    /// Print the report as JSON on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
 
 /// Matmul size the benchmark uses (the figure the issue and README quote).
 const MATMUL_SIZE: i32 = 1024;

@@ -42,6 +42,7 @@ fn offline() -> bool {
 /// One repository, read through the cache and, when online, the Hub.
 pub struct HubRepo {
     spec: String,
+    repo: Repo,
     cache_path: PathBuf,
     cached: CacheRepo,
     /// `None` when offline.
@@ -72,7 +73,8 @@ impl HubRepo {
         Ok(Self {
             spec: spec.to_owned(),
             cache_path: cache.path().clone(),
-            cached: cache.repo(repo),
+            cached: cache.repo(repo.clone()),
+            repo,
             remote,
         })
     }
@@ -94,6 +96,32 @@ impl HubRepo {
                 ))
             }),
         }
+    }
+
+    /// The paths of every file in the repository at its revision: the Hub's
+    /// listing when online, the cached snapshot's files when offline.
+    pub fn files(&self) -> Result<Vec<String>, HubError> {
+        let err = |message: String| HubError {
+            spec: self.spec.clone(),
+            message,
+        };
+        if let Some(remote) = &self.remote {
+            let info = remote.info().map_err(|e| err(format!("cannot list the repository: {e} (set HF_HUB_OFFLINE=1 to use only the cache)")))?;
+            return Ok(info.siblings.into_iter().map(|s| s.rfilename).collect());
+        }
+        let folder = self.cache_path.join(self.repo.folder_name());
+        let missing = || {
+            err(format!(
+                "not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set; download it once online (unset HF_HUB_OFFLINE) or pass a local path",
+                self.cache_path.display()
+            ))
+        };
+        let commit = std::fs::read_to_string(folder.join("refs").join(self.repo.revision())).map_err(|_| missing())?;
+        let snapshot = folder.join("snapshots").join(commit.trim());
+        if !snapshot.is_dir() {
+            return Err(missing());
+        }
+        Ok(crate::data::layout::list_files(&snapshot))
     }
 
     /// Like `get`, for files a repository may not have.

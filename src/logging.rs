@@ -33,8 +33,10 @@ pub fn init(verbosity: i16, format: LogFormat) -> anyhow::Result<()> {
         _ if verbosity == 0 => EnvFilter::new("info,libp2p_swarm=warn"),
         _ => EnvFilter::new(level_for(verbosity)),
     };
+    // Colors for a terminal only: a log file or a pipe gets plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let installed = match format {
         LogFormat::Text => builder.try_init(),

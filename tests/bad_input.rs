@@ -5,7 +5,7 @@ mod common;
 
 use std::path::Path;
 
-use blossom_p2p::p2p::codec::{TensorBytes, TensorDtype, encode_adapter};
+use blossom_p2p::wire::codec::{TensorBytes, TensorDtype, encode_adapter};
 
 struct Case {
     name: &'static str,

@@ -10,7 +10,7 @@ mod common;
 
 use std::path::Path;
 
-use blossom_p2p::p2p::codec::Digest;
+use blossom_p2p::wire::codec::Digest;
 use common::Node;
 
 const ROUNDS: &str = "4";

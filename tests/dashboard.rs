@@ -1,7 +1,10 @@
 //! The live dashboard in a real browser: a 3-node `simulate --dashboard`
 //! run of the tiny model, its page loaded by headless Chromium (Debian's
-//! `chromium`; skipped, saying so, when it is missing). The chart and the
-//! peer table must fill in; a screenshot is kept as a test artifact.
+//! `chromium`; skipped, saying so, when it is missing, except in CI). The
+//! chart and the peer table must fill in; a screenshot is kept as a test
+//! artifact. The page renders asynchronously (its script fetches
+//! /api/status and listens to /api/events), so the test loads it again until
+//! the rendered state is there, a bounded number of times.
 
 mod common;
 
@@ -22,10 +25,19 @@ fn chromium(args: &[&str], profile: &Path) -> std::process::Output {
         .expect("run chromium")
 }
 
+/// The page's script has run: mode, chart and all three peer rows are there.
+fn rendered(dom: &str) -> bool {
+    dom.contains("<span id=\"mode\">simulation</span>")
+        && dom.contains("<path class=\"train\"")
+        && dom.contains("<circle class=\"eval\"")
+        && dom.matches("<td>node ").count() == 3
+        && !dom.contains("data-updates=\"0\"")
+}
+
 #[test]
 fn the_dashboard_fills_in_during_a_simulation() {
     if Command::new("chromium").arg("--version").output().is_err() {
-        eprintln!("skipped: no chromium (bash scripts/setup.sh --tests installs it)");
+        common::skip_unless_ci("no chromium");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -38,8 +50,16 @@ fn the_dashboard_fills_in_during_a_simulation() {
     // Round 1 closed (table row "    1     3 ..."): there is something to draw.
     sim.wait_for("    1     3 ");
 
-    let dom = chromium(&["--dump-dom", &url], &dir.path().join("profile-dom"));
-    let dom = String::from_utf8_lossy(&dom.stdout);
+    // `--dump-dom` may return before the script has filled the page in:
+    // load it again (each load is a fresh process) until it has, 20 times at most.
+    let mut dom = String::new();
+    for attempt in 0..20 {
+        let output = chromium(&["--dump-dom", &url], &dir.path().join(format!("profile-dom-{attempt}")));
+        dom = String::from_utf8_lossy(&output.stdout).into_owned();
+        if rendered(&dom) {
+            break;
+        }
+    }
     // Rendered by the page's script from /api/status and /api/events.
     assert!(dom.contains("<span id=\"mode\">simulation</span>"), "{dom}");
     assert!(dom.contains("<path class=\"train\"") && dom.contains("<circle class=\"eval\""), "the chart is drawn: {dom}");

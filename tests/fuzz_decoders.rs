@@ -5,8 +5,8 @@
 //! `BLOSSOM_FUZZ_CASES=100000 cargo test --test fuzz_decoders`.
 
 use blossom_p2p::p2p::chunk_protocol::{ChunkCodec, PROTOCOL};
-use blossom_p2p::p2p::codec::{ChunkMessage, Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter, reassemble, split_chunks};
-use blossom_p2p::p2p::manifest::{Manifest, SignedManifest};
+use blossom_p2p::wire::codec::{ChunkMessage, Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter, reassemble, split_chunks};
+use blossom_p2p::wire::manifest::{Manifest, SignedManifest};
 use libp2p::request_response::Codec;
 use libp2p_identity::Keypair;
 use proptest::prelude::*;

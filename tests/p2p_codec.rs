@@ -4,8 +4,8 @@
 
 use std::collections::HashSet;
 
-use blossom_p2p::p2p::codec::{CHUNK_SIZE, CodecError, Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter, reassemble, split_chunks};
-use blossom_p2p::p2p::manifest::{Manifest, ManifestError, SignedManifest};
+use blossom_p2p::wire::codec::{CHUNK_SIZE, CodecError, Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter, reassemble, split_chunks};
+use blossom_p2p::wire::manifest::{Manifest, ManifestError, SignedManifest};
 use blossom_p2p::store::{Store, StoreError};
 use libp2p_identity::Keypair;
 use proptest::prelude::*;

@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
-use blossom_p2p::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
-use blossom_p2p::p2p::manifest::{Manifest, SignedManifest};
+use blossom_p2p::wire::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
+use blossom_p2p::wire::manifest::{Manifest, SignedManifest};
 use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::HashSet;

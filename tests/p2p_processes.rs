@@ -11,7 +11,7 @@ use std::process::Command;
 
 use common::Node;
 
-use blossom_p2p::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter};
+use blossom_p2p::wire::codec::{Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter};
 
 fn write_adapter(path: &Path) -> Vec<TensorBytes> {
     let count = 5 * 1024 * 1024 / 4;

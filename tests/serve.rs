@@ -91,11 +91,13 @@ fn openai_endpoints_answer_and_bad_requests_get_clear_errors() {
     let long = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3000}"#.to_owned();
     let busy_addr = addr.clone();
     let first = std::thread::spawn(move || http(&busy_addr, "POST", "/v1/chat/completions", &long, Some("secret")));
-    // Let the long request reach the model first.
-    std::thread::sleep(Duration::from_millis(500));
+    // Poll until the long request holds the model (then the next one is
+    // refused) or has ended; bounded: 600 tries, 50 ms apart.
     let mut refused = None;
-    // Bounded: 40 tries, 50 ms apart, while the first request runs.
-    for _ in 0..40 {
+    for _ in 0..600 {
+        if first.is_finished() {
+            break;
+        }
         let (status, body) = http(&addr, "POST", "/v1/completions", r#"{"prompt":"a","max_tokens":1}"#, key);
         if status == 429 {
             refused = Some(body);
@@ -117,16 +119,11 @@ fn a_public_address_needs_allow_remote() {
     assert!(stderr.contains("--allow-remote"), "{stderr}");
 }
 
-/// The Python packages `scripts/setup.sh` installs.
-fn python_path() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/python").display().to_string()
-}
-
 #[test]
 fn the_openai_client_chats_and_follows_a_live_data_dir() {
-    let has_openai = Command::new("python3").args(["-c", "import openai"]).env("PYTHONPATH", python_path()).status().is_ok_and(|s| s.success());
+    let has_openai = Command::new("python3").args(["-c", "import openai"]).env("PYTHONPATH", common::python_path()).status().is_ok_and(|s| s.success());
     if !has_openai {
-        eprintln!("skipped: the openai Python package is missing (bash scripts/setup.sh installs it into .deps/python)");
+        common::skip_unless_ci("the openai Python package is missing from .deps/python");
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -149,7 +146,7 @@ fn the_openai_client_chats_and_follows_a_live_data_dir() {
     let output = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client_check.py"))
         .args([&format!("http://{addr}/v1"), data_dir.to_str().unwrap(), dir.path().join("trained/next").to_str().unwrap()])
-        .env("PYTHONPATH", python_path())
+        .env("PYTHONPATH", common::python_path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);

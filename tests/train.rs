@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use blossom_p2p::config::{Config, FineTuneType};
-use blossom_p2p::data::jsonl::load_folder;
+use blossom_p2p::data::layout::load_folder;
 use blossom_p2p::data::{Dataset, load_dataset};
 use blossom_p2p::model::{LoadOptions, QuantMode, load_model};
 use blossom_p2p::train::batch::encode;
@@ -364,4 +364,67 @@ fn qlora_and_every_optimizer_train() {
         let after = trainer.evaluate(&data.valid[..8]).unwrap().loss;
         assert!(after < before - 0.2, "{optimizer:?}: {before} -> {after}");
     }
+}
+
+fn parquet_fixture(name: &str) -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parquet").join(name)
+}
+
+#[test]
+fn parquet_rows_read_as_their_jsonl_twins() {
+    // Written by pyarrow (scripts/make_parquet_fixtures.py): two snappy
+    // shards and a `validation` split, as `datasets.push_to_hub` lays them out.
+    let parquet = load_folder(&parquet_fixture("words"), None).unwrap();
+    let jsonl = load_folder(&parquet_fixture("words.jsonl"), None).unwrap();
+    assert_eq!((parquet.train.len(), parquet.valid.len(), parquet.test.len()), (20, 4, 0));
+    assert_eq!(parquet.train, jsonl.train, "same rows, same indices, across both shards");
+    assert_eq!(parquet.valid, jsonl.valid);
+    assert_eq!(parquet.valid[0].index, 20);
+    assert_eq!(parquet.fingerprint, jsonl.fingerprint, "the format does not change the fingerprint");
+    // The Hub conversion's layout, `messages` as a list of structs, gzip.
+    let chat = load_folder(&parquet_fixture("chat"), None).unwrap();
+    assert_eq!((chat.train.len() + chat.valid.len(), chat.test.len()), (8, 2));
+    assert_eq!(chat.test[1].index, 9);
+    match &chat.test[0].sample {
+        blossom_p2p::data::Sample::Messages { messages } => {
+            assert_eq!(messages.len(), 2);
+            assert_eq!(messages[1].role, "assistant");
+            assert!(messages[0].content.starts_with("Reverse the order of these words: "), "{messages:?}");
+        }
+        other => panic!("expected messages, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_parquet_files_are_clear_errors() {
+    let e = load_folder(&parquet_fixture("bad"), None).unwrap_err().to_string();
+    assert!(e.contains("bad/train.parquet:2") && e.contains("`text` must be a string"), "{e}");
+    let dir = tempfile::tempdir().unwrap();
+    let good = std::fs::read(parquet_fixture("words/data/train-00000-of-00002.parquet")).unwrap();
+    for (what, bytes) in [("truncated", &good[..good.len() / 2]), ("garbage", &b"PAR1 not a parquet file PAR1"[..]), ("empty", &[][..])] {
+        std::fs::write(dir.path().join("train.parquet"), bytes).unwrap();
+        let e = load_folder(dir.path(), None).unwrap_err().to_string();
+        assert!(e.contains("train.parquet") && e.contains("Parquet"), "{what}: {e}");
+    }
+    std::fs::remove_file(dir.path().join("train.parquet")).unwrap();
+    std::fs::write(dir.path().join("notes.parquet"), &good).unwrap();
+    let e = load_folder(dir.path(), None).unwrap_err().to_string();
+    assert!(e.contains("no training split") && e.contains("train.parquet"), "{e}");
+}
+
+#[test]
+fn a_parquet_hub_data_set_trains_from_the_cache_offline() {
+    let (cache, snapshot) = common::fake_hub_cache("datasets", "blossom-test", "words-parquet");
+    std::fs::create_dir_all(snapshot.join("data")).unwrap();
+    for file in ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet", "validation-00000-of-00001.parquet"] {
+        std::fs::copy(parquet_fixture("words/data").join(file), snapshot.join("data").join(file)).unwrap();
+    }
+    let adapter = cache.path().join("adapter");
+    let args = ["--set", "lora.num_layers=2", "train", "--model", "tiny", "--data", "hf:blossom-test/words-parquet", "--iters", "4"];
+    let output = common::run_offline(cache.path(), &[&args[..], &["--steps-per-eval", "4", "--val-rows", "4", "--exact-match-rows", "0", "--adapter-path", adapter.to_str().unwrap()]].concat());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("train_rows=20"), "trained on the 20 rows of both shards: {stderr}");
+    assert!(String::from_utf8_lossy(&output.stdout).contains("step 4: train loss"), "{}", String::from_utf8_lossy(&output.stdout));
+    assert!(adapter.join("adapters.safetensors").is_file());
 }

@@ -17,7 +17,8 @@ use futures::{AsyncRead, AsyncWrite, Future};
 use tokio::sync::mpsc;
 use tokio::time::{Instant, Sleep};
 
-use crate::SplitMix64;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
 
 /// The bytes a segment carries on a typical Ethernet path.
 const SEGMENT: usize = 1460;
@@ -61,7 +62,7 @@ pub(crate) struct Counters {
 /// The sending side's shaping state.
 struct Shaper {
     params: LinkParams,
-    rng: SplitMix64,
+    rng: ChaCha8Rng,
     /// When the link finishes serializing what was written so far.
     free_at: Instant,
     /// Delivery time of the last write; later writes never overtake it.
@@ -77,7 +78,7 @@ impl Shaper {
         let mut at = self.free_at + self.params.latency;
         if self.params.loss > 0.0 {
             let segments = len.div_ceil(SEGMENT);
-            let lost = (0..segments).filter(|_| self.rng.next_f64() < self.params.loss).count().min(3);
+            let lost = (0..segments).filter(|_| unit_interval(self.rng.next_u64()) < self.params.loss).count().min(3);
             at += self.params.retransmission_timeout() * lost as u32;
         }
         at = at.max(self.last_delivery);
@@ -117,7 +118,7 @@ impl SimStream {
             waiting: None,
             shaper: Shaper {
                 params,
-                rng: SplitMix64::new(seed),
+                rng: ChaCha8Rng::seed_from_u64(seed),
                 free_at: now,
                 last_delivery: now,
             },
@@ -126,6 +127,11 @@ impl SimStream {
             remote,
         }
     }
+}
+
+/// A draw uniform in [0, 1), from the 53 high bits.
+fn unit_interval(bits: u64) -> f64 {
+    (bits >> 11) as f64 / (1u64 << 53) as f64
 }
 
 fn reset() -> io::Error {

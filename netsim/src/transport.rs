@@ -12,7 +12,8 @@ use libp2p::core::transport::{DialOpts, ListenerId, Transport, TransportError, T
 use libp2p::multiaddr::{Multiaddr, Protocol};
 use tokio::sync::mpsc;
 
-use crate::SplitMix64;
+use rand_chacha::ChaCha8Rng;
+use rand_chacha::rand_core::{RngCore, SeedableRng};
 use crate::link::{Counters, LinkParams, Message, SimStream};
 
 /// Bytes one node's links have carried so far.
@@ -45,7 +46,7 @@ type Incoming = (SimStream, u64);
 
 struct Hub {
     params: LinkParams,
-    rng: SplitMix64,
+    rng: ChaCha8Rng,
     listeners: HashMap<u64, mpsc::UnboundedSender<Incoming>>,
     links: Vec<Link>,
     /// Node → group while the network is partitioned.
@@ -105,7 +106,7 @@ impl SimNetwork {
         Self {
             hub: Arc::new(Mutex::new(Hub {
                 params,
-                rng: SplitMix64::new(seed),
+                rng: ChaCha8Rng::seed_from_u64(seed),
                 listeners: HashMap::new(),
                 links: Vec::new(),
                 groups: None,

@@ -4,7 +4,6 @@
 use std::process::ExitCode;
 
 
-use crate::cli::{BenchGenerateArgs, BenchTrainArgs};
 use crate::data::{Row, Sample};
 use crate::train::lora::LoraSettings;
 use crate::train::{LocalTrainer, MlxTrainer, TrainError};
@@ -13,6 +12,71 @@ use crate::model::generate::{GenerationStats, SamplingParams, generate};
 use crate::model::{LoadOptions, LoadedModel, QuantMode, load_model};
 
 use super::model_error_exit;
+use clap::{Args, Subcommand};
+use super::args::{DataArgs, ModelArgs, QuantArgs};
+
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Prompt and generation tokens/s and peak memory: quantized weights, and
+    /// dequantized to float32 (on CPU), in one run.
+    Generate(BenchGenerateArgs),
+    /// Training tokens/s, step time and peak memory (LoRA settings from the config).
+    Train(BenchTrainArgs),
+    /// Time and wire bytes for an adapter to reach every node of a loopback network.
+    Gossip(super::bench_gossip::BenchGossipArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct BenchTrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Tokens a row when generating the rows.
+    #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..=65536))]
+    pub seq_len: u32,
+    /// Timed steps (after two warm-up steps).
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub steps: u64,
+}
+
+#[derive(Debug, Args)]
+pub struct BenchGenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt length in tokens.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=32768))]
+    pub prompt_tokens: u32,
+    /// Tokens to generate.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=32768))]
+    pub max_tokens: u32,
+    /// Timed runs per variant (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=100))]
+    pub repeats: u32,
+}
+
+impl BenchCommand {
+    pub fn apply(&self, config: &mut Config) {
+        match self {
+            BenchCommand::Generate(args) => args.model.apply(config),
+            BenchCommand::Train(args) => {
+                args.model.apply(config);
+                args.data.apply(config);
+            }
+            BenchCommand::Gossip(_) => {}
+        }
+    }
+
+    pub fn run(&self, config: &Config) -> ExitCode {
+        match self {
+            BenchCommand::Generate(args) => bench_generate(config, args),
+            BenchCommand::Train(args) => bench_train(config, args),
+            BenchCommand::Gossip(args) => super::bench_gossip::bench_gossip(args),
+        }
+    }
+}
 
 /// One measured variant of the model.
 struct Figures {
@@ -124,8 +188,8 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     let source = &config.model.source;
     let _ = mlx_rs::memory::clear_cache();
     let _ = mlx_rs::memory::reset_peak_memory();
-    let loaded = load_model(source, &LoadOptions { quant: args.model.quant })?;
-    let rows: Vec<Row> = match &args.data {
+    let loaded = load_model(source, &LoadOptions { quant: args.quant.quant })?;
+    let rows: Vec<Row> = match &args.data.data {
         Some(_) => crate::train::load_data(config)?.train,
         None => {
             // Text rows of about seq_len tokens: repeated prose, truncated by max_seq_length.
@@ -143,7 +207,7 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
         }
     };
     let mut train_config = config.train.clone();
-    if args.data.is_none() {
+    if args.data.data.is_none() {
         train_config.max_seq_length = args.seq_len;
     }
     let settings = LoraSettings::from_config(&config.lora);

@@ -15,10 +15,23 @@ use libp2p::Multiaddr;
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
 
-use crate::cli::BenchGossipArgs;
-use crate::p2p::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
-use crate::p2p::manifest::{Manifest, SignedManifest};
+use crate::wire::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
+use crate::wire::manifest::{Manifest, SignedManifest};
 use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct BenchGossipArgs {
+    /// Nodes in the network.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(2..=128))]
+    pub nodes: u32,
+    /// Adapter size in megabytes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub megabytes: u32,
+    /// Gossipsub mesh degrees D to compare (comma-separated).
+    #[arg(long, value_delimiter = ',', default_values_t = vec![3, 6, 8], value_parser = clap::value_parser!(u32).range(1..=64))]
+    pub mesh: Vec<u32>,
+}
 
 /// Bounded waits: the whole benchmark cannot hang.
 const SETTLE: Duration = Duration::from_secs(4);

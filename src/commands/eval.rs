@@ -3,12 +3,37 @@
 
 use std::process::ExitCode;
 
-use crate::cli::EvalArgs;
 use crate::config::Config;
 use crate::model::{LoadOptions, load_model};
 use crate::train::lora::LoraSettings;
 use crate::train::metrics::exact_match_rate;
 use crate::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
+use clap::Args;
+use std::path::PathBuf;
+use super::args::{DataArgs, ModelArgs, QuantArgs};
+
+#[derive(Debug, Args)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// An mlx-lm adapter directory to evaluate (default: the base model alone).
+    #[arg(long, value_name = "DIR")]
+    pub adapter_path: Option<PathBuf>,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Rows of the test split to use (0 = all).
+    #[arg(long, default_value_t = 0)]
+    pub rows: u64,
+}
+
+impl EvalArgs {
+    pub fn apply(&self, config: &mut Config) {
+        self.model.apply(config);
+        self.data.apply(config);
+    }
+}
 
 pub fn run(config: &Config, args: &EvalArgs) -> ExitCode {
     match evaluate(config, args) {
@@ -19,7 +44,7 @@ pub fn run(config: &Config, args: &EvalArgs) -> ExitCode {
 
 fn evaluate(config: &Config, args: &EvalArgs) -> Result<(), TrainError> {
     let dataset = crate::train::load_data(config)?;
-    let loaded = load_model(&config.model.source, &LoadOptions { quant: args.model.quant })?;
+    let loaded = load_model(&config.model.source, &LoadOptions { quant: args.quant.quant })?;
     let adapter = match &args.adapter_path {
         Some(dir) => Some(adapters::load(dir, &loaded.decoder)?),
         None => None,

@@ -3,7 +3,6 @@
 
 use std::process::ExitCode;
 
-use crate::cli::{ExportArgs, ExportFormat};
 use crate::config::Config;
 use crate::model::export::export_mlx_lm;
 use crate::model::gguf_write::export_gguf;
@@ -12,6 +11,39 @@ use crate::train::adapters;
 use crate::train::lora::fuse;
 
 use super::model_error_exit;
+use clap::Args;
+use std::path::PathBuf;
+use super::args::ModelArgs;
+
+#[derive(Debug, Args)]
+pub struct ExportArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// An mlx-lm adapter directory to export with the model (into OUT/adapters), or to fuse.
+    #[arg(long, visible_alias = "adapter-path", value_name = "DIR")]
+    pub adapter: Option<String>,
+    /// Write float32 weights instead of keeping quantized ones (mlx format).
+    #[arg(long)]
+    pub dequantize: bool,
+    /// Output: a directory (mlx: an mlx-lm model folder) or a file (gguf).
+    #[arg(long, visible_alias = "output", value_name = "PATH")]
+    pub out: PathBuf,
+    /// Fuse the adapter into the base weights and write a whole model.
+    #[arg(long, requires = "adapter")]
+    pub fuse: bool,
+    /// `mlx`: an mlx-lm model folder; `gguf`: one GGUF file for llama.cpp, Ollama, LM Studio.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Mlx)]
+    pub format: ExportFormat,
+    /// GGUF weight format.
+    #[arg(long, value_enum, default_value_t = crate::model::gguf_write::GgufQuant::Q8_0)]
+    pub quant: crate::model::gguf_write::GgufQuant,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    Mlx,
+    Gguf,
+}
 
 pub fn run(config: &Config, args: &ExportArgs) -> ExitCode {
     let source = &config.model.source;

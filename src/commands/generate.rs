@@ -3,7 +3,6 @@
 use std::io::Write;
 use std::process::ExitCode;
 
-use crate::cli::GenerateArgs;
 use crate::config::Config;
 use crate::model::chat::ChatMessage;
 use crate::model::generate::{SamplingParams, generate};
@@ -13,10 +12,44 @@ use crate::train::adapters;
 use crate::train::lora::LoraApplier;
 
 use super::model_error_exit;
+use clap::Args;
+use std::path::PathBuf;
+use super::args::{ModelArgs, QuantArgs};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// The prompt; the chat template is applied unless --raw is given.
+    #[arg(long)]
+    pub prompt: String,
+    /// A system message for the chat template.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Feed the prompt to the model as it is, without the chat template.
+    #[arg(long)]
+    pub raw: bool,
+    /// An mlx-lm adapter directory to apply.
+    #[arg(long, value_name = "DIR")]
+    pub adapter_path: Option<PathBuf>,
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub max_tokens: u32,
+    /// Sampling temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Nucleus sampling threshold in (0, 1]; 1 keeps every token.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Seed of the sampler.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
 
 pub fn run(config: &Config, args: &GenerateArgs) -> ExitCode {
     let source = &config.model.source;
-    let loaded = match load_model(source, &LoadOptions { quant: args.model.quant }) {
+    let loaded = match load_model(source, &LoadOptions { quant: args.quant.quant }) {
         Ok(loaded) => loaded,
         Err(err) => return model_error_exit(&format!("cannot load model {source}"), &err),
     };

@@ -15,11 +15,141 @@ use libp2p::{Multiaddr, PeerId};
 use libp2p::pnet::PreSharedKey;
 use libp2p_identity::Keypair;
 
-use crate::cli::{NetworkArgs, RelayArgs, StartArgs};
 use crate::config::Config;
-use crate::p2p::codec::{Digest, Limits, decode_adapter, encode_adapter};
-use crate::p2p::manifest::{Manifest, SignedManifest};
+use crate::wire::codec::{Digest, Limits, decode_adapter, encode_adapter};
+use crate::wire::manifest::{Manifest, SignedManifest};
 use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
+use clap::Args;
+use crate::config::{ConfigError, Origin, Partitioning};
+#[cfg(feature = "train")]
+use super::args::{DataArgs, ModelArgs, QuantArgs};
+
+#[derive(Debug, Args)]
+pub struct NetworkArgs {
+    /// Multiaddr to listen on (repeatable); replaces network.listen.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub listen: Vec<String>,
+    /// Directory for the identity key, chunk store and checkpoints.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Pre-shared key file of a private network.
+    #[arg(long, value_name = "FILE")]
+    pub psk: Option<PathBuf>,
+    /// Only these peer ids (one per line, `#` comments) may connect; others
+    /// are refused and their manifests ignored.
+    #[arg(long, value_name = "FILE")]
+    pub allow_peers: Option<PathBuf>,
+    /// An address others can reach this node at (repeatable), e.g. a public IP or port forward.
+    #[arg(long, value_name = "MULTIADDR")]
+    pub external_address: Vec<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct StartArgs {
+    /// Multiaddr of a peer or relay to join through (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    pub bootstrap: Vec<String>,
+    /// Serve Prometheus metrics at http://ADDR/metrics (a loopback address,
+    /// e.g. 127.0.0.1:9090; port 0 picks one).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<std::net::SocketAddr>,
+    /// Serve the live web dashboard at http://ADDR/ (a loopback address, e.g. 127.0.0.1:8090).
+    #[arg(long, value_name = "ADDR")]
+    pub dashboard: Option<std::net::SocketAddr>,
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    #[cfg(feature = "train")]
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[cfg(feature = "train")]
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    #[cfg(feature = "train")]
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Do not look for peers on the LAN by mDNS.
+    #[arg(long)]
+    pub no_mdns: bool,
+    /// Static partitioning: train on partition K of --num-partitions (as the old IID partitioner).
+    #[arg(long, value_name = "K", requires = "num_partitions")]
+    pub partition_id: Option<u32>,
+    /// Static partitioning: the number of partitions.
+    #[arg(long, value_name = "N", requires = "partition_id", value_parser = clap::value_parser!(u32).range(1..))]
+    pub num_partitions: Option<u32>,
+    /// The run to join, as 64 hex digits (default: derived from the configuration).
+    #[arg(long, value_name = "HEX")]
+    pub run_id: Option<String>,
+    /// Publish this adapter (safetensors, e.g. adapters.safetensors) once peers are there.
+    #[arg(long, value_name = "FILE")]
+    pub publish: Option<PathBuf>,
+    /// Write every adapter received and verified into this folder, as <hash>.safetensors.
+    #[arg(long, value_name = "DIR")]
+    pub receive_dir: Option<PathBuf>,
+    /// Ask connected peers for the newest adapter of the run on start (late joiners).
+    #[arg(long)]
+    pub catch_up: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    #[command(flatten)]
+    pub network: NetworkArgs,
+    /// Also keep and serve the newest adapters of these runs to late joiners
+    /// (repeatable; 64 hex digits each, as `start` prints them).
+    #[arg(long = "seed-run", value_name = "RUN_ID")]
+    pub seed_runs: Vec<String>,
+}
+
+impl NetworkArgs {
+    pub fn apply(&self, config: &mut Config) {
+        if !self.listen.is_empty() {
+            config.network.listen = self.listen.clone();
+        }
+        if let Some(dir) = &self.data_dir {
+            config.network.data_dir = dir.clone();
+        }
+        if let Some(file) = &self.allow_peers {
+            config.network.allow_peers_file = Some(file.clone());
+        }
+        if let Some(psk) = &self.psk {
+            config.network.psk_file = Some(psk.clone());
+        }
+    }
+}
+
+impl StartArgs {
+    /// Flags that contradict each other, found before anything loads.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        if let (Some(id), Some(count)) = (self.partition_id, self.num_partitions)
+            && id >= count
+        {
+            return Err(ConfigError::Invalid {
+                origin: Origin::Flags("start".to_owned()),
+                key: "--partition-id".to_owned(),
+                message: format!("must be below --num-partitions ({count}), got {id}"),
+            });
+        }
+        Ok(())
+    }
+
+    pub fn apply(&self, config: &mut Config) {
+        self.network.apply(config);
+        #[cfg(feature = "train")]
+        {
+            self.model.apply(config);
+            self.data.apply(config);
+        }
+        if !self.bootstrap.is_empty() {
+            config.network.bootstrap = self.bootstrap.clone();
+        }
+        if self.no_mdns {
+            config.network.mdns = false;
+        }
+        if self.partition_id.is_some() {
+            config.federation.partitioning = Partitioning::Static;
+        }
+    }
+}
 
 const IDENTITY_FILE: &str = "identity.key";
 
@@ -162,13 +292,28 @@ pub fn start(config: &Config, args: &StartArgs) -> ExitCode {
         if exchange_only {
             rt.block_on(run_exchange(config, args))
         } else {
-            rt.block_on(super::start::run(config, args))
+            rt.block_on(train(config, args))
         }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => exit(err),
     }
+}
+
+#[cfg(feature = "train")]
+async fn train(config: &Config, args: &StartArgs) -> Result<(), NodeError> {
+    super::start::run(config, args).await
+}
+
+/// A relay build has no trainer: `start` only exchanges adapter files.
+#[cfg(not(feature = "train"))]
+async fn train(_config: &Config, _args: &StartArgs) -> Result<(), NodeError> {
+    Err(NodeError::Input(
+        "this binary was built without the `train` feature (a relay build): `start` can only exchange adapters \
+         (--publish FILE or --receive-dir DIR); build with default features to train"
+            .to_owned(),
+    ))
 }
 
 pub fn relay(config: &Config, args: &RelayArgs) -> ExitCode {

@@ -3,10 +3,38 @@
 
 use std::process::ExitCode;
 
-use crate::cli::ServeArgs;
 use crate::config::Config;
 use crate::serve::worker::ModelWorker;
 use crate::serve::{AppState, follow, serve};
+use clap::Args;
+use std::path::PathBuf;
+use super::args::{ModelArgs, QuantArgs};
+
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    /// An mlx-lm adapter directory to apply.
+    #[arg(long, value_name = "DIR", conflicts_with = "follow")]
+    pub adapter_path: Option<PathBuf>,
+    /// A training node's data directory: serve each round's average as soon as it is saved.
+    #[arg(long, value_name = "DATA_DIR")]
+    pub follow: Option<PathBuf>,
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub listen: std::net::SocketAddr,
+    /// Allow a --listen address other than loopback (other machines can reach the server; set --api-key).
+    #[arg(long)]
+    pub allow_remote: bool,
+    /// Require `Authorization: Bearer KEY` on every request.
+    #[arg(long, env = "BLOSSOM_API_KEY", value_name = "KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Requests that may wait while one is generated; more get 429.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub queue: u32,
+}
 
 pub fn run(config: &Config, args: &ServeArgs) -> ExitCode {
     if !args.listen.ip().is_loopback() && !args.allow_remote {
@@ -23,7 +51,7 @@ pub fn run(config: &Config, args: &ServeArgs) -> ExitCode {
         return ExitCode::from(2);
     }
     let source = config.model.source.clone();
-    let worker = match ModelWorker::spawn(source.clone(), args.model.quant, args.adapter_path.clone(), args.queue as usize) {
+    let worker = match ModelWorker::spawn(source.clone(), args.quant.quant, args.adapter_path.clone(), args.queue as usize) {
         Ok(worker) => worker,
         Err(e) => {
             eprintln!("error: {e}");

@@ -13,16 +13,15 @@ use serde_json::json;
 use tokio::sync::mpsc;
 
 use super::node::{NodeError, load_or_create_identity, network_options, with_peer_id};
-use crate::cli::StartArgs;
+use super::node::StartArgs;
 use crate::config::{Config, Partitioning};
-use crate::model::QuantMode;
 use crate::node::checkpoint::CheckpointFile;
 use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::prometheus;
 use crate::node::status::{NodeStatus, rejection_kind};
 use crate::dashboard::{Dashboard, PeerRow, RoundPoint, update_if};
-use crate::p2p::codec::Limits;
+use crate::wire::codec::Limits;
 use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 
 /// Held-out rows each average is evaluated on.
@@ -66,7 +65,7 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
         eval_rows: EVAL_ROWS,
         exact_match_rows: 0,
     };
-    let prepared = compute::spawn_for_config(config, QuantMode::Auto, settings, rounds * local_steps).map_err(NodeError::Input)?;
+    let prepared = compute::spawn_for_config(config, args.quant.quant, settings, rounds * local_steps).map_err(NodeError::Input)?;
     let result = run_node(config, args, keypair, options, &prepared).await;
     // MLX must let go of everything before the process exits.
     tokio::task::block_in_place(|| prepared.client.shutdown());
@@ -86,7 +85,13 @@ async fn run_node(
         Some(hex) => super::node::run_id(config, Some(hex))?,
         None => crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config),
     };
-    println!("run id: {run_id}");
+    println!(
+        "run id: {run_id} (model {}, data {}, {} rows to share; {} rounds of {local_steps} steps)",
+        config.model.source,
+        config.data.dataset,
+        prepared.train_rows.len(),
+        rounds
+    );
     let (handle, mut events) = spawn(keypair.clone(), options).map_err(|e| NodeError::Run(e.to_string()))?;
     if !config.network.bootstrap.is_empty() {
         reach_bootstrap(&mut events, &handle, &config.network.bootstrap).await?;

@@ -4,10 +4,32 @@
 
 use std::process::ExitCode;
 
-use crate::cli::StatusArgs;
 use crate::config::Config;
 use crate::dashboard::fetch_status;
 use crate::node::status::{NodeStatus, rejection_detail};
+use clap::Args;
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// The node's data directory (default: network.data_dir).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Read a running node's or simulation's dashboard instead (its /api/status), e.g. http://127.0.0.1:8090.
+    #[arg(long, value_name = "URL", conflicts_with = "data_dir")]
+    pub dashboard: Option<String>,
+    /// Print the status as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl StatusArgs {
+    pub fn apply(&self, config: &mut Config) {
+        if let Some(dir) = &self.data_dir {
+            config.network.data_dir = dir.clone();
+        }
+    }
+}
 
 /// Prints what a dashboard's `/api/status` says.
 fn from_dashboard(url: &str, json: bool) -> ExitCode {

@@ -9,13 +9,53 @@ use std::process::ExitCode;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
-use crate::cli::TrainArgs;
 use crate::config::Config;
 use crate::model::{LoadOptions, load_model};
 use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::lora::LoraSettings;
 use crate::train::metrics::exact_match_rate;
 use crate::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
+use clap::Args;
+use std::path::PathBuf;
+use super::args::{DataArgs, ModelArgs, QuantArgs};
+
+#[derive(Debug, Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    /// Where to write adapters.safetensors, adapter_config.json, checkpoints and metrics.jsonl.
+    #[arg(long, value_name = "DIR", default_value = "adapters")]
+    pub adapter_path: PathBuf,
+    /// Number of optimizer steps.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    pub iters: u64,
+    /// Evaluate on the validation rows every N steps.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub steps_per_eval: u64,
+    /// Validation rows used for each evaluation.
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u64).range(1..))]
+    pub val_rows: u64,
+    /// Write a resumable checkpoint every N steps.
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..))]
+    pub save_every: u64,
+    /// Continue from the checkpoint in --adapter-path, if there is one.
+    #[arg(long)]
+    pub resume: bool,
+    /// Held-out rows for the exact-match check before and after training (built-in task; 0 skips it).
+    #[arg(long, default_value_t = 50)]
+    pub exact_match_rows: u64,
+}
+
+impl TrainArgs {
+    pub fn apply(&self, config: &mut Config) {
+        self.model.apply(config);
+        self.data.apply(config);
+    }
+}
 
 /// Bad input (settings, data, files) is exit code 2; a failure while running is 1.
 pub(crate) fn train_error_exit(context: &str, err: &TrainError) -> ExitCode {
@@ -35,7 +75,7 @@ pub fn run(config: &Config, args: &TrainArgs) -> ExitCode {
 
 fn train(config: &Config, args: &TrainArgs) -> Result<(), TrainError> {
     let dataset = crate::train::load_data(config)?;
-    let loaded = load_model(&config.model.source, &LoadOptions { quant: args.model.quant })?;
+    let loaded = load_model(&config.model.source, &LoadOptions { quant: args.quant.quant })?;
     tracing::info!(
         model = %config.model.source,
         data = %dataset.name,

@@ -7,7 +7,7 @@
 use std::collections::HashSet;
 
 use super::{DataError, Dataset, Row, Sample};
-use crate::model::generate::SplitMix64;
+use crate::rng::SeededRng;
 
 pub const TRAIN_ROWS: usize = 2000;
 pub const VALID_ROWS: usize = 100;
@@ -33,11 +33,11 @@ pub fn example(words: &[&str]) -> (String, String) {
     (prompt, answer)
 }
 
-fn draw(rng: &mut SplitMix64) -> (String, String) {
-    let count = 3 + (rng.next_u64() % 3) as usize;
+fn draw(rng: &mut SeededRng) -> (String, String) {
+    let count = 3 + rng.below(3) as usize;
     let mut words: Vec<&str> = Vec::with_capacity(count);
     while words.len() < count {
-        let word = WORDS[(rng.next_u64() % WORDS.len() as u64) as usize];
+        let word = WORDS[rng.below(WORDS.len() as u64) as usize];
         if !words.contains(&word) {
             words.push(word);
         }
@@ -53,7 +53,7 @@ pub fn exact_match(generated: &str, expected: &str) -> bool {
 }
 
 pub fn dataset(seed: u64) -> Result<Dataset, DataError> {
-    let mut rng = SplitMix64::new(seed ^ 0xB105_5011);
+    let mut rng = SeededRng::new(seed ^ 0xB105_5011);
     let mut seen = HashSet::new();
     let mut rows = Vec::with_capacity(TRAIN_ROWS + VALID_ROWS + TEST_ROWS);
     // Bounded: the space of 3-5 distinct words from 100 is far larger than

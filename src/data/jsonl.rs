@@ -1,11 +1,11 @@
-//! mlx-lm's data folders: `train.jsonl`, `valid.jsonl` and `test.jsonl`, one
-//! JSON object a line. Without `valid.jsonl`, the last tenth of `train.jsonl`
-//! is held out, so every node splits the same way.
+//! mlx-lm's jsonl files (`train.jsonl`, `valid.jsonl`, `test.jsonl`): one
+//! JSON object a line, in one of mlx-lm's row formats. `layout` finds the
+//! files; this reads them.
 
 use std::path::Path;
 
 use super::template::PromptTemplate;
-use super::{DataError, Dataset, Row, Sample};
+use super::{DataError, Row, Sample};
 
 /// Rows of one jsonl file; a bad line is an error naming the file and line.
 pub fn read_rows(path: &Path, first_index: u64, template: Option<&PromptTemplate>) -> Result<Vec<Row>, DataError> {
@@ -24,16 +24,22 @@ pub fn read_rows(path: &Path, first_index: u64, template: Option<&PromptTemplate
             message,
         };
         let value: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-        let sample = match template {
-            Some(template) => template.render_row(&value).map_err(bad)?,
-            None => parse_sample(value).map_err(bad)?,
-        };
+        let sample = sample_of(value, template).map_err(bad)?;
         rows.push(Row {
             index: first_index + rows.len() as u64,
             sample,
         });
     }
     Ok(rows)
+}
+
+/// A row as a sample: rendered by the prompt template when there is one,
+/// else in one of mlx-lm's formats. Shared with Parquet records.
+pub fn sample_of(value: serde_json::Value, template: Option<&PromptTemplate>) -> Result<Sample, String> {
+    match template {
+        Some(template) => template.render_row(&value),
+        None => parse_sample(value),
+    }
 }
 
 /// One of `{"messages"}`, `{"prompt","completion"}` or `{"text"}`, checked.
@@ -71,29 +77,4 @@ pub fn parse_sample(value: serde_json::Value) -> Result<Sample, String> {
         }
     }
     Ok(sample)
-}
-
-pub fn load_folder(dir: &Path, template: Option<&PromptTemplate>) -> Result<Dataset, DataError> {
-    if !dir.is_dir() {
-        return Err(DataError::Read {
-            path: dir.display().to_string(),
-            message: "not a folder (expected `builtin` or a folder with train.jsonl)".into(),
-        });
-    }
-    let mut train = read_rows(&dir.join("train.jsonl"), 0, template)?;
-    let mut next = train.len() as u64;
-    let optional = |name: &str, first: u64| -> Result<Option<Vec<Row>>, DataError> {
-        let path = dir.join(name);
-        if path.exists() { read_rows(&path, first, template).map(Some) } else { Ok(None) }
-    };
-    let valid = match optional("valid.jsonl", next)? {
-        Some(rows) => rows,
-        None => {
-            let held_out = train.len() / 10;
-            train.split_off(train.len() - held_out)
-        }
-    };
-    next += valid.len() as u64;
-    let test = optional("test.jsonl", next)?.unwrap_or_default();
-    Dataset::new(dir.display().to_string(), train, valid, test)
 }

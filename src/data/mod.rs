@@ -1,9 +1,12 @@
-//! Training data: the mlx-lm jsonl formats, prompt templates, the built-in
+//! Training data: the mlx-lm row formats in jsonl or Parquet files, where a
+//! data set's splits are (`layout`), prompt templates, the built-in
 //! task, and what every node must agree on: a stable index for each row and
 //! a fingerprint of the whole data set. Knows nothing of models or training.
 
 pub mod builtin;
 pub mod jsonl;
+pub mod layout;
+pub mod parquet;
 pub mod template;
 
 use serde::Serialize;
@@ -106,9 +109,10 @@ impl Dataset {
     }
 }
 
-/// Resolves `data.dataset`: `builtin`, a folder of mlx-lm jsonl files, or
-/// `hf:org/name[@revision]` (a Hub data set with those files at its root or
-/// under `data/`). Rows go through `template` when one is given.
+/// Resolves `data.dataset`: `builtin`, a local folder, or
+/// `hf:org/name[@revision]` (a Hub data set), each in one of the layouts
+/// `layout` describes (jsonl or Parquet). Rows go through `template` when
+/// one is given.
 pub fn load_dataset(source: &str, seed: u64, template: Option<&template::PromptTemplate>) -> Result<Dataset, DataError> {
     if source == "builtin" {
         return builtin::dataset(seed);
@@ -119,15 +123,11 @@ pub fn load_dataset(source: &str, seed: u64, template: Option<&template::PromptT
             message: e.message,
         };
         let repo = crate::hub::HubRepo::open(spec, crate::hub::RepoType::Dataset).map_err(hub)?;
-        let prefix = if repo.get_optional("train.jsonl").is_some() { "" } else { "data/" };
-        let train = repo.get(&format!("{prefix}train.jsonl")).map_err(hub)?;
-        for split in ["valid.jsonl", "test.jsonl"] {
-            let _ = repo.get_optional(&format!("{prefix}{split}"));
-        }
-        let folder = train.parent().ok_or_else(|| DataError::Invalid(format!("{source}: no folder")))?;
-        let mut dataset = jsonl::load_folder(folder, template)?;
-        dataset.name = source.to_owned();
-        return Ok(dataset);
+        let layout = layout::Layout::find(&repo.files().map_err(hub)?).map_err(|message| DataError::Read {
+            path: source.to_owned(),
+            message,
+        })?;
+        return layout::load(source, &layout, |file| repo.get(file).map_err(hub), template);
     }
-    jsonl::load_folder(std::path::Path::new(source), template)
+    layout::load_folder(std::path::Path::new(source), template)
 }

@@ -7,7 +7,7 @@ use mlx_rs::Array;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
 use super::args::ModelArgs;
-use super::generate::SplitMix64;
+use crate::rng::SeededRng;
 use super::tokenizer::{GgufVocab, Tokenizer};
 use super::weights::WeightMap;
 use super::ModelError;
@@ -45,7 +45,7 @@ pub fn tiny_args() -> ModelArgs {
 }
 
 /// Uniform(-1/√fan_in, 1/√fan_in) weights from `rng`, as nn.Linear inits.
-fn random_matrix(rng: &mut SplitMix64, rows: i32, cols: i32) -> Array {
+fn random_matrix(rng: &mut SeededRng, rows: i32, cols: i32) -> Array {
     let bound = 1.0 / (cols as f64).sqrt();
     let values: Vec<f32> = (0..rows * cols).map(|_| ((rng.next_f64() * 2.0 - 1.0) * bound) as f32).collect();
     Array::from_slice(&values, &[rows, cols])
@@ -53,7 +53,7 @@ fn random_matrix(rng: &mut SplitMix64, rows: i32, cols: i32) -> Array {
 
 /// Seeded random weights under mlx-lm's names.
 pub fn tiny_weights(args: &ModelArgs, seed: u64) -> WeightMap {
-    let mut rng = SplitMix64::new(seed);
+    let mut rng = SeededRng::new(seed);
     let mut weights = WeightMap::new();
     let (dim, hidden, head_dim) = (args.hidden_size, args.intermediate_size, args.head_dim());
     let ones = |n: i32| Array::from_slice(&vec![1.0f32; n as usize], &[n]);

@@ -15,10 +15,10 @@ use tokio::sync::{mpsc, watch};
 
 use super::checkpoint::{CheckpointError, CheckpointFile};
 use super::partition::{hash_partition, hash_partition_sizes, static_partition};
-use super::wire::{decode_checked, encode};
+use crate::wire::tensors::{decode_checked, encode};
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
-use crate::p2p::codec::{Digest, Limits};
-use crate::p2p::manifest::{Manifest, ManifestKind, SignedManifest};
+use crate::wire::codec::{Digest, Limits};
+use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 use crate::p2p::network::{NetworkError, NetworkEvent, NetworkHandle};
 
 /// What a round of local training produced.

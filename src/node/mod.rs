@@ -2,20 +2,20 @@
 //! "Layers"). `engine` runs rounds through two narrow seams, the
 //! `RoundTrainer` trait and the p2p `NetworkHandle`; `compute` puts an MLX
 //! trainer behind that trait on its own thread; `partition` decides who
-//! trains on which rows; `wire` turns adapters into network bytes and back; `checkpoint` keeps
-//! what a node needs to resume after a crash.
+//! trains on which rows; `checkpoint` keeps what a node needs to resume
+//! after a crash.
 
 pub mod checkpoint;
+#[cfg(feature = "train")]
 pub mod compute;
 pub mod engine;
 pub mod partition;
 pub mod prometheus;
 pub mod status;
-mod wire;
 
 use crate::aggregate::Method;
 use crate::config::{Aggregation, Config};
-use crate::p2p::codec::Digest;
+use crate::wire::codec::Digest;
 
 /// The run id: blake3 of everything nodes must share to average each
 /// other's adapters (DESIGN.md, "Protocol"): the base model's files, the
@@ -36,7 +36,7 @@ pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> 
 
 /// Bytes of an adapter's canonical encoding: what one upload moves.
 pub fn adapter_size(tensors: &crate::aggregate::Tensors) -> Result<usize, String> {
-    wire::encode(tensors).map(|bytes| bytes.len())
+    crate::wire::tensors::encode(tensors).map(|bytes| bytes.len())
 }
 
 pub fn method(config: &Config) -> Method {

@@ -7,7 +7,7 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{PeerId, allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns, ping, relay, request_response};
 
 use super::chunk_protocol::{ChunkCodec, PROTOCOL};
-use super::codec::{CHUNK_SIZE, Digest};
+use crate::wire::codec::{CHUNK_SIZE, Digest};
 
 pub const IDENTIFY_PROTOCOL: &str = "/blossom/id/1";
 

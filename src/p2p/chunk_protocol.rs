@@ -9,8 +9,8 @@ use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 
-use super::codec::{CHUNK_SIZE, Digest};
-use super::manifest::MAX_MANIFEST_BYTES;
+use crate::wire::codec::{CHUNK_SIZE, Digest};
+use crate::wire::manifest::MAX_MANIFEST_BYTES;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/blossom/chunk/1");
 /// Requests are a digest and a tag; responses a chunk and a little framing.

@@ -1,8 +1,7 @@
 //! The network layer: moves opaque, signed, content-addressed data between
-//! peers. It knows nothing of MLX or training (DESIGN.md, "Layers").
+//! peers (the formats are in `wire`, below this layer and the store). It
+//! knows nothing of MLX or training (docs/ARCHITECTURE.md, "Layers").
 
 pub mod behaviour;
 pub mod chunk_protocol;
-pub mod codec;
-pub mod manifest;
 pub mod network;

@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, oneshot};
 
 use super::behaviour::{self, Behaviour, BehaviourEvent};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse, MAX_ROUND_MANIFESTS};
-use super::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks};
-use super::manifest::{Manifest, ManifestKind, SignedManifest};
+use crate::wire::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks};
+use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 use crate::store::Store;
 
 /// How long chunks may trickle in by gossip before missing ones are fetched.

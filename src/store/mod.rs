@@ -8,8 +8,8 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use crate::p2p::codec::{Digest, Limits};
-use crate::p2p::manifest::SignedManifest;
+use crate::wire::codec::{Digest, Limits};
+use crate::wire::manifest::SignedManifest;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {

@@ -15,7 +15,7 @@ use mlx_rs::{Array, Dtype};
 use super::TrainError;
 use crate::config::{FineTuneType, LoraConfig};
 use crate::model::Decoder;
-use crate::model::generate::SplitMix64;
+use crate::rng::SeededRng;
 use crate::model::linear::{Linear, ProjectionAdapter};
 use crate::model::ModelError;
 
@@ -88,7 +88,7 @@ impl LoraSettings {
     /// zero (so training starts at the base model), DoRA's magnitude the
     /// row norms of the base weight.
     pub fn init(&self, decoder: &Decoder, seed: u64) -> Result<AdapterParams, TrainError> {
-        let mut rng = SplitMix64::new(seed ^ 0x10_4A);
+        let mut rng = SeededRng::new(seed ^ 0x10_4A);
         let mut params = AdapterParams::new();
         for linear in self.targets(decoder)? {
             let (out_dim, in_dim) = linear.weight.shape();

@@ -22,7 +22,7 @@ use crate::config::{Config, TrainConfig};
 use crate::data::template::PromptTemplate;
 use crate::data::{Dataset, load_dataset};
 use crate::data::Row;
-use crate::model::generate::SplitMix64;
+use crate::rng::SeededRng;
 use crate::model::{Decoder, ModelError, Tokenizer};
 use batch::{Batch, Encoded, encode, make_batch};
 use lora::{AdapterParams, DropoutState, LoraApplier, LoraSettings};
@@ -160,9 +160,9 @@ impl MlxTrainer {
                 let position = micro * size + j;
                 let epoch = position / n;
                 let mut order: Vec<u64> = (0..n).collect();
-                let mut rng = SplitMix64::new(self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9));
+                let mut rng = SeededRng::new(self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9));
                 for i in (1..order.len()).rev() {
-                    order.swap(i, (rng.next_u64() % (i as u64 + 1)) as usize);
+                    order.swap(i, rng.below(i as u64 + 1) as usize);
                 }
                 &rows[order[(position % n) as usize] as usize]
             })

@@ -37,6 +37,22 @@ pub fn assert_absent_repo_is_a_clear_error(output: &Output) {
     assert!(err.contains("hf:blossom-test/absent") && err.contains("HF_HUB_OFFLINE"), "{err}");
 }
 
+/// A test whose tool (a browser, a Python package) is missing may skip on a
+/// developer's machine, saying so, but never in CI: `.ci/run` sets `CI`, and
+/// there a missing tool fails the test.
+pub fn skip_unless_ci(reason: &str) {
+    if std::env::var_os("CI").is_some() {
+        panic!("{reason}; CI must have it (bash scripts/setup.sh --tests installs it)");
+    }
+    eprintln!("skipped: {reason} (bash scripts/setup.sh --tests installs it)");
+}
+
+/// The folder where `scripts/setup.sh` installs the Python packages the
+/// tests use (openai, gguf, mlx-lm).
+pub fn python_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/python")
+}
+
 /// Runs the binary from the repository root (where `models/` is).
 pub fn blossom(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))

@@ -2,7 +2,7 @@
 //! canonical bytes, with the checks a received adapter must pass.
 
 use crate::aggregate::{Tensor, Tensors};
-use crate::p2p::codec::{Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter};
+use crate::wire::codec::{Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter};
 
 /// The canonical safetensors bytes of an adapter (equal tensors, equal bytes).
 pub fn encode(tensors: &Tensors) -> Result<Vec<u8>, String> {

@@ -5,7 +5,7 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
-use netsim::SplitMix64;
+use crate::rng::SeededRng;
 
 use crate::aggregate::Tensors;
 use crate::node::compute::ComputeClient;
@@ -30,13 +30,13 @@ pub struct SimTrainer {
 }
 
 /// A standard normal draw (Box-Muller).
-fn normal(rng: &mut SplitMix64) -> f64 {
+fn normal(rng: &mut SeededRng) -> f64 {
     let u1 = rng.next_f64().max(f64::MIN_POSITIVE);
     let u2 = rng.next_f64();
     (-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()
 }
 
-pub fn poison(attack: Attack, start: &Tensors, trained: &mut Tensors, rng: &mut SplitMix64) {
+pub fn poison(attack: Attack, start: &Tensors, trained: &mut Tensors, rng: &mut SeededRng) {
     for (name, tensor) in trained.iter_mut() {
         let Some(base) = start.get(name) else { continue };
         for (value, &before) in tensor.values.iter_mut().zip(&base.values) {
@@ -59,7 +59,7 @@ impl RoundTrainer for SimTrainer {
     async fn train(&self, start: Tensors, rows: Vec<u64>, round: u64) -> Result<(Tensors, LocalResult), String> {
         let (mut trained, local) = self.client.train(start.clone(), rows, round).await?;
         if let Some(attack) = self.attack {
-            let mut rng = SplitMix64::new(self.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut rng = SeededRng::new(self.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             poison(attack, &start, &mut trained, &mut rng);
         }
         Ok((trained, local))

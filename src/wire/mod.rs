@@ -1,0 +1,14 @@
+//! The wire format: what a node writes, signs and hashes, below both the
+//! network (`p2p`, which moves these bytes) and the chunk store (`store`,
+//! which keeps them). Nothing here knows MLX, libp2p swarms or files.
+//!
+//! - `codec`: digests, the canonical adapter encoding (safetensors with a
+//!   fixed layout, so equal tensors hash equal everywhere), content-addressed
+//!   chunks and their reassembly, each bounded before it allocates;
+//! - `manifest`: the signed description of one published adapter;
+//! - `tensors`: the averaging layer's float tensors to and from that
+//!   encoding, with the layout checks a received adapter must pass.
+
+pub mod codec;
+pub mod manifest;
+pub mod tensors;
