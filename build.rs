@@ -1,4 +1,4 @@
-//! Link settings for MLX on Linux (docs/MLX_ON_LINUX.md, "The link").
+//! Link settings for MLX on Linux (docs/MLX_ON_LINUX.md).
 //!
 //! mlx-sys builds mlx-c against the prebuilt `libmlx.so` that
 //! `scripts/setup.sh` unpacks into `.deps/mlx-cpu`. This script tells the

@@ -1,5 +1,5 @@
 // Force-included (`-include`) into every C++ file of mlx-c when it is built on
-// Linux against the prebuilt MLX wheel. See ../shared/MLX_ON_LINUX.md, items 3-4.
+// Linux against the prebuilt MLX wheel. See docs/MLX_ON_LINUX.md.
 #pragma once
 #ifdef __cplusplus
 #include <cstdint>

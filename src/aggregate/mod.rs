@@ -1,4 +1,4 @@
-//! Averaging the adapters of a round (DESIGN.md, "Averaging"): pure
+//! Averaging the adapters of a round (docs/PROTOCOL.md, "Averaging"): pure
 //! functions, tensors in, tensors out, nothing of MLX or the network.
 //!
 //! Determinism is the point: nodes that average the same inputs must hold

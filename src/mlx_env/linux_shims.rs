@@ -1,5 +1,5 @@
 //! mlx-rs seeds its random key from `mach_approximate_time`, a macOS symbol
-//! (../shared/MLX_ON_LINUX.md, item 8). On Linux we provide it.
+//! (docs/MLX_ON_LINUX.md). On Linux we provide it.
 
 /// Monotonic nanoseconds, standing in for the macOS tick counter.
 #[unsafe(no_mangle)]

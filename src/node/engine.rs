@@ -1,4 +1,4 @@
-//! The round engine (DESIGN.md, "Rounds"): train → publish → collect →
+//! The round engine (docs/PROTOCOL.md, "A round"): train → publish → collect →
 //! average → next round. It sees the trainer only through [`RoundTrainer`]
 //! and the network only through its handle and events; docs/PROTOCOL.md
 //! explains the choices.

@@ -1,4 +1,4 @@
-//! The node: the round engine joining the trainer and the network (DESIGN.md,
+//! The node: the round engine joining the trainer and the network (docs/ARCHITECTURE.md,
 //! "Layers"). `engine` runs rounds through two narrow seams, the
 //! `RoundTrainer` trait and the p2p `NetworkHandle`; `compute` puts an MLX
 //! trainer behind that trait on its own thread; `partition` decides who
@@ -18,7 +18,7 @@ use crate::config::{Aggregation, Config};
 use crate::wire::codec::Digest;
 
 /// The run id: blake3 of everything nodes must share to average each
-/// other's adapters (DESIGN.md, "Protocol"): the base model's files, the
+/// other's adapters (docs/ARCHITECTURE.md, "Protocol, in short"): the base model's files, the
 /// data set, the LoRA shape, the template, and the round's length and count
 /// (the learning-rate schedule spans the run).
 pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> Digest {

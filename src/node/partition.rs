@@ -1,4 +1,4 @@
-//! Who trains on which rows (DESIGN.md, "Partitions"): pure functions that
+//! Who trains on which rows (docs/PROTOCOL.md, "Partitions"): pure functions that
 //! every node evaluates alike from the same inputs.
 //!
 //! Rows fall into B buckets by hash, bucket(i) = blake3(fingerprint ‖ i) mod B,

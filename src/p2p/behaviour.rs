@@ -28,7 +28,7 @@ pub struct Behaviour {
     pub chunks: request_response::Behaviour<ChunkCodec>,
 }
 
-/// Gossipsub as DESIGN.md asks: message id = blake3 of the data (so
+/// Gossipsub as docs/ARCHITECTURE.md asks: message id = blake3 of the data (so
 /// duplicates collapse), a transmit size above the chunk size, and every
 /// message validated by the application before it is forwarded.
 pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, String> {

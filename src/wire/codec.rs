@@ -10,7 +10,7 @@ use std::fmt;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
-/// Chunks are at most this many bytes (DESIGN.md: ≤ 256 KiB).
+/// Chunks are at most this many bytes (docs/ARCHITECTURE.md: ≤ 256 KiB).
 pub const CHUNK_SIZE: usize = 256 * 1024;
 /// Fixed safetensors metadata: part of the canonical encoding.
 const FORMAT_METADATA: (&str, &str) = ("format", "blossom-adapter-v1");

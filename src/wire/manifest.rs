@@ -1,4 +1,4 @@
-//! Manifests: what a node says about an adapter it published (DESIGN.md,
+//! Manifests: what a node says about an adapter it published (docs/ARCHITECTURE.md,
 //! "Protocol"), versioned bincode 2, signed with the author's libp2p ed25519
 //! identity. A manifest is only believed after `verify`.
 
