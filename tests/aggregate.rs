@@ -98,3 +98,15 @@ fn weights_decide_the_mean() {
     let out = aggregate(Method::FedAvg, vec![light, heavy], None).unwrap();
     assert!((out["x.lora_a"].values[0] - 0.9).abs() < 1e-6);
 }
+
+#[test]
+fn counts_whose_sum_passes_u64_max_do_not_overflow() {
+    // Two counts of u64::MAX - 1: their sum wrapped (release) or panicked
+    // (debug) before; now they weigh equally.
+    for method in [Method::FedAvg, Method::NormClip] {
+        let a = contribution(1, u64::MAX - 1, &[1.0, 1.0], (1, 1, 1));
+        let b = contribution(2, u64::MAX - 1, &[0.0, 0.0], (1, 1, 1));
+        let out = aggregate(method, vec![a, b], Some(&contribution(3, 0, &[0.5, 0.5], (1, 1, 1)).tensors)).unwrap();
+        assert!((out["x.lora_a"].values[0] - 0.5).abs() < 1e-6, "{method:?}: {:?}", out["x.lora_a"].values);
+    }
+}

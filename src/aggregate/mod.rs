@@ -114,8 +114,10 @@ fn prepare(mut inputs: Vec<Contribution>) -> Result<Vec<Contribution>, Aggregate
 }
 
 /// Normalized FedAvg weights: by examples, or equal when no one counted any.
+/// The total is a u128: counts are u64 and there are fewer than 2^64 inputs,
+/// so it cannot overflow whatever the counts are.
 fn weights(inputs: &[Contribution]) -> Vec<f64> {
-    let total: u64 = inputs.iter().map(|c| c.examples).sum();
+    let total: u128 = inputs.iter().map(|c| u128::from(c.examples)).sum();
     if total == 0 {
         return vec![1.0 / inputs.len() as f64; inputs.len()];
     }

@@ -124,6 +124,7 @@ async fn run_node(
         limits: Limits::default(),
         measure_drift: false,
         checkpoint: Some(CheckpointFile::new(&config.network.data_dir.join("checkpoints"), run_id, config.train.seed, local_steps)),
+        examples_per_round: crate::node::examples_per_round(config),
     };
     let metrics_path = config.network.data_dir.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()

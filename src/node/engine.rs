@@ -150,6 +150,11 @@ pub struct EngineSettings {
     pub measure_drift: bool,
     /// Checkpoint after every round, and resume from it at start.
     pub checkpoint: Option<CheckpointFile>,
+    /// The examples an honest node trains on in a round when it has rows
+    /// (`node::examples_per_round`: steps × accumulation × batch; a node
+    /// without rows trains on none). An update's weight is one of these
+    /// two values; a manifest claiming anything else is rejected.
+    pub examples_per_round: u64,
 }
 
 /// A member of a round as this node saw it.
@@ -242,6 +247,11 @@ pub struct Engine<T: RoundTrainer> {
     candidate: Option<Candidate>,
     /// The newest round each peer published an update for: who is active.
     recent_authors: HashMap<PeerId, u64>,
+    /// Connected peers that let a round's deadline pass without their
+    /// update, by that round. They are not waited for again until they
+    /// publish: a silent subscriber costs the run one deadline, not one a
+    /// round.
+    silent: HashMap<PeerId, u64>,
     /// The layout every adapter must have (the node's own initial adapter).
     layout: Tensors,
 }
@@ -265,6 +275,7 @@ impl<T: RoundTrainer> Engine<T> {
             buffered: BTreeMap::new(),
             candidate: None,
             recent_authors: HashMap::new(),
+            silent: HashMap::new(),
             layout: Tensors::new(),
         }
     }
@@ -294,6 +305,10 @@ impl<T: RoundTrainer> Engine<T> {
         if manifest.run_id != self.settings.run_id || author == self.me() {
             return;
         }
+        if let Err(reason) = self.check_claims(&manifest) {
+            tracing::warn!(peer = %author, round = manifest.round, %reason, "rejected an adapter");
+            return self.report(EngineEvent::Rejected { peer: author, reason });
+        }
         let tensors = match decode_checked(&bytes, &self.layout, &self.settings.limits) {
             Ok(t) => t,
             Err(reason) => {
@@ -313,11 +328,13 @@ impl<T: RoundTrainer> Engine<T> {
         }
         let newest = self.recent_authors.entry(author).or_insert(manifest.round);
         *newest = (*newest).max(manifest.round);
+        self.silent.remove(&author);
         // Never average a stale adapter into a newer round.
-        if let Some(from) = from
-            && (manifest.round < from || manifest.round > from + LOOKAHEAD)
+        let last = from.map(|from| from.saturating_add(LOOKAHEAD));
+        if let (Some(from), Some(last)) = (from, last)
+            && (manifest.round < from || manifest.round > last)
         {
-            let reason = format!("round {} outside the round window {from}..={}", manifest.round, from + LOOKAHEAD);
+            let reason = format!("round {} outside the round window {from}..={last}", manifest.round);
             tracing::debug!(peer = %author, %reason, "ignored an update");
             return self.report(EngineEvent::Rejected { peer: author, reason });
         }
@@ -336,6 +353,28 @@ impl<T: RoundTrainer> Engine<T> {
         while self.buffered.len() > LOOKAHEAD as usize + 1 {
             self.buffered.pop_first();
         }
+    }
+
+    /// What a peer's manifest says that every node can check for itself:
+    /// its round is one of the run's (so no round arithmetic can overflow,
+    /// and a forged "average of round 1000" in a 10-round run is refused),
+    /// and its example count is one an honest node can produce.
+    fn check_claims(&self, manifest: &Manifest) -> Result<(), String> {
+        if manifest.round >= self.settings.rounds {
+            return Err(format!(
+                "round {} outside the round window 0..={} of the run",
+                manifest.round,
+                self.settings.rounds.saturating_sub(1)
+            ));
+        }
+        let full = self.settings.examples_per_round;
+        if manifest.kind == ManifestKind::Update && manifest.examples != 0 && manifest.examples != full {
+            return Err(format!(
+                "claims {} examples for its round; an update is trained on {full} (steps × accumulation × batch) or 0: wrong weight",
+                manifest.examples
+            ));
+        }
+        Ok(())
     }
 
     /// Runs `work` while handling network events (the event channel is
@@ -379,7 +418,8 @@ impl<T: RoundTrainer> Engine<T> {
                 }
             }
             if let Some(candidate) = self.candidate.take() {
-                let next = candidate.round + 1;
+                // Below `rounds` (check_claims), so this cannot overflow.
+                let next = candidate.round.saturating_add(1);
                 self.report(EngineEvent::CaughtUp { round: next, from: candidate.hash });
                 tracing::info!(round = next, from = %candidate.hash, "caught up");
                 return Ok(Some((next, candidate.tensors)));
@@ -481,7 +521,7 @@ impl<T: RoundTrainer> Engine<T> {
             let report = tracing::Instrument::instrument(self.round(round, &current, &members), tracing::info_span!("round", round)).await?;
             current = (*report.average).clone();
             self.checkpoint(round + 1, &current).await?;
-            let lagging = self.buffered.keys().next_back().is_some_and(|r| *r >= round + 2);
+            let lagging = self.buffered.keys().next_back().is_some_and(|r| *r >= round.saturating_add(2));
             self.report(EngineEvent::Round(report));
             round += 1;
             if lagging && let Some((next, adapter)) = self.catch_up().await? {
@@ -523,9 +563,14 @@ impl<T: RoundTrainer> Engine<T> {
     /// node's updates always arrived after its peers had closed the round,
     /// and it stayed one round out of phase, averaging other sets of updates,
     /// for the rest of the run.
+    ///
+    /// A connected peer that let a deadline pass without its update is left
+    /// out until it publishes again (`silent`): one that subscribes and never
+    /// publishes costs the run one deadline, not one a round.
     async fn members(&self, round: u64) -> Result<Vec<PeerId>, EngineError> {
-        let mut members: Vec<PeerId> = self.recent_authors.iter().filter(|(_, r)| **r + 1 >= round).map(|(p, _)| *p).collect();
-        members.extend(self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?);
+        let mut members: Vec<PeerId> = self.recent_authors.iter().filter(|(_, r)| r.saturating_add(1) >= round).map(|(p, _)| *p).collect();
+        let connected = self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        members.extend(connected.into_iter().filter(|peer| !self.silent.contains_key(peer)));
         members.push(self.me());
         members.sort();
         members.dedup();
@@ -616,8 +661,16 @@ impl<T: RoundTrainer> Engine<T> {
         }
         // 4. Average, inputs sorted by author.
         let updates = self.buffered.remove(&round).unwrap_or_default();
+        if timed_out {
+            for missing in members.iter().filter(|m| !updates.contains_key(*m)) {
+                tracing::info!(peer = %missing, round, "no update by the deadline: not waited for again until it publishes");
+                self.silent.insert(*missing, round);
+            }
+        }
         let same_parent = updates.values().filter(|u| u.manifest.parent == Some(parent)).count();
-        let examples: u64 = updates.values().map(|u| u.manifest.examples).sum();
+        // Each count is 0 or examples_per_round (check_claims), so the sum
+        // is bounded by members × that; saturate rather than trust it.
+        let examples: u64 = updates.values().fold(0u64, |sum, u| sum.saturating_add(u.manifest.examples));
         let inputs: Vec<Contribution> = updates
             .into_iter()
             .map(|(author, u)| Contribution {

@@ -17,6 +17,16 @@ use crate::aggregate::Method;
 use crate::config::{Aggregation, Config};
 use crate::wire::codec::Digest;
 
+/// The examples an honest node trains on in a round when it has rows: each
+/// of `train.local_steps` steps takes `grad_accumulation_steps` batches of
+/// `batch_size` rows (cycling through its rows). The only non-zero weight an
+/// update may claim (`EngineSettings::examples_per_round`).
+pub fn examples_per_round(config: &Config) -> u64 {
+    u64::from(config.train.local_steps)
+        .saturating_mul(u64::from(config.train.grad_accumulation_steps))
+        .saturating_mul(u64::from(config.train.batch_size))
+}
+
 /// The run id: blake3 of everything nodes must share to average each
 /// other's adapters (docs/ARCHITECTURE.md, "Protocol, in short"): the base model's files, the
 /// data set, the LoRA shape, the template, and the round's length and count

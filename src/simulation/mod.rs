@@ -328,6 +328,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         measure_drift: false,
         // Simulated nodes restart from their peers (catch-up), not from disk.
         checkpoint: None,
+        examples_per_round: crate::node::examples_per_round(config),
     };
     println!(
         "simulating {nodes} nodes, {rounds} rounds of {local_steps} steps, scenario `{}`, `{}` averaging; run {}",

@@ -1,0 +1,188 @@
+//! The round engine against a hostile peer, over real libp2p swarms on
+//! 127.0.0.1, with a fake trainer (plain tensors, no MLX): what one peer
+//! sends must not crash a node, stall its rounds, or outweigh the others.
+//! Every wait is bounded.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use blossom_p2p::aggregate::{Method, Tensor, Tensors};
+use blossom_p2p::node::engine::{Engine, EngineEvent, EngineSettings, LocalResult, PartitionMode, RoundClock, RoundTrainer};
+use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
+use blossom_p2p::wire::codec::{Digest, Limits};
+use blossom_p2p::wire::manifest::{Manifest, ManifestKind, SignedManifest};
+use blossom_p2p::wire::tensors::encode;
+use libp2p::Multiaddr;
+use libp2p_identity::Keypair;
+use tokio::sync::mpsc::Receiver;
+
+const WAIT: Duration = Duration::from_secs(120);
+const EXAMPLES_PER_ROUND: u64 = 10;
+
+/// A trainer that adds 0.01 to every value: enough for the engine.
+#[derive(Clone)]
+struct FakeTrainer;
+
+fn adapter(value: f32) -> Tensors {
+    let mut tensors = Tensors::new();
+    tensors.insert("x.lora_a".into(), Tensor::new(vec![2, 2], vec![value; 4]).unwrap());
+    tensors.insert("x.lora_b".into(), Tensor::new(vec![2, 2], vec![0.0; 4]).unwrap());
+    tensors
+}
+
+impl RoundTrainer for FakeTrainer {
+    async fn initial(&self) -> Result<Tensors, String> {
+        Ok(adapter(0.5))
+    }
+
+    async fn train(&self, mut start: Tensors, rows: Vec<u64>, _round: u64) -> Result<(Tensors, LocalResult), String> {
+        start.values_mut().flat_map(|t| t.values.iter_mut()).for_each(|v| *v += 0.01);
+        let examples = if rows.is_empty() { 0 } else { EXAMPLES_PER_ROUND };
+        Ok((start, LocalResult { loss: 1.0, examples, tokens: examples * 8 }))
+    }
+
+    async fn evaluate(&self, _adapter: Tensors) -> Result<f32, String> {
+        Ok(1.0)
+    }
+
+    async fn save(&self, _adapter: Tensors, _dir: std::path::PathBuf) -> Result<(), String> {
+        Ok(())
+    }
+
+    async fn optimizer_state(&self) -> Result<Tensors, String> {
+        Ok(Tensors::new())
+    }
+
+    async fn restore_optimizer_state(&self, _state: Tensors) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+fn network(dir: &tempfile::TempDir, name: &str, keypair: Keypair, bootstrap: Vec<Multiaddr>) -> (NetworkHandle, Receiver<NetworkEvent>) {
+    let options = NetworkOptions {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        bootstrap,
+        external: vec![],
+        mdns: false,
+        relay_server: false,
+        store_dir: dir.path().join(name),
+        store_quota: 1 << 30,
+        limits: Limits::default(),
+        psk: None,
+        mesh_n: None,
+        transport: TransportKind::Internet,
+        allowed_peers: None,
+    };
+    spawn(keypair, options).expect("network starts")
+}
+
+fn settings(run_id: Digest, rounds: u64) -> EngineSettings {
+    EngineSettings {
+        run_id,
+        rounds,
+        method: Method::FedAvg,
+        partition: PartitionMode::Hash { buckets: 16 },
+        fingerprint: "test rows".into(),
+        train_rows: Arc::new((0..64).collect()),
+        clock: RoundClock::Wall { timeout: Duration::from_secs(4) },
+        catch_up: true,
+        min_peers: 1,
+        grace: Duration::from_millis(200),
+        evaluate: false,
+        save_every: 0,
+        save_dir: None,
+        limits: Limits::default(),
+        measure_drift: false,
+        checkpoint: None,
+        examples_per_round: EXAMPLES_PER_ROUND,
+    }
+}
+
+/// A manifest of `kind` for `round` of `run_id`, signed by `author`.
+fn forged(author: &Keypair, run_id: Digest, round: u64, kind: ManifestKind, examples: u64, tensors: &Tensors) -> (SignedManifest, Manifest, Vec<u8>) {
+    let bytes = encode(tensors).unwrap();
+    let manifest = Manifest {
+        kind,
+        examples,
+        ..Manifest::describe(run_id, round, &author.public().to_peer_id(), &bytes)
+    };
+    (SignedManifest::sign(&manifest, author).unwrap(), manifest, bytes)
+}
+
+/// A hostile peer joins a 3-round run: it serves forged "averages" of round
+/// 1000 and u64::MAX (every value × 1000) to joiners, publishes an update for
+/// round 0 that claims 10^12 examples, and otherwise never publishes. The
+/// honest node must reject all of it, never crash (u64::MAX + 1 used to
+/// panic in catch-up), never train from the forgery, and lose one deadline
+/// to the silent peer, not one a round.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_peer_cannot_crash_feed_outweigh_or_stall_a_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_id = Digest::of(b"adversary test run");
+    let hostile_key = Keypair::generate_ed25519();
+    let (hostile, mut hostile_events) = network(&dir, "hostile", hostile_key.clone(), vec![]);
+    let hostile_addr = tokio::time::timeout(WAIT, async {
+        loop {
+            if let Some(NetworkEvent::Listening(addr)) = hostile_events.recv().await {
+                return addr;
+            }
+        }
+    })
+    .await
+    .expect("a listen address");
+    // Keep the hostile node's own event channel drained.
+    tokio::spawn(async move { while hostile_events.recv().await.is_some() {} });
+    hostile.subscribe(run_id).await.unwrap();
+    let poisoned: Tensors = adapter(500.0);
+    for round in [1000, u64::MAX] {
+        let (signed, manifest, bytes) = forged(&hostile_key, run_id, round, ManifestKind::Average, 0, &poisoned);
+        hostile.keep(signed, manifest, bytes).await.unwrap();
+    }
+
+    let honest_key = Keypair::generate_ed25519();
+    let (honest, honest_events) = network(&dir, "honest", honest_key.clone(), vec![hostile_addr]);
+    let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
+    let engine = Engine::new(honest, honest_events, honest_key, FakeTrainer, settings(run_id, 3), tx);
+    let running = tokio::spawn(engine.run());
+
+    // The inflated update, once the honest node is in the gossip mesh
+    // (bounded: 60 tries, a quarter second apart).
+    let (signed, manifest, bytes) = forged(&hostile_key, run_id, 0, ManifestKind::Update, 1_000_000_000_000, &poisoned);
+    for _ in 0..60 {
+        if hostile.publish(signed.clone(), manifest.clone(), bytes.clone()).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+
+    let mut rounds = BTreeMap::new();
+    let mut rejected = Vec::new();
+    let collected = tokio::time::timeout(WAIT, async {
+        while let Some(event) = reports.recv().await {
+            match event {
+                EngineEvent::Round(report) => {
+                    rounds.insert(report.round, report);
+                }
+                EngineEvent::Rejected { reason, .. } => rejected.push(reason),
+                EngineEvent::CaughtUp { round, .. } => panic!("trained from a forged average (round {round})"),
+                EngineEvent::Finished => return,
+                _ => {}
+            }
+        }
+    })
+    .await;
+    assert!(collected.is_ok(), "the node did not finish its 3 rounds in time; rounds {:?}, rejected {rejected:?}", rounds.keys());
+    running.await.expect("the engine did not panic").expect("the engine ran to the end");
+
+    assert_eq!(rounds.keys().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
+    assert!(rejected.iter().any(|r| r.contains("wrong weight")), "the inflated claim is rejected: {rejected:?}");
+    assert!(rejected.iter().any(|r| r.contains(&u64::MAX.to_string()) || r.contains("round 1000")), "the forged averages are rejected: {rejected:?}");
+    for report in rounds.values() {
+        assert_eq!(report.contributors, 1, "only the honest update is averaged in round {}", report.round);
+        assert!(report.average.values().flat_map(|t| t.values.iter()).all(|v| v.abs() < 1.0), "round {} averaged poison", report.round);
+    }
+    // The silent peer costs round 0's deadline, then is not waited for.
+    assert!(rounds[&0].timed_out, "round 0 waits for the subscribed peer");
+    assert!(!rounds[&1].timed_out && !rounds[&2].timed_out, "later rounds do not wait for a silent peer");
+}
