@@ -9,13 +9,15 @@ use std::time::Duration;
 
 use blossom_p2p::aggregate::{Method, Tensor, Tensors};
 use blossom_p2p::node::engine::{Engine, EngineEvent, EngineSettings, LocalResult, PartitionMode, RoundClock, RoundTrainer};
-use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
+use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 use blossom_p2p::wire::codec::{Digest, Limits};
 use blossom_p2p::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 use blossom_p2p::wire::tensors::encode;
 use libp2p::Multiaddr;
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
+
+mod common;
 
 const WAIT: Duration = Duration::from_secs(120);
 const EXAMPLES_PER_ROUND: u64 = 10;
@@ -60,20 +62,7 @@ impl RoundTrainer for FakeTrainer {
 }
 
 fn network(dir: &tempfile::TempDir, name: &str, keypair: Keypair, bootstrap: Vec<Multiaddr>) -> (NetworkHandle, Receiver<NetworkEvent>) {
-    let options = NetworkOptions {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap,
-        external: vec![],
-        mdns: false,
-        relay_server: false,
-        store_dir: dir.path().join(name),
-        store_quota: 1 << 30,
-        limits: Limits::default(),
-        psk: None,
-        mesh_n: None,
-        transport: TransportKind::Internet,
-        allowed_peers: None,
-    };
+    let options = common::loopback_options(dir.path().join(name), bootstrap);
     spawn(keypair, options).expect("network starts")
 }
 

@@ -5,14 +5,16 @@
 
 use std::time::Duration;
 
-use blossom_p2p::wire::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
+use blossom_p2p::wire::codec::{Digest, TensorBytes, TensorDtype, encode_adapter};
 use blossom_p2p::wire::manifest::{Manifest, SignedManifest};
-use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
+use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
 use libp2p::{Multiaddr, PeerId};
 use std::collections::HashSet;
 use libp2p::pnet::PreSharedKey;
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
+
+mod common;
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -35,18 +37,9 @@ fn spawn_node(
     allowed_peers: Option<HashSet<PeerId>>,
 ) -> (NetworkHandle, Receiver<NetworkEvent>) {
     let options = NetworkOptions {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap,
-        external: vec![],
-        mdns: false,
-        relay_server: false,
-        store_dir: dir.path().join(name),
-        store_quota: 1 << 30,
-        limits: Limits::default(),
         psk,
-        mesh_n: None,
-        transport: TransportKind::Internet,
         allowed_peers,
+        ..common::loopback_options(dir.path().join(name), bootstrap)
     };
     spawn(keypair, options).expect("network starts")
 }
@@ -246,18 +239,9 @@ async fn an_allowlist_keeps_other_peers_out() {
 async fn a_node_is_reachable_through_a_relay_circuit() {
     let dir = tempfile::tempdir().unwrap();
     let options = |name: &str, relay_server: bool, bootstrap: Vec<Multiaddr>| NetworkOptions {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        bootstrap,
-        external: vec![],
-        mdns: false,
         relay_server,
-        store_dir: dir.path().join(name),
         store_quota: 1 << 20,
-        limits: Limits::default(),
-        psk: None,
-        mesh_n: None,
-        transport: TransportKind::Internet,
-        allowed_peers: None,
+        ..common::loopback_options(dir.path().join(name), bootstrap)
     };
     let (r, mut r_events) = spawn(Keypair::generate_ed25519(), options("r", true, vec![])).unwrap();
     let r_addr = listen_addr(&mut r_events).await.with(libp2p::multiaddr::Protocol::P2p(r.peer_id));

@@ -87,28 +87,30 @@ fn openai_endpoints_answer_and_bad_requests_get_clear_errors() {
     assert_eq!(status, 404);
 
     // --queue 0: while one long request is generated, the next gets 429.
-    // (The tiny model, greedy, never picks EOS after this chat prompt.)
-    let long = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3000}"#.to_owned();
-    let busy_addr = addr.clone();
-    let first = std::thread::spawn(move || http(&busy_addr, "POST", "/v1/chat/completions", &long, Some("secret")));
-    // Poll until the long request holds the model (then the next one is
-    // refused) or has ended; bounded: 600 tries, 50 ms apart.
-    let mut refused = None;
-    for _ in 0..600 {
-        if first.is_finished() {
-            break;
-        }
-        let (status, body) = http(&addr, "POST", "/v1/completions", r#"{"prompt":"a","max_tokens":1}"#, key);
-        if status == 429 {
-            refused = Some(body);
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(50));
+    // (The tiny model, greedy, never picks EOS after this chat prompt.) The
+    // long request streams, so its first token says it holds the model:
+    // no fixed wait, and no short request can get there first.
+    let long = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":3000,"stream":true}"#;
+    let mut first = TcpStream::connect(&addr).unwrap();
+    first.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let request = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: {addr}\r\nAuthorization: Bearer secret\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{long}",
+        long.len()
+    );
+    first.write_all(request.as_bytes()).unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    // Bounded by the read timeout and by 64 KiB.
+    while !String::from_utf8_lossy(&head).contains("\"content\"") && head.len() < 65_536 {
+        let n = first.read(&mut byte).unwrap();
+        assert_eq!(n, 1, "the stream ended early: {}", String::from_utf8_lossy(&head));
+        head.push(byte[0]);
     }
-    let first = first.join().unwrap();
-    let refused = refused.unwrap_or_else(|| panic!("a second request while the first runs gets 429; the first got {first:?}"));
+    let head = String::from_utf8_lossy(&head).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    let (status, refused) = http(&addr, "POST", "/v1/completions", r#"{"prompt":"a","max_tokens":1}"#, key);
+    assert_eq!(status, 429, "a second request while the first streams: {refused}");
     assert!(refused.contains("busy") && refused.contains("--queue"), "{refused}");
-    assert_eq!(first.0, 200, "{}", first.1);
 }
 
 #[test]

@@ -53,6 +53,25 @@ pub fn python_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join(".deps/python")
 }
 
+/// A libp2p node's options for tests: TCP on 127.0.0.1 (port chosen by the
+/// OS), no mDNS, no relay, its store in `store_dir`.
+pub fn loopback_options(store_dir: PathBuf, bootstrap: Vec<libp2p::Multiaddr>) -> blossom_p2p::p2p::network::NetworkOptions {
+    blossom_p2p::p2p::network::NetworkOptions {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("a multiaddr")],
+        bootstrap,
+        external: vec![],
+        mdns: false,
+        relay_server: false,
+        store_dir,
+        store_quota: 1 << 30,
+        limits: blossom_p2p::wire::codec::Limits::default(),
+        psk: None,
+        mesh_n: None,
+        transport: blossom_p2p::p2p::network::TransportKind::Internet,
+        allowed_peers: None,
+    }
+}
+
 /// Runs the binary from the repository root (where `models/` is).
 pub fn blossom(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_blossom-p2p"))
