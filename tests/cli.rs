@@ -187,3 +187,36 @@ fn json_logs_of_a_training_node_carry_run_peer_and_round() {
     assert!(spans.iter().any(|s| s["run"].as_str().is_some_and(|r| r.len() == 64) && s["peer"].as_str().is_some_and(|p| p.starts_with("12D3Koo"))), "{line}");
     assert!(spans.iter().any(|s| s["round"] == 0), "{line}");
 }
+
+#[test]
+fn every_command_that_loads_a_model_or_data_takes_model_and_data() {
+    for (command, flags) in [
+        (&["start"][..], &["--model", "--data", "--quant"][..]),
+        (&["simulate"], &["--model", "--data", "--quant"]),
+        (&["train"], &["--model", "--data", "--quant"]),
+        (&["eval"], &["--model", "--data", "--quant"]),
+        (&["bench", "train"], &["--model", "--data", "--quant"]),
+        (&["generate"], &["--model", "--quant"]),
+        (&["serve"], &["--model", "--quant"]),
+        (&["export"], &["--model"]),
+        (&["bench", "generate"], &["--model"]),
+    ] {
+        let output = blossom(&[command, &["--help"]].concat());
+        let help = String::from_utf8_lossy(&output.stdout);
+        assert!(output.status.success(), "{command:?}: {}", stderr(&output));
+        for flag in flags {
+            assert!(help.contains(&format!("{flag} <")), "{command:?} --help lacks {flag}: {help}");
+        }
+    }
+    // `start --help` says which model, data and run the node joins.
+    let help = String::from_utf8_lossy(&blossom(&["start", "--help"]).stdout).into_owned();
+    assert!(help.contains("model.source") && help.contains("data.dataset") && help.contains("run id"), "{help}");
+}
+
+#[test]
+fn start_and_simulate_flags_reach_the_configuration() {
+    // A data set that does not exist: the error names it, so the flag was used.
+    let output = blossom(&["simulate", "--nodes", "1", "--rounds", "1", "--model", "tiny", "--data", "/nonexistent/rows"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("/nonexistent/rows"), "{}", stderr(&output));
+}
