@@ -5,16 +5,15 @@
 //! with the right hash. Each problem comes with the command that fixes it, and
 //! any problem makes the exit code 1.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
+use clap::Args;
 use serde::Serialize;
 
 use crate::default_model::{DEFAULT_MODEL_BLAKE3, ModelCheck, check_default_model};
 use crate::mlx_env::{self, Backend, BlasKind};
-use clap::Args;
-use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct DoctorArgs {

@@ -3,14 +3,14 @@
 //! catches up through request-response; a forged manifest is rejected.
 //! Every wait is bounded.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
+use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
 use blossom_p2p::wire::codec::{Digest, TensorBytes, TensorDtype, encode_adapter};
 use blossom_p2p::wire::manifest::{Manifest, SignedManifest};
-use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
-use libp2p::{Multiaddr, PeerId};
-use std::collections::HashSet;
 use libp2p::pnet::PreSharedKey;
+use libp2p::{Multiaddr, PeerId};
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
 

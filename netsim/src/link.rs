@@ -14,11 +14,10 @@ use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
 use futures::{AsyncRead, AsyncWrite, Future};
-use tokio::sync::mpsc;
-use tokio::time::{Instant, Sleep};
-
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep};
 
 /// The bytes a segment carries on a typical Ethernet path.
 const SEGMENT: usize = 1460;

@@ -10,10 +10,10 @@ use std::task::{Context, Poll};
 use futures::future::{Ready, ready};
 use libp2p::core::transport::{DialOpts, ListenerId, Transport, TransportError, TransportEvent};
 use libp2p::multiaddr::{Multiaddr, Protocol};
-use tokio::sync::mpsc;
-
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
+use tokio::sync::mpsc;
+
 use crate::link::{Counters, LinkParams, Message, SimStream};
 
 /// Bytes one node's links have carried so far.

@@ -3,17 +3,17 @@
 
 use std::process::ExitCode;
 
+use clap::{Args, Subcommand};
 
-use crate::data::{Row, Sample};
-use crate::train::lora::LoraSettings;
-use crate::train::{LocalTrainer, MlxTrainer, TrainError};
 use crate::config::Config;
+use crate::data::{Row, Sample};
 use crate::model::generate::{GenerationStats, SamplingParams, generate};
 use crate::model::{LoadOptions, LoadedModel, QuantMode, load_model};
+use crate::train::lora::LoraSettings;
+use crate::train::{LocalTrainer, MlxTrainer, TrainError};
 
-use super::model_error_exit;
-use clap::{Args, Subcommand};
 use super::args::{DataArgs, ModelArgs, QuantArgs};
+use super::model_error_exit;
 
 #[derive(Debug, Subcommand)]
 pub enum BenchCommand {

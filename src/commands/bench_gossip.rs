@@ -11,14 +11,14 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use clap::Args;
 use libp2p::Multiaddr;
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
 
+use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 use crate::wire::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
 use crate::wire::manifest::{Manifest, SignedManifest};
-use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
-use clap::Args;
 
 #[derive(Debug, Args)]
 pub struct BenchGossipArgs {

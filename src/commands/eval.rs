@@ -1,15 +1,17 @@
 //! `blossom-p2p eval`: loss and perplexity on the test split (the validation
 //! split when there is no test split), and exact match on the built-in task.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use clap::Args;
 
 use crate::config::Config;
 use crate::model::{LoadOptions, load_model};
 use crate::train::lora::LoraSettings;
 use crate::train::metrics::exact_match_rate;
 use crate::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
-use clap::Args;
-use std::path::PathBuf;
+
 use super::args::{DataArgs, ModelArgs, QuantArgs};
 
 #[derive(Debug, Args)]

@@ -1,7 +1,10 @@
 //! `blossom-p2p export`: write the base model as an mlx-lm model folder, or
 //! (`--format gguf`) the model with its adapter fused as one GGUF file.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use clap::Args;
 
 use crate::config::Config;
 use crate::model::export::export_mlx_lm;
@@ -10,10 +13,8 @@ use crate::model::{LoadOptions, QuantMode, load_model};
 use crate::train::adapters;
 use crate::train::lora::fuse;
 
-use super::model_error_exit;
-use clap::Args;
-use std::path::PathBuf;
 use super::args::ModelArgs;
+use super::model_error_exit;
 
 #[derive(Debug, Args)]
 pub struct ExportArgs {

@@ -1,7 +1,10 @@
 //! `blossom-p2p generate`: text from the base model, streamed token by token.
 
 use std::io::Write;
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use clap::Args;
 
 use crate::config::Config;
 use crate::model::chat::ChatMessage;
@@ -11,10 +14,8 @@ use crate::model::{LoadOptions, ModelError, load_model};
 use crate::train::adapters;
 use crate::train::lora::LoraApplier;
 
-use super::model_error_exit;
-use clap::Args;
-use std::path::PathBuf;
 use super::args::{ModelArgs, QuantArgs};
+use super::model_error_exit;
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {

@@ -11,16 +11,16 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
 
-use libp2p::{Multiaddr, PeerId};
+use clap::Args;
 use libp2p::pnet::PreSharedKey;
+use libp2p::{Multiaddr, PeerId};
 use libp2p_identity::Keypair;
 
-use crate::config::Config;
+use crate::config::{Config, ConfigError, Origin, Partitioning};
+use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 use crate::wire::codec::{Digest, Limits, decode_adapter, encode_adapter};
 use crate::wire::manifest::{Manifest, SignedManifest};
-use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
-use clap::Args;
-use crate::config::{ConfigError, Origin, Partitioning};
+
 #[cfg(feature = "train")]
 use super::args::{DataArgs, ModelArgs, QuantArgs};
 

@@ -1,13 +1,15 @@
 //! `blossom-p2p serve`: checks the flags, loads the model on its thread,
 //! starts the `--follow` watcher, and serves until Ctrl-C.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use clap::Args;
 
 use crate::config::Config;
 use crate::serve::worker::ModelWorker;
 use crate::serve::{AppState, follow, serve};
-use clap::Args;
-use std::path::PathBuf;
+
 use super::args::{ModelArgs, QuantArgs};
 
 #[derive(Debug, Args)]

@@ -12,17 +12,17 @@ use std::time::Duration;
 use serde_json::json;
 use tokio::sync::mpsc;
 
-use super::node::{NodeError, load_or_create_identity, network_options, with_peer_id};
-use super::node::StartArgs;
 use crate::config::{Config, Partitioning};
+use crate::dashboard::{Dashboard, PeerRow, RoundPoint, update_if};
 use crate::node::checkpoint::CheckpointFile;
 use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::prometheus;
 use crate::node::status::{NodeStatus, rejection_kind};
-use crate::dashboard::{Dashboard, PeerRow, RoundPoint, update_if};
-use crate::wire::codec::Limits;
 use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
+use crate::wire::codec::Limits;
+
+use super::node::{NodeError, StartArgs, load_or_create_identity, network_options, with_peer_id};
 
 /// Held-out rows each average is evaluated on.
 const EVAL_ROWS: usize = 50;

@@ -2,13 +2,14 @@
 //! status file it keeps in its data directory, or from a dashboard's
 //! `/api/status` (`--dashboard URL`: a node's or a whole simulation's).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
+
+use clap::Args;
 
 use crate::config::Config;
 use crate::dashboard::fetch_status;
 use crate::node::status::{NodeStatus, rejection_detail};
-use clap::Args;
-use std::path::PathBuf;
 
 #[derive(Debug, Args)]
 pub struct StatusArgs {

@@ -3,9 +3,10 @@
 //! the built-in task) exact match before and after.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use clap::Args;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 
@@ -15,8 +16,7 @@ use crate::train::checkpoint::{self, CheckpointState};
 use crate::train::lora::LoraSettings;
 use crate::train::metrics::exact_match_rate;
 use crate::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
-use clap::Args;
-use std::path::PathBuf;
+
 use super::args::{DataArgs, ModelArgs, QuantArgs};
 
 #[derive(Debug, Args)]

@@ -6,8 +6,9 @@
 
 use std::collections::HashSet;
 
-use super::{DataError, Dataset, Row, Sample};
 use crate::rng::SeededRng;
+
+use super::{DataError, Dataset, Row, Sample};
 
 pub const TRAIN_ROWS: usize = 2000;
 pub const VALID_ROWS: usize = 100;

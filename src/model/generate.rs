@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use mlx_rs::{Array, Dtype};
 
+use crate::rng::SeededRng;
+
 use super::linear::ProjectionAdapter;
 use super::{Decoder, KvCache, ModelError};
-use crate::rng::SeededRng;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct SamplingParams {

@@ -6,11 +6,12 @@
 use mlx_rs::Array;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 
-use super::args::ModelArgs;
 use crate::rng::SeededRng;
+
+use super::ModelError;
+use super::args::ModelArgs;
 use super::tokenizer::{GgufVocab, Tokenizer};
 use super::weights::WeightMap;
-use super::ModelError;
 
 /// SmolLM's chat template (ChatML), so `tiny` chats like the default model.
 const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";

@@ -16,9 +16,9 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::wire::tensors::{decode_checked, encode};
 use crate::aggregate::Tensors;
 use crate::wire::codec::{Digest, Limits};
+use crate::wire::tensors::{decode_checked, encode};
 
 const MAGIC: &[u8; 8] = b"BLSMCKP1";
 const MAX_HEADER: usize = 64 * 1024;

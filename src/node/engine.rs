@@ -13,13 +13,14 @@ use libp2p::PeerId;
 use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, watch};
 
-use super::checkpoint::{CheckpointError, CheckpointFile};
-use super::partition::{hash_partition, hash_partition_sizes, static_partition};
-use crate::wire::tensors::{decode_checked, encode};
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
+use crate::p2p::network::{NetworkError, NetworkEvent, NetworkHandle};
 use crate::wire::codec::{Digest, Limits};
 use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
-use crate::p2p::network::{NetworkError, NetworkEvent, NetworkHandle};
+use crate::wire::tensors::{decode_checked, encode};
+
+use super::checkpoint::{CheckpointError, CheckpointFile};
+use super::partition::{hash_partition, hash_partition_sizes, static_partition};
 
 /// What a round of local training produced.
 #[derive(Debug, Clone, Default, PartialEq)]

@@ -12,19 +12,20 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use libp2p::swarm::SwarmEvent;
 use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
 use libp2p::core::{Transport, upgrade};
 use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, identity, kad, mdns, noise, request_response, tcp, yamux};
 use tokio::sync::{mpsc, oneshot};
 
-use super::behaviour::{self, Behaviour, BehaviourEvent};
-use super::chunk_protocol::{ChunkRequest, ChunkResponse, MAX_ROUND_MANIFESTS};
+use crate::store::Store;
 use crate::wire::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks};
 use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
-use crate::store::Store;
+
+use super::behaviour::{self, Behaviour, BehaviourEvent};
+use super::chunk_protocol::{ChunkRequest, ChunkResponse, MAX_ROUND_MANIFESTS};
 
 /// How long chunks may trickle in by gossip before missing ones are fetched.
 const FETCH_GRACE: Duration = Duration::from_millis(1500);

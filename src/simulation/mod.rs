@@ -20,10 +20,11 @@ use std::time::{Duration, Instant};
 use libp2p::Multiaddr;
 use libp2p_identity::Keypair;
 use netsim::{Action, Scenario, SimNetwork, Traffic};
+use poison::SimTrainer;
 use serde_json::json;
+use table::{RoundRow, close_round, megabytes, show_row};
 use tokio::sync::mpsc;
 
-use crate::plot::{Series, plot_rounds};
 use crate::config::Config;
 use crate::dashboard::{Dashboard, PeerRow, update_if};
 use crate::model::QuantMode;
@@ -31,10 +32,9 @@ use crate::node::compute::{self, ComputeClient, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock, RoundReport, RoundTrainer};
 use crate::node::status::{rejection_detail, rejection_kind};
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
+use crate::plot::{Series, plot_rounds};
 use crate::rng::SeededRng;
 use crate::wire::codec::{Digest, Limits};
-use poison::SimTrainer;
-use table::{RoundRow, close_round, megabytes, show_row};
 
 /// Peers each node dials when it starts.
 const BOOTSTRAP_PEERS: usize = 3;

@@ -5,11 +5,11 @@
 use std::path::PathBuf;
 
 use clap::ValueEnum;
-use crate::rng::SeededRng;
 
 use crate::aggregate::Tensors;
 use crate::node::compute::ComputeClient;
 use crate::node::engine::{LocalResult, RoundTrainer};
+use crate::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Attack {

@@ -8,12 +8,13 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use super::{NodeRound, SimError};
 use crate::aggregate::Tensors;
 use crate::dashboard::{DashboardState, RoundPoint};
 use crate::node::compute::ComputeClient;
 use crate::node::engine::{RoundTrainer, agreement};
 use crate::wire::codec::Digest;
+
+use super::{NodeRound, SimError};
 
 /// A finished round across nodes.
 pub(super) struct RoundRow {

@@ -12,12 +12,12 @@ use std::rc::Rc;
 
 use mlx_rs::{Array, Dtype};
 
-use super::TrainError;
 use crate::config::{FineTuneType, LoraConfig};
-use crate::model::Decoder;
-use crate::rng::SeededRng;
 use crate::model::linear::{Linear, ProjectionAdapter};
-use crate::model::ModelError;
+use crate::model::{Decoder, ModelError};
+use crate::rng::SeededRng;
+
+use super::TrainError;
 
 /// Adapter tensors by mlx-lm parameter name.
 pub type AdapterParams = HashMap<Rc<str>, Array>;

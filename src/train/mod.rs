@@ -15,19 +15,18 @@ use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use batch::{Batch, Encoded, encode, make_batch};
+use lora::{AdapterParams, DropoutState, LoraApplier, LoraSettings};
 use mlx_rs::Array;
 use mlx_rs::error::Exception;
+use optim::Optimizer;
+use schedule::Schedule;
 
 use crate::config::{Config, TrainConfig};
 use crate::data::template::PromptTemplate;
-use crate::data::{Dataset, load_dataset};
-use crate::data::Row;
-use crate::rng::SeededRng;
+use crate::data::{Dataset, Row, load_dataset};
 use crate::model::{Decoder, ModelError, Tokenizer};
-use batch::{Batch, Encoded, encode, make_batch};
-use lora::{AdapterParams, DropoutState, LoraApplier, LoraSettings};
-use optim::Optimizer;
-use schedule::Schedule;
+use crate::rng::SeededRng;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
