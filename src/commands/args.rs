@@ -21,8 +21,9 @@ pub struct ModelArgs {
 /// Which data set to load.
 #[derive(Debug, Args)]
 pub struct DataArgs {
-    /// `builtin` (the word-reversal task), a folder of mlx-lm jsonl files, or
-    /// `hf:org/name` (a Hub data set in jsonl or Parquet) (default: data.dataset).
+    /// `builtin` (the word-reversal task), a folder of jsonl or Parquet files,
+    /// or `hf:org/name` (a Hub data set) (default: data.dataset; for
+    /// `bench train`, generated rows of --seq-len tokens).
     #[arg(long, value_name = "builtin|DIR|hf:ORG/NAME")]
     pub data: Option<String>,
 }
