@@ -248,8 +248,8 @@ pub struct Engine<T: RoundTrainer> {
     candidate: Option<Candidate>,
     /// The newest round each peer published an update for: who is active.
     recent_authors: HashMap<PeerId, u64>,
-    /// Connected peers that let a round's deadline pass without their
-    /// update, by that round. They are not waited for again until they
+    /// Connected peers that never published and let a round's deadline
+    /// pass, by that round. They are not waited for again until they
     /// publish: a silent subscriber costs the run one deadline, not one a
     /// round.
     silent: HashMap<PeerId, u64>,
@@ -565,8 +565,8 @@ impl<T: RoundTrainer> Engine<T> {
     /// and it stayed one round out of phase, averaging other sets of updates,
     /// for the rest of the run.
     ///
-    /// A connected peer that let a deadline pass without its update is left
-    /// out until it publishes again (`silent`): one that subscribes and never
+    /// A connected peer that never published and let a deadline pass is left
+    /// out until it publishes (`silent`): one that subscribes and never
     /// publishes costs the run one deadline, not one a round.
     async fn members(&self, round: u64) -> Result<Vec<PeerId>, EngineError> {
         let mut members: Vec<PeerId> = self.recent_authors.iter().filter(|(_, r)| r.saturating_add(1) >= round).map(|(p, _)| *p).collect();
@@ -663,8 +663,14 @@ impl<T: RoundTrainer> Engine<T> {
         // 4. Average, inputs sorted by author.
         let updates = self.buffered.remove(&round).unwrap_or_default();
         if timed_out {
-            for missing in members.iter().filter(|m| !updates.contains_key(*m)) {
-                tracing::info!(peer = %missing, round, "no update by the deadline: not waited for again until it publishes");
+            // Only peers this node never had an update from: a peer that has
+            // published is waited for as before, because under loss or load
+            // an honest node's update can miss one deadline here and not at
+            // its other peers, and leaving it out on some nodes only would
+            // split the next round's averages (the churn soak showed it).
+            let never_published = |m: &&PeerId| !updates.contains_key(*m) && !self.recent_authors.contains_key(*m);
+            for missing in members.iter().filter(never_published) {
+                tracing::info!(peer = %missing, round, "no update ever, and none by the deadline: not waited for again until it publishes");
                 self.silent.insert(*missing, round);
             }
         }
