@@ -79,43 +79,41 @@ impl HubRepo {
         })
     }
 
-    /// The local path of `file`, downloaded first unless offline.
-    pub fn get(&self, file: &str) -> Result<PathBuf, HubError> {
-        let err = |message: String| HubError {
+    fn error(&self, message: String) -> HubError {
+        HubError {
             spec: self.spec.clone(),
             message,
-        };
+        }
+    }
+
+    /// Offline, `what` is not in the cache.
+    fn not_cached(&self, what: &str) -> HubError {
+        self.error(format!(
+            "{what} not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set; download it once online (unset HF_HUB_OFFLINE) or pass a local path",
+            self.cache_path.display()
+        ))
+    }
+
+    /// The local path of `file`, downloaded first unless offline.
+    pub fn get(&self, file: &str) -> Result<PathBuf, HubError> {
+        let err = |message: String| self.error(message);
         match &self.remote {
             Some(remote) => remote
                 .get(file)
                 .map_err(|e| err(format!("{file}: {e} (set HF_HUB_OFFLINE=1 to use only the cache)"))),
-            None => self.cached.get(file).ok_or_else(|| {
-                err(format!(
-                    "{file} is not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set; download it once online (unset HF_HUB_OFFLINE) or pass a local path",
-                    self.cache_path.display()
-                ))
-            }),
+            None => self.cached.get(file).ok_or_else(|| self.not_cached(&format!("{file} is"))),
         }
     }
 
     /// The paths of every file in the repository at its revision: the Hub's
     /// listing when online, the cached snapshot's files when offline.
     pub fn files(&self) -> Result<Vec<String>, HubError> {
-        let err = |message: String| HubError {
-            spec: self.spec.clone(),
-            message,
-        };
         if let Some(remote) = &self.remote {
-            let info = remote.info().map_err(|e| err(format!("cannot list the repository: {e} (set HF_HUB_OFFLINE=1 to use only the cache)")))?;
+            let info = remote.info().map_err(|e| self.error(format!("cannot list the repository: {e} (set HF_HUB_OFFLINE=1 to use only the cache)")))?;
             return Ok(info.siblings.into_iter().map(|s| s.rfilename).collect());
         }
         let folder = self.cache_path.join(self.repo.folder_name());
-        let missing = || {
-            err(format!(
-                "not in the Hugging Face cache at {} and HF_HUB_OFFLINE is set; download it once online (unset HF_HUB_OFFLINE) or pass a local path",
-                self.cache_path.display()
-            ))
-        };
+        let missing = || self.not_cached("the repository is");
         let commit = std::fs::read_to_string(folder.join("refs").join(self.repo.revision())).map_err(|_| missing())?;
         let snapshot = folder.join("snapshots").join(commit.trim());
         if !snapshot.is_dir() {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
-use super::args::{DataArgs, ModelArgs};
+use super::args::{DataArgs, ModelArgs, QuantArgs};
 use crate::config::Config;
 use crate::simulation::{self, SimError};
 
@@ -21,6 +21,8 @@ pub struct SimulateArgs {
     pub model: ModelArgs,
     #[command(flatten)]
     pub data: DataArgs,
+    #[command(flatten)]
+    pub quant: QuantArgs,
     #[command(flatten)]
     pub options: simulation::Options,
 }
@@ -46,7 +48,7 @@ pub fn run(config: &Config, args: &SimulateArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(simulation::simulate(config, &args.options)) {
+    match runtime.block_on(simulation::simulate(config, &args.options, args.quant.quant)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(SimError::Input(message)) => {
             eprintln!("error: {message}");

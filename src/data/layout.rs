@@ -63,6 +63,13 @@ fn is_parquet_of(file: &str, dir: &str, name: &str) -> bool {
     !stem.contains('/') && (stem == name || stem.strip_prefix(name).is_some_and(|s| s.starts_with('-')))
 }
 
+/// The Parquet files that `matches` picks, in file-name order, if any.
+fn parquet_files(files: &[String], matches: impl Fn(&str) -> bool) -> Option<SplitFiles> {
+    let mut parquet: Vec<String> = files.iter().filter(|f| matches(f)).cloned().collect();
+    parquet.sort();
+    (!parquet.is_empty()).then_some(SplitFiles::Parquet(parquet))
+}
+
 fn find_split(files: &[String], split: Split) -> Option<SplitFiles> {
     for dir in ["", "data/"] {
         for name in split_names(split) {
@@ -70,26 +77,15 @@ fn find_split(files: &[String], split: Split) -> Option<SplitFiles> {
             if files.contains(&jsonl) {
                 return Some(SplitFiles::Jsonl(jsonl));
             }
-            let mut parquet: Vec<String> = files.iter().filter(|f| is_parquet_of(f, dir, name)).cloned().collect();
-            if !parquet.is_empty() {
-                parquet.sort();
-                return Some(SplitFiles::Parquet(parquet));
+            if let Some(found) = parquet_files(files, |f| is_parquet_of(f, dir, name)) {
+                return Some(found);
             }
         }
     }
-    for name in split_names(split) {
+    split_names(split).iter().find_map(|name| {
         let dir = format!("default/{name}/");
-        let mut parquet: Vec<String> = files
-            .iter()
-            .filter(|f| f.strip_prefix(&dir).is_some_and(|rest| !rest.contains('/') && rest.ends_with(".parquet")))
-            .cloned()
-            .collect();
-        if !parquet.is_empty() {
-            parquet.sort();
-            return Some(SplitFiles::Parquet(parquet));
-        }
-    }
-    None
+        parquet_files(files, |f| f.strip_prefix(&dir).is_some_and(|rest| !rest.contains('/') && rest.ends_with(".parquet")))
+    })
 }
 
 impl Layout {

@@ -3,7 +3,7 @@
 //! and the network only through its handle and events; docs/PROTOCOL.md
 //! explains the choices.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -249,10 +249,9 @@ pub struct Engine<T: RoundTrainer> {
     /// The newest round each peer published an update for: who is active.
     recent_authors: HashMap<PeerId, u64>,
     /// Connected peers that never published and let a round's deadline
-    /// pass, by that round. They are not waited for again until they
-    /// publish: a silent subscriber costs the run one deadline, not one a
-    /// round.
-    silent: HashMap<PeerId, u64>,
+    /// pass. They are not waited for again until they publish: a silent
+    /// subscriber costs the run one deadline, not one a round.
+    silent: HashSet<PeerId>,
     /// The layout every adapter must have (the node's own initial adapter).
     layout: Tensors,
 }
@@ -276,7 +275,7 @@ impl<T: RoundTrainer> Engine<T> {
             buffered: BTreeMap::new(),
             candidate: None,
             recent_authors: HashMap::new(),
-            silent: HashMap::new(),
+            silent: HashSet::new(),
             layout: Tensors::new(),
         }
     }
@@ -331,8 +330,8 @@ impl<T: RoundTrainer> Engine<T> {
         *newest = (*newest).max(manifest.round);
         self.silent.remove(&author);
         // Never average a stale adapter into a newer round.
-        let last = from.map(|from| from.saturating_add(LOOKAHEAD));
-        if let (Some(from), Some(last)) = (from, last)
+        if let Some(from) = from
+            && let last = from.saturating_add(LOOKAHEAD)
             && (manifest.round < from || manifest.round > last)
         {
             let reason = format!("round {} outside the round window {from}..={last}", manifest.round);
@@ -571,7 +570,7 @@ impl<T: RoundTrainer> Engine<T> {
     async fn members(&self, round: u64) -> Result<Vec<PeerId>, EngineError> {
         let mut members: Vec<PeerId> = self.recent_authors.iter().filter(|(_, r)| r.saturating_add(1) >= round).map(|(p, _)| *p).collect();
         let connected = self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
-        members.extend(connected.into_iter().filter(|peer| !self.silent.contains_key(peer)));
+        members.extend(connected.into_iter().filter(|peer| !self.silent.contains(peer)));
         members.push(self.me());
         members.sort();
         members.dedup();
@@ -671,7 +670,7 @@ impl<T: RoundTrainer> Engine<T> {
             let never_published = |m: &&PeerId| !updates.contains_key(*m) && !self.recent_authors.contains_key(*m);
             for missing in members.iter().filter(never_published) {
                 tracing::info!(peer = %missing, round, "no update ever, and none by the deadline: not waited for again until it publishes");
-                self.silent.insert(*missing, round);
+                self.silent.insert(*missing);
             }
         }
         let same_parent = updates.values().filter(|u| u.manifest.parent == Some(parent)).count();

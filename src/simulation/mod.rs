@@ -69,9 +69,6 @@ pub struct Options {
     /// How many nodes attack (the highest-numbered ones).
     #[arg(long, default_value_t = 1, requires = "attack")]
     pub attackers: u32,
-    /// Quantized weights: `auto` dequantizes to float32 on CPU when memory allows.
-    #[arg(long, value_enum, default_value_t = QuantMode::Auto)]
-    pub quant: QuantMode,
     /// Serve the live web dashboard at http://ADDR/ (a loopback address); it stays up after the run until Ctrl-C.
     #[arg(long, value_name = "ADDR")]
     pub dashboard: Option<SocketAddr>,
@@ -263,7 +260,7 @@ impl Simulation {
 }
 
 /// Runs the whole simulation the configuration and options describe.
-pub async fn simulate(config: &Config, args: &Options) -> Result<(), SimError> {
+pub async fn simulate(config: &Config, args: &Options, quant: QuantMode) -> Result<(), SimError> {
     let scenario = match &args.scenario {
         Some(path) => Scenario::load(path).map_err(|e| SimError::Input(e.to_string()))?,
         None => Scenario::ideal(),
@@ -281,7 +278,7 @@ pub async fn simulate(config: &Config, args: &Options) -> Result<(), SimError> {
         eval_rows: args.eval_rows,
         exact_match_rows: args.exact_match_rows,
     };
-    let prepared = compute::spawn_for_config(config, args.quant, compute_settings, total_steps).map_err(SimError::Input)?;
+    let prepared = compute::spawn_for_config(config, quant, compute_settings, total_steps).map_err(SimError::Input)?;
     let result = run_simulation(config, args, &scenario, &prepared).await;
     // MLX must let go of everything before the process exits.
     tokio::task::block_in_place(|| prepared.client.shutdown());
