@@ -190,6 +190,17 @@ pub enum Partitioning {
     Static,
 }
 
+/// How a round's updates travel (docs/PROTOCOL.md, "The reduce exchange").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExchangeMode {
+    /// Every update to every node by gossip; each node averages them all.
+    Gossip,
+    /// Each slice of the updates to its owners, who average and claim it;
+    /// every node takes the checked results.
+    Reduce,
+}
+
 /// Rounds and averaging. Defaults: 10 rounds, 10 nodes (in simulation),
 /// FedAvg, adapters saved every 5 rounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -208,6 +219,15 @@ pub struct FederationConfig {
     pub save_every_rounds: u32,
     /// A round ends at this deadline if no quorum of manifests came first.
     pub round_timeout_secs: u64,
+    /// `start` trains round 0 once this many run members (the node
+    /// included) are there; `simulate` waits for all of its nodes.
+    pub min_members: u32,
+    pub exchange: ExchangeMode,
+    /// Owners of each slice in the reduce exchange.
+    pub replicas: u32,
+    /// The chance that a node re-computes one slice it did not own each
+    /// round, to catch owners who agree on a wrong result.
+    pub audit: f64,
 }
 
 impl Default for FederationConfig {
@@ -221,6 +241,10 @@ impl Default for FederationConfig {
             num_buckets: 1024,
             save_every_rounds: 5,
             round_timeout_secs: 600,
+            min_members: 2,
+            exchange: ExchangeMode::Gossip,
+            replicas: 2,
+            audit: 0.1,
         }
     }
 }
@@ -413,6 +437,21 @@ impl Config {
         check(federation.num_buckets >= 1, "federation.num_buckets", "must be at least 1")?;
         check(federation.save_every_rounds >= 1, "federation.save_every_rounds", "must be at least 1")?;
         check(federation.round_timeout_secs >= 1, "federation.round_timeout_secs", "must be at least 1 second")?;
+        check(
+            (1..=8).contains(&federation.replicas),
+            "federation.replicas",
+            "must be 1 to 8 (2, the default, lets every node check each slice against a second owner)",
+        )?;
+        check(
+            (0.0..=1.0).contains(&federation.audit),
+            "federation.audit",
+            "must be a probability in [0, 1]",
+        )?;
+        check(
+            federation.min_members >= 1,
+            "federation.min_members",
+            "must be at least 1 (1 trains round 0 alone; 2, the default, waits for a peer)",
+        )?;
 
         check(!network.data_dir.as_os_str().is_empty(), "network.data_dir", "must not be empty")?;
         check(network.store_quota_mb >= 1, "network.store_quota_mb", "must be at least 1 (MB)")?;

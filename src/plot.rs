@@ -1,5 +1,6 @@
-//! Per-round metrics as an SVG a person can glance at: losses on top,
-//! agreement (and exact match) below, against the round.
+//! Figures as SVGs a person can glance at: per-round metrics (losses on
+//! top, agreement and exact match below) and how a figure scales with a
+//! size (log-log).
 
 use std::path::Path;
 
@@ -61,5 +62,38 @@ pub fn plot_rounds(path: &Path, title: &str, upper: &[Series], lower: &[Series])
     let (top, bottom) = root.split_vertically(340);
     panel(&top, &format!("loss — {title}"), upper, None)?;
     panel(&bottom, "agreement and exact match", lower, Some((0.0, 1.05)))?;
+    root.present().map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// Writes `series` (x, y > 0) on log-log axes into an SVG at `path`:
+/// how a figure grows with a size.
+pub fn plot_scaling(path: &Path, title: &str, x_desc: &str, y_desc: &str, series: &[Series]) -> Result<(), String> {
+    let all: Vec<(f64, f64)> = series.iter().flat_map(|s| s.points.iter().copied()).filter(|(x, y)| *x > 0.0 && *y > 0.0).collect();
+    let bounds = |values: Vec<f64>| {
+        let lo = values.iter().copied().fold(f64::MAX, f64::min);
+        let hi = values.iter().copied().fold(f64::MIN, f64::max);
+        if lo > hi { (1.0, 10.0) } else { (lo / 1.5, hi * 1.5) }
+    };
+    let (x_min, x_max) = bounds(all.iter().map(|p| p.0).collect());
+    let (y_min, y_max) = bounds(all.iter().map(|p| p.1).collect());
+    let root = SVGBackend::new(path, (800, 500)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| e.to_string())?;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(title, ("sans-serif", 18))
+        .margin(10)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d((x_min..x_max).log_scale(), (y_min..y_max).log_scale())
+        .map_err(|e| e.to_string())?;
+    chart.configure_mesh().x_desc(x_desc).y_desc(y_desc).draw().map_err(|e| e.to_string())?;
+    for (i, s) in series.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        chart
+            .draw_series(LineSeries::new(s.points.iter().copied(), color.stroke_width(2)))
+            .map_err(|e| e.to_string())?
+            .label(s.name.clone())
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.8)).draw().map_err(|e| e.to_string())?;
     root.present().map_err(|e| format!("{}: {e}", path.display()))
 }

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use blossom_p2p::aggregate::{Method, Tensor, Tensors};
 use blossom_p2p::node::engine::{Engine, EngineEvent, EngineSettings, LocalResult, PartitionMode, RoundClock, RoundTrainer};
-use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, spawn};
+use blossom_p2p::p2p::network::{Exchange, NetworkEvent, NetworkHandle, spawn};
 use blossom_p2p::wire::codec::{Digest, Limits};
 use blossom_p2p::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 use blossom_p2p::wire::tensors::encode;
@@ -76,7 +76,7 @@ fn settings(run_id: Digest, rounds: u64) -> EngineSettings {
         train_rows: Arc::new((0..64).collect()),
         clock: RoundClock::Wall { timeout: Duration::from_secs(4) },
         catch_up: true,
-        min_peers: 1,
+        min_members: 2,
         grace: Duration::from_millis(200),
         evaluate: false,
         save_every: 0,
@@ -85,6 +85,10 @@ fn settings(run_id: Digest, rounds: u64) -> EngineSettings {
         measure_drift: false,
         checkpoint: None,
         examples_per_round: EXAMPLES_PER_ROUND,
+        exchange: Exchange::Gossip,
+        replicas: 2,
+        audit: 0.0,
+        lying_reducer: false,
     }
 }
 
@@ -99,7 +103,8 @@ fn forged(author: &Keypair, run_id: Digest, round: u64, kind: ManifestKind, exam
     (SignedManifest::sign(&manifest, author).unwrap(), manifest, bytes)
 }
 
-/// A hostile peer joins a 3-round run: it serves forged "averages" of round
+/// A hostile peer joins a 3-round run: it announces itself for round 0,
+/// serves forged "averages" of round
 /// 1000 and u64::MAX (every value × 1000) to joiners, publishes an update for
 /// round 0 that claims 10^12 examples, and otherwise never publishes. The
 /// honest node must reject all of it, never crash (u64::MAX + 1 used to
@@ -122,7 +127,10 @@ async fn a_hostile_peer_cannot_crash_feed_outweigh_or_stall_a_node() {
     .expect("a listen address");
     // Keep the hostile node's own event channel drained.
     tokio::spawn(async move { while hostile_events.recv().await.is_some() {} });
-    hostile.subscribe(run_id).await.unwrap();
+    hostile.subscribe(run_id, Exchange::Gossip).await.unwrap();
+    // It announces itself for round 0, so the honest node waits for it.
+    let hello = Manifest::hello(run_id, &hostile_key.public().to_peer_id());
+    hostile.keep(SignedManifest::sign(&hello, &hostile_key).unwrap(), hello, Vec::new()).await.unwrap();
     let poisoned: Tensors = adapter(500.0);
     for round in [1000, u64::MAX] {
         let (signed, manifest, bytes) = forged(&hostile_key, run_id, round, ManifestKind::Average, 0, &poisoned);

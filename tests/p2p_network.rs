@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use blossom_p2p::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, spawn};
+use blossom_p2p::p2p::network::{Exchange, NetworkEvent, NetworkHandle, NetworkOptions, spawn};
 use blossom_p2p::wire::codec::{Digest, TensorBytes, TensorDtype, encode_adapter};
 use blossom_p2p::wire::manifest::{Manifest, SignedManifest};
 use libp2p::pnet::PreSharedKey;
@@ -104,8 +104,8 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     let (b_key, b, mut b_events) = node(&dir, "b", vec![]);
     let b_addr = listen_addr(&mut b_events).await;
     let (_, a, mut a_events) = node(&dir, "a", vec![b_addr.clone()]);
-    a.subscribe(run_id).await.unwrap();
-    b.subscribe(run_id).await.unwrap();
+    a.subscribe(run_id, Exchange::Gossip).await.unwrap();
+    b.subscribe(run_id, Exchange::Gossip).await.unwrap();
     wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
 
     let bytes = adapter_bytes(5);
@@ -123,7 +123,7 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
 
     // C joins after the gossip is over and catches up by request-response.
     let (_, c, mut c_events) = node(&dir, "c", vec![b_addr.clone()]);
-    c.subscribe(run_id).await.unwrap();
+    c.subscribe(run_id, Exchange::Gossip).await.unwrap();
     wait_for(&mut c_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
     c.catch_up(run_id).await.unwrap();
     let late = wait_for(&mut c_events, |e| match e {

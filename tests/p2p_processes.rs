@@ -123,12 +123,15 @@ fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
     assert!(page.contains("# TYPE blossom_round gauge") && page.contains("blossom_rounds{run=\""), "{page}");
     let b_args = with(&["start", "--data-dir", &d("b"), "--listen", listen, "--bootstrap", &addr]);
     let b = Node::spawn(&b_args.iter().map(String::as_str).collect::<Vec<_>>());
-    let last_average = |node: &Node| {
-        let line = node.wait_for("round 1:");
+    let average = |node: &Node, round: u32| {
+        let line = node.wait_for(&format!("round {round}:"));
         assert!(line.contains("2/2 updates"), "{line}");
         line.rsplit("average ").next().unwrap().to_owned()
     };
-    let (hash_a, hash_b) = (last_average(&a), last_average(&b));
+    // A waited for B: both train round 0 with the same two members and
+    // agree from the first average on.
+    assert_eq!(average(&a, 0), average(&b, 0), "round 0's averages differ");
+    let (hash_a, hash_b) = (average(&a, 1), average(&b, 1));
     assert_eq!(hash_a, hash_b);
     a.wait_for("run finished");
     b.wait_for("run finished");

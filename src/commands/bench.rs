@@ -24,6 +24,9 @@ pub enum BenchCommand {
     Train(BenchTrainArgs),
     /// Time and wire bytes for an adapter to reach every node of a loopback network.
     Gossip(super::bench_gossip::BenchGossipArgs),
+    /// Bytes per node per round from 4 to 256 simulated nodes, each exchange
+    /// against a Flower client, as a table and a log-log plot.
+    Traffic(super::bench_traffic::BenchTrafficArgs),
 }
 
 #[derive(Debug, Args)]
@@ -66,6 +69,7 @@ impl BenchCommand {
                 args.data.apply(config);
             }
             BenchCommand::Gossip(_) => {}
+            BenchCommand::Traffic(args) => args.apply(config),
         }
     }
 
@@ -74,6 +78,7 @@ impl BenchCommand {
             BenchCommand::Generate(args) => bench_generate(config, args),
             BenchCommand::Train(args) => bench_train(config, args),
             BenchCommand::Gossip(args) => super::bench_gossip::bench_gossip(args),
+            BenchCommand::Traffic(args) => super::bench_traffic::bench_traffic(config, args),
         }
     }
 }

@@ -16,7 +16,7 @@ use libp2p::Multiaddr;
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc::Receiver;
 
-use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
+use crate::p2p::network::{Exchange, NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 use crate::wire::codec::{Digest, Limits, TensorBytes, TensorDtype, encode_adapter};
 use crate::wire::manifest::{Manifest, SignedManifest};
 
@@ -101,7 +101,7 @@ async fn one_run(args: &BenchGossipArgs, mesh_n: usize, store: PathBuf) -> Resul
     let mut nodes = start_network(args.nodes as usize, mesh_n, &store).await?;
     let run_id = Digest::of(format!("bench gossip {mesh_n}").as_bytes());
     for node in &nodes {
-        node.handle.subscribe(run_id).await.map_err(|e| e.to_string())?;
+        node.handle.subscribe(run_id, Exchange::Gossip).await.map_err(|e| e.to_string())?;
     }
     tokio::time::sleep(SETTLE).await;
     let count = args.megabytes as usize * 1024 * 1024 / 4;

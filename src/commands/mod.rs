@@ -10,6 +10,8 @@ pub mod bench;
 #[cfg(feature = "train")]
 pub mod bench_gossip;
 #[cfg(feature = "train")]
+pub mod bench_traffic;
+#[cfg(feature = "train")]
 pub mod eval;
 #[cfg(feature = "train")]
 pub mod export;

@@ -17,7 +17,7 @@ use libp2p::{Multiaddr, PeerId};
 use libp2p_identity::Keypair;
 
 use crate::config::{Config, ConfigError, Origin, Partitioning};
-use crate::p2p::network::{NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
+use crate::p2p::network::{Exchange, NetworkEvent, NetworkHandle, NetworkOptions, TransportKind, spawn};
 use crate::wire::codec::{Digest, Limits, decode_adapter, encode_adapter};
 use crate::wire::manifest::{Manifest, SignedManifest};
 
@@ -386,7 +386,7 @@ async fn run_exchange(config: &Config, args: &StartArgs) -> Result<(), NodeError
     };
     let options = network_options(config, &args.network, &config.network.bootstrap, false)?;
     let (handle, mut events) = spawn(keypair, options).map_err(|e| NodeError::Run(e.to_string()))?;
-    handle.subscribe(run_id).await.map_err(|e| NodeError::Run(e.to_string()))?;
+    handle.subscribe(run_id, Exchange::Gossip).await.map_err(|e| NodeError::Run(e.to_string()))?;
     println!("peer id: {}", handle.peer_id);
     println!("run id: {run_id}");
     if let Some((signed, manifest, bytes)) = publication {
@@ -444,7 +444,7 @@ async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
     // keeps what it sees, and answers late joiners' catch-up requests even
     // while every trainer is offline.
     for run_id in seed_runs {
-        handle.subscribe(run_id).await.map_err(|e| NodeError::Run(e.to_string()))?;
+        handle.subscribe(run_id, Exchange::Gossip).await.map_err(|e| NodeError::Run(e.to_string()))?;
         println!("seeding run {run_id}");
     }
     loop {

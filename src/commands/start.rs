@@ -116,7 +116,7 @@ async fn run_node(
             timeout: Duration::from_secs(config.federation.round_timeout_secs),
         },
         catch_up: args.catch_up,
-        min_peers: usize::from(!config.network.bootstrap.is_empty()),
+        min_members: config.federation.min_members as usize,
         grace: Duration::from_secs(2),
         evaluate: true,
         save_every: config.federation.save_every_rounds,
@@ -125,6 +125,10 @@ async fn run_node(
         measure_drift: false,
         checkpoint: Some(CheckpointFile::new(&config.network.data_dir.join("checkpoints"), run_id, config.train.seed, local_steps)),
         examples_per_round: crate::node::examples_per_round(config),
+        exchange: crate::node::exchange(config),
+        replicas: config.federation.replicas as usize,
+        audit: config.federation.audit,
+        lying_reducer: false,
     };
     let metrics_path = config.network.data_dir.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
@@ -217,18 +221,29 @@ async fn run_node(
                 status.count_rejection(&reason);
                 publish_status(&mut status);
             }
+            EngineEvent::Waiting { known, wanted } => println!("waiting for peers ({known} of {wanted}): round 0 starts when {wanted} nodes are here"),
+            EngineEvent::Members { count, member } => {
+                if member {
+                    println!("round 0 starts with {count} members");
+                } else {
+                    println!("round 0 began before this node came: averaging it with its {count} members, training from round 1");
+                }
+            }
             EngineEvent::Collecting { deadline, .. } => {
                 let unix_ms = deadline.and_then(|d| d.duration_since(std::time::UNIX_EPOCH).ok()).map(|d| d.as_millis() as u64);
                 update_if(&dashboard, |view| view.deadline_unix_ms = unix_ms);
             }
             EngineEvent::Round(report) => {
+                // Every node starts from the same seeded adapter: agreement
+                // on it says nothing, so round 0 reports none.
+                let agreement = (report.round > 0).then_some(report.agreement_before);
                 update_if(&dashboard, |view| {
                     view.history.push(RoundPoint {
                         round: report.round,
                         train_loss: (report.rows > 0).then_some(f64::from(report.local.loss)),
                         eval_loss: report.eval_loss.map(f64::from),
                         exact_match: None,
-                        agreement: Some(report.agreement_before),
+                        agreement,
                     });
                     view.peers = report
                         .members
@@ -243,7 +258,7 @@ async fn run_node(
                 });
                 status.round = report.round + 1;
                 status.last_average = Some(report.average_hash.to_hex());
-                status.agreement = Some(report.agreement_before);
+                status.agreement = agreement;
                 status.last_eval_loss = report.eval_loss;
                 if let Ok(peers) = peer_handle.connected_peers().await {
                     status.connected_peers = peers.iter().map(ToString::to_string).collect();
@@ -259,20 +274,20 @@ async fn run_node(
                     "contributors": report.contributors,
                     "expected": report.expected,
                     "timed_out": report.timed_out,
-                    "agreement_previous_round": report.agreement_before,
+                    "agreement_previous_round": agreement,
                     "average_hash": report.average_hash.to_hex(),
                     "round_seconds": report.elapsed.as_secs_f64(),
                 });
                 writeln!(metrics, "{record}").map_err(|e| NodeError::Run(format!("{}: {e}", metrics_path.display())))?;
                 println!(
-                    "round {}: train loss {:.4}, eval loss {}, {}/{} updates{}, agreement {:.2}, average {}",
+                    "round {}: train loss {:.4}, eval loss {}, {}/{} updates{}{}, average {}",
                     report.round,
                     report.local.loss,
                     report.eval_loss.map_or("-".into(), |l| format!("{l:.4}")),
                     report.contributors,
                     report.expected,
                     if report.timed_out { " (deadline)" } else { "" },
-                    report.agreement_before,
+                    agreement.map_or(String::new(), |a| format!(", agreement {a:.2} on round {}'s average", report.round - 1)),
                     report.average_hash
                 );
             }

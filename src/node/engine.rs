@@ -3,7 +3,7 @@
 //! and the network only through its handle and events; docs/PROTOCOL.md
 //! explains the choices.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,13 +14,16 @@ use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
-use crate::p2p::network::{NetworkError, NetworkEvent, NetworkHandle};
-use crate::wire::codec::{Digest, Limits};
-use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
+use crate::p2p::network::{Exchange, NetworkError, NetworkEvent, NetworkHandle};
+use crate::wire::codec::{CHUNK_SIZE, Digest, Limits};
+use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest, SliceClaim};
+use crate::wire::slices::SliceLayout;
 use crate::wire::tensors::{decode_checked, encode};
 
 use super::checkpoint::{CheckpointError, CheckpointFile};
 use super::partition::{hash_partition, hash_partition_sizes, static_partition};
+use super::reduce::{self, SliceInput};
+
 
 /// What a round of local training produced.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -136,8 +139,9 @@ pub struct EngineSettings {
     pub clock: RoundClock,
     /// Ask peers for the newest average before the first round.
     pub catch_up: bool,
-    /// Before round 0, wait (up to ten seconds) for this many peers.
-    pub min_peers: usize,
+    /// Round 0 starts once this many run members, this node included, have
+    /// announced themselves (Flower's `min_available_clients`).
+    pub min_members: usize,
     /// After the quorum, updates are still taken for this long (clock time):
     /// late joiners' and, in round 0, those of peers not yet known.
     pub grace: Duration,
@@ -156,6 +160,16 @@ pub struct EngineSettings {
     /// without rows trains on none). An update's weight is one of these
     /// two values; a manifest claiming anything else is rejected.
     pub examples_per_round: u64,
+    /// How updates travel: whole to everyone, or by slice to their owners.
+    pub exchange: Exchange,
+    /// Owners of each slice in the reduce exchange.
+    pub replicas: usize,
+    /// In the reduce exchange, the chance that a node recomputes one slice
+    /// it did not own each round and checks its owners' result.
+    pub audit: f64,
+    /// `simulate --attack lying-reducer` only: claim every owned slice with
+    /// its values ×10 (the node itself keeps the true slice).
+    pub lying_reducer: bool,
 }
 
 /// A member of a round as this node saw it.
@@ -203,6 +217,13 @@ pub enum EngineEvent {
     /// The update of `round` is out; collection ends by `deadline` at the
     /// latest (unknown in advance for an idle-time clock).
     Collecting { round: u64, deadline: Option<SystemTime> },
+    /// Round 0 waits for its members: `known` of `wanted` have announced
+    /// themselves (this node included).
+    Waiting { known: usize, wanted: usize },
+    /// Round 0's member list is settled: every node that announced itself
+    /// in time. `member` is false for a node that came after round 0 began:
+    /// it averages round 0 without training in it.
+    Members { count: usize, member: bool },
     Round(RoundReport),
     Rejected { peer: PeerId, reason: String },
     Finished,
@@ -220,10 +241,31 @@ pub enum EngineError {
     Checkpoint(#[from] CheckpointError),
 }
 
-/// A peer's update for some round.
+/// A peer's update for some round (its tensors: in the gossip exchange,
+/// and this node's own).
 struct Update {
     manifest: Manifest,
-    tensors: Tensors,
+    tensors: Option<Tensors>,
+}
+
+/// What a slice owner claimed.
+#[derive(Debug, Clone, PartialEq)]
+struct ClaimSeen {
+    inputs: Digest,
+    result: Digest,
+    chunk_size: u32,
+    len: u64,
+}
+
+/// Where a slice computation reads one input from.
+#[derive(Clone)]
+struct InputSource {
+    author: PeerId,
+    examples: u64,
+    chunk_ids: Vec<Digest>,
+    chunk_size: usize,
+    /// This node's own update, in full.
+    own: Option<Arc<Vec<u8>>>,
 }
 
 /// The newest verified average seen while catching up.
@@ -235,6 +277,15 @@ struct Candidate {
 
 /// How many rounds ahead of this node updates are kept.
 const LOOKAHEAD: u64 = 2;
+/// Slice claims kept per (round, slice), and claimed results in all.
+const MAX_CLAIMS_PER_SLICE: usize = 8;
+const MAX_SLICE_RESULTS: usize = 16_384;
+/// Passes of the reduce exchange in one round: each drops the inputs that
+/// no peer could serve (an author that crashed after publishing).
+const REDUCE_PASSES: usize = 3;
+/// Round-0 member announcements kept at most (each needs its own key, but
+/// keys are free: memory stays bounded whatever peers send).
+const MAX_ANNOUNCED: usize = 4096;
 
 pub struct Engine<T: RoundTrainer> {
     pub net: NetworkHandle,
@@ -252,6 +303,17 @@ pub struct Engine<T: RoundTrainer> {
     /// pass. They are not waited for again until they publish: a silent
     /// subscriber costs the run one deadline, not one a round.
     silent: HashSet<PeerId>,
+    /// Peers that announced themselves as members of round 0.
+    announced: BTreeSet<PeerId>,
+    /// This node's newest update, encoded (it reads its own slices from it).
+    own_update: Option<Arc<Vec<u8>>>,
+    /// Slice claims by (round, slice) and owner.
+    claims: BTreeMap<(u64, u32), BTreeMap<PeerId, ClaimSeen>>,
+    /// Claimed slice results' chunks (at most 256 KiB each), by hash, with their round.
+    slice_results: HashMap<Digest, (u64, Vec<u8>)>,
+    /// Owners proven to have claimed a wrong slice, and the proof: left out
+    /// of the run.
+    excluded: HashMap<PeerId, String>,
     /// The layout every adapter must have (the node's own initial adapter).
     layout: Tensors,
 }
@@ -276,6 +338,11 @@ impl<T: RoundTrainer> Engine<T> {
             candidate: None,
             recent_authors: HashMap::new(),
             silent: HashSet::new(),
+            announced: BTreeSet::new(),
+            own_update: None,
+            claims: BTreeMap::new(),
+            slice_results: HashMap::new(),
+            excluded: HashMap::new(),
             layout: Tensors::new(),
         }
     }
@@ -295,21 +362,39 @@ impl<T: RoundTrainer> Engine<T> {
     /// reports rejections.
     fn on_network_event(&mut self, event: NetworkEvent, from: Option<u64>) {
         let (manifest, author, bytes) = match event {
-            NetworkEvent::AdapterReady { manifest, author, bytes } => (manifest, author, bytes),
+            NetworkEvent::AdapterReady { manifest, author, bytes } => (manifest, author, Some(bytes)),
+            NetworkEvent::Manifest { manifest, author } => match manifest.kind {
+                ManifestKind::Members => return self.on_announcement(&manifest, author),
+                // In the reduce exchange an update is only its manifest here;
+                // a slice claim is kept as it comes (its chunk follows).
+                ManifestKind::Update if self.settings.exchange == Exchange::Reduce => (manifest, author, None),
+                ManifestKind::Slice => return self.on_claim(&manifest, author, from),
+                ManifestKind::Update | ManifestKind::Average => return,
+            },
             NetworkEvent::Rejected { peer, reason } => return self.report(EngineEvent::Rejected { peer, reason }),
             NetworkEvent::Listening(addr) => return self.report(EngineEvent::Listening(addr)),
             NetworkEvent::PeerConnected(peer) => return self.report(EngineEvent::PeerConnected(peer)),
             NetworkEvent::DialFailed { peer, error } => return tracing::debug!(?peer, %error, "a dial failed"),
-            NetworkEvent::Manifest { .. } => return,
         };
-        if manifest.run_id != self.settings.run_id || author == self.me() {
+        if manifest.run_id != self.settings.run_id || author == self.me() || self.excluded.contains_key(&author) {
             return;
         }
         if let Err(reason) = self.check_claims(&manifest) {
             tracing::warn!(peer = %author, round = manifest.round, %reason, "rejected an adapter");
             return self.report(EngineEvent::Rejected { peer: author, reason });
         }
-        let tensors = match decode_checked(&bytes, &self.layout, &self.settings.limits) {
+        if manifest.kind == ManifestKind::Slice {
+            // A slice result's chunk, checked against the claim's hash by the
+            // network; whether it is believed is for `reduce_round`.
+            if let Some(bytes) = bytes
+                && from.is_some_and(|r| manifest.round >= r && manifest.round <= r.saturating_add(LOOKAHEAD))
+                && self.slice_results.len() < MAX_SLICE_RESULTS
+            {
+                self.slice_results.insert(manifest.adapter_hash, (manifest.round, bytes));
+            }
+            return;
+        }
+        let tensors = match bytes.map(|b| decode_checked(&b, &self.layout, &self.settings.limits)).transpose() {
             Ok(t) => t,
             Err(reason) => {
                 tracing::warn!(peer = %author, round = manifest.round, %reason, "rejected an adapter");
@@ -317,7 +402,10 @@ impl<T: RoundTrainer> Engine<T> {
             }
         };
         if manifest.kind == ManifestKind::Average {
-            if from.is_none() && self.candidate.as_ref().is_none_or(|c| manifest.round > c.round) {
+            if let Some(tensors) = tensors
+                && from.is_none()
+                && self.candidate.as_ref().is_none_or(|c| manifest.round > c.round)
+            {
                 self.candidate = Some(Candidate {
                     round: manifest.round,
                     hash: manifest.adapter_hash,
@@ -352,6 +440,48 @@ impl<T: RoundTrainer> Engine<T> {
         // Bounded memory whatever peers claim: the newest rounds win.
         while self.buffered.len() > LOOKAHEAD as usize + 1 {
             self.buffered.pop_first();
+        }
+    }
+
+    /// Keeps a slice owner's claim for a round in the window (one per owner
+    /// and slice; a second, different one from the same owner is
+    /// equivocation, and the first stands).
+    fn on_claim(&mut self, manifest: &Manifest, author: PeerId, from: Option<u64>) {
+        let ours = manifest.run_id == self.settings.run_id && author != self.me() && !self.excluded.contains_key(&author);
+        let in_window = from.is_some_and(|r| manifest.round >= r && manifest.round <= r.saturating_add(LOOKAHEAD));
+        let Some(claim) = manifest.slice.filter(|_| ours && in_window) else { return };
+        let key = (manifest.round, claim.index);
+        if !self.claims.contains_key(&key) && self.claims.len() >= MAX_SLICE_RESULTS {
+            return;
+        }
+        let claims = self.claims.entry(key).or_default();
+        if claims.len() >= MAX_CLAIMS_PER_SLICE {
+            return;
+        }
+        let seen = ClaimSeen {
+            inputs: claim.inputs,
+            result: manifest.adapter_hash,
+            chunk_size: manifest.chunk_size,
+            len: manifest.adapter_len,
+        };
+        match claims.get(&author) {
+            Some(first) if *first != seen => {
+                let reason = format!("two different claims for slice {} of round {}", claim.index, manifest.round);
+                self.report(EngineEvent::Rejected { peer: author, reason });
+            }
+            Some(_) => {}
+            None => {
+                claims.insert(author, seen);
+            }
+        }
+    }
+
+    /// Keeps a round-0 member announcement of this run (verified by the
+    /// network: round 0, no adapter); other manifests come with their bytes.
+    fn on_announcement(&mut self, manifest: &Manifest, author: PeerId) {
+        let ours = manifest.run_id == self.settings.run_id && author != self.me();
+        if manifest.kind == ManifestKind::Members && ours && self.announced.len() < MAX_ANNOUNCED {
+            self.announced.insert(author);
         }
     }
 
@@ -437,10 +567,10 @@ impl<T: RoundTrainer> Engine<T> {
         // Updates go round but no average came: start from the newest update,
         // in its round (one peer's view, better than none).
         let Some((round, updates)) = self.buffered.pop_last() else { return Ok(None) };
-        let Some((author, update)) = updates.into_iter().next() else { return Ok(None) };
+        let Some((author, update, tensors)) = updates.into_iter().find_map(|(a, u)| u.tensors.clone().map(|t| (a, u, t))) else { return Ok(None) };
         tracing::warn!(round, from = %author, "no average came; starting from a peer's update");
         self.report(EngineEvent::CaughtUp { round, from: update.manifest.adapter_hash });
-        Ok(Some((round, update.tensors)))
+        Ok(Some((round, tensors)))
     }
 
     fn rows(&self, members: &[PeerId]) -> Vec<u64> {
@@ -477,6 +607,263 @@ impl<T: RoundTrainer> Engine<T> {
         SignedManifest::sign(manifest, &self.keypair).map_err(|e| EngineError::Network(e.to_string()))
     }
 
+    /// Signs and gossips this node's update of `round`, and keeps it for the
+    /// round's average.
+    async fn publish_update(&mut self, round: u64, parent: Digest, update: Tensors, local: &LocalResult, chunks: (usize, Option<Digest>)) -> Result<(), EngineError> {
+        let (chunk_size, members) = chunks;
+        let bytes = encode(&update).map_err(EngineError::Aggregate)?;
+        let manifest = Manifest {
+            parent: Some(parent),
+            examples: local.examples,
+            tokens: local.tokens,
+            train_loss: local.loss,
+            members,
+            ..Manifest::describe_chunked(self.settings.run_id, round, &self.me(), &bytes, chunk_size)
+        };
+        let signed = self.sign(&manifest)?;
+        let bytes_kept = bytes.clone();
+        match self.net.publish(signed, manifest.clone(), bytes).await {
+            Ok(()) => {}
+            // A node that cannot keep its own update cannot serve it.
+            Err(e @ NetworkError::Store(_)) => return Err(EngineError::Network(e.to_string())),
+            // No peer in the topic right now: the update stays in the store
+            // for fetches, and the round goes on.
+            Err(e) => tracing::warn!(round, error = %e, "could not gossip the update"),
+        }
+        let me = self.me();
+        self.own_update = Some(Arc::new(bytes_kept));
+        self.buffered.entry(round).or_default().insert(me, Update { manifest, tensors: Some(update) });
+        Ok(())
+    }
+
+    /// The reduce exchange's average of `updates` (docs/PROTOCOL.md, "The
+    /// reduce exchange"): this node computes the slices it owns and claims
+    /// them, takes every other slice from its owners when all of them claim
+    /// the same result over the same inputs, and computes a slice itself
+    /// when they disagree, are missing by the deadline, or it audits the
+    /// slice. An owner whose claim differs from the slice computed from the
+    /// signed inputs is excluded from the run. Inputs that nobody could
+    /// serve (their author left) are dropped, and the exchange runs again
+    /// over the rest. Returns the average, its encoding and the inputs count.
+    async fn reduce_round(&mut self, round: u64, current: &Tensors, mut updates: BTreeMap<PeerId, Update>) -> Result<(Tensors, Vec<u8>, usize), EngineError> {
+        let previous = Arc::new(encode(current).map_err(EngineError::Aggregate)?);
+        // An adapter of another length cannot have the run's layout.
+        for (author, update) in &updates {
+            if update.manifest.adapter_len != previous.len() as u64 {
+                let reason = format!("an update of {} bytes; the run's adapters have {}", update.manifest.adapter_len, previous.len());
+                self.report(EngineEvent::Rejected { peer: *author, reason });
+            }
+        }
+        updates.retain(|_, u| u.manifest.adapter_len == previous.len() as u64);
+        let me = self.me();
+        let mut clock = self.settings.clock.clone();
+        let deadline = clock.deadline(round);
+        tokio::pin!(deadline);
+        let mut deadline_passed = false;
+        for pass in 0..REDUCE_PASSES {
+            if updates.is_empty() {
+                return Err(EngineError::Aggregate("no update of this round could be fetched".into()));
+            }
+            let pairs: Vec<(PeerId, Digest)> = updates.iter().map(|(p, u)| (*p, u.manifest.adapter_hash)).collect();
+            let digest = reduce::inputs_digest(&pairs);
+            // The slices the authors cut their updates into, if they agree
+            // (they do when they saw the same members); else one per input.
+            let sizes: BTreeSet<u32> = updates.values().map(|u| u.manifest.chunk_size).collect();
+            let layout = match sizes.iter().next() {
+                Some(size) if sizes.len() == 1 => SliceLayout::with_chunk_size(&self.layout, *size as usize),
+                _ => SliceLayout::new(&self.layout, reduce::slice_count(updates.len())),
+            }
+            .map_err(EngineError::Aggregate)?;
+            let layout = Arc::new(layout);
+            let authors: Vec<PeerId> = updates.keys().copied().collect();
+            let owners = reduce::owners(&self.settings.run_id, round, &authors, layout.count(), self.settings.replicas);
+            let sources: Arc<Vec<InputSource>> = Arc::new(
+                updates
+                    .iter()
+                    .map(|(author, u)| InputSource {
+                        author: *author,
+                        examples: u.manifest.examples,
+                        chunk_ids: u.manifest.chunk_ids.clone(),
+                        chunk_size: u.manifest.chunk_size as usize,
+                        own: if *author == me { self.own_update.clone() } else { None },
+                    })
+                    .collect(),
+            );
+            let compute = {
+                let (net, method, layout, previous, sources) = (self.net.clone(), self.settings.method, layout.clone(), previous.clone(), sources.clone());
+                move |slices: Vec<usize>| compute_slices(net.clone(), layout.clone(), method, previous.clone(), sources.clone(), slices)
+            };
+            let mut resolved: Vec<Option<Vec<u8>>> = vec![None; layout.count()];
+            let mut unavailable: BTreeSet<PeerId> = BTreeSet::new();
+            // 1. The slices this node owns: computed and claimed.
+            let mine: Vec<usize> = (0..layout.count()).filter(|s| owners[*s].contains(&me)).collect();
+            for (s, result) in self.while_listening(compute(mine), Some(round)).await? {
+                match result {
+                    Ok((chunk, bad)) => {
+                        self.report_non_finite(&sources, &bad, s, round);
+                        self.claim_slice(round, s, digest, &layout, &chunk).await?;
+                        resolved[s] = Some(chunk);
+                    }
+                    Err(missing) => unavailable.extend(missing),
+                }
+            }
+            // 2. The other slices from their owners until the deadline;
+            //    contested ones are computed here at once.
+            // Bounded by the deadline.
+            while unavailable.is_empty() {
+                for s in 0..layout.count() {
+                    if resolved[s].is_none() {
+                        resolved[s] = self.agreed_result(round, s, digest, &owners[s], &layout);
+                    }
+                }
+                let contested: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none() && self.contested(round, *s, digest, &owners[*s])).collect();
+                if !contested.is_empty() {
+                    let job = compute(contested);
+                    self.settle_slices(job, round, digest, &owners, &sources, &mut resolved, &mut unavailable).await?;
+                }
+                if deadline_passed || resolved.iter().all(Option::is_some) {
+                    break;
+                }
+                tokio::select! {
+                    _ = &mut deadline => deadline_passed = true,
+                    event = self.events.recv() => match event {
+                        Some(event) => self.on_network_event(event, Some(round)),
+                        None => return Err(EngineError::Network("the network task stopped".into())),
+                    },
+                }
+            }
+            // 3. What no owner gave by the deadline, and one audited slice.
+            let mut todo: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none()).collect();
+            todo.extend(self.audit_pick(round, pass, layout.count(), &owners, &todo));
+            if unavailable.is_empty() && !todo.is_empty() {
+                let job = compute(todo);
+                self.settle_slices(job, round, digest, &owners, &sources, &mut resolved, &mut unavailable).await?;
+            }
+            if !unavailable.is_empty() {
+                tracing::warn!(round, pass, dropped = unavailable.len(), "updates no peer could serve are left out; the exchange runs again");
+                updates.retain(|author, _| !unavailable.contains(author));
+                continue;
+            }
+            if let Some(s) = resolved.iter().position(Option::is_none) {
+                return Err(EngineError::Aggregate(format!("slice {s} of round {round} could not be computed")));
+            }
+            let bytes: Vec<u8> = resolved.into_iter().flatten().flatten().collect();
+            let average = decode_checked(&bytes, &self.layout, &self.settings.limits).map_err(|e| EngineError::Aggregate(format!("the assembled average: {e}")))?;
+            return Ok((average, bytes, updates.len()));
+        }
+        Err(EngineError::Aggregate(format!("the reduce exchange of round {round} did not settle in {REDUCE_PASSES} passes")))
+    }
+
+    /// Runs a slice computation while listening, and takes its results: a
+    /// computed slice is the truth its owners' claims are checked against.
+    #[allow(clippy::too_many_arguments)]
+    async fn settle_slices(
+        &mut self,
+        job: impl Future<Output = Vec<(usize, Result<(Vec<u8>, Vec<usize>), Vec<PeerId>>)>>,
+        round: u64,
+        digest: Digest,
+        owners: &[Vec<PeerId>],
+        sources: &[InputSource],
+        resolved: &mut [Option<Vec<u8>>],
+        unavailable: &mut BTreeSet<PeerId>,
+    ) -> Result<(), EngineError> {
+        for (s, result) in self.while_listening(job, Some(round)).await? {
+            match result {
+                Ok((chunk, bad)) => {
+                    self.report_non_finite(sources, &bad, s, round);
+                    self.expose_liars(round, s, digest, &owners[s], &chunk);
+                    resolved[s] = Some(chunk);
+                }
+                Err(missing) => unavailable.extend(missing),
+            }
+        }
+        Ok(())
+    }
+
+    /// Slice `s`'s result if every one of its owners claimed the same one
+    /// over `digest` and its chunk is here.
+    fn agreed_result(&self, round: u64, s: usize, digest: Digest, owners: &[PeerId], layout: &SliceLayout) -> Option<Vec<u8>> {
+        let claims = self.claims.get(&(round, s as u32))?;
+        let mut results = owners.iter().map(|o| claims.get(o).filter(|c| c.inputs == digest && c.chunk_size as usize == layout.chunk_size));
+        let first = results.next()??;
+        if !results.all(|c| c.is_some_and(|c| c.result == first.result)) {
+            return None;
+        }
+        self.slice_results.get(&first.result).map(|(_, bytes)| bytes.clone()).filter(|b| b.len() == layout.range(s).len())
+    }
+
+    /// Whether slice `s`'s owners made claims over `digest` that differ.
+    fn contested(&self, round: u64, s: usize, digest: Digest, owners: &[PeerId]) -> bool {
+        let Some(claims) = self.claims.get(&(round, s as u32)) else { return false };
+        let results: BTreeSet<Digest> = owners.iter().filter_map(|o| claims.get(o)).filter(|c| c.inputs == digest).map(|c| c.result).collect();
+        results.len() > 1
+    }
+
+    /// The slice this node audits in `round`, if any: with probability
+    /// `audit`, one it neither owns nor computes anyway, picked by hashing
+    /// (its key, round, pass), so owners cannot know who checks them.
+    fn audit_pick(&self, round: u64, pass: usize, count: usize, owners: &[Vec<PeerId>], todo: &[usize]) -> Option<usize> {
+        let me = self.me();
+        let candidates: Vec<usize> = (0..count).filter(|s| !owners[*s].contains(&me) && !todo.contains(s)).collect();
+        let mut key = me.to_bytes();
+        key.extend_from_slice(&round.to_le_bytes());
+        key.extend_from_slice(&(pass as u64).to_le_bytes());
+        let roll = u64::from_le_bytes(Digest::of(&key).0[..8].try_into().unwrap_or_default());
+        let chance = (roll >> 11) as f64 / (1u64 << 53) as f64;
+        if candidates.is_empty() || chance >= self.settings.audit {
+            return None;
+        }
+        Some(candidates[(roll % candidates.len() as u64) as usize])
+    }
+
+    /// Excludes every owner of slice `s` whose claim over `digest` is not
+    /// `chunk`, the slice computed here from the signed inputs.
+    fn expose_liars(&mut self, round: u64, s: usize, digest: Digest, owners: &[PeerId], chunk: &[u8]) {
+        let truth = Digest::of(chunk);
+        let Some(claims) = self.claims.get(&(round, s as u32)) else { return };
+        let liars: Vec<(PeerId, Digest)> = owners.iter().filter_map(|o| claims.get(o).filter(|c| c.inputs == digest && c.result != truth).map(|c| (*o, c.result))).collect();
+        for (liar, claimed) in liars {
+            let reason = format!("lying-reducer: claimed slice {s} of round {round} is {claimed}, the signed inputs give {truth}");
+            tracing::warn!(peer = %liar, %reason, "excluded from the run");
+            self.excluded.insert(liar, reason.clone());
+            self.report(EngineEvent::Rejected { peer: liar, reason });
+        }
+    }
+
+    fn report_non_finite(&self, sources: &[InputSource], bad: &[usize], s: usize, round: u64) {
+        for input in bad.iter().filter_map(|i| sources.get(*i)) {
+            let reason = format!("non-finite values in slice {s} of its round-{round} update (taken as no change)");
+            self.report(EngineEvent::Rejected { peer: input.author, reason });
+        }
+    }
+
+    /// Keeps slice `s`'s result and gossips this node's signed claim of it.
+    async fn claim_slice(&mut self, round: u64, s: usize, inputs: Digest, layout: &SliceLayout, chunk: &[u8]) -> Result<(), EngineError> {
+        let mut chunk = chunk.to_vec();
+        if self.settings.lying_reducer {
+            let values = layout.value_range(s);
+            let skip = values.start - layout.range(s).start;
+            for value in chunk[skip..].chunks_exact_mut(4) {
+                let lie = f32::from_le_bytes([value[0], value[1], value[2], value[3]]) * 10.0;
+                value.copy_from_slice(&lie.to_le_bytes());
+            }
+        }
+        let manifest = Manifest {
+            kind: ManifestKind::Slice,
+            slice: Some(SliceClaim { index: s as u32, inputs }),
+            ..Manifest::describe_chunked(self.settings.run_id, round, &self.me(), &chunk, layout.chunk_size)
+        };
+        let signed = self.sign(&manifest)?;
+        match self.net.publish(signed, manifest, chunk).await {
+            Err(e @ NetworkError::Store(_)) => Err(EngineError::Network(e.to_string())),
+            Err(e) => {
+                tracing::warn!(round, slice = s, error = %e, "could not gossip a slice claim");
+                Ok(())
+            }
+            Ok(()) => Ok(()),
+        }
+    }
+
     /// Runs the rounds until the last one; reports each. Logs carry the
     /// run id, the peer id and the round as fields (`--log-format json`).
     pub async fn run(self) -> Result<(), EngineError> {
@@ -486,7 +873,7 @@ impl<T: RoundTrainer> Engine<T> {
 
     async fn run_rounds(mut self) -> Result<(), EngineError> {
         let run_id = self.settings.run_id;
-        self.net.subscribe(run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        self.net.subscribe(run_id, self.settings.exchange).await.map_err(|e| EngineError::Network(e.to_string()))?;
         let initial = self.trainer.initial().await.map_err(EngineError::Trainer)?;
         self.layout = initial.clone();
         let (mut round, mut current) = (0, initial);
@@ -509,11 +896,12 @@ impl<T: RoundTrainer> Engine<T> {
         // subscribed (a catch-up, or peers that started round 0 first:
         // without them the quorum waits for the deadline).
         let mut rejoined = true;
-        if round == 0 {
-            self.wait_for_peers().await?;
-        }
+        let mut first_members = if round == 0 { Some(self.round_zero_members().await?) } else { None };
         while round < self.settings.rounds {
-            let members = self.members(round).await?;
+            let members = match first_members.take() {
+                Some(members) => members,
+                None => self.members(round).await?,
+            };
             if rejoined {
                 self.net.ask_round(run_id, round).await.map_err(|e| EngineError::Network(e.to_string()))?;
                 rejoined = false;
@@ -571,24 +959,69 @@ impl<T: RoundTrainer> Engine<T> {
         let mut members: Vec<PeerId> = self.recent_authors.iter().filter(|(_, r)| r.saturating_add(1) >= round).map(|(p, _)| *p).collect();
         let connected = self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
         members.extend(connected.into_iter().filter(|peer| !self.silent.contains(peer)));
+        members.retain(|peer| !self.excluded.contains_key(peer));
         members.push(self.me());
         members.sort();
         members.dedup();
         Ok(members)
     }
 
-    async fn wait_for_peers(&mut self) -> Result<(), EngineError> {
-        let wanted = self.settings.min_peers;
-        // Bounded: 100 checks, a tenth of a second each.
-        for _ in 0..100 {
-            let peers = self.net.run_peers(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
-            if peers.len() >= wanted {
-                return Ok(());
-            }
-            self.sleep_listening(Duration::from_millis(100), Some(0)).await?;
+    /// Round 0's members, the same list on every node (docs/PROTOCOL.md,
+    /// "Round 0"): this node announces itself, waits until `min_members`
+    /// members (itself included) have, then one grace period more for
+    /// announcements still in flight; the list is everyone who announced.
+    /// Round-0 updates name the list their authors trained with: a node
+    /// whose peers' list leaves it out (it came after they settled) stays
+    /// off its own too, and averages round 0 without training in it.
+    async fn round_zero_members(&mut self) -> Result<Vec<PeerId>, EngineError> {
+        let run_id = self.settings.run_id;
+        let hello = Manifest::hello(run_id, &self.me());
+        let signed = self.sign(&hello)?;
+        match self.net.publish(signed, hello, Vec::new()).await {
+            Err(e @ NetworkError::Store(_)) => return Err(EngineError::Network(e.to_string())),
+            // No peer yet: they find the announcement by asking (below).
+            Err(e) => tracing::debug!(error = %e, "announcement not gossiped"),
+            Ok(()) => {}
         }
-        tracing::warn!(wanted, "starting round 0 before every expected peer joined");
-        Ok(())
+        let wanted = self.settings.min_members.max(1);
+        let mut shown = 0;
+        // Like Flower's server, a run waits for its members as long as it
+        // takes (the operator stops it); each pass asks connected peers for
+        // round 0's announcements and updates, which reach a node that
+        // subscribed after they were gossiped.
+        loop {
+            let known = self.announced.len() + 1;
+            if known >= wanted || self.round_zero_under_way() {
+                break;
+            }
+            if known != shown {
+                tracing::info!(known, wanted, "waiting for peers");
+                self.report(EngineEvent::Waiting { known, wanted });
+                shown = known;
+            }
+            self.net.ask_round(run_id, 0).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            self.sleep_listening(Duration::from_secs(1), Some(0)).await?;
+        }
+        let mut clock = self.settings.clock.clone();
+        let grace = self.settings.grace;
+        self.while_listening(clock.wait(grace), Some(0)).await?;
+        let others: Vec<PeerId> = self.announced.iter().copied().collect();
+        let mut with_me = others.clone();
+        with_me.push(self.me());
+        with_me.sort();
+        // Round-0 updates already here say which list their authors trained
+        // with: this node is on it, or came too late for it.
+        let lists: BTreeSet<Digest> = self.buffered.get(&0).map(|u| u.values().filter_map(|u| u.manifest.members).collect()).unwrap_or_default();
+        let member = lists.contains(&members_digest(&with_me)) || !lists.contains(&members_digest(&others));
+        let members = if member { with_me } else { others };
+        tracing::info!(count = members.len(), member, "round 0 members settled");
+        self.report(EngineEvent::Members { count: members.len(), member });
+        Ok(members)
+    }
+
+    /// Round 0 is under way if peers already published updates for it.
+    fn round_zero_under_way(&self) -> bool {
+        self.buffered.get(&0).is_some_and(|updates| updates.keys().any(|author| *author != self.me()))
     }
 
     /// One round from `current`; the quorum is every one of `members`.
@@ -596,10 +1029,12 @@ impl<T: RoundTrainer> Engine<T> {
         let started = Instant::now();
         let run_id = self.settings.run_id;
         let parent = Digest::of(&encode(current).map_err(EngineError::Aggregate)?);
+        let me = self.me();
+        let member = members.contains(&me);
         let rows = self.rows(members);
         // 1. Train (a node with no rows this round contributes its start
-        //    adapter with zero weight).
-        let (update, local) = if rows.is_empty() {
+        //    adapter with zero weight; one that is not a member, nothing).
+        let (update, local) = if rows.is_empty() || !member {
             (current.clone(), LocalResult::default())
         } else {
             let (trainer, start, picked) = (self.trainer.clone(), current.clone(), rows.clone());
@@ -607,25 +1042,14 @@ impl<T: RoundTrainer> Engine<T> {
             self.while_listening(training, Some(round)).await?.map_err(EngineError::Trainer)?
         };
         // 2. Publish.
-        let bytes = encode(&update).map_err(EngineError::Aggregate)?;
-        let manifest = Manifest {
-            parent: Some(parent),
-            examples: local.examples,
-            tokens: local.tokens,
-            train_loss: local.loss,
-            ..Manifest::describe(run_id, round, &self.me(), &bytes)
-        };
-        let signed = self.sign(&manifest)?;
-        match self.net.publish(signed, manifest.clone(), bytes).await {
-            Ok(()) => {}
-            // A node that cannot keep its own update cannot serve it.
-            Err(e @ NetworkError::Store(_)) => return Err(EngineError::Network(e.to_string())),
-            // No peer in the topic right now: the update stays in the store
-            // for fetches, and the round goes on.
-            Err(e) => tracing::warn!(round, error = %e, "could not gossip the update"),
+        if member {
+            let chunk_size = match self.settings.exchange {
+                Exchange::Gossip => CHUNK_SIZE,
+                Exchange::Reduce => SliceLayout::new(&self.layout, reduce::slice_count(members.len())).map_err(EngineError::Aggregate)?.chunk_size,
+            };
+            let listed = (round == 0).then(|| members_digest(members));
+            self.publish_update(round, parent, update, &local, (chunk_size, listed)).await?;
         }
-        let me = self.me();
-        self.buffered.entry(round).or_default().insert(me, Update { manifest, tensors: update });
         // 3. Collect until every member's update is in, or the deadline.
         let quorum = |buffered: &BTreeMap<u64, BTreeMap<PeerId, Update>>| {
             buffered.get(&round).is_some_and(|got| members.iter().all(|m| got.contains_key(m)))
@@ -659,8 +1083,13 @@ impl<T: RoundTrainer> Engine<T> {
             };
             self.while_listening(grace_or_deadline, Some(round)).await?;
         }
-        // 4. Average, inputs sorted by author.
-        let updates = self.buffered.remove(&round).unwrap_or_default();
+        // 4. Average, inputs sorted by author. Round 0's members are settled
+        //    (the same list on every node): an update from anyone else would
+        //    only split the averages.
+        let mut updates = self.buffered.remove(&round).unwrap_or_default();
+        if round == 0 {
+            updates.retain(|author, _| members.contains(author));
+        }
         if timed_out {
             // Only peers this node never had an update from: a peer that has
             // published is waited for as before, because under loss or load
@@ -677,18 +1106,31 @@ impl<T: RoundTrainer> Engine<T> {
         // Each count is 0 or examples_per_round (check_claims), so the sum
         // is bounded by members × that; saturate rather than trust it.
         let examples: u64 = updates.values().fold(0u64, |sum, u| sum.saturating_add(u.manifest.examples));
-        let inputs: Vec<Contribution> = updates
-            .into_iter()
-            .map(|(author, u)| Contribution {
-                author: author.to_bytes(),
-                examples: u.manifest.examples,
-                tensors: u.tensors,
-            })
-            .collect();
-        let count = inputs.len();
-        let fedavg_drift = if self.settings.measure_drift { fedavg_drift(inputs.clone()).ok() } else { None };
-        let average = aggregate(self.settings.method, inputs, Some(current)).map_err(|e| EngineError::Aggregate(e.to_string()))?;
-        let average_bytes = encode(&average).map_err(EngineError::Aggregate)?;
+        let (average, average_bytes, count, fedavg_drift) = match self.settings.exchange {
+            Exchange::Gossip => {
+                let inputs: Vec<Contribution> = updates
+                    .into_iter()
+                    .filter_map(|(author, u)| {
+                        Some(Contribution {
+                            author: author.to_bytes(),
+                            examples: u.manifest.examples,
+                            tensors: u.tensors?,
+                        })
+                    })
+                    .collect();
+                let count = inputs.len();
+                let fedavg_drift = if self.settings.measure_drift { fedavg_drift(inputs.clone()).ok() } else { None };
+                let average = aggregate(self.settings.method, inputs, Some(current)).map_err(|e| EngineError::Aggregate(e.to_string()))?;
+                let average_bytes = encode(&average).map_err(EngineError::Aggregate)?;
+                (average, average_bytes, count, fedavg_drift)
+            }
+            Exchange::Reduce => {
+                let (average, average_bytes, count) = self.reduce_round(round, current, updates).await?;
+                (average, average_bytes, count, None)
+            }
+        };
+        self.claims.retain(|(r, _), _| *r > round);
+        self.slice_results.retain(|_, (r, _)| *r > round);
         let average_hash = Digest::of(&average_bytes);
         let eval_loss = if self.settings.evaluate {
             let (trainer, adapter) = (self.trainer.clone(), average.clone());
@@ -749,4 +1191,79 @@ pub fn agreement(hashes: &[Digest]) -> f64 {
         *counts.entry(hash).or_default() += 1;
     }
     counts.values().max().copied().unwrap_or(0) as f64 / hashes.len().max(1) as f64
+}
+
+/// Slices `slices` of the average: each input's needed bytes fetched from
+/// its author (its own bytes for this node's update), then averaged. A
+/// slice whose inputs could not all be fetched gives the authors that
+/// failed.
+async fn compute_slices(
+    net: NetworkHandle,
+    layout: Arc<SliceLayout>,
+    method: Method,
+    previous: Arc<Vec<u8>>,
+    sources: Arc<Vec<InputSource>>,
+    slices: Vec<usize>,
+) -> Vec<(usize, Result<(Vec<u8>, Vec<usize>), Vec<PeerId>>)> {
+    let jobs = slices.into_iter().map(|s| {
+        let (net, layout, previous, sources) = (net.clone(), layout.clone(), previous.clone(), sources.clone());
+        async move {
+            let needed = reduce::needed(&layout, s, method);
+            let reads = sources.iter().map(|input| read_range(&net, input, needed.clone()));
+            let read = futures::future::join_all(reads).await;
+            let failed: Vec<PeerId> = sources.iter().zip(&read).filter(|(_, r)| r.is_none()).map(|(i, _)| i.author).collect();
+            if !failed.is_empty() {
+                return (s, Err(failed));
+            }
+            let inputs: Vec<SliceInput> = sources
+                .iter()
+                .zip(read)
+                .map(|(input, bytes)| SliceInput {
+                    author: input.author.to_bytes(),
+                    examples: input.examples,
+                    bytes: bytes.unwrap_or_default(),
+                })
+                .collect();
+            match reduce::compute_slice(&layout, s, method, &previous, &inputs) {
+                Ok(result) => (s, Ok(result)),
+                Err(e) => {
+                    tracing::warn!(slice = s, error = %e, "a slice could not be computed");
+                    (s, Err(Vec::new()))
+                }
+            }
+        }
+    });
+    futures::future::join_all(jobs).await
+}
+
+/// The bytes `range` of an input: the chunks that cover it, fetched from
+/// the author (each checked against its id), or its own bytes.
+async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::Range<usize>) -> Option<Vec<u8>> {
+    if let Some(own) = &input.own {
+        return own.get(range).map(<[u8]>::to_vec);
+    }
+    if range.is_empty() {
+        return Some(Vec::new());
+    }
+    let first = range.start / input.chunk_size;
+    let last = (range.end - 1) / input.chunk_size;
+    let ids = input.chunk_ids.get(first..=last)?;
+    let fetches = ids.iter().map(|id| net.fetch_chunk(*id, vec![input.author]));
+    let mut bytes = Vec::with_capacity((last + 1 - first) * input.chunk_size);
+    for chunk in futures::future::join_all(fetches).await {
+        bytes.extend(chunk.ok()??);
+    }
+    let start = range.start - first * input.chunk_size;
+    bytes.get(start..start + range.len()).map(<[u8]>::to_vec)
+}
+
+/// blake3 of a sorted member list (round-0 updates carry it).
+fn members_digest(members: &[PeerId]) -> Digest {
+    let bytes: Vec<u8> = members.iter().flat_map(|p| {
+        let id = p.to_bytes();
+        let mut entry = (id.len() as u32).to_le_bytes().to_vec();
+        entry.extend(id);
+        entry
+    }).collect();
+    Digest::of(&bytes)
 }

@@ -2,7 +2,8 @@
 //! "Layers"). `engine` runs rounds through two narrow seams, the
 //! `RoundTrainer` trait and the p2p `NetworkHandle`; `compute` puts an MLX
 //! trainer behind that trait on its own thread; `partition` decides who
-//! trains on which rows; `checkpoint` keeps what a node needs to resume
+//! trains on which rows; `reduce` who owns which slice of an average and
+//! how a slice is computed; `checkpoint` keeps what a node needs to resume
 //! after a crash.
 
 pub mod checkpoint;
@@ -11,10 +12,12 @@ pub mod compute;
 pub mod engine;
 pub mod partition;
 pub mod prometheus;
+pub mod reduce;
 pub mod status;
 
 use crate::aggregate::Method;
-use crate::config::{Aggregation, Config};
+use crate::config::{Aggregation, Config, ExchangeMode};
+use crate::p2p::network::Exchange;
 use crate::wire::codec::Digest;
 
 /// The examples an honest node trains on in a round when it has rows: each
@@ -40,6 +43,7 @@ pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> 
         "local_steps": config.train.local_steps,
         "batch_size": config.train.batch_size,
         "rounds": config.federation.rounds,
+        "exchange": config.federation.exchange,
     });
     Digest::of(canonical.to_string().as_bytes())
 }
@@ -47,6 +51,13 @@ pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> 
 /// Bytes of an adapter's canonical encoding: what one upload moves.
 pub fn adapter_size(tensors: &crate::aggregate::Tensors) -> Result<usize, String> {
     crate::wire::tensors::encode(tensors).map(|bytes| bytes.len())
+}
+
+pub fn exchange(config: &Config) -> Exchange {
+    match config.federation.exchange {
+        ExchangeMode::Gossip => Exchange::Gossip,
+        ExchangeMode::Reduce => Exchange::Reduce,
+    }
 }
 
 pub fn method(config: &Config) -> Method {

@@ -21,7 +21,7 @@ use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, identity, kad, mdns,
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::Store;
-use crate::wire::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks};
+use crate::wire::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks_of};
 use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 
 use super::behaviour::{self, Behaviour, BehaviourEvent};
@@ -92,8 +92,18 @@ pub enum NetworkError {
     Store(String),
 }
 
+/// How a run moves its updates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Exchange {
+    /// Every update's chunks are gossiped to every node and assembled.
+    Gossip,
+    /// Updates stay with their authors: only their manifests are gossiped,
+    /// and slice owners fetch the chunks they need (`fetch_chunk`).
+    Reduce,
+}
+
 enum Command {
-    Subscribe(Digest, oneshot::Sender<Result<(), String>>),
+    Subscribe(Digest, Exchange, oneshot::Sender<Result<(), String>>),
     Publish(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), NetworkError>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Listen(Multiaddr, oneshot::Sender<Result<(), String>>),
@@ -109,6 +119,8 @@ enum Command {
     ForgetBefore(u64, oneshot::Sender<Result<(), String>>),
     /// Ask connected peers for a round's update manifests, and fetch them.
     AskRound(Digest, u64),
+    /// One chunk by id, from the first of these peers that has it.
+    FetchChunk(Digest, Vec<PeerId>, oneshot::Sender<Option<Vec<u8>>>),
 }
 
 /// Payload bytes this node published or served, and received: unique
@@ -140,9 +152,16 @@ impl NetworkHandle {
         rx.await.map_err(|_| NetworkError::Stopped)
     }
 
-    /// Joins the run's manifest and chunk topics.
-    pub async fn subscribe(&self, run_id: Digest) -> Result<(), NetworkError> {
-        self.call(|tx| Command::Subscribe(run_id, tx)).await?.map_err(NetworkError::Command)
+    /// Joins the run's manifest and chunk topics; `exchange` says whether
+    /// its updates are gossiped whole or fetched by slice.
+    pub async fn subscribe(&self, run_id: Digest, exchange: Exchange) -> Result<(), NetworkError> {
+        self.call(|tx| Command::Subscribe(run_id, exchange, tx)).await?.map_err(NetworkError::Command)
+    }
+
+    /// A chunk by id, from this node's store or from the first of `peers`
+    /// that serves it (checked against its id); `None` if none does.
+    pub async fn fetch_chunk(&self, id: Digest, peers: Vec<PeerId>) -> Result<Option<Vec<u8>>, NetworkError> {
+        self.call(|tx| Command::FetchChunk(id, peers, tx)).await
     }
 
     /// Stores and gossips a signed manifest and its adapter's chunks.
@@ -282,6 +301,16 @@ struct EventLoop {
     /// Chunk ids of every adapter whose manifest was verified, to check
     /// gossiped chunks against.
     known: HashMap<Digest, (u64, Vec<Digest>)>,
+    /// Runs in the reduce exchange: their updates are not assembled.
+    reduce_runs: HashSet<Digest>,
+    /// Chunks asked for by `fetch_chunk`: the peers still to ask, and who waits.
+    direct: HashMap<Digest, DirectFetch>,
+}
+
+/// A `fetch_chunk` in progress.
+struct DirectFetch {
+    peers: VecDeque<PeerId>,
+    waiting: Vec<oneshot::Sender<Option<Vec<u8>>>>,
 }
 
 /// Builds the swarm (TCP and QUIC, noise, yamux, relay client) and starts
@@ -353,6 +382,8 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         allowed_peers,
         traffic: traffic.clone(),
         known: HashMap::new(),
+        reduce_runs: HashSet::new(),
+        direct: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((NetworkHandle { commands: command_tx, peer_id, traffic }, event_rx))
@@ -411,7 +442,10 @@ impl EventLoop {
 
     async fn on_command(&mut self, command: Command) {
         match command {
-            Command::Subscribe(run_id, reply) => {
+            Command::Subscribe(run_id, exchange, reply) => {
+                if exchange == Exchange::Reduce {
+                    self.reduce_runs.insert(run_id);
+                }
                 let (manifests, chunks) = topics(&run_id);
                 let gossip = &mut self.swarm.behaviour_mut().gossipsub;
                 let result = gossip
@@ -443,6 +477,7 @@ impl EventLoop {
                 gossip.unsubscribe(&chunks);
                 self.manifest_topics.remove(&manifests.hash());
                 self.chunk_topics.remove(&chunks.hash());
+                self.reduce_runs.remove(&run_id);
                 let _ = reply.send(());
             }
             Command::ForgetBefore(round, reply) => {
@@ -485,6 +520,7 @@ impl EventLoop {
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
+            Command::FetchChunk(id, peers, reply) => self.fetch_chunk(id, peers, reply),
             Command::CatchUp(run_id, reply) => {
                 let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                 if peers.is_empty() {
@@ -501,7 +537,7 @@ impl EventLoop {
 
     /// Stores the chunks and manifest and remembers them for catch-up.
     fn keep<'a>(&mut self, signed: &SignedManifest, manifest: &Manifest, adapter: &'a [u8]) -> Result<Vec<(Digest, &'a [u8])>, NetworkError> {
-        let chunks = split_chunks(adapter);
+        let chunks = split_chunks_of(adapter, manifest.chunk_size as usize);
         let store = |e: crate::store::StoreError| NetworkError::Store(e.to_string());
         for (id, chunk) in &chunks {
             self.store.put_chunk(id, chunk).map_err(store)?;
@@ -523,6 +559,10 @@ impl EventLoop {
         };
         let mut published = bytes.len();
         ignore_duplicate(gossip.publish(manifest_topic, bytes))?;
+        // In the reduce exchange updates stay here until their slices'
+        // owners fetch them, and a slice result until nodes fetch it.
+        let whole = manifest.kind == ManifestKind::Update && !self.reduce_runs.contains(&manifest.run_id);
+        let chunks = if whole { chunks } else { Vec::new() };
         for (index, (_, chunk)) in chunks.into_iter().enumerate() {
             let message = ChunkMessage {
                 adapter_hash: manifest.adapter_hash,
@@ -541,6 +581,9 @@ impl EventLoop {
     /// if there is one (a node's own update of a later round is one peer's
     /// view, not the network's), else the newest update.
     fn remember_latest(&mut self, manifest: &Manifest, signed: &SignedManifest) {
+        if matches!(manifest.kind, ManifestKind::Members | ManifestKind::Slice) {
+            return;
+        }
         let rank = (manifest.kind == ManifestKind::Average, manifest.round);
         if self.latest.get(&manifest.run_id).is_none_or(|known| rank >= known.rank) {
             let latest = Latest {
@@ -650,15 +693,25 @@ impl EventLoop {
             return Err(format!("manifest by {author}, who is not in this run's allowlist"));
         }
         self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
+        if manifest.kind == ManifestKind::Members {
+            // Nothing to assemble: the announcement is the whole message.
+            self.emit(NetworkEvent::Manifest { manifest, author }).await;
+            return Ok(());
+        }
         self.remember_latest(&manifest, &signed);
         self.known.insert(manifest.adapter_hash, (manifest.round, manifest.chunk_ids.clone()));
+        if manifest.kind == ManifestKind::Update && self.reduce_runs.contains(&manifest.run_id) {
+            // The slice owners fetch what they need of it.
+            self.emit(NetworkEvent::Manifest { manifest, author }).await;
+            return Ok(());
+        }
         let mut sources = vec![author];
         sources.extend(source.filter(|s| *s != author));
-        // An average is never gossiped (it comes from a catch-up answer):
-        // fetch its chunks at once instead of waiting for gossip.
+        // An average (from a catch-up answer) and a slice result are never
+        // gossiped: fetch their chunks at once instead of waiting for gossip.
         let since = match manifest.kind {
-            ManifestKind::Average => Instant::now().checked_sub(FETCH_GRACE).unwrap_or_else(Instant::now),
-            ManifestKind::Update => Instant::now(),
+            ManifestKind::Average | ManifestKind::Slice => Instant::now().checked_sub(FETCH_GRACE).unwrap_or_else(Instant::now),
+            ManifestKind::Update | ManifestKind::Members => Instant::now(),
         };
         self.pending.entry(manifest.adapter_hash).or_insert(Pending {
             manifest: manifest.clone(),
@@ -734,13 +787,14 @@ impl EventLoop {
         }
     }
 
-    /// The update manifests of a round this node holds, as many as fit.
+    /// The update manifests (and, for round 0, member announcements) of a
+    /// round this node holds, as many as fit.
     fn round_manifests(&self, run_id: Digest, round: u64) -> ChunkResponse {
         let mut list = Vec::new();
         let mut size = 0;
         for signed in self.store.manifests(round).unwrap_or_default() {
             let Ok((manifest, _)) = signed.verify(&self.limits) else { continue };
-            if manifest.run_id != run_id || manifest.kind != ManifestKind::Update {
+            if manifest.run_id != run_id || !matches!(manifest.kind, ManifestKind::Update | ManifestKind::Members) {
                 continue;
             }
             let Ok(bytes) = signed.to_bytes() else { continue };
@@ -751,6 +805,42 @@ impl EventLoop {
             list.push(bytes);
         }
         if list.is_empty() { ChunkResponse::NotFound } else { ChunkResponse::Manifests(list) }
+    }
+
+    /// Starts a `fetch_chunk`: answered at once from the store, else by the
+    /// peers in turn.
+    fn fetch_chunk(&mut self, id: Digest, peers: Vec<PeerId>, reply: oneshot::Sender<Option<Vec<u8>>>) {
+        if let Ok(Some(bytes)) = self.store.get_chunk(&id) {
+            let _ = reply.send(Some(bytes));
+            return;
+        }
+        let fetch = self.direct.entry(id).or_insert_with(|| DirectFetch {
+            peers: VecDeque::new(),
+            waiting: Vec::new(),
+        });
+        let idle = fetch.waiting.is_empty();
+        fetch.peers.extend(peers);
+        fetch.waiting.push(reply);
+        if idle {
+            self.ask_next(id);
+        }
+    }
+
+    /// Asks the next peer for a chunk someone waits for directly, or tells
+    /// the waiters that no peer had it.
+    fn ask_next(&mut self, id: Digest) {
+        let Some(fetch) = self.direct.get_mut(&id) else { return };
+        match fetch.peers.pop_front() {
+            Some(peer) => {
+                let request = self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Chunk(id));
+                self.in_flight.insert(request, (id, peer));
+            }
+            None => {
+                for waiter in self.direct.remove(&id).map(|f| f.waiting).unwrap_or_default() {
+                    let _ = waiter.send(None);
+                }
+            }
+        }
     }
 
     /// Asks peers for chunks of adapters whose grace period passed.
@@ -817,11 +907,18 @@ impl EventLoop {
                         if let Err(reason) = self.accept_chunk(&bytes).await {
                             tracing::warn!(%peer, %reason, "could not keep a fetched chunk");
                         }
+                        if let Some(fetch) = self.direct.remove(&id) {
+                            for waiter in fetch.waiting {
+                                let _ = waiter.send(Some(bytes.clone()));
+                            }
+                        }
                     }
                     (ChunkResponse::Chunk(_), Some((id, _))) => {
                         let reason = format!("sent bytes that are not chunk {id:?}");
                         self.emit(NetworkEvent::Rejected { peer, reason }).await;
+                        self.ask_next(id);
                     }
+                    (ChunkResponse::NotFound, Some((id, _))) => self.ask_next(id),
                     (ChunkResponse::Manifests(list), _) => {
                         for bytes in list {
                             if let Err(reason) = self.accept_manifest(&bytes, None, Some(peer)).await {
@@ -838,8 +935,9 @@ impl EventLoop {
                 }
             }
             request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
-                if self.in_flight.remove(&request_id).is_some() {
+                if let Some((id, _)) = self.in_flight.remove(&request_id) {
                     tracing::debug!(%peer, %error, "chunk request failed; trying another peer");
+                    self.ask_next(id);
                 }
             }
             _ => {}

@@ -91,6 +91,7 @@ struct Running {
 
 /// What one node reported for a round, with its traffic during the round.
 struct NodeRound {
+    node: u64,
     report: RoundReport,
     traffic: Traffic,
 }
@@ -159,6 +160,7 @@ impl Simulation {
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let attack = self.attack.filter(|_| node >= self.first_attacker);
+        settings.lying_reducer = attack == Some(Attack::LyingReducer);
         let trainer = SimTrainer {
             client: client.clone(),
             attack,
@@ -260,7 +262,23 @@ impl Simulation {
 }
 
 /// Runs the whole simulation the configuration and options describe.
-pub async fn simulate(config: &Config, args: &Options, quant: QuantMode) -> Result<(), SimError> {
+/// What a finished simulation measured (for `bench traffic`).
+#[derive(Debug, Clone)]
+pub struct Summary {
+    /// Bytes of the adapter's encoding: what one Flower upload moves.
+    pub adapter_bytes: usize,
+    /// Bytes sent + received a round by the busiest node (mean over rounds).
+    pub largest_node: f64,
+    /// Bytes sent + received a round by the mean node.
+    pub mean_node: f64,
+    pub agreement: f64,
+    pub eval_loss: f64,
+    pub wall: Duration,
+    /// This process's peak resident memory, in MB (Linux).
+    pub peak_rss_mb: Option<f64>,
+}
+
+pub async fn simulate(config: &Config, args: &Options, quant: QuantMode) -> Result<Summary, SimError> {
     let scenario = match &args.scenario {
         Some(path) => Scenario::load(path).map_err(|e| SimError::Input(e.to_string()))?,
         None => Scenario::ideal(),
@@ -285,7 +303,7 @@ pub async fn simulate(config: &Config, args: &Options, quant: QuantMode) -> Resu
     result
 }
 
-async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, prepared: &compute::Prepared) -> Result<(), SimError> {
+async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, prepared: &compute::Prepared) -> Result<Summary, SimError> {
     let (nodes, rounds) = (config.federation.nodes, config.federation.rounds);
     let local_steps = u64::from(config.train.local_steps);
     let total_steps = u64::from(rounds) * local_steps;
@@ -302,6 +320,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| SimError::Input(format!("{}: {e}", metrics_path.display())))?;
     let builtin = config.data.dataset == "builtin" && args.exact_match_rows > 0;
     let timeout = scenario.round_timeout_secs.map(Duration::from_secs_f64).unwrap_or_else(|| DEFAULT_SIM_TIMEOUT.min(Duration::from_secs(config.federation.round_timeout_secs)));
+    let late: Vec<u64> = scenario.late_joiners().into_iter().map(u64::from).collect();
     let settings = EngineSettings {
         run_id,
         rounds: u64::from(rounds),
@@ -316,7 +335,8 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
             busy: compute.busy(),
         },
         catch_up: false,
-        min_peers: usize::from(nodes > 1),
+        // Round 0 waits for every node that starts with the run.
+        min_members: (nodes as usize).saturating_sub(late.len()).max(1),
         grace: Duration::from_millis(300),
         evaluate: false,
         save_every: 0,
@@ -326,6 +346,10 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         // Simulated nodes restart from their peers (catch-up), not from disk.
         checkpoint: None,
         examples_per_round: crate::node::examples_per_round(config),
+        exchange: crate::node::exchange(config),
+        replicas: config.federation.replicas as usize,
+        audit: config.federation.audit,
+        lying_reducer: false,
     };
     println!(
         "simulating {nodes} nodes, {rounds} rounds of {local_steps} steps, scenario `{}`, `{}` averaging; run {}",
@@ -357,7 +381,6 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     if let Some(attack) = args.attack {
         println!("nodes {}..{} attack: {attack:?}", u64::from(nodes.saturating_sub(args.attackers)), nodes - 1);
     }
-    let late: Vec<u64> = scenario.late_joiners().into_iter().map(u64::from).collect();
     for node in (0..u64::from(nodes)).filter(|n| !late.contains(n)) {
         sim.start(node, false)?;
     }
@@ -396,6 +419,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                     continue;
                 }
                 by_round.entry(round).or_default().push(NodeRound {
+                    node,
                     report,
                     traffic: Traffic {
                         sent: now.sent - seen.sent,
@@ -420,7 +444,12 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                 }
             }
             EngineEvent::Finished => finished.push(node),
-            EngineEvent::Listening(_) | EngineEvent::PeerConnected(_) | EngineEvent::Resumed { .. } | EngineEvent::Collecting { .. } => {}
+            EngineEvent::Listening(_)
+            | EngineEvent::PeerConnected(_)
+            | EngineEvent::Resumed { .. }
+            | EngineEvent::Collecting { .. }
+            | EngineEvent::Waiting { .. }
+            | EngineEvent::Members { .. } => {}
         }
         update_if(&dashboard, |view| {
             view.round = last_round.values().max().map_or(0, |r| r + 1);
@@ -459,6 +488,15 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     }
     let adapter_bytes = crate::node::adapter_size(&last.modal.1).map_err(SimError::Run)?;
     let mean_traffic = rows.iter().map(|r| r.sent + r.received).sum::<f64>() / rows.len() as f64;
+    let summary = Summary {
+        adapter_bytes,
+        largest_node: rows.iter().map(|r| r.largest).sum::<f64>() / rows.len() as f64,
+        mean_node: mean_traffic,
+        agreement: last.agreement,
+        eval_loss: last.eval_loss,
+        wall,
+        peak_rss_mb: table::memory_mb().1,
+    };
     println!(
         "traffic per node per round: {} sent+received; a Flower server would move {} per client (adapter {} up, average down)",
         megabytes(mean_traffic),
@@ -501,6 +539,6 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         println!("the dashboard stays up until Ctrl-C");
         let _ = tokio::signal::ctrl_c().await;
     }
-    Ok(())
+    Ok(summary)
 }
 

@@ -19,6 +19,17 @@ pub enum Attack {
     SignFlip,
     /// Gaussian noise (standard deviation 1) in place of the update.
     Noise,
+    /// Trains honestly, but as a slice owner in the reduce exchange claims
+    /// every slice it owns with its values ×10 (`federation.exchange = "reduce"`).
+    LyingReducer,
+}
+
+impl Attack {
+    /// Whether the attack corrupts the attacker's updates (the others act
+    /// in the round engine).
+    pub fn poisons_updates(self) -> bool {
+        !matches!(self, Attack::LyingReducer)
+    }
 }
 
 /// A node's trainer in simulation: honest, or an attacker.
@@ -45,6 +56,7 @@ pub fn poison(attack: Attack, start: &Tensors, trained: &mut Tensors, rng: &mut 
                 Attack::Scale => f64::from(before) + 100.0 * delta,
                 Attack::SignFlip => f64::from(before) - delta,
                 Attack::Noise => f64::from(before) + normal(rng),
+                Attack::LyingReducer => f64::from(*value),
             };
             *value = poisoned as f32;
         }
@@ -58,7 +70,7 @@ impl RoundTrainer for SimTrainer {
 
     async fn train(&self, start: Tensors, rows: Vec<u64>, round: u64) -> Result<(Tensors, LocalResult), String> {
         let (mut trained, local) = self.client.train(start.clone(), rows, round).await?;
-        if let Some(attack) = self.attack {
+        if let Some(attack) = self.attack.filter(|a| a.poisons_updates()) {
             let mut rng = SeededRng::new(self.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             poison(attack, &start, &mut trained, &mut rng);
         }

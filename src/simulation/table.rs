@@ -26,6 +26,8 @@ pub(super) struct RoundRow {
     pub(super) agreement: f64,
     pub(super) sent: f64,
     pub(super) received: f64,
+    /// The busiest node's bytes sent + received.
+    pub(super) largest: f64,
     pub(super) seconds: f64,
     pub(super) timed_out: usize,
     pub(super) modal: (Digest, Arc<Tensors>),
@@ -61,6 +63,7 @@ async fn summarize(round: u64, nodes: &[NodeRound], compute: &ComputeClient, exa
         agreement: agreement(&hashes),
         sent: nodes.iter().map(|x| x.traffic.sent as f64).sum::<f64>() / n,
         received: nodes.iter().map(|x| x.traffic.received as f64).sum::<f64>() / n,
+        largest: nodes.iter().map(|x| (x.traffic.sent + x.traffic.received) as f64).fold(0.0, f64::max),
         seconds: nodes.iter().map(|x| x.report.elapsed.as_secs_f64()).fold(0.0, f64::max),
         timed_out: nodes.iter().filter(|x| x.report.timed_out).count(),
         modal: (modal_hash, modal),
@@ -122,7 +125,7 @@ fn print_row(row: &RoundRow) {
 }
 
 /// This process's resident and peak resident memory, in MB (Linux; none elsewhere).
-fn memory_mb() -> (Option<f64>, Option<f64>) {
+pub(super) fn memory_mb() -> (Option<f64>, Option<f64>) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
@@ -162,6 +165,8 @@ fn write_record(out: &mut std::fs::File, row: &RoundRow, nodes: &[NodeRound], wo
         "agreement": row.agreement,
         "bytes_sent_per_node": row.sent,
         "bytes_received_per_node": row.received,
+        "bytes_largest_node": row.largest,
+        "averages": nodes.iter().map(|n| (n.node.to_string(), serde_json::Value::from(n.report.average_hash.to_hex()))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "round_seconds": row.seconds,
         "deadline_hits": row.timed_out,
         "average_hash": row.modal.0.to_hex(),

@@ -201,7 +201,13 @@ fn all_finite(dtype: TensorDtype, data: &[u8]) -> bool {
 
 /// The chunks of an encoding, in order, with their ids.
 pub fn split_chunks(bytes: &[u8]) -> Vec<(Digest, &[u8])> {
-    bytes.chunks(CHUNK_SIZE).map(|chunk| (Digest::of(chunk), chunk)).collect()
+    split_chunks_of(bytes, CHUNK_SIZE)
+}
+
+/// Chunks of `size` bytes (at most `CHUNK_SIZE`; a round's slices in the
+/// reduce exchange), each named by its blake3.
+pub fn split_chunks_of(bytes: &[u8], size: usize) -> Vec<(Digest, &[u8])> {
+    bytes.chunks(size.clamp(1, CHUNK_SIZE)).map(|chunk| (Digest::of(chunk), chunk)).collect()
 }
 
 /// Joins chunks (verifying each against its id) and checks the result

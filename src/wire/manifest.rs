@@ -5,9 +5,9 @@
 use libp2p_identity::{Keypair, PeerId, PublicKey};
 use serde::{Deserialize, Serialize};
 
-use super::codec::{CHUNK_SIZE, Digest, Limits, split_chunks};
+use super::codec::{CHUNK_SIZE, Digest, Limits, split_chunks_of};
 
-pub const MANIFEST_VERSION: u16 = 2;
+pub const MANIFEST_VERSION: u16 = 3;
 /// Upper bound on an encoded signed manifest: 2,048 chunk ids (512 MiB of
 /// adapter) plus keys and fields fit well inside.
 pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
@@ -23,6 +23,21 @@ pub enum ManifestKind {
     /// A node's average of a round's updates: kept and served to late
     /// joiners, never gossiped (nodes that agree already hold its chunks).
     Average,
+    /// "I am here for round 0": gossiped while a run waits for its first
+    /// members, so every node starts round 0 with the same member list. It
+    /// describes no adapter (no chunks, length 0).
+    Members,
+    /// A slice owner's result in the reduce exchange: one chunk, slice
+    /// `slice.index` of the round's average over the updates `slice.inputs`.
+    Slice,
+}
+
+/// What a slice owner claims (docs/PROTOCOL.md, "The reduce exchange").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SliceClaim {
+    pub index: u32,
+    /// blake3 of the sorted (author, update hash) pairs it averaged.
+    pub inputs: Digest,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -40,6 +55,15 @@ pub struct Manifest {
     /// blake3 of the whole canonical encoding.
     pub adapter_hash: Digest,
     pub adapter_len: u64,
+    /// The chunk size the adapter is cut into: 256 KiB, or a round's slice
+    /// size in the reduce exchange.
+    pub chunk_size: u32,
+    /// Set exactly for `ManifestKind::Slice`.
+    pub slice: Option<SliceClaim>,
+    /// A round-0 update: blake3 of the member list its author trained
+    /// round 0 with (how a node that settles late learns whether it is on
+    /// its peers' lists).
+    pub members: Option<Digest>,
     /// Training examples and tokens behind this adapter (FedAvg weights).
     pub examples: u64,
     pub tokens: u64,
@@ -48,9 +72,23 @@ pub struct Manifest {
 }
 
 impl Manifest {
+    /// A round-0 member announcement by `author` (no adapter).
+    pub fn hello(run_id: Digest, author: &PeerId) -> Manifest {
+        Manifest {
+            kind: ManifestKind::Members,
+            ..Manifest::describe(run_id, 0, author, &[])
+        }
+    }
+
     /// An update manifest for the canonical encoding `adapter` by `author`
     /// (chunk ids, hash and length filled in; training figures zero, no parent).
     pub fn describe(run_id: Digest, round: u64, author: &PeerId, adapter: &[u8]) -> Manifest {
+        Self::describe_chunked(run_id, round, author, adapter, CHUNK_SIZE)
+    }
+
+    /// As `describe`, cut into chunks of `chunk_size` bytes (at most 256 KiB).
+    pub fn describe_chunked(run_id: Digest, round: u64, author: &PeerId, adapter: &[u8], chunk_size: usize) -> Manifest {
+        let chunk_size = chunk_size.clamp(1, CHUNK_SIZE);
         Manifest {
             version: MANIFEST_VERSION,
             kind: ManifestKind::Update,
@@ -58,9 +96,12 @@ impl Manifest {
             round,
             author: author.to_bytes(),
             parent: None,
-            chunk_ids: split_chunks(adapter).into_iter().map(|(id, _)| id).collect(),
+            chunk_ids: split_chunks_of(adapter, chunk_size).into_iter().map(|(id, _)| id).collect(),
             adapter_hash: Digest::of(adapter),
             adapter_len: adapter.len() as u64,
+            chunk_size: chunk_size as u32,
+            slice: None,
+            members: None,
             examples: 0,
             tokens: 0,
             train_loss: 0.0,
@@ -149,15 +190,28 @@ impl SignedManifest {
                 author: author.to_string(),
             });
         }
+        if (manifest.kind == ManifestKind::Slice) != manifest.slice.is_some() {
+            return Err(ManifestError::Inconsistent("a slice claim, and only a slice claim, names its slice".into()));
+        }
+        if manifest.kind == ManifestKind::Members {
+            if manifest.round != 0 || manifest.adapter_len != 0 || !manifest.chunk_ids.is_empty() {
+                return Err(ManifestError::Inconsistent("a member announcement is for round 0 and describes no adapter".into()));
+            }
+            return Ok((manifest, author));
+        }
         let len = usize::try_from(manifest.adapter_len).unwrap_or(usize::MAX);
         if len == 0 || len > limits.max_adapter_bytes {
             return Err(ManifestError::Inconsistent(format!("adapter length {len} outside 1..={}", limits.max_adapter_bytes)));
         }
-        if manifest.chunk_ids.len() != len.div_ceil(CHUNK_SIZE) {
+        let chunk_size = manifest.chunk_size as usize;
+        if !(8..=CHUNK_SIZE).contains(&chunk_size) {
+            return Err(ManifestError::Inconsistent(format!("chunk size {chunk_size} outside 8..={CHUNK_SIZE}")));
+        }
+        if manifest.chunk_ids.len() != len.div_ceil(chunk_size) {
             return Err(ManifestError::Inconsistent(format!(
                 "{} chunk ids for {len} bytes (expected {})",
                 manifest.chunk_ids.len(),
-                len.div_ceil(CHUNK_SIZE)
+                len.div_ceil(chunk_size)
             )));
         }
         if !manifest.train_loss.is_finite() || manifest.eval_loss.is_some_and(|l| !l.is_finite()) {

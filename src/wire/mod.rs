@@ -7,8 +7,10 @@
 //!   chunks and their reassembly, each bounded before it allocates;
 //! - `manifest`: the signed description of one published adapter;
 //! - `tensors`: the averaging layer's float tensors to and from that
-//!   encoding, with the layout checks a received adapter must pass.
+//!   encoding, with the layout checks a received adapter must pass;
+//! - `slices`: that encoding cut into a round's slices (the reduce exchange).
 
 pub mod codec;
 pub mod manifest;
+pub mod slices;
 pub mod tensors;

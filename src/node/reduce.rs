@@ -1,0 +1,249 @@
+//! The reduce exchange's pure parts (docs/PROTOCOL.md, "The reduce
+//! exchange"): who owns which slice of a round's average, what an owner
+//! needs of every update, and how it computes its slice, so that the
+//! slices put together are byte for byte the average that averaging the
+//! whole updates gives.
+
+use std::ops::Range;
+
+use libp2p::PeerId;
+
+use crate::aggregate::{Contribution, Method, Tensor, Tensors, aggregate};
+use crate::wire::codec::Digest;
+use crate::wire::slices::SliceLayout;
+
+/// The round's owners of every slice: the inputs' authors in an order
+/// hashed from (run, round), slice s owned by the `replicas` authors from
+/// position s on. Each author owns the same number of slices (±1): the
+/// largest owner's load is the mean load, where independent rendezvous
+/// hashing per slice would give some authors several times the mean.
+pub fn owners(run_id: &Digest, round: u64, authors: &[PeerId], slices: usize, replicas: usize) -> Vec<Vec<PeerId>> {
+    let mut ring: Vec<(Digest, PeerId)> = authors
+        .iter()
+        .map(|peer| {
+            let mut key = run_id.0.to_vec();
+            key.extend_from_slice(&round.to_le_bytes());
+            key.extend_from_slice(&peer.to_bytes());
+            (Digest::of(&key), *peer)
+        })
+        .collect();
+    ring.sort();
+    let n = ring.len();
+    (0..slices).map(|s| (0..replicas.min(n)).map(|k| ring[(s + k) % n].1).collect()).collect()
+}
+
+/// The slice count for `authors` inputs: a multiple of their number, so
+/// that every author owns as many slices, and enough for slices of at most
+/// 256 KiB (`SliceLayout::new` adds those).
+pub fn slice_count(authors: usize) -> usize {
+    authors.max(1)
+}
+
+/// blake3 of the sorted (author, update hash) pairs: what a slice claim
+/// says it averaged.
+pub fn inputs_digest(inputs: &[(PeerId, Digest)]) -> Digest {
+    let mut sorted: Vec<(Vec<u8>, Digest)> = inputs.iter().map(|(p, h)| (p.to_bytes(), *h)).collect();
+    sorted.sort();
+    let mut bytes = Vec::new();
+    for (author, hash) in sorted {
+        bytes.extend_from_slice(&(author.len() as u32).to_le_bytes());
+        bytes.extend_from_slice(&author);
+        bytes.extend_from_slice(&hash.0);
+    }
+    Digest::of(&bytes)
+}
+
+/// The bytes of every update that the owner of slice `s` needs: the
+/// slice's own values for the per-coordinate methods; whole tensors for
+/// exact averaging (whole modules: a module's tensors lie side by side in
+/// name order, and A·B needs both); everything for norm clipping (each
+/// update's norm is over all of it).
+pub fn needed(layout: &SliceLayout, s: usize, method: Method) -> Range<usize> {
+    let values = layout.value_range(s);
+    match method {
+        Method::FedAvg | Method::Median | Method::TrimmedMean { .. } => values,
+        Method::Exact => {
+            // Widen to whole modules (names up to the last '.').
+            let tensors = layout.whole_tensors(&values);
+            let module = |name: &str| name.rsplit_once('.').map_or(name.to_owned(), |(m, _)| m.to_owned());
+            let touched: Vec<String> = layout.tensors_in(&tensors).map(|t| module(&t.name)).collect();
+            let mut all = layout.tensors.iter().filter(|t| touched.contains(&module(&t.name)));
+            match all.next() {
+                None => values,
+                Some(first) => first.bytes.start..all.last().unwrap_or(first).bytes.end,
+            }
+        }
+        Method::NormClip => layout.header.len()..layout.total_len,
+    }
+}
+
+/// One update's part of a slice computation.
+pub struct SliceInput {
+    pub author: Vec<u8>,
+    pub examples: u64,
+    /// The update's bytes `needed(layout, s, method)`.
+    pub bytes: Vec<u8>,
+}
+
+/// Slice `s` of the average: the bytes at `layout.range(s)` of the
+/// canonical encoding of `aggregate(method, inputs, previous)`. `previous`
+/// is the encoding of the average the inputs trained from; a non-finite
+/// value of an input is taken as the previous average's (that input moved
+/// nothing there), and the inputs it happened to are returned, so that
+/// every node computing the slice gets the same bytes.
+pub fn compute_slice(layout: &SliceLayout, s: usize, method: Method, previous: &[u8], inputs: &[SliceInput]) -> Result<(Vec<u8>, Vec<usize>), String> {
+    let range = layout.range(s);
+    let needed = needed(layout, s, method);
+    let base = layout.values(previous, 0, &needed).ok_or("the previous average does not have the run's layout")?;
+    let mut bad = Vec::new();
+    let mut contributions = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.iter().enumerate() {
+        let mut values = layout
+            .values(&input.bytes, needed.start, &needed)
+            .ok_or_else(|| format!("input {i} has {} bytes of the {} its part of slice {s} needs", input.bytes.len(), needed.len()))?;
+        let mut finite = true;
+        for (v, p) in values.iter_mut().zip(&base) {
+            if !v.is_finite() {
+                *v = *p;
+                finite = false;
+            }
+        }
+        if !finite {
+            bad.push(i);
+        }
+        contributions.push((input, values));
+    }
+    let mut out = Vec::with_capacity(range.len());
+    out.extend_from_slice(layout.header.get(range.start.min(layout.header.len())..range.end.min(layout.header.len())).unwrap_or(&[]));
+    let values = layout.value_range(s);
+    if values.is_empty() {
+        return Ok((out, bad));
+    }
+    let averaged: Vec<u8> = match method {
+        Method::FedAvg | Method::Median | Method::TrimmedMean { .. } => {
+            // Per-coordinate methods: the slice's values as one flat tensor
+            // give the same numbers, coordinate for coordinate.
+            let as_flat = |values: Vec<f32>| Tensors::from([("slice".to_owned(), Tensor { shape: vec![values.len()], values })]);
+            let contributions = contributions
+                .into_iter()
+                .map(|(input, values)| Contribution {
+                    author: input.author.clone(),
+                    examples: input.examples,
+                    tensors: as_flat(values),
+                })
+                .collect();
+            let result = aggregate(method, contributions, None).map_err(|e| e.to_string())?;
+            result.get("slice").map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect()).unwrap_or_default()
+        }
+        Method::Exact | Method::NormClip => {
+            let places: Vec<_> = layout.tensors_in(&needed).collect();
+            let as_tensors = |values: &[f32]| -> Result<Tensors, String> {
+                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+                layout.read(&bytes, needed.start, &places).ok_or_else(|| "the slice's tensors are not whole".to_owned())
+            };
+            let previous = as_tensors(&base)?;
+            let contributions = contributions
+                .into_iter()
+                .map(|(input, values)| {
+                    Ok(Contribution {
+                        author: input.author.clone(),
+                        examples: input.examples,
+                        tensors: as_tensors(&values)?,
+                    })
+                })
+                .collect::<Result<Vec<_>, String>>()?;
+            let result = aggregate(method, contributions, Some(&previous)).map_err(|e| e.to_string())?;
+            // The result's bytes over `needed`, in encoding order, then the
+            // part that is this slice.
+            let mut bytes = Vec::with_capacity(needed.len());
+            for place in &places {
+                let tensor = result.get(&place.name).ok_or_else(|| format!("the average has no {}", place.name))?;
+                bytes.extend(tensor.values.iter().flat_map(|v| v.to_le_bytes()));
+            }
+            bytes.get(values.start - needed.start..values.end - needed.start).ok_or("the slice is outside its tensors")?.to_vec()
+        }
+    };
+    out.extend_from_slice(&averaged);
+    Ok((out, bad))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rng::SeededRng;
+    use crate::wire::tensors::encode;
+
+    fn adapter(rng: &mut SeededRng, scale: f32) -> Tensors {
+        let mut t = Tensors::new();
+        for (module, rows, cols) in [("layers.0.q", 12, 5), ("layers.0.v", 7, 9), ("layers.1.q", 3, 4)] {
+            let rank = 2;
+            let mut values = |n: usize| (0..n).map(|_| (rng.next_f64() as f32 - 0.5) * scale).collect::<Vec<f32>>();
+            t.insert(format!("{module}.lora_a"), Tensor::new(vec![rows, rank], values(rows * rank)).unwrap());
+            t.insert(format!("{module}.lora_b"), Tensor::new(vec![rank, cols], values(rank * cols)).unwrap());
+            t.insert(format!("{module}.m"), Tensor::new(vec![cols], values(cols)).unwrap());
+        }
+        t
+    }
+
+    /// Every method, several slice counts: the slices put together are the
+    /// encoding of the whole average, byte for byte.
+    #[test]
+    fn slices_put_together_are_the_whole_average() {
+        let mut rng = SeededRng::new(7);
+        let previous = adapter(&mut rng, 1.0);
+        let updates: Vec<Tensors> = (0..5).map(|i| adapter(&mut rng, 1.0 + i as f32)).collect();
+        let authors: Vec<Vec<u8>> = (0..5u8).map(|i| vec![9 - i]).collect();
+        let methods = [Method::FedAvg, Method::Exact, Method::Median, Method::TrimmedMean { fraction: 0.2 }, Method::NormClip];
+        let previous_bytes = encode(&previous).unwrap();
+        let encoded: Vec<Vec<u8>> = updates.iter().map(|u| encode(u).unwrap()).collect();
+        for method in methods {
+            let contributions = updates
+                .iter()
+                .zip(&authors)
+                .enumerate()
+                .map(|(i, (u, a))| Contribution {
+                    author: a.clone(),
+                    examples: 10 + i as u64,
+                    tensors: u.clone(),
+                })
+                .collect();
+            let whole = encode(&aggregate(method, contributions, Some(&previous)).unwrap()).unwrap();
+            for slices in [1, 2, 3, 5, 16, 64] {
+                let layout = SliceLayout::new(&previous, slices).unwrap();
+                let mut joined = Vec::new();
+                for s in 0..layout.count() {
+                    let needed = needed(&layout, s, method);
+                    let inputs: Vec<SliceInput> = encoded
+                        .iter()
+                        .zip(&authors)
+                        .enumerate()
+                        .map(|(i, (bytes, a))| SliceInput {
+                            author: a.clone(),
+                            examples: 10 + i as u64,
+                            bytes: bytes[needed.clone()].to_vec(),
+                        })
+                        .collect();
+                    let (chunk, bad) = compute_slice(&layout, s, method, &previous_bytes, &inputs).unwrap();
+                    assert!(bad.is_empty());
+                    assert_eq!(chunk.len(), layout.range(s).len());
+                    joined.extend(chunk);
+                }
+                assert_eq!(Digest::of(&joined), Digest::of(&whole), "{method:?} with {slices} slices");
+            }
+        }
+    }
+
+    #[test]
+    fn every_author_owns_as_many_slices() {
+        let run = Digest::of(b"run");
+        let authors: Vec<PeerId> = (0..7).map(|_| PeerId::random()).collect();
+        let owners = owners(&run, 3, &authors, 14, 2);
+        for author in &authors {
+            let owned = owners.iter().filter(|o| o.contains(author)).count();
+            assert_eq!(owned, 4, "14 slices × 2 owners over 7 authors");
+        }
+        assert!(owners.iter().all(|o| o.len() == 2 && o[0] != o[1]));
+        // Another round, another order.
+        assert_ne!(owners, super::owners(&run, 4, &authors, 14, 2));
+    }
+}
