@@ -69,19 +69,43 @@ fn ideal_network_loss_falls_and_every_node_agrees() {
     assert!(stdout.contains("centralized eval loss"), "{stdout}");
 }
 
-#[test]
-fn lossy_wan_completes_and_agrees() {
+/// `federation.exchange = "…"`, as a setting.
+fn exchange(name: &str) -> String {
+    format!("federation.exchange=\"{name}\"")
+}
+
+fn lossy_wan_completes_and_agrees(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (stdout, records) = simulate(dir.path(), 4, 4, Some("lossy-wan"), &[], &[]);
+    let (stdout, records) = simulate(dir.path(), 4, 4, Some("lossy-wan"), &[&exchange(mode)], &[]);
     assert_eq!(records.len(), 4, "{stdout}");
     assert_eq!(agreements(&records)[3], 1.0, "{stdout}");
 }
 
 #[test]
+fn lossy_wan_completes_and_agrees_in_the_gossip_exchange() {
+    lossy_wan_completes_and_agrees("gossip");
+}
+
+#[test]
+fn lossy_wan_completes_and_agrees_in_the_reduce_exchange() {
+    lossy_wan_completes_and_agrees("reduce");
+}
+
+#[test]
 fn churn_completes_and_live_nodes_agree_again_when_it_stops() {
+    churn_in("gossip");
+}
+
+/// Crashes and restarts, each possibly an owner of slices mid-round.
+#[test]
+fn churn_completes_and_live_nodes_agree_again_in_the_reduce_exchange() {
+    churn_in("reduce");
+}
+
+fn churn_in(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     // Churn events end at round 4; rounds 5 and 6 are quiet.
-    let (stdout, records) = simulate(dir.path(), 4, 7, Some("churn"), &[], &[]);
+    let (stdout, records) = simulate(dir.path(), 4, 7, Some("churn"), &[&exchange(mode)], &[]);
     assert_eq!(records.len(), 7, "{stdout}");
     let nodes: Vec<f64> = records.iter().map(|r| field(r, "nodes")).collect();
     assert!(nodes.iter().any(|n| *n < 4.0), "the churn took nodes away: {nodes:?}");
@@ -94,10 +118,19 @@ fn churn_completes_and_live_nodes_agree_again_when_it_stops() {
 /// a third of six nodes churning over lossy links, then quiet rounds.
 #[test]
 fn a_short_churn_soak_stays_bounded_and_ends_in_agreement() {
+    churn_soak_in("gossip");
+}
+
+#[test]
+fn a_short_churn_soak_ends_in_agreement_in_the_reduce_exchange() {
+    churn_soak_in("reduce");
+}
+
+fn churn_soak_in(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
     let quota_mb = 64;
     let quota = format!("network.store_quota_mb={quota_mb}");
-    let (stdout, records) = simulate(dir.path(), 6, 7, Some("churn-soak-short"), &[&quota], &[]);
+    let (stdout, records) = simulate(dir.path(), 6, 7, Some("churn-soak-short"), &[&quota, &exchange(mode)], &[]);
     assert_eq!(records.len(), 7, "{stdout}");
     let nodes: Vec<f64> = records.iter().map(|r| field(r, "nodes")).collect();
     assert!(nodes.iter().any(|n| *n < 6.0), "the churn took nodes away: {nodes:?}");
@@ -114,8 +147,17 @@ fn a_short_churn_soak_stays_bounded_and_ends_in_agreement() {
 
 #[test]
 fn a_late_joiner_catches_up_from_the_newest_average() {
+    late_joiners_in("gossip");
+}
+
+#[test]
+fn a_late_joiner_catches_up_in_the_reduce_exchange() {
+    late_joiners_in("reduce");
+}
+
+fn late_joiners_in(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (stdout, records) = simulate(dir.path(), 4, 5, Some("late-joiners"), &[], &[]);
+    let (stdout, records) = simulate(dir.path(), 4, 5, Some("late-joiners"), &[&exchange(mode)], &[]);
     assert!(stdout.contains("node 3 caught up: trains from round"), "{stdout}");
     assert_eq!(field(&records[0], "nodes"), 2.0, "nodes 2 and 3 join later: {stdout}");
     let last = records.last().unwrap();
@@ -125,8 +167,17 @@ fn a_late_joiner_catches_up_from_the_newest_average() {
 
 #[test]
 fn a_partitioned_network_diverges_and_converges_after_healing() {
+    partition_heal_in("gossip");
+}
+
+#[test]
+fn a_partitioned_network_converges_after_healing_in_the_reduce_exchange() {
+    partition_heal_in("reduce");
+}
+
+fn partition_heal_in(mode: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let (stdout, records) = simulate(dir.path(), 4, 5, Some("partition-heal"), &[], &[]);
+    let (stdout, records) = simulate(dir.path(), 4, 5, Some("partition-heal"), &[&exchange(mode)], &[]);
     let agreement = agreements(&records);
     // Split at round 1 into halves: each half averages on its own.
     assert_eq!(agreement[1], 0.5, "{stdout}");
@@ -142,6 +193,47 @@ fn exact_and_robust_averaging_run_end_to_end() {
         assert!(stdout.contains(&format!("`{method}` averaging")), "{stdout}");
         assert_eq!(agreements(&records)[1], 1.0, "{method}: {stdout}");
     }
+}
+
+/// The reduce exchange averages slice by slice at the slices' owners; put
+/// together, the slices are the gossip exchange's average, hash for hash,
+/// for every method.
+#[test]
+fn the_reduce_exchange_gives_the_gossip_exchanges_averages_for_every_method() {
+    for method in ["fedavg", "exact", "median", "trimmed-mean", "norm-clip"] {
+        let hashes = |mode: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let set = format!("federation.aggregation=\"{method}\"");
+            let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set, &exchange(mode)], &[]);
+            assert_eq!(records.len(), 2, "{method} {mode}: {stdout}");
+            let hashes: Vec<String> = records.iter().map(|r| r["average_hash"].as_str().unwrap().to_owned()).collect();
+            assert!(agreements(&records).iter().all(|a| *a == 1.0), "{method} {mode}: {stdout}");
+            hashes
+        };
+        assert_eq!(hashes("gossip"), hashes("reduce"), "{method}");
+    }
+}
+
+/// One of four nodes claims every slice it owns with wrong values: the
+/// honest nodes find the claims contested, compute those slices from the
+/// signed inputs, keep the true average (the clean run's), and exclude the
+/// liar with the reason.
+#[test]
+fn a_lying_reducer_is_caught_and_excluded_and_the_honest_nodes_agree() {
+    let reduce = exchange("reduce");
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, records) = simulate(dir.path(), 4, 3, None, &[&reduce], &["--attack", "lying-reducer"]);
+    let clean_dir = tempfile::tempdir().unwrap();
+    let (_, clean) = simulate(clean_dir.path(), 4, 3, None, &[&reduce], &[]);
+    assert!(stdout.contains("lying-reducer"), "the rejections name the liar's kind: {stdout}");
+    for record in &records {
+        let averages = record["averages"].as_object().unwrap();
+        let honest: Vec<&Value> = ["0", "1", "2"].iter().map(|n| &averages[*n]).collect();
+        assert!(honest.iter().all(|h| *h == honest[0]), "honest nodes disagree: {record}");
+    }
+    // Round 0: the liar trained honestly; the honest nodes hold the clean
+    // average, not one with the lie in it.
+    assert_eq!(records[0]["averages"]["0"], clean[0]["average_hash"], "{stdout}");
 }
 
 #[test]

@@ -1,19 +1,17 @@
 //! `blossom-p2p bench traffic`: bytes a node moves per round as the network
 //! grows, for each exchange, next to a Flower client's (its adapter up, the
-//! average down), measured on the simulated links of whole simulations run
-//! one after another in this process.
+//! average down), measured on the simulated links of whole simulations, each
+//! in its own process.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::Args;
 use serde_json::json;
 
 use crate::config::{Config, ExchangeMode};
-use crate::model::QuantMode;
 use crate::plot::{Series, plot_scaling};
-use crate::simulation::{self, Options, Summary};
 
 use super::args::ModelArgs;
 
@@ -41,7 +39,15 @@ pub struct BenchTrafficArgs {
 
 impl BenchTrafficArgs {
     pub fn apply(&self, config: &mut Config) {
-        config.model.source = self.model.model.clone().unwrap_or_else(|| "tiny".to_owned());
+        match &self.model.model {
+            Some(model) => config.model.source = model.clone(),
+            None => {
+                config.model.source = "tiny".to_owned();
+                // The tiny model has fewer blocks than the default adapts.
+                let blocks = crate::model::tiny::tiny_args().num_hidden_layers;
+                config.lora.num_layers = config.lora.num_layers.min(blocks as u32);
+            }
+        }
         config.federation.rounds = self.rounds;
     }
 }
@@ -53,14 +59,57 @@ fn name(exchange: ExchangeMode) -> &'static str {
     }
 }
 
+/// One simulation's figures, from its summary record.
+struct Run {
+    exchange: ExchangeMode,
+    nodes: u32,
+    summary: serde_json::Value,
+}
+
+impl Run {
+    fn figure(&self, key: &str) -> f64 {
+        self.summary[key].as_f64().unwrap_or(f64::NAN)
+    }
+}
+
+/// Runs one simulation as a child process (each gets a fresh process, so
+/// its peak memory is its own and nothing of the previous one lingers) and
+/// returns its summary record.
+fn simulate_in_child(config: &Config, args: &BenchTrafficArgs, exchange: ExchangeMode, nodes: u32, dir: &Path) -> Result<serde_json::Value, String> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let mut config = config.clone();
+    config.federation.nodes = nodes;
+    config.federation.exchange = exchange;
+    config.network.data_dir = dir.to_path_buf();
+    let config_path = dir.join("config.toml");
+    let text = toml::to_string(&config).map_err(|e| format!("the configuration: {e}"))?;
+    std::fs::write(&config_path, text).map_err(|e| format!("{}: {e}", config_path.display()))?;
+    let metrics = dir.join("metrics.jsonl");
+    let exe = std::env::current_exe().map_err(|e| format!("this program's path: {e}"))?;
+    let mut command = std::process::Command::new(exe);
+    command.arg("--config").arg(&config_path).arg("-q").arg("simulate");
+    command.args(["--eval-rows", "8", "--exact-match-rows", "0", "--metrics"]).arg(&metrics);
+    if let Some(scenario) = &args.scenario {
+        command.arg("--scenario").arg(scenario);
+    }
+    let output = command.stdin(std::process::Stdio::null()).output().map_err(|e| format!("cannot start the simulation: {e}"))?;
+    if !output.status.success() {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let tail: Vec<&str> = stderr.lines().rev().take(8).collect::<Vec<_>>().into_iter().rev().collect();
+        return Err(format!("the simulation failed ({}):\n{}", output.status, tail.join("\n")));
+    }
+    let records = std::fs::read_to_string(&metrics).map_err(|e| format!("{}: {e}", metrics.display()))?;
+    let summary = records
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .find(|record| record["summary"] == true)
+        .ok_or_else(|| format!("{} has no summary record", metrics.display()))?;
+    let _ = std::fs::remove_dir_all(dir.join("simulate"));
+    Ok(summary)
+}
+
 pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let mut output = match std::fs::File::create(&args.output) {
         Ok(file) => file,
         Err(e) => {
@@ -69,69 +118,48 @@ pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
         }
     };
     let work = config.network.data_dir.join("bench-traffic");
-    let mut results: Vec<(ExchangeMode, u32, Summary)> = Vec::new();
+    let total = args.exchange.len() * args.nodes.len();
+    let progress = indicatif::ProgressBar::new(total as u64);
+    progress.println(HEADER);
+    let mut runs: Vec<Run> = Vec::new();
     for &exchange in &args.exchange {
         for &nodes in &args.nodes {
-            let mut config = config.clone();
-            config.federation.nodes = nodes;
-            config.federation.exchange = exchange;
-            config.network.data_dir = work.join(format!("{}-{nodes}", name(exchange)));
-            let options = Options {
-                scenario: args.scenario.clone(),
-                metrics: None,
-                eval_rows: 8,
-                exact_match_rows: 0,
-                centralized_baseline: false,
-                attack: None,
-                attackers: 1,
-                dashboard: None,
-            };
-            println!("== {} exchange, {nodes} nodes", name(exchange));
-            let summary = match runtime.block_on(simulation::simulate(&config, &options, QuantMode::Auto)) {
+            progress.set_message(format!("{} exchange, {nodes} nodes", name(exchange)));
+            let dir = work.join(format!("{}-{nodes}", name(exchange)));
+            let summary = match simulate_in_child(config, args, exchange, nodes, &dir) {
                 Ok(summary) => summary,
                 Err(e) => {
+                    progress.abandon();
                     eprintln!("error: {} exchange with {nodes} nodes: {e}", name(exchange));
                     return ExitCode::FAILURE;
                 }
             };
-            let record = json!({
-                "exchange": name(exchange),
-                "nodes": nodes,
-                "rounds": args.rounds,
-                "adapter_bytes": summary.adapter_bytes,
-                "flower_client_bytes": 2 * summary.adapter_bytes,
-                "largest_node_bytes_per_round": summary.largest_node,
-                "mean_node_bytes_per_round": summary.mean_node,
-                "agreement": summary.agreement,
-                "eval_loss": summary.eval_loss,
-                "wall_seconds": summary.wall.as_secs_f64(),
-                "peak_rss_mb": summary.peak_rss_mb,
-            });
+            let mut record = summary.clone();
+            record["exchange"] = json!(name(exchange));
+            record["flower_client_bytes"] = json!(2.0 * summary["adapter_bytes"].as_f64().unwrap_or(0.0));
             if let Err(e) = writeln!(output, "{record}") {
                 eprintln!("error: {}: {e}", args.output.display());
                 return ExitCode::FAILURE;
             }
-            results.push((exchange, nodes, summary));
-            // Each simulation starts from empty stores; the last one's stay
-            // for a look only until the next.
-            let _ = std::fs::remove_dir_all(&config.network.data_dir);
+            let run = Run { exchange, nodes, summary };
+            progress.println(row(&run));
+            runs.push(run);
+            progress.inc(1);
         }
     }
-    print_table(&results, args.rounds);
+    progress.finish_and_clear();
+    print_table(&runs, args.rounds);
     let plot = args.output.with_extension("svg");
     let mut series: Vec<Series> = args
         .exchange
         .iter()
-        .map(|&exchange| {
-            let points = results.iter().filter(|(e, _, _)| *e == exchange).map(|(_, n, s)| (f64::from(*n), s.largest_node / 1e6)).collect();
-            Series {
-                name: format!("{} (largest node)", name(exchange)),
-                points,
-            }
+        .map(|&exchange| Series {
+            name: format!("{} (largest node)", name(exchange)),
+            points: runs.iter().filter(|r| r.exchange == exchange).map(|r| (f64::from(r.nodes), r.figure("largest_node_bytes_per_round") / 1e6)).collect(),
         })
         .collect();
-    if let Some((_, _, first)) = results.first() {
-        let flower = 2.0 * first.adapter_bytes as f64 / 1e6;
+    if let Some(first) = runs.first() {
+        let flower = 2.0 * first.figure("adapter_bytes") / 1e6;
         series.push(Series {
             name: "Flower client (adapter up, average down)".into(),
             points: args.nodes.iter().map(|n| (f64::from(*n), flower)).collect(),
@@ -145,25 +173,31 @@ pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn print_table(results: &[(ExchangeMode, u32, Summary)], rounds: u32) {
-    println!();
+const HEADER: &str = "exchange  nodes   largest node      mean node   x Flower  agreement    wall s  peak MB";
+
+fn row(run: &Run) -> String {
+    let flower = 2.0 * run.figure("adapter_bytes");
+    format!(
+        "{:<8} {:>6} {:>11.3} MB {:>11.3} MB {:>10.2} {:>10.2} {:>9.1} {:>8.0}",
+        name(run.exchange),
+        run.nodes,
+        run.figure("largest_node_bytes_per_round") / 1e6,
+        run.figure("mean_node_bytes_per_round") / 1e6,
+        run.figure("largest_node_bytes_per_round") / flower,
+        run.figure("agreement"),
+        run.figure("wall_seconds"),
+        run.figure("peak_rss_mb"),
+    )
+}
+
+fn print_table(runs: &[Run], rounds: u32) {
     println!("bytes per node per round, sent + received on the simulated links ({rounds} rounds each)");
-    println!("{:<8} {:>6} {:>14} {:>12} {:>10} {:>10} {:>9} {:>9}", "exchange", "nodes", "largest node", "mean node", "x Flower", "agreement", "wall s", "peak MB");
-    for (exchange, nodes, s) in results {
-        let flower = 2.0 * s.adapter_bytes as f64;
-        println!(
-            "{:<8} {:>6} {:>11.3} MB {:>9.3} MB {:>10.2} {:>10.2} {:>9.1} {:>9}",
-            name(*exchange),
-            nodes,
-            s.largest_node / 1e6,
-            s.mean_node / 1e6,
-            s.largest_node / flower,
-            s.agreement,
-            s.wall.as_secs_f64(),
-            s.peak_rss_mb.map_or("-".to_owned(), |m| format!("{m:.0}"))
-        );
+    println!("{HEADER}");
+    for run in runs {
+        println!("{}", row(run));
     }
-    if let Some((_, _, s)) = results.first() {
-        println!("a Flower client moves {:.3} MB a round (adapter {:.3} MB up, average down)", 2.0 * s.adapter_bytes as f64 / 1e6, s.adapter_bytes as f64 / 1e6);
+    if let Some(first) = runs.first() {
+        let adapter = first.figure("adapter_bytes") / 1e6;
+        println!("a Flower client moves {:.3} MB a round (adapter {adapter:.3} MB up, average down)", 2.0 * adapter);
     }
 }

@@ -49,7 +49,7 @@ pub fn run(config: &Config, args: &SimulateArgs) -> ExitCode {
         }
     };
     match runtime.block_on(simulation::simulate(config, &args.options, args.quant.quant)) {
-        Ok(_) => ExitCode::SUCCESS,
+        Ok(()) => ExitCode::SUCCESS,
         Err(SimError::Input(message)) => {
             eprintln!("error: {message}");
             ExitCode::from(2)

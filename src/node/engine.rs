@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, watch};
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
 use crate::p2p::network::{Exchange, NetworkError, NetworkEvent, NetworkHandle};
 use crate::wire::codec::{CHUNK_SIZE, Digest, Limits};
-use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest, SliceClaim};
+use crate::wire::manifest::{MAX_ADDRESS_LEN, MAX_ADDRESSES, Manifest, ManifestKind, SignedManifest, SliceClaim};
 use crate::wire::slices::SliceLayout;
 use crate::wire::tensors::{decode_checked, encode};
 
@@ -386,9 +386,11 @@ impl<T: RoundTrainer> Engine<T> {
         if manifest.kind == ManifestKind::Slice {
             // A slice result's chunk, checked against the claim's hash by the
             // network; whether it is believed is for `reduce_round`.
+            let held: usize = self.slice_results.values().map(|(_, b)| b.len()).sum();
             if let Some(bytes) = bytes
                 && from.is_some_and(|r| manifest.round >= r && manifest.round <= r.saturating_add(LOOKAHEAD))
                 && self.slice_results.len() < MAX_SLICE_RESULTS
+                && held.saturating_add(bytes.len()) <= self.settings.limits.max_adapter_bytes.saturating_mul(4)
             {
                 self.slice_results.insert(manifest.adapter_hash, (manifest.round, bytes));
             }
@@ -618,6 +620,7 @@ impl<T: RoundTrainer> Engine<T> {
             tokens: local.tokens,
             train_loss: local.loss,
             members,
+            addresses: self.addresses().await,
             ..Manifest::describe_chunked(self.settings.run_id, round, &self.me(), &bytes, chunk_size)
         };
         let signed = self.sign(&manifest)?;
@@ -732,6 +735,12 @@ impl<T: RoundTrainer> Engine<T> {
                     },
                 }
             }
+            // This node's own slices: a co-owner that claimed otherwise lied.
+            for s in (0..layout.count()).filter(|s| owners[*s].contains(&me)) {
+                if let Some(chunk) = resolved[s].clone() {
+                    self.expose_liars(round, s, digest, &owners[s], &chunk);
+                }
+            }
             // 3. What no owner gave by the deadline, and one audited slice.
             let mut todo: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none()).collect();
             todo.extend(self.audit_pick(round, pass, layout.count(), &owners, &todo));
@@ -837,6 +846,13 @@ impl<T: RoundTrainer> Engine<T> {
         }
     }
 
+    /// Where peers can dial this node, for its manifests (at most
+    /// `MAX_ADDRESSES`; none if the network cannot say).
+    async fn addresses(&self) -> Vec<String> {
+        let addresses = self.net.reachable_addrs().await.unwrap_or_default();
+        addresses.iter().map(ToString::to_string).filter(|a| a.len() <= MAX_ADDRESS_LEN).take(MAX_ADDRESSES).collect()
+    }
+
     /// Keeps slice `s`'s result and gossips this node's signed claim of it.
     async fn claim_slice(&mut self, round: u64, s: usize, inputs: Digest, layout: &SliceLayout, chunk: &[u8]) -> Result<(), EngineError> {
         let mut chunk = chunk.to_vec();
@@ -851,6 +867,7 @@ impl<T: RoundTrainer> Engine<T> {
         let manifest = Manifest {
             kind: ManifestKind::Slice,
             slice: Some(SliceClaim { index: s as u32, inputs }),
+            addresses: self.addresses().await,
             ..Manifest::describe_chunked(self.settings.run_id, round, &self.me(), &chunk, layout.chunk_size)
         };
         let signed = self.sign(&manifest)?;

@@ -38,14 +38,15 @@ pub struct NodeStatus {
 /// The kind of a rejection, from its message (metrics label): what the
 /// check that failed was about.
 pub fn rejection_kind(reason: &str) -> &'static str {
-    const KINDS: [(&[&str], &str); 10] = [
+    const KINDS: [(&[&str], &str); 11] = [
+        (&["lying-reducer"], "lying-reducer"),
         (&["signature", "signing key"], "signature"),
         (&["allowlist"], "not-allowed"),
         (&["on the topic of run", "did not join", "wrong run"], "wrong-run"),
         (&["outside the round window"], "stale-round"),
-        (&["second, different update"], "equivocation"),
+        (&["second, different update", "two different claims"], "equivocation"),
         (&["wrong weight"], "wrong-weight"),
-        (&["NaN or infinite"], "non-finite"),
+        (&["NaN or infinite", "non-finite"], "non-finite"),
         (&["has shape", "unexpected tensor", "tensors, missing"], "wrong-shape"),
         (&["travel as float32"], "wrong-dtype"),
         (&["hashes to", "does not match", "not chunk"], "hash-mismatch"),

@@ -108,6 +108,8 @@ enum Command {
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Listen(Multiaddr, oneshot::Sender<Result<(), String>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
+    /// Listen addresses that name a host, and confirmed external ones.
+    Reachable(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     PeerScore(PeerId, oneshot::Sender<Option<f64>>),
     /// Ask connected peers for the newest manifest of a run, and fetch it.
@@ -204,6 +206,12 @@ impl NetworkHandle {
 
     pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>, NetworkError> {
         self.call(Command::ListenAddrs).await
+    }
+
+    /// Where peers can dial this node: listen addresses that name a host
+    /// (not 0.0.0.0 or ::), then confirmed external addresses.
+    pub async fn reachable_addrs(&self) -> Result<Vec<Multiaddr>, NetworkError> {
+        self.call(Command::Reachable).await
     }
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
@@ -305,7 +313,12 @@ struct EventLoop {
     reduce_runs: HashSet<Digest>,
     /// Chunks asked for by `fetch_chunk`: the peers still to ask, and who waits.
     direct: HashMap<Digest, DirectFetch>,
+    /// Addresses authors gave in their signed manifests, for fetches from
+    /// peers this node is not connected to (at most `MAX_PEER_ADDRESSES` peers).
+    addresses: HashMap<PeerId, Vec<Multiaddr>>,
 }
+
+const MAX_PEER_ADDRESSES: usize = 4096;
 
 /// A `fetch_chunk` in progress.
 struct DirectFetch {
@@ -384,6 +397,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         known: HashMap::new(),
         reduce_runs: HashSet::new(),
         direct: HashMap::new(),
+        addresses: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((NetworkHandle { commands: command_tx, peer_id, traffic }, event_rx))
@@ -513,6 +527,13 @@ impl EventLoop {
             }
             Command::ListenAddrs(reply) => {
                 let _ = reply.send(self.swarm.listeners().cloned().collect());
+            }
+            Command::Reachable(reply) => {
+                let unspecified = |addr: &Multiaddr| {
+                    addr.iter().any(|p| matches!(p, libp2p::multiaddr::Protocol::Ip4(ip) if ip.is_unspecified()) || matches!(p, libp2p::multiaddr::Protocol::Ip6(ip) if ip.is_unspecified()))
+                };
+                let listening = self.swarm.listeners().filter(|a| !unspecified(a)).cloned();
+                let _ = reply.send(listening.chain(self.swarm.external_addresses().cloned()).collect());
             }
             Command::PeerScore(peer, reply) => {
                 let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
@@ -693,6 +714,7 @@ impl EventLoop {
             return Err(format!("manifest by {author}, who is not in this run's allowlist"));
         }
         self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
+        self.remember_addresses(author, &manifest.addresses);
         if manifest.kind == ManifestKind::Members {
             // Nothing to assemble: the announcement is the whole message.
             self.emit(NetworkEvent::Manifest { manifest, author }).await;
@@ -721,6 +743,10 @@ impl EventLoop {
         });
         self.emit(NetworkEvent::Manifest { manifest: manifest.clone(), author }).await;
         self.complete(manifest.adapter_hash).await;
+        if manifest.kind != ManifestKind::Update {
+            // Nothing gossips its chunks: ask now, not at the next tick.
+            self.fetch_missing();
+        }
         Ok(())
     }
 
@@ -807,6 +833,22 @@ impl EventLoop {
         if list.is_empty() { ChunkResponse::NotFound } else { ChunkResponse::Manifests(list) }
     }
 
+    fn remember_addresses(&mut self, peer: PeerId, addresses: &[String]) {
+        let parsed: Vec<Multiaddr> = addresses.iter().filter_map(|a| a.parse().ok()).collect();
+        if parsed.is_empty() || (self.addresses.len() >= MAX_PEER_ADDRESSES && !self.addresses.contains_key(&peer)) {
+            return;
+        }
+        self.addresses.insert(peer, parsed);
+    }
+
+    /// A chunk request to `peer`, dialing it at the addresses it gave if
+    /// this node is not connected to it.
+    fn request_chunk(&mut self, peer: PeerId, id: Digest) {
+        let addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
+        let request = self.swarm.behaviour_mut().chunks.send_request_with_addresses(&peer, ChunkRequest::Chunk(id), addresses);
+        self.in_flight.insert(request, (id, peer));
+    }
+
     /// Starts a `fetch_chunk`: answered at once from the store, else by the
     /// peers in turn.
     fn fetch_chunk(&mut self, id: Digest, peers: Vec<PeerId>, reply: oneshot::Sender<Option<Vec<u8>>>) {
@@ -831,10 +873,7 @@ impl EventLoop {
     fn ask_next(&mut self, id: Digest) {
         let Some(fetch) = self.direct.get_mut(&id) else { return };
         match fetch.peers.pop_front() {
-            Some(peer) => {
-                let request = self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Chunk(id));
-                self.in_flight.insert(request, (id, peer));
-            }
+            Some(peer) => self.request_chunk(peer, id),
             None => {
                 for waiter in self.direct.remove(&id).map(|f| f.waiting).unwrap_or_default() {
                     let _ = waiter.send(None);
@@ -869,8 +908,7 @@ impl EventLoop {
                 self.wanted.remove(&id);
                 continue;
             };
-            let request = self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Chunk(id));
-            self.in_flight.insert(request, (id, peer));
+            self.request_chunk(peer, id);
         }
     }
 
@@ -933,6 +971,8 @@ impl EventLoop {
                     }
                     _ => {}
                 }
+                // A request slot is free: keep fetching without waiting for the tick.
+                self.fetch_missing();
             }
             request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
                 if let Some((id, _)) = self.in_flight.remove(&request_id) {

@@ -262,23 +262,7 @@ impl Simulation {
 }
 
 /// Runs the whole simulation the configuration and options describe.
-/// What a finished simulation measured (for `bench traffic`).
-#[derive(Debug, Clone)]
-pub struct Summary {
-    /// Bytes of the adapter's encoding: what one Flower upload moves.
-    pub adapter_bytes: usize,
-    /// Bytes sent + received a round by the busiest node (mean over rounds).
-    pub largest_node: f64,
-    /// Bytes sent + received a round by the mean node.
-    pub mean_node: f64,
-    pub agreement: f64,
-    pub eval_loss: f64,
-    pub wall: Duration,
-    /// This process's peak resident memory, in MB (Linux).
-    pub peak_rss_mb: Option<f64>,
-}
-
-pub async fn simulate(config: &Config, args: &Options, quant: QuantMode) -> Result<Summary, SimError> {
+pub async fn simulate(config: &Config, args: &Options, quant: QuantMode) -> Result<(), SimError> {
     let scenario = match &args.scenario {
         Some(path) => Scenario::load(path).map_err(|e| SimError::Input(e.to_string()))?,
         None => Scenario::ideal(),
@@ -303,7 +287,7 @@ pub async fn simulate(config: &Config, args: &Options, quant: QuantMode) -> Resu
     result
 }
 
-async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, prepared: &compute::Prepared) -> Result<Summary, SimError> {
+async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, prepared: &compute::Prepared) -> Result<(), SimError> {
     let (nodes, rounds) = (config.federation.nodes, config.federation.rounds);
     let local_steps = u64::from(config.train.local_steps);
     let total_steps = u64::from(rounds) * local_steps;
@@ -488,15 +472,21 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     }
     let adapter_bytes = crate::node::adapter_size(&last.modal.1).map_err(SimError::Run)?;
     let mean_traffic = rows.iter().map(|r| r.sent + r.received).sum::<f64>() / rows.len() as f64;
-    let summary = Summary {
-        adapter_bytes,
-        largest_node: rows.iter().map(|r| r.largest).sum::<f64>() / rows.len() as f64,
-        mean_node: mean_traffic,
-        agreement: last.agreement,
-        eval_loss: last.eval_loss,
-        wall,
-        peak_rss_mb: table::memory_mb().1,
-    };
+    // The run in one record (what `bench traffic` reads): bytes per node
+    // per round, the busiest node's and the mean, over the rounds.
+    let summary = json!({
+        "summary": true,
+        "nodes": nodes,
+        "rounds": rows.len(),
+        "adapter_bytes": adapter_bytes,
+        "largest_node_bytes_per_round": rows.iter().map(|r| r.largest).sum::<f64>() / rows.len() as f64,
+        "mean_node_bytes_per_round": mean_traffic,
+        "agreement": last.agreement,
+        "eval_loss": last.eval_loss,
+        "wall_seconds": wall.as_secs_f64(),
+        "peak_rss_mb": table::memory_mb().1,
+    });
+    writeln!(metrics, "{summary}").map_err(|e| SimError::Run(format!("{}: {e}", metrics_path.display())))?;
     println!(
         "traffic per node per round: {} sent+received; a Flower server would move {} per client (adapter {} up, average down)",
         megabytes(mean_traffic),
@@ -539,6 +529,6 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         println!("the dashboard stays up until Ctrl-C");
         let _ = tokio::signal::ctrl_c().await;
     }
-    Ok(summary)
+    Ok(())
 }
 

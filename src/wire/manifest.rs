@@ -11,6 +11,9 @@ pub const MANIFEST_VERSION: u16 = 3;
 /// Upper bound on an encoded signed manifest: 2,048 chunk ids (512 MiB of
 /// adapter) plus keys and fields fit well inside.
 pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
+/// Addresses a manifest may give for its author, and their length.
+pub const MAX_ADDRESSES: usize = 4;
+pub const MAX_ADDRESS_LEN: usize = 256;
 
 const BINCODE: bincode::config::Configuration<bincode::config::LittleEndian, bincode::config::Varint, bincode::config::Limit<MAX_MANIFEST_BYTES>> =
     bincode::config::standard().with_limit::<MAX_MANIFEST_BYTES>();
@@ -60,6 +63,10 @@ pub struct Manifest {
     pub chunk_size: u32,
     /// Set exactly for `ManifestKind::Slice`.
     pub slice: Option<SliceClaim>,
+    /// Where the author can be dialed (multiaddrs, at most
+    /// `MAX_ADDRESSES`): in the reduce exchange slice owners fetch from
+    /// authors they may not be connected to.
+    pub addresses: Vec<String>,
     /// A round-0 update: blake3 of the member list its author trained
     /// round 0 with (how a node that settles late learns whether it is on
     /// its peers' lists).
@@ -101,6 +108,7 @@ impl Manifest {
             adapter_len: adapter.len() as u64,
             chunk_size: chunk_size as u32,
             slice: None,
+            addresses: Vec::new(),
             members: None,
             examples: 0,
             tokens: 0,
@@ -189,6 +197,9 @@ impl SignedManifest {
                 signer: signer.to_string(),
                 author: author.to_string(),
             });
+        }
+        if manifest.addresses.len() > MAX_ADDRESSES || manifest.addresses.iter().any(|a| a.len() > MAX_ADDRESS_LEN) {
+            return Err(ManifestError::Inconsistent(format!("more than {MAX_ADDRESSES} addresses, or one over {MAX_ADDRESS_LEN} bytes")));
         }
         if (manifest.kind == ManifestKind::Slice) != manifest.slice.is_some() {
             return Err(ManifestError::Inconsistent("a slice claim, and only a slice claim, names its slice".into()));
