@@ -102,6 +102,9 @@ fn bad_enum_value_lists_the_choices() {
     let text = load_err(Some(&path), &[]).to_string();
     assert!(text.contains("federation.aggregation"), "{text}");
     assert!(text.contains("trimmed-mean"), "{text}");
+    let path = write_config(&dir, "[federation]\nexchange = \"allreduce\"\n");
+    let text = load_err(Some(&path), &[]).to_string();
+    assert!(text.contains("federation.exchange") && text.contains("reduce"), "{text}");
 }
 
 #[test]
@@ -135,6 +138,10 @@ fn each_range_check_fires() {
         ("federation.num_buckets=0", "federation.num_buckets"),
         ("federation.save_every_rounds=0", "federation.save_every_rounds"),
         ("federation.round_timeout_secs=0", "federation.round_timeout_secs"),
+        ("federation.min_members=0", "federation.min_members"),
+        ("federation.replicas=0", "federation.replicas"),
+        ("federation.replicas=9", "federation.replicas"),
+        ("federation.audit=1.5", "federation.audit"),
         ("network.listen=[\"0.0.0.0:4001\"]", "network.listen"),
         ("model.source=\"\"", "model.source"),
         ("data.dataset=\" \"", "data.dataset"),
