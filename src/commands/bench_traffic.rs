@@ -120,7 +120,7 @@ pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
     let work = config.network.data_dir.join("bench-traffic");
     let total = args.exchange.len() * args.nodes.len();
     let progress = indicatif::ProgressBar::new(total as u64);
-    progress.println(HEADER);
+    progress.suspend(|| println!("{HEADER}"));
     let mut runs: Vec<Run> = Vec::new();
     for &exchange in &args.exchange {
         for &nodes in &args.nodes {
@@ -142,7 +142,7 @@ pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             let run = Run { exchange, nodes, summary };
-            progress.println(row(&run));
+            progress.suspend(|| println!("{}", row(&run)));
             runs.push(run);
             progress.inc(1);
         }
