@@ -123,7 +123,7 @@ fn bad_inputs_get_clear_errors_and_non_zero_exits() {
             "full disk (store quota)",
             with_tiny(&[
                 "--set", "lora.rank=64", "--set", "network.store_quota_mb=1", "--set", "federation.rounds=1", "--set", "train.local_steps=1",
-                "start", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0",
+                "--set", "federation.min_members=1", "start", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0",
             ]),
             1,
             "raise network.store_quota_mb",

@@ -178,7 +178,9 @@ fn json_logs_of_a_training_node_carry_run_peer_and_round() {
     let dir = tempfile::tempdir().unwrap();
     let output = blossom(&[
         "--log-format", "json", "-v", "--set", "model.source=tiny", "--set", "lora.num_layers=4", "--set", "federation.rounds=1",
-        "--set", "train.local_steps=1", "start", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0", "--data-dir", dir.path().to_str().unwrap(),
+        // One node trains alone: round 0 does not wait for a second member.
+        "--set", "train.local_steps=1", "--set", "federation.min_members=1", "start", "--no-mdns", "--listen", "/ip4/127.0.0.1/tcp/0",
+        "--data-dir", dir.path().to_str().unwrap(),
     ]);
     assert!(output.status.success(), "{}", stderr(&output));
     let line = stderr(&output).lines().find(|l| l.contains("round done")).map(str::to_owned).expect("a round-done log line");
