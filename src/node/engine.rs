@@ -388,7 +388,7 @@ impl<T: RoundTrainer> Engine<T> {
             // network; whether it is believed is for `reduce_round`.
             let held: usize = self.slice_results.values().map(|(_, b)| b.len()).sum();
             if let Some(bytes) = bytes
-                && from.is_some_and(|r| manifest.round >= r && manifest.round <= r.saturating_add(LOOKAHEAD))
+                && in_window(manifest.round, from)
                 && self.slice_results.len() < MAX_SLICE_RESULTS
                 && held.saturating_add(bytes.len()) <= self.settings.limits.max_adapter_bytes.saturating_mul(4)
             {
@@ -450,8 +450,7 @@ impl<T: RoundTrainer> Engine<T> {
     /// equivocation, and the first stands).
     fn on_claim(&mut self, manifest: &Manifest, author: PeerId, from: Option<u64>) {
         let ours = manifest.run_id == self.settings.run_id && author != self.me() && !self.excluded.contains_key(&author);
-        let in_window = from.is_some_and(|r| manifest.round >= r && manifest.round <= r.saturating_add(LOOKAHEAD));
-        let Some(claim) = manifest.slice.filter(|_| ours && in_window) else { return };
+        let Some(claim) = manifest.slice.filter(|_| ours && in_window(manifest.round, from)) else { return };
         let key = (manifest.round, claim.index);
         if !self.claims.contains_key(&key) && self.claims.len() >= MAX_SLICE_RESULTS {
             return;
@@ -1272,6 +1271,12 @@ async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::R
     }
     let start = range.start - first * input.chunk_size;
     bytes.get(start..start + range.len()).map(<[u8]>::to_vec)
+}
+
+/// Whether `round` lies in the window `from..=from+LOOKAHEAD` of a node in
+/// round `from` (never while catching up, when `from` is unknown).
+fn in_window(round: u64, from: Option<u64>) -> bool {
+    from.is_some_and(|r| round >= r && round <= r.saturating_add(LOOKAHEAD))
 }
 
 /// blake3 of a sorted member list (round-0 updates carry it).
