@@ -243,18 +243,45 @@ pub enum EngineError {
 
 /// A peer's update for some round (its tensors: in the gossip exchange,
 /// and this node's own).
+#[derive(Clone)]
 struct Update {
     manifest: Manifest,
     tensors: Option<Tensors>,
 }
 
-/// What a slice owner claimed.
+/// What a slice owner claimed a slice over some inputs is.
 #[derive(Debug, Clone, PartialEq)]
 struct ClaimSeen {
-    inputs: Digest,
     result: Digest,
     chunk_size: u32,
     len: u64,
+}
+
+/// One pass of the reduce exchange: its inputs and how they are sliced.
+struct RoundView<'a> {
+    round: u64,
+    digest: Digest,
+    layout: &'a SliceLayout,
+    owners: &'a [Vec<PeerId>],
+    sources: &'a [InputSource],
+}
+
+/// The reduce exchange's input lists of one round, as `adopt_inputs` met them.
+#[derive(Default)]
+struct Adoption {
+    adopted: usize,
+    /// Fetched and decoded, by hash.
+    lists: BTreeMap<Digest, Vec<(PeerId, Digest)>>,
+    /// Lists that cannot be adopted (malformed, other updates than this
+    /// node holds, excluded authors, too few real owners).
+    refused: BTreeSet<Digest>,
+    /// Lists for which peers were asked for the round's manifests.
+    asked: BTreeSet<Digest>,
+    /// Fetches of each list so far.
+    fetches: BTreeMap<Digest, usize>,
+    /// Authors whose updates this node could not fetch: a list with one of
+    /// them cannot be computed here.
+    unavailable: BTreeSet<PeerId>,
 }
 
 /// Where a slice computation reads one input from.
@@ -277,12 +304,17 @@ struct Candidate {
 
 /// How many rounds ahead of this node updates are kept.
 const LOOKAHEAD: u64 = 2;
-/// Slice claims kept per (round, slice), and claimed results in all.
+/// Slice claims kept per (round, inputs, slice), and claimed results in all.
 const MAX_CLAIMS_PER_SLICE: usize = 8;
 const MAX_SLICE_RESULTS: usize = 16_384;
 /// Passes of the reduce exchange in one round: each drops the inputs that
-/// no peer could serve (an author that crashed after publishing).
-const REDUCE_PASSES: usize = 3;
+/// no peer could serve (an author that crashed after publishing), or
+/// adopts the inputs that more owners averaged (`adopt_inputs`).
+const REDUCE_PASSES: usize = 4;
+/// Input lists a node adopts in one round at most, and the fetches of one
+/// list it tries.
+const MAX_ADOPTIONS: usize = 2;
+const MAX_LIST_FETCHES: usize = 3;
 /// Round-0 member announcements kept at most (each needs its own key, but
 /// keys are free: memory stays bounded whatever peers send).
 const MAX_ANNOUNCED: usize = 4096;
@@ -307,8 +339,8 @@ pub struct Engine<T: RoundTrainer> {
     announced: BTreeSet<PeerId>,
     /// This node's newest update, encoded (it reads its own slices from it).
     own_update: Option<Arc<Vec<u8>>>,
-    /// Slice claims by (round, slice) and owner.
-    claims: BTreeMap<(u64, u32), BTreeMap<PeerId, ClaimSeen>>,
+    /// Slice claims by (round, inputs digest, slice) and owner.
+    claims: BTreeMap<(u64, Digest, u32), BTreeMap<PeerId, ClaimSeen>>,
     /// Claimed slice results' chunks (at most 256 KiB each), by hash, with their round.
     slice_results: HashMap<Digest, (u64, Vec<u8>)>,
     /// Owners proven to have claimed a wrong slice, and the proof: left out
@@ -445,13 +477,15 @@ impl<T: RoundTrainer> Engine<T> {
         }
     }
 
-    /// Keeps a slice owner's claim for a round in the window (one per owner
-    /// and slice; a second, different one from the same owner is
-    /// equivocation, and the first stands).
+    /// Keeps a slice owner's claim for a round in the window (one per owner,
+    /// inputs and slice; a second, different one from the same owner over
+    /// the same inputs is equivocation, and the first stands; a claim over
+    /// other inputs is not: an owner that drops an unavailable input or
+    /// adopts its peers' inputs claims its slices again).
     fn on_claim(&mut self, manifest: &Manifest, author: PeerId, from: Option<u64>) {
         let ours = manifest.run_id == self.settings.run_id && author != self.me() && !self.excluded.contains_key(&author);
         let Some(claim) = manifest.slice.filter(|_| ours && in_window(manifest.round, from)) else { return };
-        let key = (manifest.round, claim.index);
+        let key = (manifest.round, claim.inputs, claim.index);
         if !self.claims.contains_key(&key) && self.claims.len() >= MAX_SLICE_RESULTS {
             return;
         }
@@ -460,14 +494,13 @@ impl<T: RoundTrainer> Engine<T> {
             return;
         }
         let seen = ClaimSeen {
-            inputs: claim.inputs,
             result: manifest.adapter_hash,
             chunk_size: manifest.chunk_size,
             len: manifest.adapter_len,
         };
         match claims.get(&author) {
             Some(first) if *first != seen => {
-                let reason = format!("two different claims for slice {} of round {}", claim.index, manifest.round);
+                let reason = format!("two different claims for slice {} of round {} over the same inputs", claim.index, manifest.round);
                 self.report(EngineEvent::Rejected { peer: author, reason });
             }
             Some(_) => {}
@@ -662,23 +695,22 @@ impl<T: RoundTrainer> Engine<T> {
         let deadline = clock.deadline(round);
         tokio::pin!(deadline);
         let mut deadline_passed = false;
+        let mut adoption = Adoption::default();
         for pass in 0..REDUCE_PASSES {
             if updates.is_empty() {
                 return Err(EngineError::Aggregate("no update of this round could be fetched".into()));
             }
             let pairs: Vec<(PeerId, Digest)> = updates.iter().map(|(p, u)| (*p, u.manifest.adapter_hash)).collect();
             let digest = reduce::inputs_digest(&pairs);
-            // The slices the authors cut their updates into, if they agree
-            // (they do when they saw the same members); else one per input.
-            let sizes: BTreeSet<u32> = updates.values().map(|u| u.manifest.chunk_size).collect();
-            let layout = match sizes.iter().next() {
-                Some(size) if sizes.len() == 1 => SliceLayout::with_chunk_size(&self.layout, *size as usize),
-                _ => SliceLayout::new(&self.layout, reduce::slice_count(updates.len())),
+            // A node that came late, or saw other updates than most, takes
+            // the inputs its peers already averaged before it fetches any.
+            if let Some(adopted) = self.adopt_inputs(round, digest, &updates, &mut adoption).await? {
+                updates = adopted;
+                continue;
             }
-            .map_err(EngineError::Aggregate)?;
-            let layout = Arc::new(layout);
+            let layout = Arc::new(self.slice_layout(&updates)?);
             let authors: Vec<PeerId> = updates.keys().copied().collect();
-            let owners = reduce::owners(&self.settings.run_id, round, &authors, layout.count(), self.settings.replicas);
+            let owners = Arc::new(reduce::owners(&self.settings.run_id, round, &authors, layout.count(), self.settings.replicas));
             let sources: Arc<Vec<InputSource>> = Arc::new(
                 updates
                     .iter()
@@ -692,27 +724,37 @@ impl<T: RoundTrainer> Engine<T> {
                     .collect(),
             );
             let compute = {
-                let (net, method, layout, previous, sources) = (self.net.clone(), self.settings.method, layout.clone(), previous.clone(), sources.clone());
-                move |slices: Vec<usize>| compute_slices(net.clone(), layout.clone(), method, previous.clone(), sources.clone(), slices)
+                let (net, method, layout, previous, sources, owners) = (self.net.clone(), self.settings.method, layout.clone(), previous.clone(), sources.clone(), owners.clone());
+                move |slices: Vec<usize>| compute_slices(net.clone(), layout.clone(), method, previous.clone(), sources.clone(), owners.clone(), slices)
             };
             let mut resolved: Vec<Option<Vec<u8>>> = vec![None; layout.count()];
             let mut unavailable: BTreeSet<PeerId> = BTreeSet::new();
             // 1. The slices this node owns: computed and claimed.
             let mine: Vec<usize> = (0..layout.count()).filter(|s| owners[*s].contains(&me)).collect();
-            for (s, result) in self.while_listening(compute(mine), Some(round)).await? {
-                match result {
-                    Ok((chunk, bad)) => {
-                        self.report_non_finite(&sources, &bad, s, round);
-                        self.claim_slice(round, s, digest, &layout, &chunk).await?;
-                        resolved[s] = Some(chunk);
-                    }
-                    Err(missing) => unavailable.extend(missing),
+            if !mine.is_empty() {
+                // Served under its hash, for peers that saw other inputs.
+                self.net.put_blob(round, reduce::encode_inputs(&pairs)).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            }
+            // An owned slice whose inputs this node could not fetch (their
+            // author left) waits for a co-owner's claim: that owner fetched
+            // them, and serves them.
+            let view = RoundView { round, digest, layout: &layout, owners: &owners, sources: &sources };
+            let mut waiting: BTreeMap<usize, Vec<PeerId>> = BTreeMap::new();
+            for (s, missing) in self.settle_slices(compute(mine), &view, &mut resolved).await? {
+                match owners[s].len() {
+                    1 => unavailable.extend(missing),
+                    _ => drop(waiting.insert(s, missing)),
                 }
             }
             // 2. The other slices from their owners until the deadline;
             //    contested ones are computed here at once.
             // Bounded by the deadline.
+            let mut adopted = None;
             while unavailable.is_empty() {
+                adopted = self.adopt_inputs(round, digest, &updates, &mut adoption).await?;
+                if adopted.is_some() {
+                    break;
+                }
                 for s in 0..layout.count() {
                     if resolved[s].is_none() {
                         resolved[s] = self.agreed_result(round, s, digest, &owners[s], &layout);
@@ -720,8 +762,16 @@ impl<T: RoundTrainer> Engine<T> {
                 }
                 let contested: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none() && self.contested(round, *s, digest, &owners[*s])).collect();
                 if !contested.is_empty() {
-                    let job = compute(contested);
-                    self.settle_slices(job, round, digest, &owners, &sources, &mut resolved, &mut unavailable).await?;
+                    for (_, missing) in self.settle_slices(compute(contested), &view, &mut resolved).await? {
+                        unavailable.extend(missing);
+                    }
+                }
+                let retry: Vec<usize> = waiting.keys().copied().filter(|s| self.claimed_by_others(round, digest, *s, &owners[*s])).collect();
+                if !retry.is_empty() {
+                    waiting.retain(|s, _| !retry.contains(s));
+                    for (_, missing) in self.settle_slices(compute(retry), &view, &mut resolved).await? {
+                        unavailable.extend(missing);
+                    }
                 }
                 if deadline_passed || resolved.iter().all(Option::is_some) {
                     break;
@@ -734,6 +784,10 @@ impl<T: RoundTrainer> Engine<T> {
                     },
                 }
             }
+            if let Some(adopted) = adopted {
+                updates = adopted;
+                continue;
+            }
             // This node's own slices: a co-owner that claimed otherwise lied.
             for s in (0..layout.count()).filter(|s| owners[*s].contains(&me)) {
                 if let Some(chunk) = resolved[s].clone() {
@@ -744,11 +798,13 @@ impl<T: RoundTrainer> Engine<T> {
             let mut todo: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none()).collect();
             todo.extend(self.audit_pick(round, pass, layout.count(), &owners, &todo));
             if unavailable.is_empty() && !todo.is_empty() {
-                let job = compute(todo);
-                self.settle_slices(job, round, digest, &owners, &sources, &mut resolved, &mut unavailable).await?;
+                for (_, missing) in self.settle_slices(compute(todo), &view, &mut resolved).await? {
+                    unavailable.extend(missing);
+                }
             }
             if !unavailable.is_empty() {
                 tracing::warn!(round, pass, dropped = unavailable.len(), "updates no peer could serve are left out; the exchange runs again");
+                adoption.unavailable.extend(unavailable.iter().copied());
                 updates.retain(|author, _| !unavailable.contains(author));
                 continue;
             }
@@ -762,37 +818,161 @@ impl<T: RoundTrainer> Engine<T> {
         Err(EngineError::Aggregate(format!("the reduce exchange of round {round} did not settle in {REDUCE_PASSES} passes")))
     }
 
+    /// The slices the authors of `updates` cut them into, if they agree
+    /// (they do when they saw the same members); else one per input.
+    fn slice_layout(&self, updates: &BTreeMap<PeerId, Update>) -> Result<SliceLayout, EngineError> {
+        let sizes: BTreeSet<u32> = updates.values().map(|u| u.manifest.chunk_size).collect();
+        match sizes.iter().next() {
+            Some(size) if sizes.len() == 1 => SliceLayout::with_chunk_size(&self.layout, *size as usize),
+            _ => SliceLayout::new(&self.layout, reduce::slice_count(updates.len())),
+        }
+        .map_err(EngineError::Aggregate)
+    }
+
+    /// The inputs more of this round's owners averaged than averaged
+    /// `mine`, if this node holds the signed manifest of every one of them:
+    /// a node that came late, or missed or got an update the others did
+    /// not, ends on their average instead of computing its own. The list
+    /// is fetched from its claimants under its hash; a claimant counts only
+    /// if it owns, under that list, the slice it claimed (so a peer cannot
+    /// make up a list and claim it under many names). A list with authors
+    /// whose manifests are not here yet asks peers for the round's
+    /// manifests and is tried again as they come.
+    async fn adopt_inputs(
+        &mut self,
+        round: u64,
+        mine: Digest,
+        updates: &BTreeMap<PeerId, Update>,
+        adoption: &mut Adoption,
+    ) -> Result<Option<BTreeMap<PeerId, Update>>, EngineError> {
+        if adoption.adopted >= MAX_ADOPTIONS {
+            return Ok(None);
+        }
+        // Claimants by inputs digest (this node backs its own inputs).
+        let mut claimants: BTreeMap<Digest, BTreeMap<PeerId, BTreeSet<u32>>> = BTreeMap::new();
+        let lowest = (round, Digest([0; 32]), 0);
+        let highest = (round, Digest([0xff; 32]), u32::MAX);
+        for ((_, inputs, slice), claims) in self.claims.range(lowest..=highest) {
+            for owner in claims.keys() {
+                claimants.entry(*inputs).or_default().entry(*owner).or_default().insert(*slice);
+            }
+        }
+        // At least two claimants: one alone never moves a node.
+        let backing = (claimants.get(&mine).map_or(0, BTreeMap::len) + usize::from(updates.contains_key(&self.me()))).max(1);
+        let Some((target, claims)) = claimants
+            .into_iter()
+            .filter(|(inputs, claims)| *inputs != mine && claims.len() > backing && !adoption.refused.contains(inputs))
+            .max_by_key(|(inputs, claims)| (claims.len(), *inputs))
+        else {
+            return Ok(None);
+        };
+        let list = match adoption.lists.get(&target) {
+            Some(list) => list.clone(),
+            None => {
+                let tries = adoption.fetches.entry(target).or_default();
+                *tries += 1;
+                if *tries > MAX_LIST_FETCHES {
+                    adoption.refused.insert(target);
+                    return Ok(None);
+                }
+                let (net, from) = (self.net.clone(), claims.keys().copied().collect());
+                let fetch = async move { net.fetch_chunk(target, from).await };
+                let fetched = self.while_listening(fetch, Some(round)).await?;
+                match fetched.ok().flatten().map(|bytes| reduce::decode_inputs(&bytes)) {
+                    Some(Ok(list)) => {
+                        adoption.lists.insert(target, list.clone());
+                        list
+                    }
+                    Some(Err(reason)) => {
+                        tracing::warn!(round, %reason, "a claimed input list is malformed");
+                        adoption.refused.insert(target);
+                        return Ok(None);
+                    }
+                    // No claimant served it yet: tried again on the next event.
+                    None => return Ok(None),
+                }
+            }
+        };
+        if list.iter().any(|(author, _)| adoption.unavailable.contains(author)) {
+            adoption.refused.insert(target);
+            return Ok(None);
+        }
+        let mut adopted = BTreeMap::new();
+        for (author, hash) in &list {
+            let held = updates.get(author).or_else(|| self.buffered.get(&round).and_then(|b| b.get(author)));
+            match held {
+                Some(update) if update.manifest.adapter_hash == *hash => {
+                    adopted.insert(*author, update.clone());
+                }
+                Some(_) => {
+                    // Another update than the one its author signed to this
+                    // node: the list is not one this node can check.
+                    adoption.refused.insert(target);
+                    return Ok(None);
+                }
+                None if !self.excluded.contains_key(author) => {
+                    if adoption.asked.insert(target) {
+                        self.net.ask_round(self.settings.run_id, round).await.map_err(|e| EngineError::Network(e.to_string()))?;
+                    }
+                    return Ok(None);
+                }
+                None => {
+                    adoption.refused.insert(target);
+                    return Ok(None);
+                }
+            }
+        }
+        let layout = self.slice_layout(&adopted)?;
+        let authors: Vec<PeerId> = adopted.keys().copied().collect();
+        let owners = reduce::owners(&self.settings.run_id, round, &authors, layout.count(), self.settings.replicas);
+        let owning = claims.iter().filter(|(owner, slices)| slices.iter().all(|s| owners.get(*s as usize).is_some_and(|o| o.contains(owner)))).count();
+        if owning <= backing {
+            adoption.refused.insert(target);
+            return Ok(None);
+        }
+        tracing::info!(round, inputs = adopted.len(), had = updates.len(), owners = owning, "adopted the inputs most owners averaged");
+        adoption.adopted += 1;
+        Ok(Some(adopted))
+    }
+
     /// Runs a slice computation while listening, and takes its results: a
-    /// computed slice is the truth its owners' claims are checked against.
-    #[allow(clippy::too_many_arguments)]
+    /// computed slice is the truth its owners' claims are checked against,
+    /// and this node claims the ones it owns. Returns the slices that could
+    /// not be computed, with the authors whose inputs could not be fetched.
     async fn settle_slices(
         &mut self,
         job: impl Future<Output = Vec<(usize, Result<(Vec<u8>, Vec<usize>), Vec<PeerId>>)>>,
-        round: u64,
-        digest: Digest,
-        owners: &[Vec<PeerId>],
-        sources: &[InputSource],
+        view: &RoundView<'_>,
         resolved: &mut [Option<Vec<u8>>],
-        unavailable: &mut BTreeSet<PeerId>,
-    ) -> Result<(), EngineError> {
-        for (s, result) in self.while_listening(job, Some(round)).await? {
+    ) -> Result<Vec<(usize, Vec<PeerId>)>, EngineError> {
+        let me = self.me();
+        let mut failed = Vec::new();
+        for (s, result) in self.while_listening(job, Some(view.round)).await? {
             match result {
                 Ok((chunk, bad)) => {
-                    self.report_non_finite(sources, &bad, s, round);
-                    self.expose_liars(round, s, digest, &owners[s], &chunk);
+                    self.report_non_finite(view.sources, &bad, s, view.round);
+                    if view.owners[s].contains(&me) {
+                        self.claim_slice(view.round, s, view.digest, view.layout, &chunk).await?;
+                    }
+                    self.expose_liars(view.round, s, view.digest, &view.owners[s], &chunk);
                     resolved[s] = Some(chunk);
                 }
-                Err(missing) => unavailable.extend(missing),
+                Err(missing) => failed.push((s, missing)),
             }
         }
-        Ok(())
+        Ok(failed)
+    }
+
+    /// Whether an owner of slice `s` other than this node claimed it over `digest`.
+    fn claimed_by_others(&self, round: u64, digest: Digest, s: usize, owners: &[PeerId]) -> bool {
+        self.claims.get(&(round, digest, s as u32)).is_some_and(|claims| claims.keys().any(|c| owners.contains(c)))
     }
 
     /// Slice `s`'s result if every one of its owners claimed the same one
     /// over `digest` and its chunk is here.
     fn agreed_result(&self, round: u64, s: usize, digest: Digest, owners: &[PeerId], layout: &SliceLayout) -> Option<Vec<u8>> {
-        let claims = self.claims.get(&(round, s as u32))?;
-        let mut results = owners.iter().map(|o| claims.get(o).filter(|c| c.inputs == digest && c.chunk_size as usize == layout.chunk_size));
+        let claims = self.claims.get(&(round, digest, s as u32))?;
+        let mut results = owners.iter().map(|o| claims.get(o).filter(|c| c.chunk_size as usize == layout.chunk_size));
         let first = results.next()??;
         if !results.all(|c| c.is_some_and(|c| c.result == first.result)) {
             return None;
@@ -802,8 +982,8 @@ impl<T: RoundTrainer> Engine<T> {
 
     /// Whether slice `s`'s owners made claims over `digest` that differ.
     fn contested(&self, round: u64, s: usize, digest: Digest, owners: &[PeerId]) -> bool {
-        let Some(claims) = self.claims.get(&(round, s as u32)) else { return false };
-        let results: BTreeSet<Digest> = owners.iter().filter_map(|o| claims.get(o)).filter(|c| c.inputs == digest).map(|c| c.result).collect();
+        let Some(claims) = self.claims.get(&(round, digest, s as u32)) else { return false };
+        let results: BTreeSet<Digest> = owners.iter().filter_map(|o| claims.get(o)).map(|c| c.result).collect();
         results.len() > 1
     }
 
@@ -828,8 +1008,8 @@ impl<T: RoundTrainer> Engine<T> {
     /// `chunk`, the slice computed here from the signed inputs.
     fn expose_liars(&mut self, round: u64, s: usize, digest: Digest, owners: &[PeerId], chunk: &[u8]) {
         let truth = Digest::of(chunk);
-        let Some(claims) = self.claims.get(&(round, s as u32)) else { return };
-        let liars: Vec<(PeerId, Digest)> = owners.iter().filter_map(|o| claims.get(o).filter(|c| c.inputs == digest && c.result != truth).map(|c| (*o, c.result))).collect();
+        let Some(claims) = self.claims.get(&(round, digest, s as u32)) else { return };
+        let liars: Vec<(PeerId, Digest)> = owners.iter().filter_map(|o| claims.get(o).filter(|c| c.result != truth).map(|c| (*o, c.result))).collect();
         for (liar, claimed) in liars {
             let reason = format!("lying-reducer: claimed slice {s} of round {round} is {claimed}, the signed inputs give {truth}");
             tracing::warn!(peer = %liar, %reason, "excluded from the run");
@@ -1145,7 +1325,7 @@ impl<T: RoundTrainer> Engine<T> {
                 (average, average_bytes, count, None)
             }
         };
-        self.claims.retain(|(r, _), _| *r > round);
+        self.claims.retain(|(r, _, _), _| *r > round);
         self.slice_results.retain(|_, (r, _)| *r > round);
         let average_hash = Digest::of(&average_bytes);
         let eval_loss = if self.settings.evaluate {
@@ -1210,7 +1390,8 @@ pub fn agreement(hashes: &[Digest]) -> f64 {
 }
 
 /// Slices `slices` of the average: each input's needed bytes fetched from
-/// its author (its own bytes for this node's update), then averaged. A
+/// its author, or else from the slice's other owners, which fetched the
+/// same chunks (its own bytes for this node's update), then averaged. A
 /// slice whose inputs could not all be fetched gives the authors that
 /// failed.
 async fn compute_slices(
@@ -1219,13 +1400,15 @@ async fn compute_slices(
     method: Method,
     previous: Arc<Vec<u8>>,
     sources: Arc<Vec<InputSource>>,
+    owners: Arc<Vec<Vec<PeerId>>>,
     slices: Vec<usize>,
 ) -> Vec<(usize, Result<(Vec<u8>, Vec<usize>), Vec<PeerId>>)> {
     let jobs = slices.into_iter().map(|s| {
         let (net, layout, previous, sources) = (net.clone(), layout.clone(), previous.clone(), sources.clone());
+        let helpers: Vec<PeerId> = owners.get(s).cloned().unwrap_or_default().into_iter().filter(|o| *o != net.peer_id).collect();
         async move {
             let needed = reduce::needed(&layout, s, method);
-            let reads = sources.iter().map(|input| read_range(&net, input, needed.clone()));
+            let reads = sources.iter().map(|input| read_range(&net, input, needed.clone(), &helpers));
             let read = futures::future::join_all(reads).await;
             let failed: Vec<PeerId> = sources.iter().zip(&read).filter(|(_, r)| r.is_none()).map(|(i, _)| i.author).collect();
             if !failed.is_empty() {
@@ -1253,8 +1436,9 @@ async fn compute_slices(
 }
 
 /// The bytes `range` of an input: the chunks that cover it, fetched from
-/// the author (each checked against its id), or its own bytes.
-async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::Range<usize>) -> Option<Vec<u8>> {
+/// the author or else from `helpers` (each checked against its id), or
+/// its own bytes.
+async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::Range<usize>, helpers: &[PeerId]) -> Option<Vec<u8>> {
     if let Some(own) = &input.own {
         return own.get(range).map(<[u8]>::to_vec);
     }
@@ -1264,7 +1448,9 @@ async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::R
     let first = range.start / input.chunk_size;
     let last = (range.end - 1) / input.chunk_size;
     let ids = input.chunk_ids.get(first..=last)?;
-    let fetches = ids.iter().map(|id| net.fetch_chunk(*id, vec![input.author]));
+    let mut peers = vec![input.author];
+    peers.extend(helpers.iter().filter(|h| **h != input.author));
+    let fetches = ids.iter().map(|id| net.fetch_chunk(*id, peers.clone()));
     let mut bytes = Vec::with_capacity((last + 1 - first) * input.chunk_size);
     for chunk in futures::future::join_all(fetches).await {
         bytes.extend(chunk.ok()??);

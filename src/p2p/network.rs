@@ -5,7 +5,7 @@
 //! accepts in the store, fetches missing chunks by request-response from
 //! peers that announced them, and serves chunks and the newest manifest.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -123,6 +123,8 @@ enum Command {
     AskRound(Digest, u64),
     /// One chunk by id, from the first of these peers that has it.
     FetchChunk(Digest, Vec<PeerId>, oneshot::Sender<Option<Vec<u8>>>),
+    /// Store and serve bytes under their hash until the round is forgotten.
+    PutBlob(u64, Vec<u8>, oneshot::Sender<Result<Digest, NetworkError>>),
 }
 
 /// Payload bytes this node published or served, and received: unique
@@ -167,6 +169,12 @@ impl NetworkHandle {
     }
 
     /// Stores and gossips a signed manifest and its adapter's chunks.
+    /// Stores `bytes` as a chunk under their hash and serves it to peers
+    /// who ask until `forget_before` drops `round`; returns the hash.
+    pub async fn put_blob(&self, round: u64, bytes: Vec<u8>) -> Result<Digest, NetworkError> {
+        self.call(|tx| Command::PutBlob(round, bytes, tx)).await?
+    }
+
     pub async fn publish(&self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
         self.call(|tx| Command::Publish(Box::new((signed, manifest, adapter)), tx)).await?
     }
@@ -316,6 +324,8 @@ struct EventLoop {
     /// Addresses authors gave in their signed manifests, for fetches from
     /// peers this node is not connected to (at most `MAX_PEER_ADDRESSES` peers).
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Chunks no manifest names (`put_blob`), kept through their round.
+    blobs: BTreeMap<u64, Vec<Digest>>,
 }
 
 const MAX_PEER_ADDRESSES: usize = 4096;
@@ -398,6 +408,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         reduce_runs: HashSet::new(),
         direct: HashMap::new(),
         addresses: HashMap::new(),
+        blobs: BTreeMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((NetworkHandle { commands: command_tx, peer_id, traffic }, event_rx))
@@ -495,7 +506,9 @@ impl EventLoop {
                 let _ = reply.send(());
             }
             Command::ForgetBefore(round, reply) => {
-                let pinned: HashSet<Digest> = self.latest.values().flat_map(|latest| latest.chunk_ids.iter().copied()).collect();
+                self.blobs.retain(|blob_round, _| *blob_round >= round);
+                let mut pinned: HashSet<Digest> = self.latest.values().flat_map(|latest| latest.chunk_ids.iter().copied()).collect();
+                pinned.extend(self.blobs.values().flatten());
                 let result = self.store.gc(round, &pinned).map(|report| {
                     tracing::debug!(?report, "store clean-up");
                 });
@@ -542,6 +555,14 @@ impl EventLoop {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
             Command::FetchChunk(id, peers, reply) => self.fetch_chunk(id, peers, reply),
+            Command::PutBlob(round, bytes, reply) => {
+                let id = Digest::of(&bytes);
+                let stored = self.store.put_chunk(&id, &bytes).map_err(|e| NetworkError::Store(e.to_string()));
+                let _ = reply.send(stored.map(|_| {
+                    self.blobs.entry(round).or_default().push(id);
+                    id
+                }));
+            }
             Command::CatchUp(run_id, reply) => {
                 let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                 if peers.is_empty() {
