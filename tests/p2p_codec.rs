@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 use blossom_p2p::wire::codec::{CHUNK_SIZE, CodecError, Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter, reassemble, split_chunks};
-use blossom_p2p::wire::manifest::{Manifest, ManifestError, SignedManifest};
+use blossom_p2p::wire::manifest::{Manifest, ManifestError, ManifestKind, SignedManifest, SliceClaim};
 use blossom_p2p::store::{Store, StoreError};
 use libp2p_identity::Keypair;
 use proptest::prelude::*;
@@ -117,6 +117,17 @@ fn manifests_sign_verify_and_reject_forgeries() {
     let mut nan = manifest.clone();
     nan.train_loss = f32::NAN;
     assert!(matches!(SignedManifest::sign(&nan, &keypair).unwrap().verify(&Limits::default()), Err(ManifestError::Inconsistent(_))));
+    // A slice claim names one slice per chunk, in increasing order.
+    let claim = |indices: Vec<u32>| {
+        let mut claim = Manifest::describe_chunked(manifest.run_id, 1, &keypair.public().to_peer_id(), &bytes[..1000], 400);
+        claim.kind = ManifestKind::Slice;
+        claim.slice = Some(SliceClaim { indices, inputs: Digest::of(b"inputs") });
+        SignedManifest::sign(&claim, &keypair).unwrap().verify(&Limits::default())
+    };
+    assert!(claim(vec![0, 5, 9]).is_ok());
+    assert!(matches!(claim(vec![0, 5]), Err(ManifestError::Inconsistent(_))), "three chunks, two slices");
+    assert!(matches!(claim(vec![5, 0, 9]), Err(ManifestError::Inconsistent(_))), "out of order");
+    assert!(matches!(claim(vec![5, 5, 9]), Err(ManifestError::Inconsistent(_))), "a slice twice");
     let mut future = manifest;
     future.version = 99;
     assert_eq!(SignedManifest::sign(&future, &keypair).unwrap().verify(&Limits::default()).unwrap_err(), ManifestError::Version(99));

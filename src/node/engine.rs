@@ -254,7 +254,6 @@ struct Update {
 struct ClaimSeen {
     result: Digest,
     chunk_size: u32,
-    len: u64,
 }
 
 /// One pass of the reduce exchange: its inputs and how they are sliced.
@@ -416,15 +415,8 @@ impl<T: RoundTrainer> Engine<T> {
             return self.report(EngineEvent::Rejected { peer: author, reason });
         }
         if manifest.kind == ManifestKind::Slice {
-            // A slice result's chunk, checked against the claim's hash by the
-            // network; whether it is believed is for `reduce_round`.
-            let held: usize = self.slice_results.values().map(|(_, b)| b.len()).sum();
-            if let Some(bytes) = bytes
-                && in_window(manifest.round, from)
-                && self.slice_results.len() < MAX_SLICE_RESULTS
-                && held.saturating_add(bytes.len()) <= self.settings.limits.max_adapter_bytes.saturating_mul(4)
-            {
-                self.slice_results.insert(manifest.adapter_hash, (manifest.round, bytes));
+            if let Some(bytes) = bytes.filter(|_| in_window(manifest.round, from)) {
+                self.keep_slice_results(&manifest, &bytes);
             }
             return;
         }
@@ -477,6 +469,26 @@ impl<T: RoundTrainer> Engine<T> {
         }
     }
 
+    /// Keeps the slice results of a claim whose chunks arrived (checked
+    /// against the claim's hash by the network), each under its chunk id;
+    /// whether they are believed is for `reduce_round`.
+    fn keep_slice_results(&mut self, manifest: &Manifest, bytes: &[u8]) {
+        let Some(claim) = &manifest.slice else { return };
+        let Ok(layout) = SliceLayout::with_chunk_size(&self.layout, manifest.chunk_size as usize) else { return };
+        let mut held: usize = self.slice_results.values().map(|(_, b)| b.len()).sum();
+        let mut rest = bytes;
+        for (index, id) in claim.indices.iter().zip(&manifest.chunk_ids) {
+            let len = if (*index as usize) < layout.count() { layout.range(*index as usize).len() } else { return };
+            let Some((result, tail)) = rest.split_at_checked(len) else { return };
+            rest = tail;
+            held = held.saturating_add(result.len());
+            if Digest::of(result) != *id || self.slice_results.len() >= MAX_SLICE_RESULTS || held > self.settings.limits.max_adapter_bytes.saturating_mul(4) {
+                return;
+            }
+            self.slice_results.insert(*id, (manifest.round, result.to_vec()));
+        }
+    }
+
     /// Keeps a slice owner's claim for a round in the window (one per owner,
     /// inputs and slice; a second, different one from the same owner over
     /// the same inputs is equivocation, and the first stands; a claim over
@@ -484,28 +496,29 @@ impl<T: RoundTrainer> Engine<T> {
     /// adopts its peers' inputs claims its slices again).
     fn on_claim(&mut self, manifest: &Manifest, author: PeerId, from: Option<u64>) {
         let ours = manifest.run_id == self.settings.run_id && author != self.me() && !self.excluded.contains_key(&author);
-        let Some(claim) = manifest.slice.filter(|_| ours && in_window(manifest.round, from)) else { return };
-        let key = (manifest.round, claim.inputs, claim.index);
-        if !self.claims.contains_key(&key) && self.claims.len() >= MAX_SLICE_RESULTS {
-            return;
-        }
-        let claims = self.claims.entry(key).or_default();
-        if claims.len() >= MAX_CLAIMS_PER_SLICE {
-            return;
-        }
-        let seen = ClaimSeen {
-            result: manifest.adapter_hash,
-            chunk_size: manifest.chunk_size,
-            len: manifest.adapter_len,
-        };
-        match claims.get(&author) {
-            Some(first) if *first != seen => {
-                let reason = format!("two different claims for slice {} of round {} over the same inputs", claim.index, manifest.round);
-                self.report(EngineEvent::Rejected { peer: author, reason });
+        let Some(claim) = manifest.slice.as_ref().filter(|_| ours && in_window(manifest.round, from)) else { return };
+        for (index, result) in claim.indices.iter().zip(&manifest.chunk_ids) {
+            let key = (manifest.round, claim.inputs, *index);
+            if !self.claims.contains_key(&key) && self.claims.len() >= MAX_SLICE_RESULTS {
+                return;
             }
-            Some(_) => {}
-            None => {
-                claims.insert(author, seen);
+            let claims = self.claims.entry(key).or_default();
+            if claims.len() >= MAX_CLAIMS_PER_SLICE {
+                continue;
+            }
+            let seen = ClaimSeen {
+                result: *result,
+                chunk_size: manifest.chunk_size,
+            };
+            match claims.get(&author) {
+                Some(first) if *first != seen => {
+                    let reason = format!("two different claims for slice {index} of round {} over the same inputs", manifest.round);
+                    self.report(EngineEvent::Rejected { peer: author, reason });
+                }
+                Some(_) => {}
+                None => {
+                    claims.insert(author, seen);
+                }
             }
         }
     }
@@ -947,12 +960,15 @@ impl<T: RoundTrainer> Engine<T> {
     ) -> Result<Vec<(usize, Vec<PeerId>)>, EngineError> {
         let me = self.me();
         let mut failed = Vec::new();
-        for (s, result) in self.while_listening(job, Some(view.round)).await? {
+        let mut owned = Vec::new();
+        let mut results = self.while_listening(job, Some(view.round)).await?;
+        results.sort_by_key(|(s, _)| *s);
+        for (s, result) in results {
             match result {
                 Ok((chunk, bad)) => {
                     self.report_non_finite(view.sources, &bad, s, view.round);
                     if view.owners[s].contains(&me) {
-                        self.claim_slice(view.round, s, view.digest, view.layout, &chunk).await?;
+                        owned.push((s, chunk.clone()));
                     }
                     self.expose_liars(view.round, s, view.digest, &view.owners[s], &chunk);
                     resolved[s] = Some(chunk);
@@ -960,6 +976,7 @@ impl<T: RoundTrainer> Engine<T> {
                 Err(missing) => failed.push((s, missing)),
             }
         }
+        self.claim_slices(view, owned).await?;
         Ok(failed)
     }
 
@@ -1032,28 +1049,37 @@ impl<T: RoundTrainer> Engine<T> {
         addresses.iter().map(ToString::to_string).filter(|a| a.len() <= MAX_ADDRESS_LEN).take(MAX_ADDRESSES).collect()
     }
 
-    /// Keeps slice `s`'s result and gossips this node's signed claim of it.
-    async fn claim_slice(&mut self, round: u64, s: usize, inputs: Digest, layout: &SliceLayout, chunk: &[u8]) -> Result<(), EngineError> {
-        let mut chunk = chunk.to_vec();
-        if self.settings.lying_reducer {
-            let values = layout.value_range(s);
-            let skip = values.start - layout.range(s).start;
-            for value in chunk[skip..].chunks_exact_mut(4) {
-                let lie = f32::from_le_bytes([value[0], value[1], value[2], value[3]]) * 10.0;
-                value.copy_from_slice(&lie.to_le_bytes());
+    /// Gossips this node's one signed claim of the slices it computed
+    /// (`results`, by slice, in increasing order). No addresses: owners are
+    /// authors, whose update manifests gave theirs.
+    async fn claim_slices(&mut self, view: &RoundView<'_>, results: Vec<(usize, Vec<u8>)>) -> Result<(), EngineError> {
+        if results.is_empty() {
+            return Ok(());
+        }
+        let mut indices = Vec::with_capacity(results.len());
+        let mut bytes = Vec::new();
+        for (s, mut chunk) in results {
+            if self.settings.lying_reducer {
+                let values = view.layout.value_range(s);
+                let skip = values.start - view.layout.range(s).start;
+                for value in chunk[skip..].chunks_exact_mut(4) {
+                    let lie = f32::from_le_bytes([value[0], value[1], value[2], value[3]]) * 10.0;
+                    value.copy_from_slice(&lie.to_le_bytes());
+                }
             }
+            indices.push(s as u32);
+            bytes.extend(chunk);
         }
         let manifest = Manifest {
             kind: ManifestKind::Slice,
-            slice: Some(SliceClaim { index: s as u32, inputs }),
-            addresses: self.addresses().await,
-            ..Manifest::describe_chunked(self.settings.run_id, round, &self.me(), &chunk, layout.chunk_size)
+            slice: Some(SliceClaim { indices, inputs: view.digest }),
+            ..Manifest::describe_chunked(self.settings.run_id, view.round, &self.me(), &bytes, view.layout.chunk_size)
         };
         let signed = self.sign(&manifest)?;
-        match self.net.publish(signed, manifest, chunk).await {
+        match self.net.publish(signed, manifest, bytes).await {
             Err(e @ NetworkError::Store(_)) => Err(EngineError::Network(e.to_string())),
             Err(e) => {
-                tracing::warn!(round, slice = s, error = %e, "could not gossip a slice claim");
+                tracing::warn!(round = view.round, error = %e, "could not gossip a slice claim");
                 Ok(())
             }
             Ok(()) => Ok(()),

@@ -30,15 +30,19 @@ pub enum ManifestKind {
     /// members, so every node starts round 0 with the same member list. It
     /// describes no adapter (no chunks, length 0).
     Members,
-    /// A slice owner's result in the reduce exchange: one chunk, slice
-    /// `slice.index` of the round's average over the updates `slice.inputs`.
+    /// A slice owner's results in the reduce exchange: chunk i is slice
+    /// `slice.indices[i]` of the round's average over the updates
+    /// `slice.inputs` (one claim for all the slices an owner computed).
     Slice,
 }
 
 /// What a slice owner claims (docs/PROTOCOL.md, "The reduce exchange").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SliceClaim {
-    pub index: u32,
+    /// The slices claimed, strictly increasing. Every slice but the
+    /// round's last is `chunk_size` long, so the claim's chunks are its
+    /// slices' results.
+    pub indices: Vec<u32>,
     /// blake3 of the sorted (author, update hash) pairs it averaged.
     pub inputs: Digest,
 }
@@ -223,6 +227,15 @@ impl SignedManifest {
                 "{} chunk ids for {len} bytes (expected {})",
                 manifest.chunk_ids.len(),
                 len.div_ceil(chunk_size)
+            )));
+        }
+        if let Some(claim) = &manifest.slice
+            && (claim.indices.len() != manifest.chunk_ids.len() || !claim.indices.is_sorted_by(|a, b| a < b))
+        {
+            return Err(ManifestError::Inconsistent(format!(
+                "a slice claim names {} slices for {} chunks, or not in increasing order",
+                claim.indices.len(),
+                manifest.chunk_ids.len()
             )));
         }
         if !manifest.train_loss.is_finite() || manifest.eval_loss.is_some_and(|l| !l.is_finite()) {
