@@ -242,7 +242,7 @@ impl Default for FederationConfig {
             save_every_rounds: 5,
             round_timeout_secs: 600,
             min_members: 2,
-            exchange: ExchangeMode::Gossip,
+            exchange: ExchangeMode::Reduce,
             replicas: 2,
             audit: 0.1,
         }

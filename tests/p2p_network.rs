@@ -6,7 +6,7 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use blossom_p2p::p2p::network::{Exchange, NetworkEvent, NetworkHandle, NetworkOptions, spawn};
+use blossom_p2p::p2p::network::{Exchange, NetworkEvent, NetworkHandle, NetworkOptions, Piece, spawn};
 use blossom_p2p::wire::codec::{Digest, TensorBytes, TensorDtype, encode_adapter};
 use blossom_p2p::wire::manifest::{Manifest, SignedManifest};
 use libp2p::pnet::PreSharedKey;
@@ -165,6 +165,60 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     assert!(reason.contains("stated author"), "{reason}");
     let score = a.peer_score(b.peer_id).await.unwrap().expect("A scores B");
     assert!(score < 0.0, "B's score after invalid messages is {score}");
+}
+
+/// The reduce exchange's update manifests name their chunks by a Merkle
+/// root: a chunk is fetched point to point by (adapter, index) with its
+/// proof, checked against the signed root, and served on by whoever
+/// fetched it; a proof that does not reach the root is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pieces_of_a_rooted_update_are_proven_and_served_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_id = Digest::of(b"reduce run");
+    let (b_key, b, mut b_events) = node(&dir, "b", vec![]);
+    let b_addr = listen_addr(&mut b_events).await;
+    let (_, a, mut a_events) = node(&dir, "a", vec![b_addr.clone()]);
+    a.subscribe(run_id, Exchange::Reduce).await.unwrap();
+    b.subscribe(run_id, Exchange::Reduce).await.unwrap();
+    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+
+    let bytes = adapter_bytes(1);
+    let chunk_size = 64 * 1024;
+    let listed = Manifest::describe_chunked(run_id, 1, &b.peer_id, &bytes, chunk_size);
+    let ids = listed.chunk_ids.clone();
+    let manifest = listed.rooted();
+    assert!(manifest.chunk_ids.is_empty());
+    let signed = SignedManifest::sign(&manifest, &b_key).unwrap();
+    // Kept by B whether or not the gossip mesh is up yet.
+    let _ = b.publish(signed, manifest.clone(), bytes.clone()).await;
+    let piece = Piece {
+        adapter: manifest.adapter_hash,
+        index: 3,
+        root: manifest.chunk_root.unwrap(),
+        count: manifest.chunk_count(),
+    };
+    let expected = &bytes[3 * chunk_size..4 * chunk_size];
+    let got = a.fetch_piece(piece, vec![b.peer_id]).await.unwrap().expect("B serves its piece");
+    assert_eq!(got, expected);
+    assert_eq!(Digest::of(&got), ids[3]);
+
+    // A proof that does not reach the root it is checked against.
+    let wrong = Piece { root: Digest::of(b"another root"), index: 4, ..piece };
+    assert!(a.fetch_piece(wrong, vec![b.peer_id]).await.unwrap().is_none());
+    let reason = wait_for(&mut a_events, |e| match e {
+        NetworkEvent::Rejected { reason, .. } if reason.contains("proof") => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("signed root"), "{reason}");
+
+    // C fetches the piece from A, which fetched it and kept its proof.
+    let a_addrs = a.listen_addrs().await.unwrap();
+    let (_, c, mut c_events) = node(&dir, "c", a_addrs);
+    c.subscribe(run_id, Exchange::Reduce).await.unwrap();
+    wait_for(&mut c_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    let served_on = c.fetch_piece(piece, vec![a.peer_id]).await.unwrap().expect("A serves the piece on");
+    assert_eq!(served_on, expected);
 }
 
 /// Whether `events` reports a connection within `wait`.

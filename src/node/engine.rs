@@ -14,9 +14,10 @@ use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
-use crate::p2p::network::{Exchange, NetworkError, NetworkEvent, NetworkHandle};
+use crate::p2p::network::{Exchange, NetworkError, NetworkEvent, NetworkHandle, Piece};
 use crate::wire::codec::{CHUNK_SIZE, Digest, Limits};
 use crate::wire::manifest::{MAX_ADDRESS_LEN, MAX_ADDRESSES, Manifest, ManifestKind, SignedManifest, SliceClaim};
+use crate::wire::merkle;
 use crate::wire::slices::SliceLayout;
 use crate::wire::tensors::{decode_checked, encode};
 
@@ -288,7 +289,11 @@ struct Adoption {
 struct InputSource {
     author: PeerId,
     examples: u64,
-    chunk_ids: Vec<Digest>,
+    adapter: Digest,
+    /// The Merkle root over its chunk ids (the signed one, or computed from
+    /// the signed list), and their count.
+    root: Digest,
+    count: usize,
     chunk_size: usize,
     /// This node's own update, in full.
     own: Option<Arc<Vec<u8>>>,
@@ -659,6 +664,10 @@ impl<T: RoundTrainer> Engine<T> {
     async fn publish_update(&mut self, round: u64, parent: Digest, update: Tensors, local: &LocalResult, chunks: (usize, Option<Digest>)) -> Result<(), EngineError> {
         let (chunk_size, members) = chunks;
         let bytes = encode(&update).map_err(EngineError::Aggregate)?;
+        let described = Manifest::describe_chunked(self.settings.run_id, round, &self.me(), &bytes, chunk_size);
+        // In the reduce exchange owners fetch slices with proofs: one root
+        // instead of S chunk ids in a manifest every node receives.
+        let described = if self.settings.exchange == Exchange::Reduce { described.rooted() } else { described };
         let manifest = Manifest {
             parent: Some(parent),
             examples: local.examples,
@@ -666,7 +675,7 @@ impl<T: RoundTrainer> Engine<T> {
             train_loss: local.loss,
             members,
             addresses: self.addresses().await,
-            ..Manifest::describe_chunked(self.settings.run_id, round, &self.me(), &bytes, chunk_size)
+            ..described
         };
         let signed = self.sign(&manifest)?;
         let bytes_kept = bytes.clone();
@@ -730,7 +739,9 @@ impl<T: RoundTrainer> Engine<T> {
                     .map(|(author, u)| InputSource {
                         author: *author,
                         examples: u.manifest.examples,
-                        chunk_ids: u.manifest.chunk_ids.clone(),
+                        adapter: u.manifest.adapter_hash,
+                        root: u.manifest.chunk_root.unwrap_or_else(|| merkle::root(&u.manifest.chunk_ids)),
+                        count: u.manifest.chunk_count(),
                         chunk_size: u.manifest.chunk_size as usize,
                         own: if *author == me { self.own_update.clone() } else { None },
                     })
@@ -1473,10 +1484,18 @@ async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::R
     }
     let first = range.start / input.chunk_size;
     let last = (range.end - 1) / input.chunk_size;
-    let ids = input.chunk_ids.get(first..=last)?;
+    if last >= input.count {
+        return None;
+    }
     let mut peers = vec![input.author];
     peers.extend(helpers.iter().filter(|h| **h != input.author));
-    let fetches = ids.iter().map(|id| net.fetch_chunk(*id, peers.clone()));
+    let pieces = (first..=last).map(|index| Piece {
+        adapter: input.adapter,
+        index: index as u32,
+        root: input.root,
+        count: input.count,
+    });
+    let fetches = pieces.map(|piece| net.fetch_piece(piece, peers.clone()));
     let mut bytes = Vec::with_capacity((last + 1 - first) * input.chunk_size);
     for chunk in futures::future::join_all(fetches).await {
         bytes.extend(chunk.ok()??);

@@ -1,6 +1,8 @@
-//! `/blossom/chunk/1`: request a chunk by id (its bytes or "not found"), the
-//! newest manifest a peer holds for a run (how late joiners catch up), or the
-//! update manifests of one round (what a node that joined mid-round missed).
+//! `/blossom/chunk/1`: request a chunk by id (its bytes or "not found"), a
+//! chunk by (adapter, index) with its Merkle proof (an update whose manifest
+//! names its chunks by their root), the newest manifest a peer holds for a
+//! run (how late joiners catch up), or the update manifests of one round
+//! (what a node that joined mid-round missed).
 //! Length-prefixed bincode, bounded before anything is allocated.
 
 use std::io;
@@ -11,6 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::wire::codec::{CHUNK_SIZE, Digest};
 use crate::wire::manifest::MAX_MANIFEST_BYTES;
+use crate::wire::merkle;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/blossom/chunk/1");
 /// Requests are a digest and a tag; responses a chunk and a little framing.
@@ -24,6 +27,8 @@ pub enum ChunkRequest {
     Latest(Digest),
     /// The signed update manifests the peer holds for (run id, round).
     Round(Digest, u64),
+    /// Chunk `index` of the adapter with this hash, with its Merkle proof.
+    Piece(Digest, u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -33,8 +38,13 @@ pub enum ChunkResponse {
     Manifest(Vec<u8>),
     /// Encoded `SignedManifest`s, together at most `MAX_ROUND_MANIFESTS` bytes.
     Manifests(Vec<Vec<u8>>),
+    /// A chunk and the siblings from its leaf to its adapter's root.
+    Piece(Vec<u8>, Vec<Digest>),
     NotFound,
 }
+
+/// Sibling hashes a proof may have (`merkle::MAX_LEAVES` leaves).
+const MAX_PROOF: usize = merkle::MAX_LEAVES.ilog2() as usize;
 
 /// What one `Manifests` response may carry, so it stays inside a frame.
 pub const MAX_ROUND_MANIFESTS: usize = CHUNK_SIZE;
@@ -89,6 +99,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
             ChunkResponse::Chunk(bytes) => bytes.len() > CHUNK_SIZE,
             ChunkResponse::Manifest(bytes) => bytes.len() > MAX_MANIFEST_BYTES,
             ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum::<usize>() > MAX_ROUND_MANIFESTS,
+            ChunkResponse::Piece(bytes, proof) => bytes.len() > CHUNK_SIZE || proof.len() > MAX_PROOF,
             ChunkResponse::NotFound => false,
         };
         if too_large {

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::Store;
 use crate::wire::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks_of};
 use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
+use crate::wire::merkle;
 
 use super::behaviour::{self, Behaviour, BehaviourEvent};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse, MAX_ROUND_MANIFESTS};
@@ -125,6 +126,18 @@ enum Command {
     FetchChunk(Digest, Vec<PeerId>, oneshot::Sender<Option<Vec<u8>>>),
     /// Store and serve bytes under their hash until the round is forgotten.
     PutBlob(u64, Vec<u8>, oneshot::Sender<Result<Digest, NetworkError>>),
+    /// One chunk by (adapter, index), checked by its proof against the root.
+    FetchPiece(Piece, Vec<PeerId>, oneshot::Sender<Option<Vec<u8>>>),
+}
+
+/// Chunk `index` of the adapter `adapter`, whose `count` chunk ids have the
+/// Merkle root `root` (from its signed manifest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Piece {
+    pub adapter: Digest,
+    pub index: u32,
+    pub root: Digest,
+    pub count: usize,
 }
 
 /// Payload bytes this node published or served, and received: unique
@@ -169,6 +182,12 @@ impl NetworkHandle {
     }
 
     /// Stores and gossips a signed manifest and its adapter's chunks.
+    /// Chunk `piece.index` of an adapter named by its Merkle root, from the
+    /// first of `peers` that has it, checked by its proof.
+    pub async fn fetch_piece(&self, piece: Piece, peers: Vec<PeerId>) -> Result<Option<Vec<u8>>, NetworkError> {
+        self.call(|tx| Command::FetchPiece(piece, peers, tx)).await
+    }
+
     /// Stores `bytes` as a chunk under their hash and serves it to peers
     /// who ask until `forget_before` drops `round`; returns the hash.
     pub async fn put_blob(&self, round: u64, bytes: Vec<u8>) -> Result<Digest, NetworkError> {
@@ -262,6 +281,7 @@ fn response_size(response: &ChunkResponse) -> usize {
     match response {
         ChunkResponse::Chunk(bytes) | ChunkResponse::Manifest(bytes) => bytes.len(),
         ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum(),
+        ChunkResponse::Piece(bytes, proof) => bytes.len() + 32 * proof.len(),
         ChunkResponse::NotFound => 0,
     }
 }
@@ -326,7 +346,25 @@ struct EventLoop {
     addresses: HashMap<PeerId, Vec<Multiaddr>>,
     /// Chunks no manifest names (`put_blob`), kept through their round.
     blobs: BTreeMap<u64, Vec<Digest>>,
+    /// Adapters named by a Merkle root that this node serves by piece: its
+    /// own (every chunk id) and pieces it fetched (their id and proof, so
+    /// that it can serve them on), with their round.
+    rooted: HashMap<Digest, (u64, Vec<Digest>)>,
+    proven: HashMap<(Digest, u32), (u64, Digest, Vec<Digest>)>,
+    /// `fetch_piece`s in progress, and the requests they have out.
+    piece_fetches: HashMap<(Digest, u32), PieceFetch>,
+    piece_requests: HashMap<request_response::OutboundRequestId, (Digest, u32)>,
 }
+
+/// A `fetch_piece` in progress.
+struct PieceFetch {
+    piece: Piece,
+    peers: VecDeque<PeerId>,
+    waiting: Vec<oneshot::Sender<Option<Vec<u8>>>>,
+}
+
+/// Pieces fetched and kept to serve on, at most.
+const MAX_PROVEN: usize = 1 << 16;
 
 const MAX_PEER_ADDRESSES: usize = 4096;
 
@@ -409,6 +447,10 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         direct: HashMap::new(),
         addresses: HashMap::new(),
         blobs: BTreeMap::new(),
+        rooted: HashMap::new(),
+        proven: HashMap::new(),
+        piece_fetches: HashMap::new(),
+        piece_requests: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((NetworkHandle { commands: command_tx, peer_id, traffic }, event_rx))
@@ -509,6 +551,10 @@ impl EventLoop {
                 self.blobs.retain(|blob_round, _| *blob_round >= round);
                 let mut pinned: HashSet<Digest> = self.latest.values().flat_map(|latest| latest.chunk_ids.iter().copied()).collect();
                 pinned.extend(self.blobs.values().flatten());
+                self.rooted.retain(|_, (r, _)| *r >= round);
+                self.proven.retain(|_, (r, _, _)| *r >= round);
+                pinned.extend(self.rooted.values().flat_map(|(_, ids)| ids.iter().copied()));
+                pinned.extend(self.proven.values().map(|(_, id, _)| *id));
                 let result = self.store.gc(round, &pinned).map(|report| {
                     tracing::debug!(?report, "store clean-up");
                 });
@@ -555,6 +601,7 @@ impl EventLoop {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
             }
             Command::FetchChunk(id, peers, reply) => self.fetch_chunk(id, peers, reply),
+            Command::FetchPiece(piece, peers, reply) => self.fetch_piece(piece, peers, reply),
             Command::PutBlob(round, bytes, reply) => {
                 let id = Digest::of(&bytes);
                 let stored = self.store.put_chunk(&id, &bytes).map_err(|e| NetworkError::Store(e.to_string()));
@@ -587,6 +634,9 @@ impl EventLoop {
         self.store.put_manifest(manifest.round, signed).map_err(store)?;
         self.remember_latest(manifest, signed);
         self.known.insert(manifest.adapter_hash, (manifest.round, manifest.chunk_ids.clone()));
+        if manifest.chunk_root.is_some() {
+            self.rooted.insert(manifest.adapter_hash, (manifest.round, chunks.iter().map(|(id, _)| *id).collect()));
+        }
         Ok(chunks)
     }
 
@@ -889,6 +939,92 @@ impl EventLoop {
         }
     }
 
+    /// Chunk `index` of a rooted adapter with its proof, if this node holds
+    /// it: its own (it has every id) or one it fetched (it kept the proof).
+    fn piece(&mut self, adapter: Digest, index: u32) -> ChunkResponse {
+        let (id, proof) = match self.rooted.get(&adapter) {
+            Some((_, ids)) => match (ids.get(index as usize), merkle::proof(ids, index as usize)) {
+                (Some(id), Some(proof)) => (*id, proof),
+                _ => return ChunkResponse::NotFound,
+            },
+            None => match self.proven.get(&(adapter, index)) {
+                Some((_, id, proof)) => (*id, proof.clone()),
+                None => return ChunkResponse::NotFound,
+            },
+        };
+        match self.store.get_chunk(&id) {
+            Ok(Some(bytes)) => ChunkResponse::Piece(bytes, proof),
+            _ => ChunkResponse::NotFound,
+        }
+    }
+
+    /// Starts a `fetch_piece`: answered at once if this node holds the
+    /// piece, else by the peers in turn.
+    fn fetch_piece(&mut self, piece: Piece, peers: Vec<PeerId>, reply: oneshot::Sender<Option<Vec<u8>>>) {
+        if let ChunkResponse::Piece(bytes, proof) = self.piece(piece.adapter, piece.index)
+            && merkle::verify(&piece.root, piece.count, piece.index as usize, &Digest::of(&bytes), &proof)
+        {
+            let _ = reply.send(Some(bytes));
+            return;
+        }
+        let key = (piece.adapter, piece.index);
+        let fetch = self.piece_fetches.entry(key).or_insert_with(|| PieceFetch {
+            piece,
+            peers: VecDeque::new(),
+            waiting: Vec::new(),
+        });
+        let idle = fetch.waiting.is_empty();
+        fetch.peers.extend(peers);
+        fetch.waiting.push(reply);
+        if idle {
+            self.ask_next_piece(key);
+        }
+    }
+
+    /// Asks the next peer for a piece, or tells the waiters no peer had it.
+    fn ask_next_piece(&mut self, key: (Digest, u32)) {
+        let Some(fetch) = self.piece_fetches.get_mut(&key) else { return };
+        match fetch.peers.pop_front() {
+            Some(peer) => {
+                let addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
+                let request = self.swarm.behaviour_mut().chunks.send_request_with_addresses(&peer, ChunkRequest::Piece(key.0, key.1), addresses);
+                self.piece_requests.insert(request, key);
+            }
+            None => {
+                for waiter in self.piece_fetches.remove(&key).map(|f| f.waiting).unwrap_or_default() {
+                    let _ = waiter.send(None);
+                }
+            }
+        }
+    }
+
+    /// A peer's answer to a piece request: kept (with its proof, to serve
+    /// on) and handed to the waiters if the proof holds, else the next peer.
+    async fn on_piece(&mut self, peer: PeerId, key: (Digest, u32), response: ChunkResponse) {
+        let Some(piece) = self.piece_fetches.get(&key).map(|f| f.piece) else { return };
+        match response {
+            ChunkResponse::Piece(bytes, proof) => {
+                let id = Digest::of(&bytes);
+                if !merkle::verify(&piece.root, piece.count, piece.index as usize, &id, &proof) {
+                    let reason = format!("sent a piece {} of adapter {:?} that its proof does not tie to the signed root", piece.index, piece.adapter);
+                    self.emit(NetworkEvent::Rejected { peer, reason }).await;
+                    return self.ask_next_piece(key);
+                }
+                if let Err(reason) = self.accept_chunk(&bytes).await {
+                    tracing::warn!(%peer, %reason, "could not keep a fetched piece");
+                }
+                let round = self.known.get(&piece.adapter).map_or(0, |(r, _)| *r);
+                if self.proven.len() < MAX_PROVEN {
+                    self.proven.insert(key, (round, id, proof));
+                }
+                for waiter in self.piece_fetches.remove(&key).map(|f| f.waiting).unwrap_or_default() {
+                    let _ = waiter.send(Some(bytes.clone()));
+                }
+            }
+            _ => self.ask_next_piece(key),
+        }
+    }
+
     /// Asks the next peer for a chunk someone waits for directly, or tells
     /// the waiters that no peer had it.
     fn ask_next(&mut self, id: Digest) {
@@ -949,6 +1085,7 @@ impl EventLoop {
                         _ => ChunkResponse::NotFound,
                     },
                     ChunkRequest::Round(run_id, round) => self.round_manifests(run_id, round),
+                    ChunkRequest::Piece(adapter, index) => self.piece(adapter, index),
                 };
                 self.count_sent(response_size(&response));
                 let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);
@@ -959,6 +1096,10 @@ impl EventLoop {
                 ..
             } => {
                 self.count_received(response_size(&response));
+                if let Some(key) = self.piece_requests.remove(&request_id) {
+                    self.on_piece(peer, key, response).await;
+                    return;
+                }
                 let asked = self.in_flight.remove(&request_id);
                 match (response, asked) {
                     (ChunkResponse::Chunk(bytes), Some((id, _))) if Digest::of(&bytes) == id => {
@@ -994,6 +1135,12 @@ impl EventLoop {
                 }
                 // A request slot is free: keep fetching without waiting for the tick.
                 self.fetch_missing();
+            }
+            request_response::Event::OutboundFailure { request_id, peer, error, .. } if self.piece_requests.contains_key(&request_id) => {
+                tracing::debug!(%peer, %error, "piece request failed; trying another peer");
+                if let Some(key) = self.piece_requests.remove(&request_id) {
+                    self.ask_next_piece(key);
+                }
             }
             request_response::Event::OutboundFailure { request_id, peer, error, .. } => {
                 if let Some((id, _)) = self.in_flight.remove(&request_id) {

@@ -6,8 +6,9 @@ use libp2p_identity::{Keypair, PeerId, PublicKey};
 use serde::{Deserialize, Serialize};
 
 use super::codec::{CHUNK_SIZE, Digest, Limits, split_chunks_of};
+use super::merkle;
 
-pub const MANIFEST_VERSION: u16 = 3;
+pub const MANIFEST_VERSION: u16 = 4;
 /// Upper bound on an encoded signed manifest: 2,048 chunk ids (512 MiB of
 /// adapter) plus keys and fields fit well inside.
 pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
@@ -58,7 +59,13 @@ pub struct Manifest {
     pub author: Vec<u8>,
     /// The averaged adapter this one was trained from (none in round 0).
     pub parent: Option<Digest>,
+    /// The chunks' ids, in order; empty when `chunk_root` names them.
     pub chunk_ids: Vec<Digest>,
+    /// An update of the reduce exchange names its chunks by the Merkle
+    /// root over their ids (`wire::merkle`), not by the list: its slices
+    /// are fetched one by one with a proof, and every node receives every
+    /// update's manifest, so a list of N ids each would cost O(N²) a round.
+    pub chunk_root: Option<Digest>,
     /// blake3 of the whole canonical encoding.
     pub adapter_hash: Digest,
     pub adapter_len: u64,
@@ -97,6 +104,18 @@ impl Manifest {
         Self::describe_chunked(run_id, round, author, adapter, CHUNK_SIZE)
     }
 
+    /// Names the chunks by their Merkle root instead of the list.
+    pub fn rooted(mut self) -> Manifest {
+        self.chunk_root = Some(merkle::root(&self.chunk_ids));
+        self.chunk_ids.clear();
+        self
+    }
+
+    /// How many chunks the adapter is cut into.
+    pub fn chunk_count(&self) -> usize {
+        usize::try_from(self.adapter_len).unwrap_or(usize::MAX).div_ceil((self.chunk_size as usize).max(1))
+    }
+
     /// As `describe`, cut into chunks of `chunk_size` bytes (at most 256 KiB).
     pub fn describe_chunked(run_id: Digest, round: u64, author: &PeerId, adapter: &[u8], chunk_size: usize) -> Manifest {
         let chunk_size = chunk_size.clamp(1, CHUNK_SIZE);
@@ -108,6 +127,7 @@ impl Manifest {
             author: author.to_bytes(),
             parent: None,
             chunk_ids: split_chunks_of(adapter, chunk_size).into_iter().map(|(id, _)| id).collect(),
+            chunk_root: None,
             adapter_hash: Digest::of(adapter),
             adapter_len: adapter.len() as u64,
             chunk_size: chunk_size as u32,
@@ -222,7 +242,10 @@ impl SignedManifest {
         if !(8..=CHUNK_SIZE).contains(&chunk_size) {
             return Err(ManifestError::Inconsistent(format!("chunk size {chunk_size} outside 8..={CHUNK_SIZE}")));
         }
-        if manifest.chunk_ids.len() != len.div_ceil(chunk_size) {
+        if manifest.chunk_root.is_some() && (manifest.kind != ManifestKind::Update || !manifest.chunk_ids.is_empty()) {
+            return Err(ManifestError::Inconsistent("only an update may name its chunks by a root, and then it lists none".into()));
+        }
+        if manifest.chunk_root.is_none() && manifest.chunk_ids.len() != len.div_ceil(chunk_size) {
             return Err(ManifestError::Inconsistent(format!(
                 "{} chunk ids for {len} bytes (expected {})",
                 manifest.chunk_ids.len(),
