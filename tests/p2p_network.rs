@@ -97,16 +97,24 @@ async fn publish_when_meshed(handle: &NetworkHandle, signed: &SignedManifest, ma
     panic!("could not publish within 15 s");
 }
 
+type Node = (Keypair, NetworkHandle, Receiver<NetworkEvent>);
+
+/// B, then A dialing B, both in `run_id`'s topics, connected; and B's address.
+async fn connected_pair(dir: &tempfile::TempDir, run_id: Digest, exchange: Exchange) -> (Node, Node, Multiaddr) {
+    let (b_key, b, mut b_events) = node(dir, "b", vec![]);
+    let b_addr = listen_addr(&mut b_events).await;
+    let (a_key, a, mut a_events) = node(dir, "a", vec![b_addr.clone()]);
+    a.subscribe(run_id, exchange).await.unwrap();
+    b.subscribe(run_id, exchange).await.unwrap();
+    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    ((a_key, a, a_events), (b_key, b, b_events), b_addr)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     let dir = tempfile::tempdir().unwrap();
     let run_id = Digest::of(b"test run");
-    let (b_key, b, mut b_events) = node(&dir, "b", vec![]);
-    let b_addr = listen_addr(&mut b_events).await;
-    let (_, a, mut a_events) = node(&dir, "a", vec![b_addr.clone()]);
-    a.subscribe(run_id, Exchange::Gossip).await.unwrap();
-    b.subscribe(run_id, Exchange::Gossip).await.unwrap();
-    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    let ((_, a, mut a_events), (b_key, b, mut b_events), b_addr) = connected_pair(&dir, run_id, Exchange::Gossip).await;
 
     let bytes = adapter_bytes(5);
     let manifest = make_manifest(run_id, &b_key, &bytes);
@@ -175,12 +183,7 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
 async fn pieces_of_a_rooted_update_are_proven_and_served_on() {
     let dir = tempfile::tempdir().unwrap();
     let run_id = Digest::of(b"reduce run");
-    let (b_key, b, mut b_events) = node(&dir, "b", vec![]);
-    let b_addr = listen_addr(&mut b_events).await;
-    let (_, a, mut a_events) = node(&dir, "a", vec![b_addr.clone()]);
-    a.subscribe(run_id, Exchange::Reduce).await.unwrap();
-    b.subscribe(run_id, Exchange::Reduce).await.unwrap();
-    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    let ((_, a, mut a_events), (b_key, b, _b_events), _) = connected_pair(&dir, run_id, Exchange::Reduce).await;
 
     let bytes = adapter_bytes(1);
     let chunk_size = 64 * 1024;

@@ -359,8 +359,7 @@ struct EventLoop {
 /// A `fetch_piece` in progress.
 struct PieceFetch {
     piece: Piece,
-    peers: VecDeque<PeerId>,
-    waiting: Vec<oneshot::Sender<Option<Vec<u8>>>>,
+    fetch: DirectFetch,
 }
 
 /// Pieces fetched and kept to serve on, at most.
@@ -368,10 +367,21 @@ const MAX_PROVEN: usize = 1 << 16;
 
 const MAX_PEER_ADDRESSES: usize = 4096;
 
-/// A `fetch_chunk` in progress.
+/// A `fetch_chunk` (or one of a `fetch_piece`) in progress.
+#[derive(Default)]
 struct DirectFetch {
     peers: VecDeque<PeerId>,
     waiting: Vec<oneshot::Sender<Option<Vec<u8>>>>,
+}
+
+impl DirectFetch {
+    /// Adds a waiter and the peers it names; true if no request was out.
+    fn join(&mut self, peers: Vec<PeerId>, reply: oneshot::Sender<Option<Vec<u8>>>) -> bool {
+        let idle = self.waiting.is_empty();
+        self.peers.extend(peers);
+        self.waiting.push(reply);
+        idle
+    }
 }
 
 /// Builds the swarm (TCP and QUIC, noise, yamux, relay client) and starts
@@ -793,8 +803,13 @@ impl EventLoop {
         }
         self.remember_latest(&manifest, &signed);
         self.known.insert(manifest.adapter_hash, (manifest.round, manifest.chunk_ids.clone()));
-        if manifest.kind == ManifestKind::Update && self.reduce_runs.contains(&manifest.run_id) {
-            // The slice owners fetch what they need of it.
+        let reduce_run = self.reduce_runs.contains(&manifest.run_id);
+        let rooted_or_claim = manifest.chunk_root.is_some() || manifest.kind == ManifestKind::Slice;
+        if (manifest.kind == ManifestKind::Update && reduce_run) || (rooted_or_claim && !reduce_run) {
+            // The slice owners fetch what they need of an update. A node in
+            // the gossip exchange (a seeding relay, say) can assemble neither
+            // an update named by its root (its chunks are never gossiped) nor
+            // a claim's slices: it fetches nothing for them.
             self.emit(NetworkEvent::Manifest { manifest, author }).await;
             return Ok(());
         }
@@ -927,14 +942,7 @@ impl EventLoop {
             let _ = reply.send(Some(bytes));
             return;
         }
-        let fetch = self.direct.entry(id).or_insert_with(|| DirectFetch {
-            peers: VecDeque::new(),
-            waiting: Vec::new(),
-        });
-        let idle = fetch.waiting.is_empty();
-        fetch.peers.extend(peers);
-        fetch.waiting.push(reply);
-        if idle {
+        if self.direct.entry(id).or_default().join(peers, reply) {
             self.ask_next(id);
         }
     }
@@ -970,13 +978,9 @@ impl EventLoop {
         let key = (piece.adapter, piece.index);
         let fetch = self.piece_fetches.entry(key).or_insert_with(|| PieceFetch {
             piece,
-            peers: VecDeque::new(),
-            waiting: Vec::new(),
+            fetch: DirectFetch::default(),
         });
-        let idle = fetch.waiting.is_empty();
-        fetch.peers.extend(peers);
-        fetch.waiting.push(reply);
-        if idle {
+        if fetch.fetch.join(peers, reply) {
             self.ask_next_piece(key);
         }
     }
@@ -984,14 +988,14 @@ impl EventLoop {
     /// Asks the next peer for a piece, or tells the waiters no peer had it.
     fn ask_next_piece(&mut self, key: (Digest, u32)) {
         let Some(fetch) = self.piece_fetches.get_mut(&key) else { return };
-        match fetch.peers.pop_front() {
+        match fetch.fetch.peers.pop_front() {
             Some(peer) => {
                 let addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
                 let request = self.swarm.behaviour_mut().chunks.send_request_with_addresses(&peer, ChunkRequest::Piece(key.0, key.1), addresses);
                 self.piece_requests.insert(request, key);
             }
             None => {
-                for waiter in self.piece_fetches.remove(&key).map(|f| f.waiting).unwrap_or_default() {
+                for waiter in self.piece_fetches.remove(&key).map(|f| f.fetch.waiting).unwrap_or_default() {
                     let _ = waiter.send(None);
                 }
             }
@@ -1017,7 +1021,7 @@ impl EventLoop {
                 if self.proven.len() < MAX_PROVEN {
                     self.proven.insert(key, (round, id, proof));
                 }
-                for waiter in self.piece_fetches.remove(&key).map(|f| f.waiting).unwrap_or_default() {
+                for waiter in self.piece_fetches.remove(&key).map(|f| f.fetch.waiting).unwrap_or_default() {
                     let _ = waiter.send(Some(bytes.clone()));
                 }
             }
