@@ -730,9 +730,8 @@ impl<T: RoundTrainer> Engine<T> {
                 updates = adopted;
                 continue;
             }
-            let layout = Arc::new(self.slice_layout(&updates)?);
-            let authors: Vec<PeerId> = updates.keys().copied().collect();
-            let owners = Arc::new(reduce::owners(&self.settings.run_id, round, &authors, layout.count(), self.settings.replicas));
+            let (layout, owners) = self.slice_owners(round, &updates)?;
+            let (layout, owners) = (Arc::new(layout), Arc::new(owners));
             let sources: Arc<Vec<InputSource>> = Arc::new(
                 updates
                     .iter()
@@ -843,14 +842,18 @@ impl<T: RoundTrainer> Engine<T> {
     }
 
     /// The slices the authors of `updates` cut them into, if they agree
-    /// (they do when they saw the same members); else one per input.
-    fn slice_layout(&self, updates: &BTreeMap<PeerId, Update>) -> Result<SliceLayout, EngineError> {
+    /// (they do when they saw the same members; else one per input), and
+    /// each slice's owners in `round`.
+    fn slice_owners(&self, round: u64, updates: &BTreeMap<PeerId, Update>) -> Result<(SliceLayout, Vec<Vec<PeerId>>), EngineError> {
         let sizes: BTreeSet<u32> = updates.values().map(|u| u.manifest.chunk_size).collect();
-        match sizes.iter().next() {
+        let layout = match sizes.iter().next() {
             Some(size) if sizes.len() == 1 => SliceLayout::with_chunk_size(&self.layout, *size as usize),
             _ => SliceLayout::new(&self.layout, reduce::slice_count(updates.len())),
         }
-        .map_err(EngineError::Aggregate)
+        .map_err(EngineError::Aggregate)?;
+        let authors: Vec<PeerId> = updates.keys().copied().collect();
+        let owners = reduce::owners(&self.settings.run_id, round, &authors, layout.count(), self.settings.replicas);
+        Ok((layout, owners))
     }
 
     /// The inputs more of this round's owners averaged than averaged
@@ -946,9 +949,7 @@ impl<T: RoundTrainer> Engine<T> {
                 }
             }
         }
-        let layout = self.slice_layout(&adopted)?;
-        let authors: Vec<PeerId> = adopted.keys().copied().collect();
-        let owners = reduce::owners(&self.settings.run_id, round, &authors, layout.count(), self.settings.replicas);
+        let (_, owners) = self.slice_owners(round, &adopted)?;
         let owning = claims.iter().filter(|(owner, slices)| slices.iter().all(|s| owners.get(*s as usize).is_some_and(|o| o.contains(owner)))).count();
         if owning <= backing {
             adoption.refused.insert(target);
@@ -1512,11 +1513,9 @@ fn in_window(round: u64, from: Option<u64>) -> bool {
 
 /// blake3 of a sorted member list (round-0 updates carry it).
 fn members_digest(members: &[PeerId]) -> Digest {
-    let bytes: Vec<u8> = members.iter().flat_map(|p| {
-        let id = p.to_bytes();
-        let mut entry = (id.len() as u32).to_le_bytes().to_vec();
-        entry.extend(id);
-        entry
-    }).collect();
+    let mut bytes = Vec::new();
+    for member in members {
+        reduce::push_peer(&mut bytes, &member.to_bytes());
+    }
     Digest::of(&bytes)
 }

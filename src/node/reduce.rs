@@ -54,11 +54,17 @@ pub fn encode_inputs(inputs: &[(PeerId, Digest)]) -> Vec<u8> {
     sorted.sort();
     let mut bytes = Vec::new();
     for (author, hash) in sorted {
-        bytes.extend_from_slice(&(author.len() as u32).to_le_bytes());
-        bytes.extend_from_slice(&author);
+        push_peer(&mut bytes, &author);
         bytes.extend_from_slice(&hash.0);
     }
     bytes
+}
+
+/// Appends a peer id's bytes, prefixed by their length (u32 LE): how peer
+/// lists are written to be hashed.
+pub fn push_peer(bytes: &mut Vec<u8>, peer: &[u8]) {
+    bytes.extend_from_slice(&(peer.len() as u32).to_le_bytes());
+    bytes.extend_from_slice(peer);
 }
 
 /// blake3 of `encode_inputs`.

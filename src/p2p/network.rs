@@ -927,12 +927,17 @@ impl EventLoop {
         self.addresses.insert(peer, parsed);
     }
 
-    /// A chunk request to `peer`, dialing it at the addresses it gave if
-    /// this node is not connected to it.
+    /// A chunk request to `peer`, remembered until its answer.
     fn request_chunk(&mut self, peer: PeerId, id: Digest) {
-        let addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
-        let request = self.swarm.behaviour_mut().chunks.send_request_with_addresses(&peer, ChunkRequest::Chunk(id), addresses);
+        let request = self.send_request(peer, ChunkRequest::Chunk(id));
         self.in_flight.insert(request, (id, peer));
+    }
+
+    /// Sends `request` to `peer`, dialing it at the addresses it gave if
+    /// this node is not connected to it.
+    fn send_request(&mut self, peer: PeerId, request: ChunkRequest) -> request_response::OutboundRequestId {
+        let addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
+        self.swarm.behaviour_mut().chunks.send_request_with_addresses(&peer, request, addresses)
     }
 
     /// Starts a `fetch_chunk`: answered at once from the store, else by the
@@ -990,8 +995,7 @@ impl EventLoop {
         let Some(fetch) = self.piece_fetches.get_mut(&key) else { return };
         match fetch.fetch.peers.pop_front() {
             Some(peer) => {
-                let addresses = self.addresses.get(&peer).cloned().unwrap_or_default();
-                let request = self.swarm.behaviour_mut().chunks.send_request_with_addresses(&peer, ChunkRequest::Piece(key.0, key.1), addresses);
+                let request = self.send_request(peer, ChunkRequest::Piece(key.0, key.1));
                 self.piece_requests.insert(request, key);
             }
             None => {
