@@ -125,7 +125,7 @@ fn weights(inputs: &[Contribution]) -> Vec<f64> {
 }
 
 /// Per-coordinate combination of the inputs' values of every tensor.
-fn per_coordinate(inputs: &[Contribution], mut combine: impl FnMut(&mut Vec<f64>) -> f64) -> Tensors {
+fn per_coordinate(inputs: &[Contribution], mut combine: impl FnMut(&mut [f64]) -> f64) -> Tensors {
     let mut column = Vec::with_capacity(inputs.len());
     inputs[0]
         .tensors

@@ -7,7 +7,7 @@ fn sort(column: &mut [f64]) {
     column.sort_by(f64::total_cmp);
 }
 
-pub fn median(column: &mut Vec<f64>) -> f64 {
+pub fn median(column: &mut [f64]) -> f64 {
     sort(column);
     let n = column.len();
     if n % 2 == 1 { column[n / 2] } else { (column[n / 2 - 1] + column[n / 2]) / 2.0 }
@@ -19,7 +19,7 @@ pub fn trim_count(n: usize, fraction: f64) -> usize {
     trim.min(n.saturating_sub(1) / 2)
 }
 
-pub fn trimmed_mean(column: &mut Vec<f64>, trim: usize) -> f64 {
+pub fn trimmed_mean(column: &mut [f64], trim: usize) -> f64 {
     sort(column);
     let kept = &column[trim..column.len() - trim];
     kept.iter().sum::<f64>() / kept.len() as f64

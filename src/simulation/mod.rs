@@ -368,7 +368,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     for node in (0..u64::from(nodes)).filter(|n| !late.contains(n)) {
         sim.start(node, false)?;
     }
-    sim.fire(0, &scenario).await?;
+    sim.fire(0, scenario).await?;
     println!(
         "{:>5} {:>5} {:>10} {:>9} {:>7} {:>9} {:>11} {:>11} {:>8}",
         "round", "nodes", "train loss", "eval loss", "exact", "agreement", "sent/node", "recv/node", "time"
@@ -413,7 +413,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                 // Events of round r fire when the first node starts it.
                 while fired_through < (round as u32 + 1).min(rounds.saturating_sub(1)) {
                     fired_through += 1;
-                    sim.fire(fired_through, &scenario).await?;
+                    sim.fire(fired_through, scenario).await?;
                 }
             }
             EngineEvent::CaughtUp { round, from } => println!("  node {node} caught up: trains from round {round} on average {from}"),
