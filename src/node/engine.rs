@@ -701,8 +701,9 @@ impl<T: RoundTrainer> Engine<T> {
     /// slice. An owner whose claim differs from the slice computed from the
     /// signed inputs is excluded from the run. Inputs that nobody could
     /// serve (their author left) are dropped, and the exchange runs again
-    /// over the rest. Returns the average, its encoding and the inputs count.
-    async fn reduce_round(&mut self, round: u64, current: &Tensors, mut updates: BTreeMap<PeerId, Update>) -> Result<(Tensors, Vec<u8>, usize), EngineError> {
+    /// over the rest. Returns the average, its encoding and the inputs count,
+    /// or where to rejoin when most peers went two rounds on meanwhile.
+    async fn reduce_round(&mut self, round: u64, current: &Tensors, mut updates: BTreeMap<PeerId, Update>) -> Result<Reduced, EngineError> {
         let previous = Arc::new(encode(current).map_err(EngineError::Aggregate)?);
         // An adapter of another length cannot have the run's layout.
         for (author, update) in &updates {
@@ -718,6 +719,8 @@ impl<T: RoundTrainer> Engine<T> {
         tokio::pin!(deadline);
         let mut deadline_passed = false;
         let mut adoption = Adoption::default();
+        // Asked once: a node that cannot catch up waits for the deadline.
+        let mut rejoin_tried = false;
         for pass in 0..REDUCE_PASSES {
             if updates.is_empty() {
                 return Err(EngineError::Aggregate("no update of this round could be fetched".into()));
@@ -799,6 +802,16 @@ impl<T: RoundTrainer> Engine<T> {
                 if deadline_passed || resolved.iter().all(Option::is_some) {
                     break;
                 }
+                // Peers that went two rounds on forget this round's blobs
+                // soon: what this node still waits for may never come.
+                if !rejoin_tried && self.overtaken(round, updates.len()) {
+                    rejoin_tried = true;
+                    if let Some((next, adapter)) = self.catch_up().await?
+                        && next > round
+                    {
+                        return Ok(Reduced::Rejoin { round: next, adapter });
+                    }
+                }
                 tokio::select! {
                     _ = &mut deadline => deadline_passed = true,
                     event = self.events.recv() => match event {
@@ -836,7 +849,7 @@ impl<T: RoundTrainer> Engine<T> {
             }
             let bytes: Vec<u8> = resolved.into_iter().flatten().flatten().collect();
             let average = decode_checked(&bytes, &self.layout, &self.settings.limits).map_err(|e| EngineError::Aggregate(format!("the assembled average: {e}")))?;
-            return Ok((average, bytes, updates.len()));
+            return Ok(Reduced::Average { average, bytes, count: updates.len() });
         }
         Err(EngineError::Aggregate(format!("the reduce exchange of round {round} did not settle in {REDUCE_PASSES} passes")))
     }
@@ -1140,10 +1153,17 @@ impl<T: RoundTrainer> Engine<T> {
                 self.net.ask_round(run_id, round).await.map_err(|e| EngineError::Network(e.to_string()))?;
                 rejoined = false;
             }
-            let report = tracing::Instrument::instrument(self.round(round, &current, &members), tracing::info_span!("round", round)).await?;
+            let report = match tracing::Instrument::instrument(self.round(round, &current, &members), tracing::info_span!("round", round)).await? {
+                RoundEnd::Done(report) => report,
+                RoundEnd::Rejoin { round: next, adapter } => {
+                    self.buffered.retain(|r, _| *r >= next);
+                    (round, current, rejoined) = (next, adapter, true);
+                    continue;
+                }
+            };
             current = (*report.average).clone();
             self.checkpoint(round + 1, &current).await?;
-            let lagging = self.buffered.keys().next_back().is_some_and(|r| *r >= round.saturating_add(2));
+            let lagging = self.overtaken(round, members.len());
             self.report(EngineEvent::Round(report));
             round += 1;
             if lagging && let Some((next, adapter)) = self.catch_up().await? {
@@ -1259,7 +1279,7 @@ impl<T: RoundTrainer> Engine<T> {
     }
 
     /// One round from `current`; the quorum is every one of `members`.
-    async fn round(&mut self, round: u64, current: &Tensors, members: &[PeerId]) -> Result<RoundReport, EngineError> {
+    async fn round(&mut self, round: u64, current: &Tensors, members: &[PeerId]) -> Result<RoundEnd, EngineError> {
         let started = Instant::now();
         let run_id = self.settings.run_id;
         let parent = Digest::of(&encode(current).map_err(EngineError::Aggregate)?);
@@ -1358,10 +1378,10 @@ impl<T: RoundTrainer> Engine<T> {
                 let average_bytes = encode(&average).map_err(EngineError::Aggregate)?;
                 (average, average_bytes, count, fedavg_drift)
             }
-            Exchange::Reduce => {
-                let (average, average_bytes, count) = self.reduce_round(round, current, updates).await?;
-                (average, average_bytes, count, None)
-            }
+            Exchange::Reduce => match self.reduce_round(round, current, updates).await? {
+                Reduced::Average { average, bytes, count } => (average, bytes, count, None),
+                Reduced::Rejoin { round, adapter } => return Ok(RoundEnd::Rejoin { round, adapter }),
+            },
         };
         self.claims.retain(|(r, _, _), _| *r > round);
         self.slice_results.retain(|_, (r, _)| *r > round);
@@ -1414,8 +1434,31 @@ impl<T: RoundTrainer> Engine<T> {
             elapsed: started.elapsed(),
             members: self.member_views(members, round),
         };
-        Ok(report)
+        Ok(RoundEnd::Done(report))
     }
+
+    /// Most of the round's other members published updates two rounds or
+    /// more after `round` (a majority, so that one peer's claim to be ahead
+    /// moves nobody): this node was cut off or slow, and rejoins from their
+    /// newest average instead of finishing a round they left behind.
+    fn overtaken(&self, round: u64, members: usize) -> bool {
+        let ahead: BTreeSet<PeerId> = self.buffered.range(round.saturating_add(2)..).flat_map(|(_, updates)| updates.keys().copied()).collect();
+        let others = members.saturating_sub(1).max(1);
+        ahead.len().saturating_mul(2) >= others
+    }
+}
+
+/// How a round ended.
+enum RoundEnd {
+    Done(RoundReport),
+    /// Peers went on meanwhile: train `round` next, from `adapter`.
+    Rejoin { round: u64, adapter: Tensors },
+}
+
+/// What the reduce exchange of a round gave.
+enum Reduced {
+    Average { average: Tensors, bytes: Vec<u8>, count: usize },
+    Rejoin { round: u64, adapter: Tensors },
 }
 
 /// Agreement across nodes: the share of `hashes` equal to the most common one.

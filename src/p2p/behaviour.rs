@@ -31,6 +31,17 @@ pub struct Behaviour {
 /// Gossipsub as docs/ARCHITECTURE.md asks: message id = blake3 of the data (so
 /// duplicates collapse), a transmit size above the chunk size, and every
 /// message validated by the application before it is forwarded.
+///
+/// What a node moves must not grow with the network (docs/PROTOCOL.md,
+/// "Gossip settings"), so three defaults change:
+/// - no flood publishing: a publisher sends to its mesh (D peers), not to
+///   every subscribed peer (N − 1 copies of each message it publishes);
+/// - IHAVE gossip goes to `gossip_lazy` peers a heartbeat, not to a quarter
+///   of all non-mesh peers;
+/// - messages are anonymous (no author, sequence number, key or signature
+///   envelope: about 150 bytes of each copy): every manifest is signed by
+///   its author already and checked before it is forwarded, and chunks are
+///   checked against a signed manifest.
 pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, String> {
     let mut builder = gossipsub::ConfigBuilder::default();
     if let Some(n) = mesh_n {
@@ -40,7 +51,9 @@ pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, Stri
     }
     builder
         .max_transmit_size(CHUNK_SIZE + 64 * 1024)
-        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .flood_publish(false)
+        .gossip_factor(0.0)
         .validate_messages()
         .message_id_fn(|message: &gossipsub::Message| gossipsub::MessageId::from(Digest::of(&message.data).0.to_vec()))
         .heartbeat_interval(Duration::from_millis(500))
@@ -91,7 +104,7 @@ pub fn build(
     allowed: Option<&std::collections::HashSet<PeerId>>,
 ) -> Result<Behaviour, String> {
     let peer_id = key.public().to_peer_id();
-    let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(key.clone()), gossipsub_config(mesh_n)?)
+    let mut gossipsub = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossipsub_config(mesh_n)?)
         .map_err(|e| format!("gossipsub: {e}"))?;
     gossipsub
         .with_peer_score(peer_score_params(), gossipsub::PeerScoreThresholds::default())

@@ -286,11 +286,13 @@ fn response_size(response: &ChunkResponse) -> usize {
     }
 }
 
-fn topics(run_id: &Digest) -> (gossipsub::IdentTopic, gossipsub::IdentTopic) {
+/// A run's topics, named by a hash of `blossom/<run id>/…` that every
+/// message carries: 44 bytes instead of 82.
+fn topics(run_id: &Digest) -> (gossipsub::Sha256Topic, gossipsub::Sha256Topic) {
     let hex = run_id.to_hex();
     (
-        gossipsub::IdentTopic::new(format!("blossom/{hex}/manifests")),
-        gossipsub::IdentTopic::new(format!("blossom/{hex}/chunks")),
+        gossipsub::Sha256Topic::new(format!("blossom/{hex}/manifests")),
+        gossipsub::Sha256Topic::new(format!("blossom/{hex}/chunks")),
     )
 }
 
