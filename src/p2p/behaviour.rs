@@ -33,9 +33,9 @@ pub struct Behaviour {
 /// message validated by the application before it is forwarded.
 ///
 /// What a node moves must not grow with the network (docs/PROTOCOL.md,
-/// "Gossip settings"), so three defaults change:
-/// - no flood publishing: a publisher sends to its mesh (D peers), not to
-///   every subscribed peer (N − 1 copies of each message it publishes);
+/// "Gossip settings"), so two defaults change (flood publishing stays: a
+/// publisher's N − 1 copies are what lets a large run's round-0
+/// announcements reach every node before its mesh forms):
 /// - IHAVE gossip goes to `gossip_lazy` peers a heartbeat, not to a quarter
 ///   of all non-mesh peers;
 /// - messages are anonymous (no author, sequence number, key or signature
@@ -52,7 +52,6 @@ pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, Stri
     builder
         .max_transmit_size(CHUNK_SIZE + 64 * 1024)
         .validation_mode(gossipsub::ValidationMode::Anonymous)
-        .flood_publish(false)
         .gossip_factor(0.0)
         .validate_messages()
         .message_id_fn(|message: &gossipsub::Message| gossipsub::MessageId::from(Digest::of(&message.data).0.to_vec()))
