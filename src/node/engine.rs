@@ -804,13 +804,8 @@ impl<T: RoundTrainer> Engine<T> {
                 }
                 // Peers that went two rounds on forget this round's blobs
                 // soon: what this node still waits for may never come.
-                if !rejoin_tried && self.overtaken(round, updates.len()) {
-                    rejoin_tried = true;
-                    if let Some((next, adapter)) = self.catch_up().await?
-                        && next > round
-                    {
-                        return Ok(Reduced::Rejoin { round: next, adapter });
-                    }
+                if let Some((round, adapter)) = self.rejoin_if_overtaken(round, updates.len(), &mut rejoin_tried).await? {
+                    return Ok(Reduced::Rejoin { round, adapter });
                 }
                 tokio::select! {
                     _ = &mut deadline => deadline_passed = true,
@@ -1441,6 +1436,16 @@ impl<T: RoundTrainer> Engine<T> {
     /// more after `round` (a majority, so that one peer's claim to be ahead
     /// moves nobody): this node was cut off or slow, and rejoins from their
     /// newest average instead of finishing a round they left behind.
+    /// Once a round (`tried`): if this node is overtaken, the round to
+    /// train next and the newest average to train it from.
+    async fn rejoin_if_overtaken(&mut self, round: u64, members: usize, tried: &mut bool) -> Result<Option<(u64, Tensors)>, EngineError> {
+        if *tried || !self.overtaken(round, members) {
+            return Ok(None);
+        }
+        *tried = true;
+        Ok(self.catch_up().await?.filter(|(next, _)| *next > round))
+    }
+
     fn overtaken(&self, round: u64, members: usize) -> bool {
         let ahead: BTreeSet<PeerId> = self.buffered.range(round.saturating_add(2)..).flat_map(|(_, updates)| updates.keys().copied()).collect();
         let others = members.saturating_sub(1).max(1);
