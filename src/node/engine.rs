@@ -723,6 +723,12 @@ impl<T: RoundTrainer> Engine<T> {
         let mut rejoin_tried = false;
         for pass in 0..REDUCE_PASSES {
             if updates.is_empty() {
+                // Every input's author is gone for this node (it came too
+                // late to fetch them): peers that finished the round have
+                // an average to rejoin from.
+                if let Some((round, adapter)) = self.catch_up().await?.filter(|(next, _)| *next > round) {
+                    return Ok(Reduced::Rejoin { round, adapter });
+                }
                 return Err(EngineError::Aggregate("no update of this round could be fetched".into()));
             }
             let pairs: Vec<(PeerId, Digest)> = updates.iter().map(|(p, u)| (*p, u.manifest.adapter_hash)).collect();
