@@ -164,8 +164,6 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut SeededRng) -> u
     probs.last().map_or_else(argmax, |p| p.0)
 }
 
-// The workspace's one seeded generator lives in the lowest crate.
-
 #[cfg(test)]
 mod tests {
     use super::*;

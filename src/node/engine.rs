@@ -726,7 +726,7 @@ impl<T: RoundTrainer> Engine<T> {
                 // Every input's author is gone for this node (it came too
                 // late to fetch them): peers that finished the round have
                 // an average to rejoin from.
-                if let Some((round, adapter)) = self.catch_up().await?.filter(|(next, _)| *next > round) {
+                if let Some((round, adapter)) = self.catch_up_past(round).await? {
                     return Ok(Reduced::Rejoin { round, adapter });
                 }
                 return Err(EngineError::Aggregate("no update of this round could be fetched".into()));
@@ -1438,10 +1438,6 @@ impl<T: RoundTrainer> Engine<T> {
         Ok(RoundEnd::Done(report))
     }
 
-    /// Most of the round's other members published updates two rounds or
-    /// more after `round` (a majority, so that one peer's claim to be ahead
-    /// moves nobody): this node was cut off or slow, and rejoins from their
-    /// newest average instead of finishing a round they left behind.
     /// Once a round (`tried`): if this node is overtaken, the round to
     /// train next and the newest average to train it from.
     async fn rejoin_if_overtaken(&mut self, round: u64, members: usize, tried: &mut bool) -> Result<Option<(u64, Tensors)>, EngineError> {
@@ -1449,9 +1445,18 @@ impl<T: RoundTrainer> Engine<T> {
             return Ok(None);
         }
         *tried = true;
+        self.catch_up_past(round).await
+    }
+
+    /// `catch_up`, if its peers' newest average is of `round` or later.
+    async fn catch_up_past(&mut self, round: u64) -> Result<Option<(u64, Tensors)>, EngineError> {
         Ok(self.catch_up().await?.filter(|(next, _)| *next > round))
     }
 
+    /// Most of the round's other members published updates two rounds or
+    /// more after `round` (a majority, so that one peer's claim to be ahead
+    /// moves nobody): this node was cut off or slow, and rejoins from their
+    /// newest average instead of finishing a round they left behind.
     fn overtaken(&self, round: u64, members: usize) -> bool {
         let ahead: BTreeSet<PeerId> = self.buffered.range(round.saturating_add(2)..).flat_map(|(_, updates)| updates.keys().copied()).collect();
         let others = members.saturating_sub(1).max(1);
