@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use blossom_p2p::model::attention::{Layout, PackedRows};
 use blossom_p2p::model::load::load_hf_weights;
 use blossom_p2p::model::{Decoder, KvCache};
 use mlx_rs::Array;
@@ -43,6 +44,27 @@ fn check(name: &str) {
     let stitched = mlx_rs::ops::concatenate(&[a, b], 1).unwrap();
     let diff = max_abs_diff(&stitched, &want);
     assert!(diff < 1e-4, "{name}: cached logits differ from mlx-lm by {diff}");
+
+    // The two pieces packed into one sequence, the second first: each row
+    // sees only itself, from position 0, as it would alone.
+    let packed_tokens = mlx_rs::ops::concatenate(&[&rest, &first], 1).unwrap();
+    let (n_rest, n_first) = ((len - split) as usize, split as usize);
+    let segments: Vec<i32> = std::iter::repeat_n(0, n_rest).chain(std::iter::repeat_n(1, n_first)).collect();
+    let positions: Vec<i32> = (0..n_rest as i32).chain(0..n_first as i32).collect();
+    let rows = PackedRows {
+        segments: Array::from_slice(&segments, &[1, len]),
+        positions: Array::from_slice(&positions, &[1, len]),
+    };
+    let packed = decoder.forward_adapted(&packed_tokens, None, Layout::Packed(&rows), None).expect("packed forward");
+    let pieces = packed.split_at_indices(&[len - split], 1).unwrap();
+    let alone = decoder.forward(&rest, None, None).unwrap();
+    let diff = max_abs_diff(&pieces[0], &alone).max(max_abs_diff(&pieces[1], &first_positions(&want, split)));
+    assert!(diff < 1e-4, "{name}: packed rows' logits differ from the rows alone by {diff}");
+}
+
+/// The reference logits of the first `split` positions.
+fn first_positions(want: &Array, split: i32) -> Array {
+    want.take_axis(Array::from_slice(&(0..split).collect::<Vec<i32>>(), &[split]), 1).unwrap()
 }
 
 #[test]

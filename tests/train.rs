@@ -7,11 +7,12 @@ use std::path::Path;
 use blossom_p2p::config::{Config, FineTuneType};
 use blossom_p2p::data::layout::load_folder;
 use blossom_p2p::data::{Dataset, load_dataset};
+use blossom_p2p::model::attention::Layout;
 use blossom_p2p::model::{LoadOptions, QuantMode, load_model};
-use blossom_p2p::train::batch::encode;
+use blossom_p2p::train::batch::{Encoded, encode, make_batch};
 use blossom_p2p::train::checkpoint::{self, CheckpointState};
-use blossom_p2p::train::lora::{AdapterParams, LoraSettings};
-use blossom_p2p::train::{LocalTrainer, MlxTrainer, TrainError, adapters};
+use blossom_p2p::train::lora::{AdapterParams, LoraApplier, LoraSettings};
+use blossom_p2p::train::{LocalTrainer, MlxTrainer, TrainError, adapters, batch_loss, token_losses};
 use mlx_rs::Array;
 
 mod common;
@@ -108,10 +109,18 @@ fn adapters_round_trip_bit_exactly_in_mlx_lm_format() {
 
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
+    for pack in [false, true] {
+        resumed_run_equals_an_uninterrupted_one(pack);
+    }
+}
+
+fn resumed_run_equals_an_uninterrupted_one(pack: bool) {
     let data = builtin();
     let mut config = config(true);
     config.lora.dropout = 0.2; // dropout masks must repeat too
     config.train.grad_accumulation_steps = 2;
+    config.train.pack = pack;
+    config.train.batch_size = 4;
     let mut straight = trainer(&config, 8);
     straight.train_steps(&data.train, 8, 0).unwrap();
 
@@ -129,10 +138,50 @@ fn a_resumed_run_equals_an_uninterrupted_one() {
     let loaded = checkpoint::load(dir.path(), &mut resumed, &data.fingerprint).unwrap().expect("a checkpoint");
     assert_eq!(loaded, state);
     resumed.train_steps(&data.train, 4, 4).unwrap();
-    assert!(same(straight.adapter(), resumed.adapter()), "resumed run diverged");
+    assert!(same(straight.adapter(), resumed.adapter()), "pack={pack}: resumed run diverged");
     // Another data set's checkpoint is refused.
     let err = checkpoint::load(dir.path(), &mut resumed, "other").unwrap_err();
     assert!(err.to_string().contains("another data set"), "{err}");
+}
+
+/// Rows packed into shared sequences are trained on exactly as alone: each
+/// row's summed loss is the same, within float rounding.
+#[test]
+fn packed_rows_have_the_losses_they_have_alone() {
+    let data = builtin();
+    let config = config(true);
+    let mut trainer = trainer(&config, 4);
+    trainer.train_steps(&data.train, 4, 0).unwrap(); // an adapter that does something
+    let applier = LoraApplier {
+        params: &trainer.params,
+        settings: &trainer.settings,
+        dropout: None,
+    };
+    let mut encoded: Vec<_> = data.train[..8].iter().map(|row| encode(&trainer.tokenizer, row, 512).unwrap()).collect();
+    // A row three times as long, so that lines hold several short ones.
+    let long_tokens = encoded[..3].iter().flat_map(|e| e.tokens.clone()).collect();
+    encoded.push(Encoded { tokens: long_tokens, prompt_len: encoded[0].prompt_len });
+    let refs: Vec<_> = encoded.iter().collect();
+    let packed = make_batch(&refs, true, true).unwrap();
+    let lines = packed.tokens.shape()[0];
+    assert!((2..=5).contains(&lines), "9 rows packed into {lines} lines");
+    let losses = token_losses(&trainer.decoder, &applier, &packed).unwrap();
+    let segments = packed.packing.as_ref().unwrap().segments.clone();
+    for (i, example) in encoded.iter().enumerate() {
+        let in_row = segments.eq(Array::from_int(i as i32)).unwrap().as_dtype(mlx_rs::Dtype::Float32).unwrap();
+        let packed_loss = losses.multiply(&in_row).unwrap().sum(None).unwrap().try_item_cast::<f32>().unwrap();
+        let alone = make_batch(&[example], true, false).unwrap();
+        let alone_loss = token_losses(&trainer.decoder, &applier, &alone).unwrap().sum(None).unwrap().try_item_cast::<f32>().unwrap();
+        assert!(alone_loss > 0.0);
+        assert!((packed_loss - alone_loss).abs() <= 1e-4 * alone_loss.max(1.0), "row {i}: packed {packed_loss}, alone {alone_loss}");
+    }
+    // The batch's mean loss is the same as the padded batch's.
+    let padded = make_batch(&refs, true, false).unwrap();
+    let (a, b) = (
+        batch_loss(&trainer.decoder, &applier, &packed).unwrap().try_item_cast::<f32>().unwrap(),
+        batch_loss(&trainer.decoder, &applier, &padded).unwrap().try_item_cast::<f32>().unwrap(),
+    );
+    assert!((a - b).abs() < 1e-4, "packed {a}, padded {b}");
 }
 
 #[test]
@@ -287,7 +336,7 @@ fn fused_export_equals_the_adapted_model() {
             settings: &trainer.settings,
             dropout: None,
         };
-        let adapted = trainer.decoder.forward_adapted(&tokens, None, None, Some(&applier)).unwrap();
+        let adapted = trainer.decoder.forward_adapted(&tokens, None, Layout::ROWS, Some(&applier)).unwrap();
         let mut fused = trainer.decoder.clone();
         blossom_p2p::train::lora::fuse(&mut fused, trainer.adapter(), &trainer.settings).unwrap();
         let direct = fused.forward(&tokens, None, None).unwrap();

@@ -43,6 +43,10 @@ pub struct BenchTrainArgs {
     /// Timed steps (after two warm-up steps).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub steps: u64,
+    /// Also print where a step's time goes: data, forward, backward,
+    /// optimizer (the forward pass is timed once more on its own).
+    #[arg(long)]
+    pub profile: bool,
 }
 
 #[derive(Debug, Args)]
@@ -237,5 +241,32 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     println!("trained tokens/s: {:.1}", report.tokens as f64 / seconds);
     println!("peak memory: {peak:.1} MB");
     println!("train tok/s: {:.1}", report.processed_tokens as f64 / seconds);
+    // The compute limit, measured now under the same load as the steps.
+    let mean_len = report.processed_tokens as f64 / report.examples.max(1) as f64;
+    let flops = crate::train::flops::per_token(&trainer.decoder, &settings, mean_len.round() as usize);
+    let achieved = flops * report.processed_tokens as f64 / seconds / 1e9;
+    match crate::mlx_env::bench_matmul(1024, std::time::Duration::from_secs(2), 20) {
+        Ok(limit) => println!(
+            "compute: {:.0} MFLOP a token, {achieved:.1} GFLOP/s, {:.0}% of the {:.1} GFLOP/s matmul limit",
+            flops / 1e6,
+            100.0 * achieved / limit.gflops,
+            limit.gflops
+        ),
+        Err(err) => println!("compute: {:.0} MFLOP a token, {achieved:.1} GFLOP/s (matmul limit not measured: {err:#})", flops / 1e6),
+    }
+    if args.profile {
+        let accumulation = u64::from(train_config.grad_accumulation_steps.max(1));
+        let forward = trainer.time_forward(&rows, 2 * accumulation..(2 + args.steps) * accumulation)?;
+        let phases = report.phases;
+        let backward = phases.forward_backward.saturating_sub(forward);
+        let other = report.elapsed.saturating_sub(phases.data + phases.forward_backward + phases.optimizer);
+        for (name, time) in [("data", phases.data), ("forward", forward), ("backward", backward), ("optimizer", phases.optimizer), ("other", other)] {
+            println!(
+                "profile {name}: {:.3} s a step, {:.1}%",
+                time.as_secs_f64() / report.steps as f64,
+                100.0 * time.as_secs_f64() / seconds
+            );
+        }
+    }
     Ok(())
 }

@@ -15,6 +15,36 @@ pub enum AttentionMask {
     Causal,
     /// Boolean `[batch|1, 1, queries, keys]`, true where attention is allowed.
     Explicit(Array),
+    /// Several rows packed into each sequence (training only, no cache): a
+    /// boolean `[batch, 1, len, len]` mask that keeps every row to itself,
+    /// and each token's `[batch, len]` position within its own row, so that
+    /// RoPE sees a packed row exactly as it sees the row alone.
+    Packed { mask: Array, positions: Array },
+}
+
+/// How the rows of a forward pass sit in its `[batch, len]` token matrix.
+#[derive(Debug, Clone, Copy)]
+pub enum Layout<'a> {
+    /// One row per batch line from position 0 (or the cache's offset), with
+    /// an optional `[batch, keys]` boolean mask of real (non-padding) keys.
+    Rows { key_padding: Option<&'a Array> },
+    /// Several rows per batch line (see `PackedRows`).
+    Packed(&'a PackedRows),
+}
+
+impl Layout<'_> {
+    /// One row per batch line, no padding.
+    pub const ROWS: Layout<'static> = Layout::Rows { key_padding: None };
+}
+
+/// Rows packed one after another into each sequence of a batch.
+#[derive(Debug, Clone)]
+pub struct PackedRows {
+    /// `[batch, len]` int32: which row each token belongs to. Padding tokens
+    /// get ids of their own (any id no row uses, one per token).
+    pub segments: Array,
+    /// `[batch, len]` int32: each token's position within its row.
+    pub positions: Array,
 }
 
 impl AttentionMask {
@@ -51,6 +81,34 @@ impl AttentionMask {
         }
         Ok(AttentionMask::Explicit(mask))
     }
+
+    /// The causal mask of packed rows: a query sees the keys of its own row
+    /// up to itself (and, with a `window`, only the last `window` of them).
+    /// A padding token is a row of one, so its query sees itself, never NaN.
+    pub fn packed(rows: &PackedRows, window: Option<i32>) -> Result<Self, ModelError> {
+        let shape = rows.segments.shape();
+        if shape.len() != 2 || rows.positions.shape() != shape {
+            return Err(ModelError::BadInput(format!(
+                "packed rows need [batch, len] segments and positions, got {shape:?} and {:?}",
+                rows.positions.shape()
+            )));
+        }
+        let (batch, len) = (shape[0], shape[1]);
+        let index = mlx_rs::ops::arange::<_, i32>(0, len, None)?;
+        let (q_index, k_index) = (index.reshape(&[len, 1])?, index.reshape(&[1, len])?);
+        let mut allowed = k_index.le(&q_index)?;
+        if let Some(w) = window {
+            allowed = allowed.logical_and(&k_index.gt(q_index.subtract(Array::from_int(w))?)?)?;
+        }
+        let same_row = rows
+            .segments
+            .reshape(&[batch, 1, len, 1])?
+            .eq(rows.segments.reshape(&[batch, 1, 1, len])?)?;
+        Ok(AttentionMask::Packed {
+            mask: same_row.logical_and(&allowed.reshape(&[1, 1, len, len])?)?,
+            positions: rows.positions.clone(),
+        })
+    }
 }
 
 /// `softmax(q kᵀ · scale + mask) v` for `[batch, heads, seq, head_dim]`
@@ -61,7 +119,9 @@ pub fn attend(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttentionMask)
         AttentionMask::Causal => {
             mlx_rs::fast::scaled_dot_product_attention(q, k, v, scale, ScaledDotProductAttentionMask::Causal, None)?
         }
-        AttentionMask::Explicit(mask) => mlx_rs::fast::scaled_dot_product_attention(q, k, v, scale, mask, None)?,
+        AttentionMask::Explicit(mask) | AttentionMask::Packed { mask, .. } => {
+            mlx_rs::fast::scaled_dot_product_attention(q, k, v, scale, mask, None)?
+        }
     };
     Ok(out)
 }

@@ -8,6 +8,7 @@ use mlx_rs::{Array, Dtype};
 
 use crate::rng::SeededRng;
 
+use super::attention::Layout;
 use super::linear::ProjectionAdapter;
 use super::{Decoder, KvCache, ModelError};
 
@@ -90,7 +91,7 @@ pub fn generate(
     while generated.len() < params.max_tokens as usize {
         let window = if use_cache { &input[..] } else { &sequence[..] };
         let tokens = Array::from_slice(&window.iter().map(|&t| t as i32).collect::<Vec<_>>(), &[1, window.len() as i32]);
-        let logits = model.forward_adapted(&tokens, use_cache.then_some(&mut caches[..]), None, adapter)?;
+        let logits = model.forward_adapted(&tokens, use_cache.then_some(&mut caches[..]), Layout::ROWS, adapter)?;
         let last = logits
             .take_axis(Array::from_int(window.len() as i32 - 1), 1)?
             .as_dtype(Dtype::Float32)?;

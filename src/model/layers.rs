@@ -86,6 +86,53 @@ impl Rope {
         let base = if self.freqs.is_some() { None } else { Some(self.base) };
         Ok(mlx_rs::fast::rope(x, self.dims, self.traditional, base, self.scale, offset, self.freqs.as_ref())?)
     }
+
+    /// The same rotation with each token's own position: `x` is
+    /// `[batch, heads, len, head_dim]`, `positions` `[batch, len]` (packed
+    /// rows, where positions restart at each row). MLX's fused kernel takes
+    /// one offset per call, so this is its definition written out.
+    pub fn forward_at(&self, x: &Array, positions: &Array) -> Result<Array, ModelError> {
+        let shape = x.shape();
+        let (batch, len, head_dim) = (shape[0], shape[2], shape[3]);
+        let half = self.dims / 2;
+        let inverse_frequencies = match &self.freqs {
+            Some(freqs) => freqs.reciprocal()?,
+            None => mlx_rs::ops::arange::<_, f32>(0, half, None)?
+                .multiply(Array::from_f32(-self.base.ln() / half as f32))?
+                .exp()?,
+        };
+        let theta = positions
+            .as_dtype(Dtype::Float32)?
+            .reshape(&[batch, 1, len, 1])?
+            .multiply(Array::from_f32(self.scale))?
+            .multiply(inverse_frequencies.reshape(&[1, 1, 1, half])?)?;
+        let (cos, sin) = (theta.cos()?.as_dtype(x.dtype())?, theta.sin()?.as_dtype(x.dtype())?);
+        let rotated_part = if self.dims < head_dim {
+            mlx_rs::ops::split_at_indices(x, &[self.dims], -1)?
+        } else {
+            vec![x.clone()]
+        };
+        let rotated = &rotated_part[0];
+        let rotate = |x1: &Array, x2: &Array, cos: &Array, sin: &Array| -> Result<(Array, Array), ModelError> {
+            Ok((x1.multiply(cos)?.subtract(x2.multiply(sin)?)?, x1.multiply(sin)?.add(x2.multiply(cos)?)?))
+        };
+        let out = if self.traditional {
+            // Interleaved pairs (x0, x1), (x2, x3), …
+            let pairs = rotated.reshape(&[batch, shape[1], len, half, 2])?.split_equal(2, -1)?;
+            let (cos, sin) = (cos.expand_dims(-1)?, sin.expand_dims(-1)?);
+            let (a, b) = rotate(&pairs[0], &pairs[1], &cos, &sin)?;
+            mlx_rs::ops::concatenate(&[a, b], -1)?.reshape(&[batch, shape[1], len, self.dims])?
+        } else {
+            // Halves: the first half pairs with the second.
+            let halves = rotated.split_equal(2, -1)?;
+            let (a, b) = rotate(&halves[0], &halves[1], &cos, &sin)?;
+            mlx_rs::ops::concatenate(&[a, b], -1)?
+        };
+        Ok(match rotated_part.get(1) {
+            Some(rest) => mlx_rs::ops::concatenate(&[&out, rest], -1)?,
+            None => out,
+        })
+    }
 }
 
 /// Llama 3's frequency-dependent RoPE scaling (as in mlx-lm's Llama3RoPE):
@@ -155,5 +202,41 @@ impl Embedding {
 
     pub fn store(&self, name: &str, out: &mut WeightMap) {
         self.table.store(name, out);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `forward_at` with positions `offset, offset + 1, …` is MLX's fused
+    /// RoPE at `offset`, in every layout the models use.
+    #[test]
+    fn rope_at_positions_equals_the_fused_kernel() {
+        let (batch, heads, len, head_dim) = (2, 3, 5, 16);
+        let x = mlx_rs::random::normal::<f32>(&[batch, heads, len, head_dim], None, None, &mlx_rs::random::key(7).unwrap()).unwrap();
+        let scaling = RopeScaling {
+            rope_type: "llama3".into(),
+            factor: 8.0,
+            low_freq_factor: Some(1.0),
+            high_freq_factor: Some(4.0),
+            original_max_position_embeddings: Some(64.0),
+        };
+        let ropes = [
+            Rope::new(head_dim, false, 10_000.0, None).unwrap(),
+            Rope::new(head_dim, true, 10_000.0, None).unwrap(),
+            Rope::new(8, false, 500.0, None).unwrap(),
+            Rope::new(8, true, 500.0, None).unwrap(),
+            Rope::new(head_dim, false, 10_000.0, Some(&scaling)).unwrap(),
+        ];
+        let offset = 11;
+        let positions: Vec<i32> = (0..batch).flat_map(|_| offset..offset + len).collect();
+        let positions = Array::from_slice(&positions, &[batch, len]);
+        for rope in &ropes {
+            let fused = rope.forward(&x, offset).unwrap();
+            let written_out = rope.forward_at(&x, &positions).unwrap();
+            let diff = fused.subtract(&written_out).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+            assert!(diff < 1e-4, "dims {} traditional {}: differs by {diff}", rope.dims, rope.traditional);
+        }
     }
 }

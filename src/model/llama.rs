@@ -76,9 +76,13 @@ impl Attention {
         let q = heads(&self.q_proj, self.n_heads, self.q_norm.as_ref())?;
         let k = heads(&self.k_proj, self.n_kv_heads, self.k_norm.as_ref())?;
         let v = heads(&self.v_proj, self.n_kv_heads, None)?;
-        let offset = cache.as_ref().map_or(0, |c| c.offset());
-        let q = self.rope.forward(&q, offset)?;
-        let k = self.rope.forward(&k, offset)?;
+        let (q, k) = match mask {
+            AttentionMask::Packed { positions, .. } => (self.rope.forward_at(&q, positions)?, self.rope.forward_at(&k, positions)?),
+            _ => {
+                let offset = cache.as_ref().map_or(0, |c| c.offset());
+                (self.rope.forward(&q, offset)?, self.rope.forward(&k, offset)?)
+            }
+        };
         let (k, v) = match cache {
             Some(cache) => cache.update(k, v)?,
             None => (k, v),

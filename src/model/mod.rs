@@ -70,7 +70,7 @@ pub trait CausalLm {
         &self,
         tokens: &Array,
         caches: Option<&mut [KvCache]>,
-        key_padding: Option<&Array>,
+        layout: attention::Layout<'_>,
         adapter: Option<&dyn linear::ProjectionAdapter>,
     ) -> Result<Array, ModelError>;
     fn embed_tokens(&self) -> &layers::Embedding;
@@ -129,7 +129,7 @@ impl Decoder {
 
     /// Logits `[batch, len, vocab]` for `tokens` `[batch, len]` (int32).
     pub fn forward(&self, tokens: &Array, caches: Option<&mut [KvCache]>, key_padding: Option<&Array>) -> Result<Array, ModelError> {
-        self.forward_adapted(tokens, caches, key_padding, None)
+        self.forward_adapted(tokens, caches, attention::Layout::Rows { key_padding }, None)
     }
 
     /// `forward` with `adapter` (LoRA, DoRA) applied to the projections.
@@ -137,7 +137,7 @@ impl Decoder {
         &self,
         tokens: &Array,
         caches: Option<&mut [KvCache]>,
-        key_padding: Option<&Array>,
+        layout: attention::Layout<'_>,
         adapter: Option<&dyn linear::ProjectionAdapter>,
     ) -> Result<Array, ModelError> {
         if tokens.ndim() != 2 {
@@ -148,7 +148,7 @@ impl Decoder {
         {
             return Err(ModelError::BadInput(format!("{} caches for {} layers", caches.len(), self.num_layers())));
         }
-        self.model().forward(tokens, caches, key_padding, adapter)
+        self.model().forward(tokens, caches, layout, adapter)
     }
 
     /// Every projection with its mlx-lm module path, the output head last.

@@ -6,7 +6,7 @@ use std::fmt::Debug;
 
 use mlx_rs::Array;
 
-use super::attention::AttentionMask;
+use super::attention::{AttentionMask, Layout};
 use super::kv_cache::KvCache;
 use super::layers::{Embedding, RmsNorm};
 use super::linear::{Linear, ProjectionAdapter};
@@ -49,15 +49,23 @@ impl<B: Block> CausalLm for Transformer<B> {
         &self,
         tokens: &Array,
         mut caches: Option<&mut [KvCache]>,
-        key_padding: Option<&Array>,
+        layout: Layout<'_>,
         adapter: Option<&dyn ProjectionAdapter>,
     ) -> Result<Array, ModelError> {
         let len = tokens.shape()[1];
         let offset = caches.as_deref().and_then(|c| c.first()).map_or(0, KvCache::offset);
-        let global_mask = AttentionMask::build(len, offset, None, key_padding)?;
-        let local_mask = match self.layers.iter().find_map(Block::window) {
-            Some(window) => Some(AttentionMask::build(len, offset, Some(window), key_padding)?),
-            None => None,
+        let window = self.layers.iter().find_map(Block::window);
+        let (global_mask, local_mask) = match layout {
+            Layout::Rows { key_padding } => (
+                AttentionMask::build(len, offset, None, key_padding)?,
+                window.map(|w| AttentionMask::build(len, offset, Some(w), key_padding)).transpose()?,
+            ),
+            Layout::Packed(rows) => {
+                if caches.is_some() {
+                    return Err(ModelError::BadInput("packed rows cannot use a KV cache".into()));
+                }
+                (AttentionMask::packed(rows, None)?, window.map(|w| AttentionMask::packed(rows, Some(w))).transpose()?)
+            }
         };
         let mut h = self.embed_tokens.forward(tokens)?;
         if self.embed_scale != 1.0 {

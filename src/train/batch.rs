@@ -5,6 +5,7 @@
 use mlx_rs::Array;
 
 use super::TrainError;
+use crate::model::attention::PackedRows;
 use crate::data::{Row, Sample};
 use crate::model::chat::ChatMessage;
 use crate::model::Tokenizer;
@@ -63,45 +64,98 @@ pub fn encode(tokenizer: &Tokenizer, row: &Row, max_len: usize) -> Result<Encode
 /// Padded inputs and the loss mask of a batch.
 #[derive(Debug, Clone)]
 pub struct Batch {
-    /// `[batch, len]` int32, padded with 0.
+    /// `[lines, len]` int32, padded with 0.
     pub tokens: Array,
-    /// `[batch, len - 1]` float32: 1 where target `t + 1` counts in the loss.
+    /// `[lines, len - 1]` float32: 1 where target `t + 1` counts in the loss.
     pub loss_mask: Array,
+    /// For packed rows, where each input token (the first `len - 1`) sits.
+    pub packing: Option<PackedRows>,
     /// Number of target tokens that count.
     pub target_tokens: usize,
     /// Real (non-padding) tokens in the batch.
     pub real_tokens: usize,
 }
 
-pub fn make_batch(examples: &[&Encoded], mask_prompt: bool) -> Result<Batch, TrainError> {
-    let len = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+/// The batch of `examples`: one row per line, padded to the longest, or
+/// with `pack`, rows placed one after another (first fit, in order) into as
+/// few lines as fit the longest row. Packed lines are never longer, nor more
+/// numerous, than padded ones: packing only removes padding (and attention
+/// over a line grows with its length squared, so longer lines would cost
+/// more than they save). The loss counts the same targets either way: a
+/// row's last token predicts nothing.
+pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool) -> Result<Batch, TrainError> {
+    let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
+    let lines = if pack {
+        first_fit(examples, longest)
+    } else {
+        (0..examples.len()).map(|i| vec![i]).collect()
+    };
+    let line_len = |line: &Vec<usize>| line.iter().map(|&i| examples[i].tokens.len()).sum::<usize>();
+    let len = lines.iter().map(line_len).max().unwrap_or(0);
     if examples.is_empty() || len < 2 {
         return Err(TrainError::Data("an empty batch".into()));
     }
-    let mut tokens = vec![0i32; examples.len() * len];
-    let mut mask = vec![0f32; examples.len() * (len - 1)];
+    let inputs = len - 1;
+    let mut tokens = vec![0i32; lines.len() * len];
+    let mut mask = vec![0f32; lines.len() * inputs];
+    let mut segments = vec![0i32; lines.len() * inputs];
+    let mut positions = vec![0i32; lines.len() * inputs];
     let mut target_tokens = 0;
-    for (b, example) in examples.iter().enumerate() {
-        for (t, &token) in example.tokens.iter().enumerate() {
-            tokens[b * len + t] = token as i32;
+    for (b, line) in lines.iter().enumerate() {
+        let mut start = 0;
+        for &i in line {
+            let example = examples[i];
+            for (t, &token) in example.tokens.iter().enumerate() {
+                tokens[b * len + start + t] = token as i32;
+                if start + t < inputs {
+                    segments[b * inputs + start + t] = i as i32;
+                    positions[b * inputs + start + t] = t as i32;
+                }
+            }
+            // Target index t predicts token t + 1.
+            let first = if mask_prompt { example.prompt_len.max(1) } else { 1 };
+            for position in first..example.tokens.len() {
+                mask[b * inputs + start + position - 1] = 1.0;
+                target_tokens += 1;
+            }
+            start += example.tokens.len();
         }
-        // Target index t predicts token t + 1.
-        let first = if mask_prompt { example.prompt_len.max(1) } else { 1 };
-        for position in first..example.tokens.len() {
-            mask[b * (len - 1) + position - 1] = 1.0;
-            target_tokens += 1;
+        // Padding tokens are rows of one (ids no row uses).
+        for t in start..inputs {
+            segments[b * inputs + t] = -1 - t as i32;
         }
     }
     if target_tokens == 0 {
         return Err(TrainError::Data("no token in this batch is trained on (the prompts fill the whole sequence; raise train.max_seq_length)".into()));
     }
-    let batch = examples.len() as i32;
+    let shape = [lines.len() as i32, inputs as i32];
     Ok(Batch {
-        tokens: Array::from_slice(&tokens, &[batch, len as i32]),
-        loss_mask: Array::from_slice(&mask, &[batch, len as i32 - 1]),
+        tokens: Array::from_slice(&tokens, &[lines.len() as i32, len as i32]),
+        loss_mask: Array::from_slice(&mask, &shape),
+        packing: pack.then(|| PackedRows {
+            segments: Array::from_slice(&segments, &shape),
+            positions: Array::from_slice(&positions, &shape),
+        }),
         target_tokens,
         real_tokens: examples.iter().map(|e| e.tokens.len()).sum(),
     })
+}
+
+/// Example indices per line: each example goes to the first line it fits
+/// in (lines hold at most `capacity` tokens).
+fn first_fit(examples: &[&Encoded], capacity: usize) -> Vec<Vec<usize>> {
+    let mut lines: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, example) in examples.iter().enumerate() {
+        let n = example.tokens.len();
+        match lines.iter_mut().find(|(used, _)| used + n <= capacity) {
+            Some((used, members)) => {
+                *used += n;
+                members.push(i);
+            }
+            None => lines.push((n, vec![i])),
+        }
+    }
+    lines.into_iter().map(|(_, members)| members).collect()
 }
 
 #[cfg(test)]
@@ -112,14 +166,40 @@ mod tests {
     fn mask_prompt_excludes_prompt_positions() {
         let a = Encoded { tokens: vec![10, 11, 12, 13, 14], prompt_len: 3 };
         let b = Encoded { tokens: vec![20, 21, 22], prompt_len: 1 };
-        let masked = make_batch(&[&a, &b], true).unwrap();
+        let masked = make_batch(&[&a, &b], true, false).unwrap();
         assert_eq!(masked.tokens.shape(), &[2, 5]);
         assert_eq!(masked.loss_mask.as_slice::<f32>(), &[0., 0., 1., 1., 1., 1., 0., 0.]);
         assert_eq!(masked.target_tokens, 4);
-        let full = make_batch(&[&a, &b], false).unwrap();
+        let full = make_batch(&[&a, &b], false, false).unwrap();
         assert_eq!(full.loss_mask.as_slice::<f32>(), &[1., 1., 1., 1., 1., 1., 0., 0.]);
         assert_eq!(full.tokens.as_slice::<i32>(), &[10, 11, 12, 13, 14, 20, 21, 22, 0, 0]);
         let all_prompt = Encoded { tokens: vec![1, 2], prompt_len: 2 };
-        assert!(make_batch(&[&all_prompt], true).is_err());
+        assert!(make_batch(&[&all_prompt], true, false).is_err());
+    }
+
+    #[test]
+    fn packed_rows_keep_their_targets_and_positions() {
+        let a = Encoded { tokens: vec![10, 11, 12, 13, 14], prompt_len: 3 };
+        let b = Encoded { tokens: vec![20, 21, 22], prompt_len: 1 };
+        let c = Encoded { tokens: vec![30, 31, 32, 33, 34, 35, 36, 37], prompt_len: 6 };
+        // Lines hold 8 tokens (c, the longest): a + b fill the first, c the second.
+        let packed = make_batch(&[&a, &b, &c], true, true).unwrap();
+        assert_eq!(packed.tokens.shape(), &[2, 8]);
+        assert_eq!(packed.tokens.as_slice::<i32>(), &[10, 11, 12, 13, 14, 20, 21, 22, 30, 31, 32, 33, 34, 35, 36, 37]);
+        // Targets: a's 13, 14; b's 21, 22; c's 36, 37. No row predicts the next row's first token.
+        assert_eq!(packed.loss_mask.as_slice::<f32>(), &[0., 0., 1., 1., 0., 1., 1., 0., 0., 0., 0., 0., 1., 1.]);
+        let unpacked = make_batch(&[&a, &b, &c], true, false).unwrap();
+        assert_eq!(unpacked.tokens.shape(), &[3, 8]);
+        assert_eq!(packed.target_tokens, unpacked.target_tokens);
+        assert_eq!(packed.real_tokens, unpacked.real_tokens);
+        let rows = packed.packing.as_ref().unwrap();
+        assert_eq!(rows.segments.as_slice::<i32>(), &[0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2]);
+        assert_eq!(rows.positions.as_slice::<i32>(), &[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5, 6]);
+        // Padding is a row of one per token.
+        let padded_line = make_batch(&[&c, &a], false, true).unwrap();
+        let segments = padded_line.packing.unwrap().segments;
+        assert_eq!(&segments.as_slice::<i32>()[7..], &[1, 1, 1, 1, 1, -6, -7]);
+        assert_eq!(padded_line.tokens.shape(), &[2, 8]);
+        assert!(unpacked.packing.is_none());
     }
 }

@@ -6,6 +6,7 @@
 pub mod adapters;
 pub mod batch;
 pub mod checkpoint;
+pub mod flops;
 pub mod lora;
 pub mod metrics;
 pub mod optim;
@@ -25,6 +26,7 @@ use schedule::Schedule;
 use crate::config::{Config, TrainConfig};
 use crate::data::template::PromptTemplate;
 use crate::data::{Dataset, Row, load_dataset};
+use crate::model::attention::Layout;
 use crate::model::{Decoder, ModelError, Tokenizer};
 use crate::rng::SeededRng;
 
@@ -59,6 +61,19 @@ pub struct TrainReport {
     pub processed_tokens: u64,
     pub elapsed: Duration,
     pub last_learning_rate: f32,
+    /// Where `elapsed` went.
+    pub phases: PhaseTimes,
+}
+
+/// Time spent in each phase of the training steps.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PhaseTimes {
+    /// Choosing rows, tokenizing (first use only) and building batches.
+    pub data: Duration,
+    /// The forward and backward passes (loss and gradients, evaluated).
+    pub forward_backward: Duration,
+    /// Summing accumulated gradients and the optimizer update, evaluated.
+    pub optimizer: Duration,
 }
 
 /// Loss on a set of rows.
@@ -97,17 +112,26 @@ pub trait LocalTrainer {
 
 /// Mean cross-entropy of the batch's counted targets.
 pub fn batch_loss(decoder: &Decoder, adapter: &LoraApplier<'_>, batch: &Batch) -> Result<Array, ModelError> {
+    Ok(token_losses(decoder, adapter, batch)?.sum(None)?.divide(Array::from_f32(batch.target_tokens as f32))?)
+}
+
+/// Cross-entropy of each target, `[lines, len - 1]`, zero where the loss
+/// mask leaves a target out.
+pub fn token_losses(decoder: &Decoder, adapter: &LoraApplier<'_>, batch: &Batch) -> Result<Array, ModelError> {
     let len = batch.tokens.shape()[1];
     let positions = |from: i32, to: i32| mlx_rs::ops::arange::<_, i32>(from, to, None);
     let inputs = batch.tokens.take_axis(positions(0, len - 1)?, 1)?;
     let targets = batch.tokens.take_axis(positions(1, len)?, 1)?;
+    let layout = match &batch.packing {
+        Some(rows) => Layout::Packed(rows),
+        None => Layout::ROWS,
+    };
     let logits = decoder
-        .forward_adapted(&inputs, None, None, Some(adapter))?
+        .forward_adapted(&inputs, None, layout, Some(adapter))?
         .as_dtype(mlx_rs::Dtype::Float32)?;
     let log_norm = logits.logsumexp_axis(-1, None)?;
     let picked = logits.take_along_axis(targets.expand_dims(-1)?, -1)?.squeeze_axes(&[-1])?;
-    let per_token = log_norm.subtract(&picked)?.multiply(&batch.loss_mask)?;
-    Ok(per_token.sum(None)?.divide(Array::from_f32(batch.target_tokens as f32))?)
+    Ok(log_norm.subtract(&picked)?.multiply(&batch.loss_mask)?)
 }
 
 /// The MLX trainer: a frozen decoder, its tokenizer, and the adapter with
@@ -173,7 +197,27 @@ impl MlxTrainer {
         for row in rows {
             encoded.push(self.encoded(row)?.clone());
         }
-        make_batch(&encoded.iter().collect::<Vec<_>>(), self.config.mask_prompt)
+        make_batch(&encoded.iter().collect::<Vec<_>>(), self.config.mask_prompt, self.config.pack)
+    }
+
+    /// The time of the forward pass alone (loss evaluated, no gradients) on
+    /// the micro-batches `micros` of `rows`: what `bench train --profile`
+    /// subtracts from the forward and backward passes to split them.
+    pub fn time_forward(&mut self, rows: &[Row], micros: std::ops::Range<u64>) -> Result<Duration, TrainError> {
+        let mut total = Duration::ZERO;
+        for micro in micros {
+            let batch_rows = self.batch_rows(rows, micro);
+            let batch = self.make_batch(&batch_rows)?;
+            let started = Instant::now();
+            let applier = LoraApplier {
+                params: &self.params,
+                settings: &self.settings,
+                dropout: None,
+            };
+            batch_loss(&self.decoder, &applier, &batch)?.eval()?;
+            total += started.elapsed();
+        }
+        Ok(total)
     }
 
     /// Loss and gradients of one micro-batch.
@@ -226,9 +270,14 @@ impl LocalTrainer for MlxTrainer {
             let mut summed: Option<HashMap<Rc<str>, Array>> = None;
             for k in 0..accumulation {
                 let micro = step * accumulation + k;
+                let phase = Instant::now();
                 let batch_rows = self.batch_rows(rows, micro);
                 let batch = self.make_batch(&batch_rows)?;
+                report.phases.data += phase.elapsed();
+                let phase = Instant::now();
                 let (loss, grads) = self.loss_and_grads(&batch, micro)?;
+                report.phases.forward_backward += phase.elapsed();
+                let phase = Instant::now();
                 if !loss.is_finite() {
                     return Err(TrainError::Data(format!("the loss became {loss} at step {step}; lower train.learning_rate")));
                 }
@@ -249,7 +298,9 @@ impl LocalTrainer for MlxTrainer {
                         total
                     }
                 });
+                report.phases.optimizer += phase.elapsed();
             }
+            let phase = Instant::now();
             let mut grads = summed.unwrap_or_default();
             if accumulation > 1 {
                 let scale = Array::from_f32(1.0 / accumulation as f32);
@@ -260,6 +311,7 @@ impl LocalTrainer for MlxTrainer {
             let learning_rate = self.schedule.learning_rate(step);
             self.optimizer.step(&mut self.params, &grads, learning_rate)?;
             mlx_rs::transforms::eval(self.params.values().chain(self.optimizer.state.values()))?;
+            report.phases.optimizer += phase.elapsed();
             report.last_learning_rate = learning_rate;
             report.steps += 1;
         }
