@@ -6,7 +6,15 @@
 #
 #   MLX_LM_PYTHON=.venv-mlx/bin/python bash bench/compare_mlx_lm.sh [STEPS]
 #
-# Needs Python mlx-lm 0.32.2 ("pip install mlx-lm==0.32.2 'mlx[cpu]==0.32.2'").
+# Needs Python mlx-lm 0.32.2 ("pip install mlx-lm==0.32.2 'mlx[cpu]==0.32.2'";
+# `PYTHONPATH=.deps/python python3` has it after `scripts/setup.sh --tests`).
+#
+# Cases: 512-token text rows (LoRA, DoRA); short prompt/completion rows like
+# the built-in task's (about 40 tokens) at batch 1 and 8; rows of mixed
+# length (25 to 250 tokens) at batch 8, where padding costs the most. Ours
+# runs padded and, where a batch has several rows, packed (train.pack).
+# Each line prints real (non-padding) tokens/s of both, their ratio, and the
+# share of the matmul limit ours reached (`bench train`'s "compute" line).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="${MLX_LM_PYTHON:-python3}"
@@ -19,29 +27,37 @@ BIN="${BLOSSOM_BIN:-target/debug/blossom-p2p}"
 OPENBLAS="$(ls /usr/lib/*-linux-gnu/openblas-pthread/libopenblas.so.0 2>/dev/null | head -n1 || true)"
 WORK="$(mktemp -d)"
 trap 'rm -rf "$WORK"' EXIT
-set +o pipefail  # a missing figure is reported below, not fatal
 
-# The same settings on both sides: LoRA, 16 layers, rank 8, every projection,
-# batch 1, sequences of 512 tokens, no dropout.
-RANK=8; LAYERS=16; SCALE=20.0; SEQ=512
+# The same settings on both sides: 16 layers, rank 8, every projection, no dropout.
+RANK=8; LAYERS=16; SCALE=20.0
 "$BIN" -q export --dequantize --out "$WORK/model" >/dev/null
-mkdir -p "$WORK/data"
-"$PY" - "$WORK/data" <<'PYEOF'
-import json, sys
+"$PY" - "$WORK" <<'PYEOF'
+import json, random, sys
+work = sys.argv[1]
 text = "The river carried the small boat past fields of wheat and old stone houses, while the sun rose over the hills. "
-for split, n in (("train", 64), ("valid", 4)):
-    with open(f"{sys.argv[1]}/{split}.jsonl", "w") as f:
-        for i in range(n):
-            f.write(json.dumps({"text": f"{i}. " + text * 30}) + "\n")
+words = ["apple", "river", "stone", "cloud", "tiger", "paper", "green", "music", "house", "bread", "light", "chair"]
+rng = random.Random(0)
+def write(name, rows):
+    import os
+    os.makedirs(f"{work}/{name}", exist_ok=True)
+    for split, part in (("train", rows[4:]), ("valid", rows[:4])):
+        with open(f"{work}/{name}/{split}.jsonl", "w") as f:
+            for row in part:
+                f.write(json.dumps(row) + "\n")
+# Long rows, truncated to 512 tokens.
+write("long", [{"text": f"{i}. " + text * 30} for i in range(68)])
+# Short rows shaped like the built-in task's: reverse three to eight words.
+def short(i):
+    picked = rng.sample(words, rng.randint(3, 8))
+    return {"prompt": "Reverse the order of these words: " + " ".join(picked), "completion": " ".join(reversed(picked))}
+write("short", [short(i) for i in range(260)])
+# Mixed lengths: 1 to 10 copies of the sentence (about 25 to 250 tokens).
+write("mixed", [{"text": f"{i}. " + text * rng.randint(1, 10)} for i in range(132)])
 PYEOF
-cat > "$WORK/lora.yaml" <<YAML
-lora_parameters:
-  rank: $RANK
-  scale: $SCALE
-  dropout: 0.0
-YAML
+for type in lora dora; do
+  printf 'lora_parameters:\n  rank: %s\n  scale: %s\n  dropout: 0.0\n' "$RANK" "$SCALE" > "$WORK/$type.yaml"
+done
 
-echo "== mlx_lm lora ($STEPS steps after $STEPS warm-up) =="
 # mlx_lm's own CLI, with its report callback swapped for one that prints the
 # figures as JSON (tokens_per_second, peak_memory in GB).
 cat > "$WORK/run_mlx_lm.py" <<'PYEOF'
@@ -57,25 +73,50 @@ lora.get_reporting_callbacks = lambda *args, **kwargs: Report()
 sys.argv = ["mlx_lm.lora"] + sys.argv[1:]
 lora.main()
 PYEOF
-LD_PRELOAD="$OPENBLAS" "$PY" "$WORK/run_mlx_lm.py" --model "$WORK/model" --train --data "$WORK/data" \
-  --fine-tune-type lora --num-layers $LAYERS --batch-size 1 --max-seq-length $SEQ \
-  --iters $((2 * STEPS)) --steps-per-report $STEPS --steps-per-eval 100000 --val-batches 1 \
-  --adapter-path "$WORK/mlx-adapters" -c "$WORK/lora.yaml" > "$WORK/mlx.log" 2>&1 || { tail -5 "$WORK/mlx.log"; exit 1; }
-REPORT=$(grep "^REPORT " "$WORK/mlx.log" | tail -n1 | cut -d' ' -f2-)
-echo "$REPORT"
-THEIRS=$("$PY" -c "import json,sys; print(json.loads(sys.argv[1])['tokens_per_second'])" "$REPORT")
-THEIR_MEM=$("$PY" -c "import json,sys; print(json.loads(sys.argv[1])['peak_memory'])" "$REPORT")
 
-echo "== blossom-p2p bench train =="
-"$BIN" -q --set lora.fine_tune_type=lora --set lora.num_layers=$LAYERS --set lora.rank=$RANK \
-  --set lora.scale=$SCALE --set lora.dropout=0 --set train.batch_size=1 --set train.max_seq_length=$SEQ \
-  bench train --model "$WORK/model" --data "$WORK/data" --steps "$STEPS" --quant keep | tee "$WORK/ours.log"
-OURS=$(grep -oE "^train tok/s: [0-9.]+" "$WORK/ours.log" | awk '{print $3}')
-OUR_MEM=$(grep -oE "^peak memory: [0-9.]+" "$WORK/ours.log" | awk '{print $3}')
+# mlx_lm DATA TYPE BATCH SEQ: prints "tokens/s peak_GB" of the second STEPS steps.
+mlx_lm() {
+  local log="$WORK/mlx-$1-$2-$3.log"
+  LD_PRELOAD="$OPENBLAS" "$PY" "$WORK/run_mlx_lm.py" --model "$WORK/model" --train --data "$WORK/$1" \
+    --fine-tune-type "$2" --num-layers $LAYERS --batch-size "$3" --max-seq-length "$4" \
+    --iters $((2 * STEPS)) --steps-per-report "$STEPS" --steps-per-eval 100000 --val-batches 1 \
+    --adapter-path "$WORK/mlx-adapters" -c "$WORK/$2.yaml" > "$log" 2>&1 || { tail -5 "$log" >&2; echo "? ?"; return; }
+  grep "^REPORT " "$log" | tail -n1 | cut -d' ' -f2- \
+    | "$PY" -c "import json,sys; r=json.load(sys.stdin); print(r['tokens_per_second'], r['peak_memory'])"
+}
 
-echo "== comparison =="
-echo "mlx_lm lora: ${THEIRS:-?} tokens/s, peak ${THEIR_MEM:-?} GB"
-echo "blossom-p2p: ${OURS:-?} tokens/s, peak ${OUR_MEM:-?} MB"
-if [ -n "${THEIRS:-}" ] && [ -n "${OURS:-}" ]; then
-  "$PY" -c "print(f'ratio (ours / mlx_lm): {float(\"$OURS\") / float(\"$THEIRS\"):.2f}x tokens/s, {float(\"$OUR_MEM\") / 1000 / float(\"$THEIR_MEM\"):.2f}x peak memory')"
-fi
+# ours DATA TYPE BATCH SEQ PACK: prints "tokens/s peak_MB compute_share".
+ours() {
+  local log="$WORK/ours-$1-$2-$3-$5.log"
+  "$BIN" -q --set lora.fine_tune_type="$2" --set lora.num_layers=$LAYERS --set lora.rank=$RANK \
+    --set lora.scale=$SCALE --set lora.dropout=0 --set train.batch_size="$3" --set train.max_seq_length="$4" \
+    --set train.pack="$5" bench train --model "$WORK/model" --data "$WORK/$1" --steps "$STEPS" --quant keep > "$log" 2>&1 \
+    || { tail -5 "$log" >&2; echo "? ? ?"; return; }
+  echo "$(grep -oE "^train tok/s: [0-9.]+" "$log" | awk '{print $3}') \
+$(grep -oE "^peak memory: [0-9.]+" "$log" | awk '{print $3}') \
+$(grep -oE "[0-9]+% of the" "$log" | awk '{print $1}')"
+}
+
+ratio() { "$PY" -c "import sys; a, b = sys.argv[1:]; print(f'{float(a) / float(b):.2f}x' if '?' not in a + b else '?')" "$1" "$2"; }
+
+echo "| rows | method | batch | mlx_lm tok/s | ours padded tok/s | ratio | ours packed tok/s | ratio | ours' share of the matmul limit | peak memory ours / mlx_lm |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+case_line() {  # DATA TYPE BATCH SEQ LABEL
+  read -r theirs their_gb < <(mlx_lm "$1" "$2" "$3" "$4")
+  read -r padded padded_mb share < <(ours "$1" "$2" "$3" "$4" false)
+  local packed="-" packed_ratio="-"
+  if [ "$3" -gt 1 ]; then
+    read -r packed _ packed_share < <(ours "$1" "$2" "$3" "$4" true)
+    packed_ratio=$(ratio "$packed" "$theirs"); share="$share (packed $packed_share)"
+  fi
+  local memory="?"
+  [ "$padded_mb" != "?" ] && [ "$their_gb" != "?" ] && memory=$("$PY" -c "print(f'{$padded_mb / 1000 / $their_gb:.2f}x')")
+  echo "| $5 | $2 | $3 | $theirs | $padded | $(ratio "$padded" "$theirs") | $packed | $packed_ratio | $share | $memory |"
+}
+case_line long lora 1 512 "512 tokens"
+case_line long dora 1 512 "512 tokens"
+case_line short lora 1 512 "short (~40 tokens)"
+case_line short dora 1 512 "short (~40 tokens)"
+case_line short lora 8 512 "short (~40 tokens)"
+case_line mixed lora 8 512 "mixed (25-250 tokens)"
+echo "($STEPS timed steps each; share of the matmul limit: tokens/s x FLOPs a token over a 1024^3 float32 matmul's rate, measured in the same run)"

@@ -166,7 +166,8 @@ fn packed_rows_have_the_losses_they_have_alone() {
     let lines = packed.tokens.shape()[0];
     assert!((2..=5).contains(&lines), "9 rows packed into {lines} lines");
     let losses = token_losses(&trainer.decoder, &applier, &packed).unwrap();
-    let segments = packed.packing.as_ref().unwrap().segments.clone();
+    // The row of each counted target.
+    let segments = packed.packing.as_ref().unwrap().segments.flatten(None, None).unwrap().take_axis(&packed.target_positions, 0).unwrap();
     for (i, example) in encoded.iter().enumerate() {
         let in_row = segments.eq(Array::from_int(i as i32)).unwrap().as_dtype(mlx_rs::Dtype::Float32).unwrap();
         let packed_loss = losses.multiply(&in_row).unwrap().sum(None).unwrap().try_item_cast::<f32>().unwrap();
@@ -182,6 +183,36 @@ fn packed_rows_have_the_losses_they_have_alone() {
         batch_loss(&trainer.decoder, &applier, &padded).unwrap().try_item_cast::<f32>().unwrap(),
     );
     assert!((a - b).abs() < 1e-4, "packed {a}, padded {b}");
+}
+
+/// The loss computes the output head only at counted targets; it equals
+/// the loss over full logits (every position, then masked), as before.
+#[test]
+fn the_loss_at_counted_targets_equals_the_loss_over_full_logits() {
+    let data = builtin();
+    let config = config(false);
+    let mut trainer = trainer(&config, 2);
+    trainer.train_steps(&data.train, 2, 0).unwrap();
+    let applier = LoraApplier {
+        params: &trainer.params,
+        settings: &trainer.settings,
+        dropout: None,
+    };
+    let encoded: Vec<_> = data.train[..3].iter().map(|row| encode(&trainer.tokenizer, row, 512).unwrap()).collect();
+    let batch = make_batch(&encoded.iter().collect::<Vec<_>>(), true, false).unwrap();
+    let len = batch.tokens.shape()[1];
+    let inputs = batch.tokens.take_axis(mlx_rs::ops::arange::<_, i32>(0, len - 1, None).unwrap(), 1).unwrap();
+    let logits = trainer.decoder.forward_adapted(&inputs, None, Layout::ROWS, Some(&applier)).unwrap();
+    let vocab = logits.shape()[2];
+    let flat = logits.reshape(&[-1, vocab]).unwrap().take_axis(&batch.target_positions, 0).unwrap();
+    let picked = flat.take_along_axis(batch.target_ids.expand_dims(-1).unwrap(), -1).unwrap().squeeze_axes(&[-1]).unwrap();
+    let full = flat.logsumexp_axis(-1, None).unwrap().subtract(&picked).unwrap().mean(None).unwrap().try_item_cast::<f32>().unwrap();
+    let counted = batch_loss(&trainer.decoder, &applier, &batch).unwrap().try_item_cast::<f32>().unwrap();
+    assert!(full > 0.1 && (full - counted).abs() < 1e-5, "full logits {full}, counted targets {counted}");
+    // The counted targets are the completion tokens, none of the prompt's.
+    let prompt_targets: usize = encoded.iter().map(|e| e.prompt_len - 1).sum();
+    let all_targets: usize = encoded.iter().map(|e| e.tokens.len() - 1).sum();
+    assert_eq!(batch.target_tokens, all_targets - prompt_targets);
 }
 
 #[test]

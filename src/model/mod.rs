@@ -65,14 +65,17 @@ pub enum ModelError {
 /// the list of projections for LoRA) is built on it once, in `Decoder`.
 pub trait CausalLm {
     fn args(&self) -> &ModelArgs;
-    /// Logits `[batch, len, vocab]` for `tokens` `[batch, len]`.
-    fn forward(
+    /// The final (normalized) hidden states `[batch, len, hidden]` for
+    /// `tokens` `[batch, len]`.
+    fn hidden(
         &self,
         tokens: &Array,
         caches: Option<&mut [KvCache]>,
         layout: attention::Layout<'_>,
         adapter: Option<&dyn linear::ProjectionAdapter>,
     ) -> Result<Array, ModelError>;
+    /// Logits `[…, vocab]` of hidden states `[…, hidden]`.
+    fn head(&self, h: &Array, adapter: Option<&dyn linear::ProjectionAdapter>) -> Result<Array, ModelError>;
     fn embed_tokens(&self) -> &layers::Embedding;
     fn embed_tokens_mut(&mut self) -> &mut layers::Embedding;
     /// The attention and MLP of each block, in order.
@@ -140,6 +143,19 @@ impl Decoder {
         layout: attention::Layout<'_>,
         adapter: Option<&dyn linear::ProjectionAdapter>,
     ) -> Result<Array, ModelError> {
+        let h = self.hidden_states(tokens, caches, layout, adapter)?;
+        self.logits(&h, adapter)
+    }
+
+    /// The final hidden states `[batch, len, hidden]`, before the output
+    /// head: the trainer takes the head only where a target counts.
+    pub fn hidden_states(
+        &self,
+        tokens: &Array,
+        caches: Option<&mut [KvCache]>,
+        layout: attention::Layout<'_>,
+        adapter: Option<&dyn linear::ProjectionAdapter>,
+    ) -> Result<Array, ModelError> {
         if tokens.ndim() != 2 {
             return Err(ModelError::BadInput(format!("tokens must be [batch, len], got {:?}", tokens.shape())));
         }
@@ -148,7 +164,12 @@ impl Decoder {
         {
             return Err(ModelError::BadInput(format!("{} caches for {} layers", caches.len(), self.num_layers())));
         }
-        self.model().forward(tokens, caches, layout, adapter)
+        self.model().hidden(tokens, caches, layout, adapter)
+    }
+
+    /// Logits `[…, vocab]` of final hidden states `[…, hidden]`.
+    pub fn logits(&self, h: &Array, adapter: Option<&dyn linear::ProjectionAdapter>) -> Result<Array, ModelError> {
+        self.model().head(h, adapter)
     }
 
     /// Every projection with its mlx-lm module path, the output head last.

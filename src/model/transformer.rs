@@ -45,7 +45,7 @@ impl<B: Block> CausalLm for Transformer<B> {
         &self.args
     }
 
-    fn forward(
+    fn hidden(
         &self,
         tokens: &Array,
         mut caches: Option<&mut [KvCache]>,
@@ -79,10 +79,13 @@ impl<B: Block> CausalLm for Transformer<B> {
             };
             h = layer.forward(&h, mask, cache, adapter)?;
         }
-        let h = self.norm.forward(&h)?;
+        self.norm.forward(&h)
+    }
+
+    fn head(&self, h: &Array, adapter: Option<&dyn ProjectionAdapter>) -> Result<Array, ModelError> {
         match &self.lm_head {
-            Some(head) => head.forward_adapted(&h, adapter),
-            None => self.embed_tokens.as_linear(&h),
+            Some(head) => head.forward_adapted(h, adapter),
+            None => self.embed_tokens.as_linear(h),
         }
     }
 

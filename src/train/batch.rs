@@ -1,6 +1,6 @@
 //! From rows to token batches: rows are rendered (chat template, prompt
 //! template or plain text), tokenized, truncated, and padded into batches
-//! with a mask that says which positions the loss counts.
+//! with the positions whose targets the loss counts.
 
 use mlx_rs::Array;
 
@@ -66,8 +66,11 @@ pub fn encode(tokenizer: &Tokenizer, row: &Row, max_len: usize) -> Result<Encode
 pub struct Batch {
     /// `[lines, len]` int32, padded with 0.
     pub tokens: Array,
-    /// `[lines, len - 1]` float32: 1 where target `t + 1` counts in the loss.
-    pub loss_mask: Array,
+    /// `[targets]` int32: where each counted target sits among the inputs
+    /// (flat index `line * (len - 1) + t`: input `t` predicts token `t + 1`).
+    pub target_positions: Array,
+    /// `[targets]` int32: the token each counted target predicts.
+    pub target_ids: Array,
     /// For packed rows, where each input token (the first `len - 1`) sits.
     pub packing: Option<PackedRows>,
     /// Number of target tokens that count.
@@ -97,10 +100,10 @@ pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool) -> Resul
     }
     let inputs = len - 1;
     let mut tokens = vec![0i32; lines.len() * len];
-    let mut mask = vec![0f32; lines.len() * inputs];
+    let mut target_positions = Vec::new();
+    let mut target_ids = Vec::new();
     let mut segments = vec![0i32; lines.len() * inputs];
     let mut positions = vec![0i32; lines.len() * inputs];
-    let mut target_tokens = 0;
     for (b, line) in lines.iter().enumerate() {
         let mut start = 0;
         for &i in line {
@@ -115,8 +118,8 @@ pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool) -> Resul
             // Target index t predicts token t + 1.
             let first = if mask_prompt { example.prompt_len.max(1) } else { 1 };
             for position in first..example.tokens.len() {
-                mask[b * inputs + start + position - 1] = 1.0;
-                target_tokens += 1;
+                target_positions.push((b * inputs + start + position - 1) as i32);
+                target_ids.push(example.tokens[position] as i32);
             }
             start += example.tokens.len();
         }
@@ -125,13 +128,15 @@ pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool) -> Resul
             segments[b * inputs + t] = -1 - t as i32;
         }
     }
+    let target_tokens = target_positions.len();
     if target_tokens == 0 {
         return Err(TrainError::Data("no token in this batch is trained on (the prompts fill the whole sequence; raise train.max_seq_length)".into()));
     }
     let shape = [lines.len() as i32, inputs as i32];
     Ok(Batch {
         tokens: Array::from_slice(&tokens, &[lines.len() as i32, len as i32]),
-        loss_mask: Array::from_slice(&mask, &shape),
+        target_positions: Array::from_slice(&target_positions, &[target_tokens as i32]),
+        target_ids: Array::from_slice(&target_ids, &[target_tokens as i32]),
         packing: pack.then(|| PackedRows {
             segments: Array::from_slice(&segments, &shape),
             positions: Array::from_slice(&positions, &shape),
@@ -168,10 +173,11 @@ mod tests {
         let b = Encoded { tokens: vec![20, 21, 22], prompt_len: 1 };
         let masked = make_batch(&[&a, &b], true, false).unwrap();
         assert_eq!(masked.tokens.shape(), &[2, 5]);
-        assert_eq!(masked.loss_mask.as_slice::<f32>(), &[0., 0., 1., 1., 1., 1., 0., 0.]);
+        assert_eq!(masked.target_positions.as_slice::<i32>(), &[2, 3, 4, 5]);
+        assert_eq!(masked.target_ids.as_slice::<i32>(), &[13, 14, 21, 22]);
         assert_eq!(masked.target_tokens, 4);
         let full = make_batch(&[&a, &b], false, false).unwrap();
-        assert_eq!(full.loss_mask.as_slice::<f32>(), &[1., 1., 1., 1., 1., 1., 0., 0.]);
+        assert_eq!(full.target_positions.as_slice::<i32>(), &[0, 1, 2, 3, 4, 5]);
         assert_eq!(full.tokens.as_slice::<i32>(), &[10, 11, 12, 13, 14, 20, 21, 22, 0, 0]);
         let all_prompt = Encoded { tokens: vec![1, 2], prompt_len: 2 };
         assert!(make_batch(&[&all_prompt], true, false).is_err());
@@ -187,7 +193,8 @@ mod tests {
         assert_eq!(packed.tokens.shape(), &[2, 8]);
         assert_eq!(packed.tokens.as_slice::<i32>(), &[10, 11, 12, 13, 14, 20, 21, 22, 30, 31, 32, 33, 34, 35, 36, 37]);
         // Targets: a's 13, 14; b's 21, 22; c's 36, 37. No row predicts the next row's first token.
-        assert_eq!(packed.loss_mask.as_slice::<f32>(), &[0., 0., 1., 1., 0., 1., 1., 0., 0., 0., 0., 0., 1., 1.]);
+        assert_eq!(packed.target_positions.as_slice::<i32>(), &[2, 3, 5, 6, 12, 13]);
+        assert_eq!(packed.target_ids.as_slice::<i32>(), &[13, 14, 21, 22, 36, 37]);
         let unpacked = make_batch(&[&a, &b, &c], true, false).unwrap();
         assert_eq!(unpacked.tokens.shape(), &[3, 8]);
         assert_eq!(packed.target_tokens, unpacked.target_tokens);

@@ -112,26 +112,27 @@ pub trait LocalTrainer {
 
 /// Mean cross-entropy of the batch's counted targets.
 pub fn batch_loss(decoder: &Decoder, adapter: &LoraApplier<'_>, batch: &Batch) -> Result<Array, ModelError> {
-    Ok(token_losses(decoder, adapter, batch)?.sum(None)?.divide(Array::from_f32(batch.target_tokens as f32))?)
+    Ok(token_losses(decoder, adapter, batch)?.mean(None)?)
 }
 
-/// Cross-entropy of each target, `[lines, len - 1]`, zero where the loss
-/// mask leaves a target out.
+/// Cross-entropy of each counted target, `[targets]`, in the order of
+/// `batch.target_positions`. The output head (a vocabulary-wide matmul,
+/// the largest single one) runs only at those positions, not at prompt
+/// tokens the loss leaves out, nor at padding.
 pub fn token_losses(decoder: &Decoder, adapter: &LoraApplier<'_>, batch: &Batch) -> Result<Array, ModelError> {
     let len = batch.tokens.shape()[1];
-    let positions = |from: i32, to: i32| mlx_rs::ops::arange::<_, i32>(from, to, None);
-    let inputs = batch.tokens.take_axis(positions(0, len - 1)?, 1)?;
-    let targets = batch.tokens.take_axis(positions(1, len)?, 1)?;
+    let inputs = batch.tokens.take_axis(mlx_rs::ops::arange::<_, i32>(0, len - 1, None)?, 1)?;
     let layout = match &batch.packing {
         Some(rows) => Layout::Packed(rows),
         None => Layout::ROWS,
     };
-    let logits = decoder
-        .forward_adapted(&inputs, None, layout, Some(adapter))?
-        .as_dtype(mlx_rs::Dtype::Float32)?;
+    let hidden = decoder.hidden_states(&inputs, None, layout, Some(adapter))?;
+    let width = hidden.shape()[2];
+    let counted = hidden.reshape(&[-1, width])?.take_axis(&batch.target_positions, 0)?;
+    let logits = decoder.logits(&counted, Some(adapter))?.as_dtype(mlx_rs::Dtype::Float32)?;
     let log_norm = logits.logsumexp_axis(-1, None)?;
-    let picked = logits.take_along_axis(targets.expand_dims(-1)?, -1)?.squeeze_axes(&[-1])?;
-    Ok(log_norm.subtract(&picked)?.multiply(&batch.loss_mask)?)
+    let picked = logits.take_along_axis(batch.target_ids.expand_dims(-1)?, -1)?.squeeze_axes(&[-1])?;
+    Ok(log_norm.subtract(&picked)?)
 }
 
 /// The MLX trainer: a frozen decoder, its tokenizer, and the adapter with
