@@ -5,6 +5,7 @@
 # links it), the same float32 model folder, the same LoRA settings and data.
 #
 #   MLX_LM_PYTHON=.venv-mlx/bin/python bash bench/compare_mlx_lm.sh [STEPS]
+#   ONLY=" 8$" bash bench/compare_mlx_lm.sh 3     # only the cases that match
 #
 # Needs Python mlx-lm 0.32.2 ("pip install mlx-lm==0.32.2 'mlx[cpu]==0.32.2'";
 # `PYTHONPATH=.deps/python python3` has it after `scripts/setup.sh --tests`).
@@ -40,19 +41,20 @@ rng = random.Random(0)
 def write(name, rows):
     import os
     os.makedirs(f"{work}/{name}", exist_ok=True)
-    for split, part in (("train", rows[4:]), ("valid", rows[:4])):
+    # mlx_lm evaluates at least one batch, so the valid split holds 8 rows.
+    for split, part in (("train", rows[8:]), ("valid", rows[:8])):
         with open(f"{work}/{name}/{split}.jsonl", "w") as f:
             for row in part:
                 f.write(json.dumps(row) + "\n")
 # Long rows, truncated to 512 tokens.
-write("long", [{"text": f"{i}. " + text * 30} for i in range(68)])
+write("long", [{"text": f"{i}. " + text * 30} for i in range(72)])
 # Short rows shaped like the built-in task's: reverse three to eight words.
 def short(i):
     picked = rng.sample(words, rng.randint(3, 8))
     return {"prompt": "Reverse the order of these words: " + " ".join(picked), "completion": " ".join(reversed(picked))}
-write("short", [short(i) for i in range(260)])
+write("short", [short(i) for i in range(264)])
 # Mixed lengths: 1 to 10 copies of the sentence (about 25 to 250 tokens).
-write("mixed", [{"text": f"{i}. " + text * rng.randint(1, 10)} for i in range(132)])
+write("mixed", [{"text": f"{i}. " + text * rng.randint(1, 10)} for i in range(136)])
 PYEOF
 for type in lora dora; do
   printf 'lora_parameters:\n  rank: %s\n  scale: %s\n  dropout: 0.0\n' "$RANK" "$SCALE" > "$WORK/$type.yaml"
@@ -101,7 +103,8 @@ ratio() { "$PY" -c "import sys; a, b = sys.argv[1:]; print(f'{float(a) / float(b
 
 echo "| rows | method | batch | mlx_lm tok/s | ours padded tok/s | ratio | ours packed tok/s | ratio | ours' share of the matmul limit | peak memory ours / mlx_lm |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
-case_line() {  # DATA TYPE BATCH SEQ LABEL
+case_line() {  # DATA TYPE BATCH SEQ LABEL; ONLY="short lora 8" runs the cases it matches
+  [[ "$1 $2 $3" =~ ${ONLY:-.} ]] || return 0
   read -r theirs their_gb < <(mlx_lm "$1" "$2" "$3" "$4")
   read -r padded padded_mb share < <(ours "$1" "$2" "$3" "$4" false)
   local packed="-" packed_ratio="-"
