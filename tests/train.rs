@@ -6,7 +6,7 @@ use std::path::Path;
 
 use blossom_p2p::config::{Config, FineTuneType};
 use blossom_p2p::data::layout::load_folder;
-use blossom_p2p::data::{Dataset, load_dataset};
+use blossom_p2p::data::{Dataset, Row, Sample, load_dataset};
 use blossom_p2p::model::attention::Layout;
 use blossom_p2p::model::{LoadOptions, QuantMode, load_model};
 use blossom_p2p::train::batch::{Encoded, encode, make_batch};
@@ -121,6 +121,14 @@ fn resumed_run_equals_an_uninterrupted_one(pack: bool) {
     config.train.grad_accumulation_steps = 2;
     config.train.pack = pack;
     config.train.batch_size = 4;
+    // Short rows and a fifth three times as long, so that packed batches
+    // put several rows in one line.
+    let mut rows = data.train[..64].to_vec();
+    for i in 0..16 {
+        let text = data.train[i..i + 3].iter().map(|row| format!("{:?}", row.sample)).collect::<Vec<_>>().join(" ");
+        rows.push(Row { index: 100_000 + i as u64, sample: Sample::Text { text } });
+    }
+    let data = Dataset { train: rows, ..data };
     let mut straight = trainer(&config, 8);
     straight.train_steps(&data.train, 8, 0).unwrap();
 

@@ -88,11 +88,13 @@ pub struct Batch {
 /// row's last token predicts nothing.
 pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool) -> Result<Batch, TrainError> {
     let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
-    let lines = if pack {
-        first_fit(examples, longest)
-    } else {
-        (0..examples.len()).map(|i| vec![i]).collect()
-    };
+    let mut lines = if pack { first_fit(examples, longest) } else { Vec::new() };
+    // Where no line holds two rows, packing saves nothing: the plain layout
+    // (a causal mask, MLX's fused RoPE) is cheaper.
+    let pack = pack && lines.len() < examples.len();
+    if !pack {
+        lines = (0..examples.len()).map(|i| vec![i]).collect();
+    }
     let line_len = |line: &Vec<usize>| line.iter().map(|&i| examples[i].tokens.len()).sum::<usize>();
     let len = lines.iter().map(line_len).max().unwrap_or(0);
     if examples.is_empty() || len < 2 {
@@ -203,10 +205,13 @@ mod tests {
         assert_eq!(rows.segments.as_slice::<i32>(), &[0, 0, 0, 0, 0, 1, 1, 2, 2, 2, 2, 2, 2, 2]);
         assert_eq!(rows.positions.as_slice::<i32>(), &[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5, 6]);
         // Padding is a row of one per token.
-        let padded_line = make_batch(&[&c, &a], false, true).unwrap();
+        let d = Encoded { tokens: vec![40, 41], prompt_len: 0 };
+        let padded_line = make_batch(&[&c, &b, &d], false, true).unwrap();
         let segments = padded_line.packing.unwrap().segments;
-        assert_eq!(&segments.as_slice::<i32>()[7..], &[1, 1, 1, 1, 1, -6, -7]);
+        assert_eq!(&segments.as_slice::<i32>()[7..], &[1, 1, 1, 2, 2, -6, -7]);
         assert_eq!(padded_line.tokens.shape(), &[2, 8]);
+        // Rows that do not pack keep the plain layout.
+        assert!(make_batch(&[&c, &a], false, true).unwrap().packing.is_none());
         assert!(unpacked.packing.is_none());
     }
 }
