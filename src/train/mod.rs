@@ -201,6 +201,15 @@ impl MlxTrainer {
         make_batch(&encoded.iter().collect::<Vec<_>>(), self.config.mask_prompt, self.config.pack)
     }
 
+    /// The adapter as evaluation applies it: no dropout.
+    fn evaluation_applier(&self) -> LoraApplier<'_> {
+        LoraApplier {
+            params: &self.params,
+            settings: &self.settings,
+            dropout: None,
+        }
+    }
+
     /// The time of the forward pass alone (loss evaluated, no gradients) on
     /// the micro-batches `micros` of `rows`: what `bench train --profile`
     /// subtracts from the forward and backward passes to split them.
@@ -210,12 +219,7 @@ impl MlxTrainer {
             let batch_rows = self.batch_rows(rows, micro);
             let batch = self.make_batch(&batch_rows)?;
             let started = Instant::now();
-            let applier = LoraApplier {
-                params: &self.params,
-                settings: &self.settings,
-                dropout: None,
-            };
-            batch_loss(&self.decoder, &applier, &batch)?.eval()?;
+            batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?.eval()?;
             total += started.elapsed();
         }
         Ok(total)
@@ -327,12 +331,7 @@ impl LocalTrainer for MlxTrainer {
         let size = self.config.batch_size.max(1) as usize;
         for chunk in rows.chunks(size) {
             let batch = self.make_batch(&chunk.iter().collect::<Vec<_>>())?;
-            let applier = LoraApplier {
-                params: &self.params,
-                settings: &self.settings,
-                dropout: None,
-            };
-            let loss = batch_loss(&self.decoder, &applier, &batch)?.try_item_cast::<f32>()?;
+            let loss = batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?.try_item_cast::<f32>()?;
             weighted += f64::from(loss) * batch.target_tokens as f64;
             tokens += batch.target_tokens as u64;
         }
