@@ -137,8 +137,14 @@ fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
     b.wait_for("run finished");
     let saved = |node: &str| std::fs::read(dir.path().join(node).join("adapters/round-0001/adapters.safetensors")).unwrap();
     assert_eq!(saved("a"), saved("b"));
+    // Each round's record, and each round's certificate: both nodes signed.
     let metrics = std::fs::read_to_string(dir.path().join("a/metrics.jsonl")).unwrap();
-    assert_eq!(metrics.lines().count(), 2);
+    let records: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(records.iter().filter(|r| r.get("round").is_some()).count(), 2, "{metrics}");
+    let certified: Vec<&serde_json::Value> = records.iter().filter(|r| r.get("certified_round").is_some()).collect();
+    assert_eq!(certified.len(), 2, "{metrics}");
+    assert!(certified.iter().all(|r| r["signers"] == 2 && r["contributors"] == 2), "{metrics}");
+    assert_eq!(certified[1]["average_hash"].as_str(), Some(hash_a.as_str()));
     // `status` reads what the node left in its data dir.
     let output = Command::new(env!("CARGO_BIN_EXE_blossom-p2p")).args(["status", "--json", "--data-dir", &d("a")]).output().unwrap();
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
@@ -146,5 +152,6 @@ fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
     assert_eq!(status["state"], "finished");
     assert_eq!(status["round"], 2);
     assert_eq!(status["last_average"].as_str(), Some(hash_a.as_str()));
+    assert_eq!((status["certified"]["round"].as_u64(), status["certified"]["signers"].as_u64()), (Some(1), Some(2)), "{status}");
     assert!(status["bytes_sent"].as_u64().unwrap() > 0 && status["bytes_received"].as_u64().unwrap() > 0, "{status}");
 }

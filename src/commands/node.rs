@@ -152,6 +152,8 @@ impl StartArgs {
 }
 
 const IDENTITY_FILE: &str = "identity.key";
+/// How often a seeding relay asks its runs' nodes for their certified averages.
+const SEED_REFRESH: Duration = Duration::from_secs(15);
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum NodeError {
@@ -424,6 +426,10 @@ async fn run_exchange(config: &Config, args: &StartArgs) -> Result<(), NodeError
                     }
                 }
             }
+            NetworkEvent::Certified(news) => println!(
+                "certificate for round {}: average {}, {} of {} contributors signed",
+                news.round, news.average, news.signers, news.contributors
+            ),
             NetworkEvent::Rejected { peer, reason } => tracing::warn!(%peer, %reason, "rejected"),
             NetworkEvent::DialFailed { peer, error } => tracing::warn!(?peer, %error, "could not connect"),
         }
@@ -441,17 +447,30 @@ async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
     let (handle, mut events) = spawn(keypair, options).map_err(|e| NodeError::Run(e.to_string()))?;
     println!("relay peer id: {}", handle.peer_id);
     // A seeding relay joins the runs' topics like any node: it validates and
-    // keeps what it sees, and answers late joiners' catch-up requests even
-    // while every trainer is offline.
-    for run_id in seed_runs {
-        handle.subscribe(run_id, Exchange::Gossip).await.map_err(|e| NodeError::Run(e.to_string()))?;
+    // keeps what it sees, asks the runs' nodes for their certified averages
+    // (checking every signature), and answers late joiners' catch-up
+    // requests with the best of them even while every trainer is offline.
+    for run_id in &seed_runs {
+        handle.subscribe(*run_id, Exchange::Gossip).await.map_err(|e| NodeError::Run(e.to_string()))?;
         println!("seeding run {run_id}");
     }
+    let mut ask = tokio::time::interval(SEED_REFRESH);
     loop {
-        let Some(event) = next_or_ctrl_c(events.recv()).await? else { return Ok(()) };
+        let event = tokio::select! {
+            event = next_or_ctrl_c(events.recv()) => event?,
+            _ = ask.tick() => {
+                for run_id in &seed_runs {
+                    // No peer yet is routine: the next tick asks again.
+                    let _ = handle.catch_up(*run_id).await;
+                }
+                continue;
+            }
+        };
+        let Some(event) = event else { return Ok(()) };
         match event {
             NetworkEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &handle)),
             NetworkEvent::PeerConnected(peer) => tracing::info!(%peer, "connected"),
+            NetworkEvent::Certified(news) => tracing::info!(round = news.round, average = %news.average, signers = news.signers, contributors = news.contributors, "certificate offered"),
             NetworkEvent::AdapterReady { manifest, .. } => println!("seeding adapter {} (round {})", manifest.adapter_hash, manifest.round),
             other => tracing::debug!(?other, "event"),
         }

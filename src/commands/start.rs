@@ -18,7 +18,7 @@ use crate::node::checkpoint::CheckpointFile;
 use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::prometheus;
-use crate::node::status::{NodeStatus, rejection_kind};
+use crate::node::status::{CertifiedRound, NodeStatus, rejection_kind};
 use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 use crate::wire::codec::Limits;
 
@@ -166,6 +166,7 @@ async fn run_node(
             view.agreement = status.agreement;
             (view.bytes_sent, view.bytes_received) = (status.bytes_sent, status.bytes_received);
             view.rejected_by_reason = status.rejected_by_reason.clone();
+            view.certified = status.certified.as_ref().map(ToString::to_string);
             view.finished = status.finished;
         });
         if let Err(e) = status.write(&data_dir) {
@@ -290,6 +291,14 @@ async fn run_node(
                     agreement.map_or(String::new(), |a| format!(", agreement {a:.2} on round {}'s average", report.round - 1)),
                     report.average_hash
                 );
+            }
+            EngineEvent::Certified { round, average, signers, contributors } => {
+                let certified = CertifiedRound { round, average: average.to_hex(), signers, contributors };
+                println!("certified {certified}: average {average}");
+                let record = json!({"certified_round": round, "average_hash": certified.average, "signers": signers, "contributors": contributors});
+                writeln!(metrics, "{record}").map_err(|e| NodeError::Run(format!("{}: {e}", metrics_path.display())))?;
+                status.certified = Some(certified);
+                publish_status(&mut status);
             }
             EngineEvent::Finished => {
                 status.finished = true;

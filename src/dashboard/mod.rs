@@ -54,6 +54,9 @@ pub struct DashboardState {
     pub bytes_sent: u64,
     pub bytes_received: u64,
     pub rejected_by_reason: BTreeMap<String, u64>,
+    /// The newest certified average, in words ("round 3 (4 of 4 contributors signed)").
+    #[serde(default)]
+    pub certified: Option<String>,
     pub finished: bool,
 }
 

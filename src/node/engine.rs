@@ -14,10 +14,11 @@ use libp2p_identity::Keypair;
 use tokio::sync::{mpsc, watch};
 
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
-use crate::p2p::network::{Exchange, NetworkError, NetworkEvent, NetworkHandle, Piece};
+use crate::p2p::certify::CertificateNews;
+use crate::p2p::network::{Average, Exchange, NetworkError, NetworkEvent, NetworkHandle, Piece};
 use crate::wire::codec::{CHUNK_SIZE, Digest, Limits};
 use crate::wire::manifest::{MAX_ADDRESS_LEN, MAX_ADDRESSES, Manifest, ManifestKind, SignedManifest, SliceClaim};
-use crate::wire::merkle;
+use crate::wire::{inputs, merkle};
 use crate::wire::slices::SliceLayout;
 use crate::wire::tensors::{decode_checked, encode};
 
@@ -226,6 +227,9 @@ pub enum EngineEvent {
     /// it averages round 0 without training in it.
     Members { count: usize, member: bool },
     Round(RoundReport),
+    /// Two thirds of a round's contributors attested this node's average of
+    /// it: the certificate late joiners now get from this node.
+    Certified { round: u64, average: Digest, signers: usize, contributors: usize },
     Rejected { peer: PeerId, reason: String },
     Finished,
 }
@@ -299,8 +303,10 @@ struct InputSource {
     own: Option<Arc<Vec<u8>>>,
 }
 
-/// The newest verified average seen while catching up.
+/// The best certified average seen while catching up.
 struct Candidate {
+    /// (signers, round): how candidates rank (docs/SECURITY.md, "Round certificates").
+    rank: (usize, u64),
     round: u64,
     hash: Digest,
     tensors: Tensors,
@@ -319,6 +325,12 @@ const REDUCE_PASSES: usize = 4;
 /// list it tries.
 const MAX_ADOPTIONS: usize = 2;
 const MAX_LIST_FETCHES: usize = 3;
+/// Certificates offered during one catch-up kept at most.
+const MAX_OFFERED: usize = 256;
+/// How long a node that finished its last round waits for that round's
+/// certificate (its peers' attestations), so late joiners and seeding
+/// relays can take the final average.
+const FINAL_CERTIFICATE_WAIT: Duration = Duration::from_secs(10);
 /// Round-0 member announcements kept at most (each needs its own key, but
 /// keys are free: memory stays bounded whatever peers send).
 const MAX_ANNOUNCED: usize = 4096;
@@ -352,6 +364,11 @@ pub struct Engine<T: RoundTrainer> {
     excluded: HashMap<PeerId, String>,
     /// The layout every adapter must have (the node's own initial adapter).
     layout: Tensors,
+    /// Certificates peers served while catching up: (signers, round) by
+    /// average hash. Only these averages are taken.
+    offered: HashMap<Digest, (usize, u64)>,
+    /// The newest round of this node's own averages that was certified.
+    certified_round: Option<u64>,
 }
 
 impl<T: RoundTrainer> Engine<T> {
@@ -380,6 +397,8 @@ impl<T: RoundTrainer> Engine<T> {
             slice_results: HashMap::new(),
             excluded: HashMap::new(),
             layout: Tensors::new(),
+            offered: HashMap::new(),
+            certified_round: None,
         }
     }
 
@@ -405,8 +424,9 @@ impl<T: RoundTrainer> Engine<T> {
                 // a slice claim is kept as it comes (its chunk follows).
                 ManifestKind::Update if self.settings.exchange == Exchange::Reduce => (manifest, author, None),
                 ManifestKind::Slice => return self.on_claim(&manifest, author, from),
-                ManifestKind::Update | ManifestKind::Average => return,
+                ManifestKind::Update | ManifestKind::Average | ManifestKind::Attestation => return,
             },
+            NetworkEvent::Certified(news) => return self.on_certified(news),
             NetworkEvent::Rejected { peer, reason } => return self.report(EngineEvent::Rejected { peer, reason }),
             NetworkEvent::Listening(addr) => return self.report(EngineEvent::Listening(addr)),
             NetworkEvent::PeerConnected(peer) => return self.report(EngineEvent::PeerConnected(peer)),
@@ -433,11 +453,16 @@ impl<T: RoundTrainer> Engine<T> {
             }
         };
         if manifest.kind == ManifestKind::Average {
+            // Averages come only inside certificates (the network checked
+            // them); the one backed by the most signers wins.
             if let Some(tensors) = tensors
                 && from.is_none()
-                && self.candidate.as_ref().is_none_or(|c| manifest.round > c.round)
+                && let Some(&(signers, round)) = self.offered.get(&manifest.adapter_hash)
+                && round == manifest.round
+                && self.candidate.as_ref().is_none_or(|c| (signers, round) > c.rank)
             {
                 self.candidate = Some(Candidate {
+                    rank: (signers, round),
                     round: manifest.round,
                     hash: manifest.adapter_hash,
                     tensors,
@@ -471,6 +496,30 @@ impl<T: RoundTrainer> Engine<T> {
         // Bounded memory whatever peers claim: the newest rounds win.
         while self.buffered.len() > LOOKAHEAD as usize + 1 {
             self.buffered.pop_first();
+        }
+    }
+
+    /// A certificate: this node's own average certified (reported), or one a
+    /// peer served (a catch-up candidate, for a round the run has).
+    fn on_certified(&mut self, news: CertificateNews) {
+        if news.run_id != self.settings.run_id {
+            return;
+        }
+        if news.own {
+            self.certified_round = self.certified_round.max(Some(news.round));
+            tracing::info!(round = news.round, signers = news.signers, contributors = news.contributors, "average certified");
+            return self.report(EngineEvent::Certified {
+                round: news.round,
+                average: news.average,
+                signers: news.signers,
+                contributors: news.contributors,
+            });
+        }
+        // A certificate over fewer contributors than the run's quorum is
+        // not taken: one peer can certify an average of its own alone.
+        let quorate = news.contributors >= self.settings.min_members.max(1);
+        if quorate && news.round < self.settings.rounds && (self.offered.len() < MAX_OFFERED || self.offered.contains_key(&news.average)) {
+            self.offered.insert(news.average, (news.signers, news.round));
         }
     }
 
@@ -583,6 +632,7 @@ impl<T: RoundTrainer> Engine<T> {
     /// not finished a round yet).
     async fn catch_up(&mut self) -> Result<Option<(u64, Tensors)>, EngineError> {
         self.candidate = None;
+        self.offered.clear();
         // Bounded: about 20 s of asking.
         for attempt in 0..10 {
             let peers = self.net.connected_peers().await.map_err(|e| EngineError::Network(e.to_string()))?;
@@ -616,13 +666,11 @@ impl<T: RoundTrainer> Engine<T> {
                 return Ok(None);
             }
         }
-        // Updates go round but no average came: start from the newest update,
-        // in its round (one peer's view, better than none).
-        let Some((round, updates)) = self.buffered.pop_last() else { return Ok(None) };
-        let Some((author, update, tensors)) = updates.into_iter().find_map(|(a, u)| u.tensors.clone().map(|t| (a, u, t))) else { return Ok(None) };
-        tracing::warn!(round, from = %author, "no average came; starting from a peer's update");
-        self.report(EngineEvent::CaughtUp { round, from: update.manifest.adapter_hash });
-        Ok(Some((round, tensors)))
+        // Updates go round but no certified average came. A peer's update
+        // is one peer's word (it could be anything): start where this node
+        // is, and rejoin once a certificate can be had (`overtaken`).
+        tracing::warn!("no certified average came; peers' updates are not taken as a starting point");
+        Ok(None)
     }
 
     fn rows(&self, members: &[PeerId]) -> Vec<u64> {
@@ -732,7 +780,7 @@ impl<T: RoundTrainer> Engine<T> {
                 return Err(EngineError::Aggregate("no update of this round could be fetched".into()));
             }
             let pairs: Vec<(PeerId, Digest)> = updates.iter().map(|(p, u)| (*p, u.manifest.adapter_hash)).collect();
-            let digest = reduce::inputs_digest(&pairs);
+            let digest = inputs::inputs_digest(&pairs);
             // A node that came late, or saw other updates than most, takes
             // the inputs its peers already averaged before it fetches any.
             if let Some(adopted) = self.adopt_inputs(round, digest, &updates, &mut adoption).await? {
@@ -765,7 +813,7 @@ impl<T: RoundTrainer> Engine<T> {
             let mine: Vec<usize> = (0..layout.count()).filter(|s| owners[*s].contains(&me)).collect();
             if !mine.is_empty() {
                 // Served under its hash, for peers that saw other inputs.
-                self.net.put_blob(round, reduce::encode_inputs(&pairs)).await.map_err(|e| EngineError::Network(e.to_string()))?;
+                self.net.put_blob(round, inputs::encode_inputs(&pairs)).await.map_err(|e| EngineError::Network(e.to_string()))?;
             }
             // An owned slice whose inputs this node could not fetch (their
             // author left) waits for a co-owner's claim: that owner fetched
@@ -850,7 +898,7 @@ impl<T: RoundTrainer> Engine<T> {
             }
             let bytes: Vec<u8> = resolved.into_iter().flatten().flatten().collect();
             let average = decode_checked(&bytes, &self.layout, &self.settings.limits).map_err(|e| EngineError::Aggregate(format!("the assembled average: {e}")))?;
-            return Ok(Reduced::Average { average, bytes, count: updates.len() });
+            return Ok(Reduced::Average { average, bytes, inputs: pairs });
         }
         Err(EngineError::Aggregate(format!("the reduce exchange of round {round} did not settle in {REDUCE_PASSES} passes")))
     }
@@ -919,7 +967,7 @@ impl<T: RoundTrainer> Engine<T> {
                 let (net, from) = (self.net.clone(), claims.keys().copied().collect());
                 let fetch = async move { net.fetch_chunk(target, from).await };
                 let fetched = self.while_listening(fetch, Some(round)).await?;
-                match fetched.ok().flatten().map(|bytes| reduce::decode_inputs(&bytes)) {
+                match fetched.ok().flatten().map(|bytes| inputs::decode_inputs(&bytes)) {
                     Some(Ok(list)) => {
                         adoption.lists.insert(target, list.clone());
                         list
@@ -1176,7 +1224,21 @@ impl<T: RoundTrainer> Engine<T> {
             }
             self.buffered.retain(|r, _| *r >= round);
         }
+        self.await_final_certificate().await?;
         self.report(EngineEvent::Finished);
+        Ok(())
+    }
+
+    /// After the last round, listens until its average is certified (peers
+    /// still averaging attest it; late joiners and seeding relays then take
+    /// the run's final average), for `FINAL_CERTIFICATE_WAIT` at most.
+    async fn await_final_certificate(&mut self) -> Result<(), EngineError> {
+        let last = self.settings.rounds.saturating_sub(1);
+        let started = Instant::now();
+        // Bounded by the wait.
+        while self.certified_round.is_none_or(|r| r < last) && started.elapsed() < FINAL_CERTIFICATE_WAIT {
+            self.sleep_listening(Duration::from_millis(100), None).await?;
+        }
         Ok(())
     }
 
@@ -1361,26 +1423,28 @@ impl<T: RoundTrainer> Engine<T> {
         // Each count is 0 or examples_per_round (check_claims), so the sum
         // is bounded by members × that; saturate rather than trust it.
         let examples: u64 = updates.values().fold(0u64, |sum, u| sum.saturating_add(u.manifest.examples));
-        let (average, average_bytes, count, fedavg_drift) = match self.settings.exchange {
+        let (average, average_bytes, used, fedavg_drift) = match self.settings.exchange {
             Exchange::Gossip => {
+                let mut used = Vec::new();
                 let inputs: Vec<Contribution> = updates
                     .into_iter()
                     .filter_map(|(author, u)| {
+                        let tensors = u.tensors?;
+                        used.push((author, u.manifest.adapter_hash));
                         Some(Contribution {
                             author: author.to_bytes(),
                             examples: u.manifest.examples,
-                            tensors: u.tensors?,
+                            tensors,
                         })
                     })
                     .collect();
-                let count = inputs.len();
                 let fedavg_drift = if self.settings.measure_drift { fedavg_drift(inputs.clone()).ok() } else { None };
                 let average = aggregate(self.settings.method, inputs, Some(current)).map_err(|e| EngineError::Aggregate(e.to_string()))?;
                 let average_bytes = encode(&average).map_err(EngineError::Aggregate)?;
-                (average, average_bytes, count, fedavg_drift)
+                (average, average_bytes, used, fedavg_drift)
             }
             Exchange::Reduce => match self.reduce_round(round, current, updates).await? {
-                Reduced::Average { average, bytes, count } => (average, bytes, count, None),
+                Reduced::Average { average, bytes, inputs } => (average, bytes, inputs, None),
                 Reduced::Rejoin { round, adapter } => return Ok(RoundEnd::Rejoin { round, adapter }),
             },
         };
@@ -1394,17 +1458,29 @@ impl<T: RoundTrainer> Engine<T> {
         } else {
             None
         };
-        // Kept and served to late joiners, not gossiped: nodes that agree
-        // already hold these chunks.
+        // Kept and served to late joiners inside its certificate, never
+        // gossiped: nodes that agree already hold these chunks. The
+        // attestation is gossiped (docs/SECURITY.md, "Round certificates").
+        let count = used.len();
+        let inputs_list = inputs::encode_inputs(&used);
+        let inputs_digest = Digest::of(&inputs_list);
         let average_manifest = Manifest {
             kind: ManifestKind::Average,
             parent: Some(parent),
             examples,
             eval_loss,
+            inputs: Some(inputs_digest),
             ..Manifest::describe(run_id, round, &me, &average_bytes)
         };
-        let signed = self.sign(&average_manifest)?;
-        self.net.keep(signed, average_manifest, average_bytes).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        let attestation = Manifest::attestation(run_id, round, &me, average_manifest.adapter_hash, average_manifest.adapter_len, inputs_digest);
+        let kept = Average {
+            signed: self.sign(&average_manifest)?,
+            attestation: self.sign(&attestation)?,
+            manifest: average_manifest,
+            bytes: average_bytes,
+            inputs: inputs_list,
+        };
+        self.net.keep_average(kept).await.map_err(|e| EngineError::Network(e.to_string()))?;
         if let Err(e) = self.net.forget_before(round.saturating_sub(1)).await {
             tracing::warn!(error = %e, "store clean-up failed");
         }
@@ -1473,7 +1549,8 @@ enum RoundEnd {
 
 /// What the reduce exchange of a round gave.
 enum Reduced {
-    Average { average: Tensors, bytes: Vec<u8>, count: usize },
+    /// The average, its encoding, and the (author, update hash) pairs it averaged.
+    Average { average: Tensors, bytes: Vec<u8>, inputs: Vec<(PeerId, Digest)> },
     Rejoin { round: u64, adapter: Tensors },
 }
 
@@ -1574,7 +1651,7 @@ fn in_window(round: u64, from: Option<u64>) -> bool {
 fn members_digest(members: &[PeerId]) -> Digest {
     let mut bytes = Vec::new();
     for member in members {
-        reduce::push_peer(&mut bytes, &member.to_bytes());
+        inputs::push_peer(&mut bytes, &member.to_bytes());
     }
     Digest::of(&bytes)
 }

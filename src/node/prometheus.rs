@@ -24,6 +24,8 @@ pub fn render(status: &NodeStatus) -> String {
     metric("blossom_eval_loss", "gauge", "Eval loss of the last average.", status.last_eval_loss.map_or(f64::NAN, f64::from));
     metric("blossom_payload_sent_bytes_total", "counter", "Payload bytes published and served.", status.bytes_sent as f64);
     metric("blossom_payload_received_bytes_total", "counter", "Payload bytes received.", status.bytes_received as f64);
+    metric("blossom_certified_round", "gauge", "The newest round whose average from this node is certified (-1: none yet).", status.certified.as_ref().map_or(-1.0, |c| c.round as f64));
+    metric("blossom_certificate_signers", "gauge", "Contributors that signed that certificate.", status.certified.as_ref().map_or(0.0, |c| c.signers as f64));
     metric("blossom_rejected_messages_total", "counter", "Messages that failed validation.", status.rejected as f64);
     let _ = writeln!(page, "# HELP blossom_rejected_by_reason_total Messages that failed validation, by the check that failed.\n# TYPE blossom_rejected_by_reason_total counter");
     for (reason, count) in &status.rejected_by_reason {

@@ -30,9 +30,28 @@ pub struct NodeStatus {
     /// Rejections by kind ([`rejection_kind`]).
     #[serde(default)]
     pub rejected_by_reason: BTreeMap<String, u64>,
+    /// The newest of this node's averages that two thirds of its round's
+    /// contributors attested: what late joiners get from it.
+    #[serde(default)]
+    pub certified: Option<CertifiedRound>,
     pub finished: bool,
     /// Seconds since the Unix epoch at the last update.
     pub updated: u64,
+}
+
+/// A certified average, as `status` and the dashboard show it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct CertifiedRound {
+    pub round: u64,
+    pub average: String,
+    pub signers: usize,
+    pub contributors: usize,
+}
+
+impl std::fmt::Display for CertifiedRound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "round {} ({} of {} contributors signed)", self.round, self.signers, self.contributors)
+    }
 }
 
 /// The kind of a rejection, from its message (metrics label): what the

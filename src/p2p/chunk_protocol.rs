@@ -12,6 +12,7 @@ use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 
 use crate::wire::codec::{CHUNK_SIZE, Digest};
+use crate::wire::certificate::MAX_CERTIFICATE_BYTES;
 use crate::wire::manifest::MAX_MANIFEST_BYTES;
 use crate::wire::merkle;
 
@@ -23,7 +24,8 @@ const MAX_RESPONSE: usize = CHUNK_SIZE + MAX_MANIFEST_BYTES;
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum ChunkRequest {
     Chunk(Digest),
-    /// The newest signed manifest the peer holds for this run id.
+    /// The run's newest adapter: a round certificate if the peer holds
+    /// one, else its newest update manifest.
     Latest(Digest),
     /// The signed update manifests the peer holds for (run id, round).
     Round(Digest, u64),
@@ -41,6 +43,8 @@ pub enum ChunkResponse {
     /// A chunk and the siblings from its leaf to its adapter's root.
     Piece(Vec<u8>, Vec<Digest>),
     NotFound,
+    /// An encoded `wire::certificate::Certificate` (verified by the receiver).
+    Certificate(Vec<u8>),
 }
 
 /// Sibling hashes a proof may have (`merkle::MAX_LEAVES` leaves).
@@ -101,6 +105,7 @@ impl libp2p::request_response::Codec for ChunkCodec {
             ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum::<usize>() > MAX_ROUND_MANIFESTS,
             ChunkResponse::Piece(bytes, proof) => bytes.len() > CHUNK_SIZE || proof.len() > MAX_PROOF,
             ChunkResponse::NotFound => false,
+            ChunkResponse::Certificate(bytes) => bytes.len() > MAX_CERTIFICATE_BYTES,
         };
         if too_large {
             return Err(io::Error::new(io::ErrorKind::InvalidData, "response larger than the protocol allows"));

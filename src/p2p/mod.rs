@@ -3,5 +3,6 @@
 //! knows nothing of MLX or training (docs/ARCHITECTURE.md, "Layers").
 
 pub mod behaviour;
+pub mod certify;
 pub mod chunk_protocol;
 pub mod network;

@@ -21,11 +21,13 @@ use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identify, identity, kad, mdns,
 use tokio::sync::{mpsc, oneshot};
 
 use crate::store::Store;
+use crate::wire::certificate::Certificate;
 use crate::wire::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks_of};
 use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 use crate::wire::merkle;
 
 use super::behaviour::{self, Behaviour, BehaviourEvent};
+use super::certify::{CertificateNews, Certifier};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse, MAX_ROUND_MANIFESTS};
 
 /// How long chunks may trickle in by gossip before missing ones are fetched.
@@ -73,6 +75,9 @@ pub enum NetworkEvent {
     Manifest { manifest: Manifest, author: PeerId },
     /// Every chunk of a manifest arrived, and the adapter matches its hash.
     AdapterReady { manifest: Manifest, author: PeerId, bytes: Vec<u8> },
+    /// A round certificate: one of this node's averages was certified, or a
+    /// peer served one that checked out (held if it beats this node's).
+    Certified(CertificateNews),
     /// A message failed validation and was not forwarded.
     Rejected { peer: PeerId, reason: String },
     /// An outgoing connection failed (e.g. an unreachable bootstrap peer).
@@ -116,6 +121,9 @@ enum Command {
     /// Ask connected peers for the newest manifest of a run, and fetch it.
     CatchUp(Digest, oneshot::Sender<Result<(), String>>),
     Unsubscribe(Digest, oneshot::Sender<()>),
+    /// Store this node's average of a round, gossip its attestation, and
+    /// certify the average once two thirds of its contributors attest.
+    KeepAverage(Box<Average>, oneshot::Sender<Result<(), NetworkError>>),
     /// Store and serve an adapter without gossiping it.
     Keep(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), NetworkError>>),
     RunPeers(Digest, oneshot::Sender<Vec<PeerId>>),
@@ -128,6 +136,17 @@ enum Command {
     PutBlob(u64, Vec<u8>, oneshot::Sender<Result<Digest, NetworkError>>),
     /// One chunk by (adapter, index), checked by its proof against the root.
     FetchPiece(Piece, Vec<PeerId>, oneshot::Sender<Option<Vec<u8>>>),
+}
+
+/// A node's average of a round, for `NetworkHandle::keep_average`.
+pub struct Average {
+    pub signed: SignedManifest,
+    pub manifest: Manifest,
+    pub bytes: Vec<u8>,
+    /// The input list (`wire::inputs`) the manifest names by its digest.
+    pub inputs: Vec<u8>,
+    /// This node's signed attestation of it.
+    pub attestation: SignedManifest,
 }
 
 /// Chunk `index` of the adapter `adapter`, whose `count` chunk ids have the
@@ -209,6 +228,13 @@ impl NetworkHandle {
         self.call(|tx| Command::Keep(Box::new((signed, manifest, adapter)), tx)).await?
     }
 
+    /// Stores this node's average of a round and serves its chunks; gossips
+    /// the attestation; once two thirds of the contributors attested, the
+    /// certificate is what late joiners get (`NetworkEvent::Certified`).
+    pub async fn keep_average(&self, average: Average) -> Result<(), NetworkError> {
+        self.call(|tx| Command::KeepAverage(Box::new(average), tx)).await?
+    }
+
     /// Connected peers subscribed to the run's manifest topic, relays excepted.
     pub async fn run_peers(&self, run_id: Digest) -> Result<Vec<PeerId>, NetworkError> {
         self.call(|tx| Command::RunPeers(run_id, tx)).await
@@ -279,7 +305,7 @@ fn with_sources(error: &dyn std::error::Error) -> String {
 
 fn response_size(response: &ChunkResponse) -> usize {
     match response {
-        ChunkResponse::Chunk(bytes) | ChunkResponse::Manifest(bytes) => bytes.len(),
+        ChunkResponse::Chunk(bytes) | ChunkResponse::Manifest(bytes) | ChunkResponse::Certificate(bytes) => bytes.len(),
         ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum(),
         ChunkResponse::Piece(bytes, proof) => bytes.len() + 32 * proof.len(),
         ChunkResponse::NotFound => 0,
@@ -305,10 +331,10 @@ struct Pending {
     since: Instant,
 }
 
-/// A run's newest verified manifest, served to late joiners.
+/// A run's newest verified update, served to late joiners of a run that
+/// has no certified average (a `start --publish` demo, a seeding relay).
 struct Latest {
-    /// (is an average, round): averages first, then the newer round.
-    rank: (bool, u64),
+    round: u64,
     /// Its chunks, kept through store clean-ups.
     chunk_ids: Vec<Digest>,
     signed: SignedManifest,
@@ -324,9 +350,11 @@ struct EventLoop {
     manifest_topics: HashMap<gossipsub::TopicHash, Digest>,
     chunk_topics: HashSet<gossipsub::TopicHash>,
     pending: HashMap<Digest, Pending>,
-    /// Newest verified manifest of each run, for late joiners, by (is an
-    /// average, round).
+    /// Newest verified update of each run, for late joiners.
     latest: HashMap<Digest, Latest>,
+    /// This node's averages waiting for attestations, and the certificate
+    /// of each run it serves.
+    certifier: Certifier,
     /// Chunk id → peers still to ask, for retries.
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
@@ -448,6 +476,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         chunk_topics: HashSet::new(),
         pending: HashMap::new(),
         latest: HashMap::new(),
+        certifier: Certifier::default(),
         wanted: HashMap::new(),
         in_flight: HashMap::new(),
         relay_server,
@@ -545,6 +574,9 @@ impl EventLoop {
                 let (signed, manifest, adapter) = *publication;
                 let _ = reply.send(self.publish(signed, manifest, adapter));
             }
+            Command::KeepAverage(average, reply) => {
+                let _ = reply.send(self.keep_average(*average).await);
+            }
             Command::Keep(publication, reply) => {
                 let (signed, manifest, adapter) = *publication;
                 let _ = reply.send(self.keep(&signed, &manifest, &adapter).map(|_| ()));
@@ -562,6 +594,8 @@ impl EventLoop {
             Command::ForgetBefore(round, reply) => {
                 self.blobs.retain(|blob_round, _| *blob_round >= round);
                 let mut pinned: HashSet<Digest> = self.latest.values().flat_map(|latest| latest.chunk_ids.iter().copied()).collect();
+                pinned.extend(self.certifier.pinned());
+                self.certifier.forget_before(round);
                 pinned.extend(self.blobs.values().flatten());
                 self.rooted.retain(|_, (r, _)| *r >= round);
                 self.proven.retain(|_, (r, _, _)| *r >= round);
@@ -681,17 +715,15 @@ impl EventLoop {
         Ok(())
     }
 
-    /// The newest adapter of each run for late joiners: the newest average
-    /// if there is one (a node's own update of a later round is one peer's
-    /// view, not the network's), else the newest update.
+    /// The newest update of each run, for late joiners when no certified
+    /// average is held (an average is only ever served in its certificate).
     fn remember_latest(&mut self, manifest: &Manifest, signed: &SignedManifest) {
-        if matches!(manifest.kind, ManifestKind::Members | ManifestKind::Slice) {
+        if manifest.kind != ManifestKind::Update {
             return;
         }
-        let rank = (manifest.kind == ManifestKind::Average, manifest.round);
-        if self.latest.get(&manifest.run_id).is_none_or(|known| rank >= known.rank) {
+        if self.latest.get(&manifest.run_id).is_none_or(|known| manifest.round >= known.round) {
             let latest = Latest {
-                rank,
+                round: manifest.round,
                 chunk_ids: manifest.chunk_ids.clone(),
                 signed: signed.clone(),
             };
@@ -796,8 +828,19 @@ impl EventLoop {
         if self.allowed_peers.as_ref().is_some_and(|allowed| !allowed.contains(&author)) {
             return Err(format!("manifest by {author}, who is not in this run's allowlist"));
         }
+        if manifest.kind == ManifestKind::Average {
+            return Err(format!("an average of round {} offered without its certificate", manifest.round));
+        }
         self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
         self.remember_addresses(author, &manifest.addresses);
+        if manifest.kind == ManifestKind::Attestation {
+            // Kept in the store: this node's own average of the round may
+            // come later, and then counts it.
+            if let Some(news) = self.certifier.attest(&manifest, author, &signed) {
+                self.emit(NetworkEvent::Certified(news)).await;
+            }
+            return Ok(());
+        }
         if manifest.kind == ManifestKind::Members {
             // Nothing to assemble: the announcement is the whole message.
             self.emit(NetworkEvent::Manifest { manifest, author }).await;
@@ -815,13 +858,20 @@ impl EventLoop {
             self.emit(NetworkEvent::Manifest { manifest, author }).await;
             return Ok(());
         }
+        self.assemble(manifest, author, source).await;
+        Ok(())
+    }
+
+    /// Fetches a verified manifest's chunks (from its author and `source`)
+    /// and emits it, then `AdapterReady` once they are all here.
+    async fn assemble(&mut self, manifest: Manifest, author: PeerId, source: Option<PeerId>) {
         let mut sources = vec![author];
         sources.extend(source.filter(|s| *s != author));
         // An average (from a catch-up answer) and a slice result are never
         // gossiped: fetch their chunks at once instead of waiting for gossip.
         let since = match manifest.kind {
             ManifestKind::Average | ManifestKind::Slice => Instant::now().checked_sub(FETCH_GRACE).unwrap_or_else(Instant::now),
-            ManifestKind::Update | ManifestKind::Members => Instant::now(),
+            ManifestKind::Update | ManifestKind::Members | ManifestKind::Attestation => Instant::now(),
         };
         self.pending.entry(manifest.adapter_hash).or_insert(Pending {
             manifest: manifest.clone(),
@@ -835,6 +885,65 @@ impl EventLoop {
             // Nothing gossips its chunks: ask now, not at the next tick.
             self.fetch_missing();
         }
+    }
+
+    /// Keeps this node's average of a round (`NetworkHandle::keep_average`)
+    /// and gossips its attestation; attestations of the round already
+    /// stored (peers that averaged first) count at once.
+    async fn keep_average(&mut self, average: Average) -> Result<(), NetworkError> {
+        let Average { signed, manifest, bytes, inputs, attestation } = average;
+        self.keep(&signed, &manifest, &bytes)?;
+        let me = *self.swarm.local_peer_id();
+        let earlier: Vec<(PeerId, Manifest, SignedManifest)> = self
+            .store
+            .manifests(manifest.round)
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|stored| stored.verify(&self.limits).ok().map(|(m, author)| (author, m, stored)))
+            .filter(|(author, m, _)| m.kind == ManifestKind::Attestation && *author != me)
+            .collect();
+        let (manifest_topic, _) = topics(&manifest.run_id);
+        let gossiped = attestation.to_bytes().map_err(|e| NetworkError::Command(e.to_string()))?;
+        let size = gossiped.len();
+        match self.swarm.behaviour_mut().gossipsub.publish(manifest_topic, gossiped) {
+            Ok(_) => self.count_sent(size),
+            // No peer in the topic right now: those who ask get the certificate later.
+            Err(e) => tracing::debug!(error = %e, "attestation not gossiped"),
+        }
+        match self.certifier.draft(signed, manifest, inputs, (me, attestation), earlier) {
+            Ok(Some(news)) => self.emit(NetworkEvent::Certified(news)).await,
+            Ok(None) => {}
+            Err(e) => return Err(NetworkError::Command(format!("the average's input list: {e}"))),
+        }
+        Ok(())
+    }
+
+    /// A certificate a peer served in answer to a catch-up: every signature
+    /// checked (and, in a closed run, every signer allowed); reported and
+    /// its average fetched (the round engine chooses between certificates),
+    /// and held and served on if it beats this node's.
+    async fn accept_certificate(&mut self, bytes: &[u8], peer: PeerId) -> Result<(), String> {
+        let certificate = Certificate::from_bytes(bytes).map_err(|e| e.to_string())?;
+        let allowed = |p: &PeerId| self.allowed_peers.as_ref().is_none_or(|list| list.contains(p));
+        let certified = certificate.verify(&self.limits, allowed).map_err(|e| e.to_string())?;
+        let average = certified.average.clone();
+        if !self.manifest_topics.values().any(|r| *r == average.run_id) {
+            return Err(format!("a certificate for run {:?}, which this node did not join", average.run_id));
+        }
+        if self.certifier.offer(&certificate, &certified)? {
+            self.store.put_manifest(average.round, &certificate.average).map_err(|e| e.to_string())?;
+        }
+        self.known.insert(average.adapter_hash, (average.round, average.chunk_ids.clone()));
+        let news = CertificateNews {
+            run_id: average.run_id,
+            round: average.round,
+            average: average.adapter_hash,
+            signers: certified.signers.len(),
+            contributors: certified.contributors,
+            own: false,
+        };
+        self.emit(NetworkEvent::Certified(news)).await;
+        self.assemble(average, certified.author, Some(peer)).await;
         Ok(())
     }
 
@@ -1090,8 +1199,9 @@ impl EventLoop {
                         Ok(Some(bytes)) => ChunkResponse::Chunk(bytes),
                         _ => ChunkResponse::NotFound,
                     },
-                    ChunkRequest::Latest(run_id) => match self.latest.get(&run_id).map(|l| l.signed.to_bytes()) {
-                        Some(Ok(bytes)) => ChunkResponse::Manifest(bytes),
+                    ChunkRequest::Latest(run_id) => match (self.certifier.served(&run_id), self.latest.get(&run_id).map(|l| l.signed.to_bytes())) {
+                        (Some(certificate), _) => ChunkResponse::Certificate(certificate.to_vec()),
+                        (None, Some(Ok(bytes))) => ChunkResponse::Manifest(bytes),
                         _ => ChunkResponse::NotFound,
                     },
                     ChunkRequest::Round(run_id, round) => self.round_manifests(run_id, round),
@@ -1134,6 +1244,11 @@ impl EventLoop {
                             if let Err(reason) = self.accept_manifest(&bytes, None, Some(peer)).await {
                                 self.emit(NetworkEvent::Rejected { peer, reason }).await;
                             }
+                        }
+                    }
+                    (ChunkResponse::Certificate(bytes), _) => {
+                        if let Err(reason) = self.accept_certificate(&bytes, peer).await {
+                            self.emit(NetworkEvent::Rejected { peer, reason }).await;
                         }
                     }
                     (ChunkResponse::Manifest(bytes), _) => {

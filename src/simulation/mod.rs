@@ -380,6 +380,8 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let mut finished: Vec<u64> = Vec::new();
     let mut rows: Vec<RoundRow> = Vec::new();
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
+    // Nodes whose own average of each round was certified.
+    let mut certified: BTreeMap<u64, u64> = BTreeMap::new();
     let mut node_rows: BTreeMap<u64, PeerRow> = BTreeMap::new();
     // Bounded: every node finishes, stops or fails; each event is one step.
     while sim.running.keys().any(|n| !finished.contains(n)) {
@@ -427,6 +429,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                     tracing::warn!(node, %peer, %reason, kind, "rejected");
                 }
             }
+            EngineEvent::Certified { round, .. } => *certified.entry(round).or_default() += 1,
             EngineEvent::Finished => finished.push(node),
             EngineEvent::Listening(_)
             | EngineEvent::PeerConnected(_)
@@ -467,6 +470,10 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let last = rows.last().ok_or_else(|| SimError::Run("no round completed".into()))?;
     println!("done in {:.1} s; {} messages rejected{}", wall.as_secs_f64(), rejected.values().sum::<u64>(), rejection_detail(&rejected));
     println!("final agreement {:.2}, eval loss {:.4} (round 0: {:.4})", last.agreement, last.eval_loss, rows[0].eval_loss);
+    println!(
+        "certified averages (nodes, by round): {}",
+        certified.iter().map(|(round, nodes)| format!("{round}: {nodes}")).collect::<Vec<_>>().join(", ")
+    );
     if let (Some(before), Some(after)) = (before, last.exact_match) {
         println!("exact match: {:.1}% before, {:.1}% after", before * 100.0, after * 100.0);
     }
@@ -485,6 +492,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         "eval_loss": last.eval_loss,
         "wall_seconds": wall.as_secs_f64(),
         "peak_rss_mb": table::memory_mb().1,
+        "certified_nodes_by_round": certified.values().collect::<Vec<_>>(),
     });
     writeln!(metrics, "{summary}").map_err(|e| SimError::Run(format!("{}: {e}", metrics_path.display())))?;
     println!(

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::codec::{CHUNK_SIZE, Digest, Limits, split_chunks_of};
 use super::merkle;
 
-pub const MANIFEST_VERSION: u16 = 4;
+pub const MANIFEST_VERSION: u16 = 5;
 /// Upper bound on an encoded signed manifest: 2,048 chunk ids (512 MiB of
 /// adapter) plus keys and fields fit well inside.
 pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
@@ -35,6 +35,11 @@ pub enum ManifestKind {
     /// `slice.indices[i]` of the round's average over the updates
     /// `slice.inputs` (one claim for all the slices an owner computed).
     Slice,
+    /// "My average of this round is `adapter_hash`, over the inputs
+    /// `inputs`": gossiped by every node after it averages a round, so that
+    /// two thirds of a round's contributors can certify its average
+    /// (`wire::certificate`). It describes no chunks.
+    Attestation,
 }
 
 /// What a slice owner claims (docs/PROTOCOL.md, "The reduce exchange").
@@ -82,6 +87,9 @@ pub struct Manifest {
     /// round 0 with (how a node that settles late learns whether it is on
     /// its peers' lists).
     pub members: Option<Digest>,
+    /// An average or an attestation: blake3 of the input list
+    /// (`wire::inputs`) the average was computed over.
+    pub inputs: Option<Digest>,
     /// Training examples and tokens behind this adapter (FedAvg weights).
     pub examples: u64,
     pub tokens: u64,
@@ -95,6 +103,18 @@ impl Manifest {
         Manifest {
             kind: ManifestKind::Members,
             ..Manifest::describe(run_id, 0, author, &[])
+        }
+    }
+
+    /// `author`'s attestation that its average of `round` is `average`
+    /// (`len` bytes), computed over the input list with digest `inputs`.
+    pub fn attestation(run_id: Digest, round: u64, author: &PeerId, average: Digest, len: u64, inputs: Digest) -> Manifest {
+        Manifest {
+            kind: ManifestKind::Attestation,
+            adapter_hash: average,
+            adapter_len: len,
+            inputs: Some(inputs),
+            ..Manifest::describe(run_id, round, author, &[])
         }
     }
 
@@ -134,6 +154,7 @@ impl Manifest {
             slice: None,
             addresses: Vec::new(),
             members: None,
+            inputs: None,
             examples: 0,
             tokens: 0,
             train_loss: 0.0,
@@ -237,6 +258,16 @@ impl SignedManifest {
         let len = usize::try_from(manifest.adapter_len).unwrap_or(usize::MAX);
         if len == 0 || len > limits.max_adapter_bytes {
             return Err(ManifestError::Inconsistent(format!("adapter length {len} outside 1..={}", limits.max_adapter_bytes)));
+        }
+        let may_name_inputs = matches!(manifest.kind, ManifestKind::Attestation | ManifestKind::Average);
+        if (manifest.inputs.is_some() && !may_name_inputs) || (manifest.kind == ManifestKind::Attestation && manifest.inputs.is_none()) {
+            return Err(ManifestError::Inconsistent("an attestation names its inputs, and only an attestation or an average may".into()));
+        }
+        if manifest.kind == ManifestKind::Attestation {
+            if !manifest.chunk_ids.is_empty() || manifest.chunk_root.is_some() {
+                return Err(ManifestError::Inconsistent("an attestation describes no chunks".into()));
+            }
+            return Ok((manifest, author));
         }
         let chunk_size = manifest.chunk_size as usize;
         if !(8..=CHUNK_SIZE).contains(&chunk_size) {

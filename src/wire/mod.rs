@@ -6,12 +6,17 @@
 //!   fixed layout, so equal tensors hash equal everywhere), content-addressed
 //!   chunks and their reassembly, each bounded before it allocates;
 //! - `manifest`: the signed description of one published adapter;
+//! - `inputs`: the list of (author, update hash) an average is computed over;
+//! - `certificate`: a round's average with the attestations of two thirds
+//!   of its contributors;
 //! - `merkle`: one root over an adapter's chunk ids, and per-chunk proofs;
 //! - `tensors`: the averaging layer's float tensors to and from that
 //!   encoding, with the layout checks a received adapter must pass;
 //! - `slices`: that encoding cut into a round's slices (the reduce exchange).
 
+pub mod certificate;
 pub mod codec;
+pub mod inputs;
 pub mod manifest;
 pub mod merkle;
 pub mod slices;

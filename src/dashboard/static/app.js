@@ -60,6 +60,7 @@ function render(s) {
   text("run", "run " + s.run_id + (s.finished ? " · finished" : ""));
   text("round", `${Math.min(s.round, s.rounds)} / ${s.rounds}`);
   text("agreement", s.agreement === null || s.agreement === undefined ? "–" : s.agreement.toFixed(2));
+  text("certified", s.certified ?? "none yet");
   text("traffic", megabytes(s.bytes_sent) + " / " + megabytes(s.bytes_received));
   const reasons = Object.entries(s.rejected_by_reason || {});
   text("rejected", reasons.reduce((sum, [, n]) => sum + n, 0));

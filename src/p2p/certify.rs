@@ -1,0 +1,189 @@
+//! Round certificates as the network layer keeps them: this node's own
+//! averages wait here for their peers' attestations until two thirds of
+//! their contributors agree (then they are certified); certificates peers
+//! served are held if they are better than what this node has; the best one
+//! of each run is what late joiners get (docs/SECURITY.md, "Round
+//! certificates"). Pure state: the event loop feeds it and acts on what it
+//! returns.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use libp2p::PeerId;
+
+use crate::wire::certificate::{Certificate, Certified, attests, threshold};
+use crate::wire::codec::Digest;
+use crate::wire::inputs::decode_inputs;
+use crate::wire::manifest::{Manifest, SignedManifest};
+
+/// Rounds of its own averages a node keeps collecting attestations for.
+const DRAFT_ROUNDS: usize = 3;
+
+/// A certificate became known: one of this node's own averages gathered
+/// enough attestations, or a peer served one that checked out.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CertificateNews {
+    pub run_id: Digest,
+    pub round: u64,
+    pub average: Digest,
+    pub signers: usize,
+    pub contributors: usize,
+    /// This node's own average (else a peer's certificate).
+    pub own: bool,
+}
+
+/// One of this node's averages and the attestations gathered for it.
+struct Draft {
+    average: SignedManifest,
+    manifest: Manifest,
+    inputs: Vec<u8>,
+    contributors: BTreeSet<PeerId>,
+    attestations: BTreeMap<PeerId, SignedManifest>,
+    certified: bool,
+}
+
+/// The certificate a run's late joiners are served.
+struct Held {
+    round: u64,
+    signers: usize,
+    chunk_ids: Vec<Digest>,
+    bytes: Vec<u8>,
+}
+
+impl Held {
+    /// A certificate backed by more signers wins; between equals, the newer
+    /// round (docs/SECURITY.md says why signers come first).
+    fn rank(&self) -> (usize, u64) {
+        (self.signers, self.round)
+    }
+}
+
+#[derive(Default)]
+pub struct Certifier {
+    drafts: BTreeMap<(Digest, u64), Draft>,
+    held: HashMap<Digest, Held>,
+}
+
+impl Certifier {
+    /// This node's average of a round with its own attestation, and the
+    /// attestations of that round it already stored (peers that averaged
+    /// first). Returns the news if that is enough to certify it.
+    pub fn draft(&mut self, average: SignedManifest, manifest: Manifest, inputs: Vec<u8>, own: (PeerId, SignedManifest), earlier: Vec<(PeerId, Manifest, SignedManifest)>) -> Result<Option<CertificateNews>, String> {
+        let contributors = decode_inputs(&inputs)?.into_iter().map(|(peer, _)| peer).collect();
+        let key = (manifest.run_id, manifest.round);
+        let mut draft = Draft {
+            average,
+            manifest,
+            inputs,
+            contributors,
+            attestations: BTreeMap::new(),
+            certified: false,
+        };
+        draft.add(own.0, own.1);
+        for (author, attestation, signed) in earlier {
+            if draft.matches(&attestation) {
+                draft.add(author, signed);
+            }
+        }
+        self.drafts.insert(key, draft);
+        while self.drafts.keys().filter(|(run, _)| *run == key.0).count() > DRAFT_ROUNDS {
+            let Some(oldest) = self.drafts.keys().find(|(run, _)| *run == key.0).copied() else { break };
+            self.drafts.remove(&oldest);
+        }
+        Ok(self.try_certify(key))
+    }
+
+    /// A verified attestation from gossip: counted if it agrees with this
+    /// node's average of its round.
+    pub fn attest(&mut self, attestation: &Manifest, author: PeerId, signed: &SignedManifest) -> Option<CertificateNews> {
+        let key = (attestation.run_id, attestation.round);
+        let draft = self.drafts.get_mut(&key).filter(|d| d.matches(attestation))?;
+        draft.add(author, signed.clone());
+        self.try_certify(key)
+    }
+
+    /// A certificate a peer served, already verified: held (true) if it
+    /// ranks above what this node serves for its run.
+    pub fn offer(&mut self, certificate: &Certificate, certified: &Certified) -> Result<bool, String> {
+        let average = &certified.average;
+        let held = Held {
+            round: average.round,
+            signers: certified.signers.len(),
+            chunk_ids: average.chunk_ids.clone(),
+            bytes: certificate.to_bytes().map_err(|e| e.to_string())?,
+        };
+        if self.held.get(&average.run_id).is_some_and(|h| h.rank() >= held.rank()) {
+            return Ok(false);
+        }
+        self.held.insert(average.run_id, held);
+        Ok(true)
+    }
+
+    /// The encoded certificate late joiners of `run_id` get.
+    pub fn served(&self, run_id: &Digest) -> Option<&[u8]> {
+        self.held.get(run_id).map(|h| h.bytes.as_slice())
+    }
+
+    /// Chunks the store must keep: the served averages'.
+    pub fn pinned(&self) -> impl Iterator<Item = Digest> + '_ {
+        self.held.values().flat_map(|h| h.chunk_ids.iter().copied())
+    }
+
+    /// Forgets drafts of rounds before `round` (their chunks go with the
+    /// store's clean-up; the held certificates stay).
+    pub fn forget_before(&mut self, round: u64) {
+        self.drafts.retain(|(_, r), _| *r >= round);
+    }
+
+    /// Certifies the draft under `key` once two thirds of its contributors
+    /// attested, and serves it when it is the run's best: an own average is
+    /// held whenever it is newer (this node's view of its run), more signers
+    /// only break ties between rounds.
+    fn try_certify(&mut self, key: (Digest, u64)) -> Option<CertificateNews> {
+        let draft = self.drafts.get_mut(&key)?;
+        let signers = draft.attestations.len();
+        if signers < threshold(draft.contributors.len()) {
+            return None;
+        }
+        let certificate = Certificate {
+            average: draft.average.clone(),
+            inputs: draft.inputs.clone(),
+            attestations: draft.attestations.values().cloned().collect(),
+        };
+        // More attestations than a frame holds: serve what was last certified.
+        let bytes = certificate.to_bytes().ok()?;
+        let held = Held {
+            round: key.1,
+            signers,
+            chunk_ids: draft.manifest.chunk_ids.clone(),
+            bytes,
+        };
+        if self.held.get(&key.0).is_none_or(|h| (h.round, h.signers) <= (held.round, held.signers)) {
+            self.held.insert(key.0, held);
+        }
+        let news = CertificateNews {
+            run_id: key.0,
+            round: key.1,
+            average: draft.manifest.adapter_hash,
+            signers,
+            contributors: draft.contributors.len(),
+            own: true,
+        };
+        // Reported once; later attestations only strengthen what is served.
+        let first = !draft.certified;
+        draft.certified = true;
+        first.then_some(news)
+    }
+}
+
+impl Draft {
+    fn matches(&self, attestation: &Manifest) -> bool {
+        attests(attestation, &self.manifest)
+    }
+
+    /// Counts a contributor's attestation (the first one of each).
+    fn add(&mut self, author: PeerId, signed: SignedManifest) {
+        if self.contributors.contains(&author) {
+            self.attestations.entry(author).or_insert(signed);
+        }
+    }
+}
