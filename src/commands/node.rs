@@ -431,6 +431,7 @@ async fn run_exchange(config: &Config, args: &StartArgs) -> Result<(), NodeError
                 news.round, news.average, news.signers, news.contributors
             ),
             NetworkEvent::Rejected { peer, reason } => tracing::warn!(%peer, %reason, "rejected"),
+            NetworkEvent::Quarantined { peer, reason } => println!("quarantined {peer}: {reason}"),
             NetworkEvent::DialFailed { peer, error } => tracing::warn!(?peer, %error, "could not connect"),
         }
     }

@@ -128,7 +128,7 @@ async fn run_node(
         exchange: crate::node::exchange(config),
         replicas: config.federation.replicas as usize,
         audit: config.federation.audit,
-        lying_reducer: false,
+        misbehaviour: None,
     };
     let metrics_path = config.network.data_dir.join("metrics.jsonl");
     let mut metrics = std::fs::OpenOptions::new()
@@ -167,6 +167,7 @@ async fn run_node(
             (view.bytes_sent, view.bytes_received) = (status.bytes_sent, status.bytes_received);
             view.rejected_by_reason = status.rejected_by_reason.clone();
             view.certified = status.certified.as_ref().map(ToString::to_string);
+            view.quarantined = status.quarantined.clone();
             view.finished = status.finished;
         });
         if let Err(e) = status.write(&data_dir) {
@@ -298,6 +299,11 @@ async fn run_node(
                 let record = json!({"certified_round": round, "average_hash": certified.average, "signers": signers, "contributors": contributors});
                 writeln!(metrics, "{record}").map_err(|e| NodeError::Run(format!("{}: {e}", metrics_path.display())))?;
                 status.certified = Some(certified);
+                publish_status(&mut status);
+            }
+            EngineEvent::Quarantined { peer, reason } => {
+                println!("quarantined {peer}: {reason}");
+                status.quarantined.insert(peer.to_string(), reason);
                 publish_status(&mut status);
             }
             EngineEvent::Finished => {

@@ -96,6 +96,9 @@ pub fn run(config: &Config, args: &StatusArgs) -> ExitCode {
         println!("average   {}", status.last_average.as_deref().unwrap_or("none yet"));
         println!("agreement {}", status.agreement.map_or("-".to_owned(), |a| format!("{a:.2}")));
         println!("certified {}", status.certified.as_ref().map_or("none yet".to_owned(), ToString::to_string));
+        for (peer, reason) in &status.quarantined {
+            println!("quarantined {peer}: {reason}");
+        }
         println!("eval loss {}", status.last_eval_loss.map_or("-".to_owned(), |l| format!("{l:.4}")));
         println!("traffic   {:.2} MB sent, {:.2} MB received (payload)", status.bytes_sent as f64 / 1e6, status.bytes_received as f64 / 1e6);
         println!("rejected  {} messages{}", status.rejected, rejection_detail(&status.rejected_by_reason));

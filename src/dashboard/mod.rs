@@ -57,6 +57,9 @@ pub struct DashboardState {
     /// The newest certified average, in words ("round 3 (4 of 4 contributors signed)").
     #[serde(default)]
     pub certified: Option<String>,
+    /// Quarantined peers and why.
+    #[serde(default)]
+    pub quarantined: BTreeMap<String, String>,
     pub finished: bool,
 }
 

@@ -23,6 +23,7 @@ use crate::wire::slices::SliceLayout;
 use crate::wire::tensors::{decode_checked, encode};
 
 use super::checkpoint::{CheckpointError, CheckpointFile};
+use super::misbehaviour::{Misbehaviour, scaled};
 use super::partition::{hash_partition, hash_partition_sizes, static_partition};
 use super::reduce::{self, SliceInput};
 
@@ -169,9 +170,8 @@ pub struct EngineSettings {
     /// In the reduce exchange, the chance that a node recomputes one slice
     /// it did not own each round and checks its owners' result.
     pub audit: f64,
-    /// `simulate --attack lying-reducer` only: claim every owned slice with
-    /// its values ×10 (the node itself keeps the true slice).
-    pub lying_reducer: bool,
+    /// `simulate --attack …` only: what this attacking node does wrong.
+    pub misbehaviour: Option<Misbehaviour>,
 }
 
 /// A member of a round as this node saw it.
@@ -231,6 +231,8 @@ pub enum EngineEvent {
     /// it: the certificate late joiners now get from this node.
     Certified { round: u64, average: Digest, signers: usize, contributors: usize },
     Rejected { peer: PeerId, reason: String },
+    /// `peer` is proven to misbehave and left out of the run for good.
+    Quarantined { peer: PeerId, reason: String },
     Finished,
 }
 
@@ -364,6 +366,10 @@ pub struct Engine<T: RoundTrainer> {
     excluded: HashMap<PeerId, String>,
     /// The layout every adapter must have (the node's own initial adapter).
     layout: Tensors,
+    /// Quarantined on proof that reaches every node (gossiped evidence, a
+    /// signed manifest no honest node signs): their updates leave a round's
+    /// inputs even mid-round, as they do everywhere else.
+    convicted: HashSet<PeerId>,
     /// Certificates peers served while catching up: (signers, round) by
     /// average hash. Only these averages are taken.
     offered: HashMap<Digest, (usize, u64)>,
@@ -399,6 +405,7 @@ impl<T: RoundTrainer> Engine<T> {
             layout: Tensors::new(),
             offered: HashMap::new(),
             certified_round: None,
+            convicted: HashSet::new(),
         }
     }
 
@@ -427,6 +434,7 @@ impl<T: RoundTrainer> Engine<T> {
                 ManifestKind::Update | ManifestKind::Average | ManifestKind::Attestation => return,
             },
             NetworkEvent::Certified(news) => return self.on_certified(news),
+            NetworkEvent::Quarantined { peer, reason } => return self.quarantine(peer, reason, Conviction::Public),
             NetworkEvent::Rejected { peer, reason } => return self.report(EngineEvent::Rejected { peer, reason }),
             NetworkEvent::Listening(addr) => return self.report(EngineEvent::Listening(addr)),
             NetworkEvent::PeerConnected(peer) => return self.report(EngineEvent::PeerConnected(peer)),
@@ -436,8 +444,10 @@ impl<T: RoundTrainer> Engine<T> {
             return;
         }
         if let Err(reason) = self.check_claims(&manifest) {
+            // No honest node signs this: the signed manifest is the proof.
             tracing::warn!(peer = %author, round = manifest.round, %reason, "rejected an adapter");
-            return self.report(EngineEvent::Rejected { peer: author, reason });
+            self.report(EngineEvent::Rejected { peer: author, reason: reason.clone() });
+            return self.quarantine(author, reason, Conviction::Public);
         }
         if manifest.kind == ManifestKind::Slice {
             if let Some(bytes) = bytes.filter(|_| in_window(manifest.round, from)) {
@@ -716,9 +726,10 @@ impl<T: RoundTrainer> Engine<T> {
         // In the reduce exchange owners fetch slices with proofs: one root
         // instead of S chunk ids in a manifest every node receives.
         let described = if self.settings.exchange == Exchange::Reduce { described.rooted() } else { described };
+        let inflated = self.settings.misbehaviour == Some(Misbehaviour::InflateWeight) && local.examples > 0;
         let manifest = Manifest {
             parent: Some(parent),
-            examples: local.examples,
+            examples: if inflated { local.examples.saturating_mul(1000) } else { local.examples },
             tokens: local.tokens,
             train_loss: local.loss,
             members,
@@ -735,10 +746,65 @@ impl<T: RoundTrainer> Engine<T> {
             // for fetches, and the round goes on.
             Err(e) => tracing::warn!(round, error = %e, "could not gossip the update"),
         }
+        self.misbehave_with(&manifest, &update).await?;
         let me = self.me();
         self.own_update = Some(Arc::new(bytes_kept));
         self.buffered.entry(round).or_default().insert(me, Update { manifest, tensors: Some(update) });
         Ok(())
+    }
+
+    /// `simulate --attack equivocate | future-round`: after its real update,
+    /// an attacker publishes another one for the same round (×100), or the
+    /// same one under rounds the run does not have.
+    async fn misbehave_with(&mut self, manifest: &Manifest, update: &Tensors) -> Result<(), EngineError> {
+        let forgeries: Vec<(Manifest, Vec<u8>)> = match self.settings.misbehaviour {
+            Some(Misbehaviour::Equivocate) => {
+                let bytes = encode(&scaled(update, 100.0)).map_err(EngineError::Aggregate)?;
+                let described = Manifest::describe_chunked(manifest.run_id, manifest.round, &self.me(), &bytes, manifest.chunk_size as usize);
+                let described = if manifest.chunk_root.is_some() { described.rooted() } else { described };
+                let other = Manifest {
+                    adapter_hash: described.adapter_hash,
+                    chunk_ids: described.chunk_ids,
+                    chunk_root: described.chunk_root,
+                    ..manifest.clone()
+                };
+                vec![(other, bytes)]
+            }
+            Some(Misbehaviour::FutureRound) => {
+                let bytes = encode(update).map_err(EngineError::Aggregate)?;
+                [manifest.round.saturating_add(1000), u64::MAX].into_iter().map(|round| (Manifest { round, ..manifest.clone() }, bytes.clone())).collect()
+            }
+            _ => Vec::new(),
+        };
+        for (forged, bytes) in forgeries {
+            let signed = self.sign(&forged)?;
+            if let Err(e) = self.net.publish_unguarded(signed, forged, bytes).await {
+                tracing::debug!(error = %e, "a forgery was not gossiped");
+            }
+        }
+        Ok(())
+    }
+
+    /// `simulate --attack fake-average`: in place of its real average, a
+    /// poisoned one (×100), certified by the attacker alone as the average
+    /// of an input list naming only itself; it serves that to joiners.
+    fn fake_average(&self, round: u64, average: &Tensors) -> Result<Average, EngineError> {
+        let me = self.me();
+        let bytes = encode(&scaled(average, 100.0)).map_err(EngineError::Aggregate)?;
+        let inputs = inputs::encode_inputs(&[(me, Digest::of(&bytes))]);
+        let manifest = Manifest {
+            kind: ManifestKind::Average,
+            inputs: Some(Digest::of(&inputs)),
+            ..Manifest::describe(self.settings.run_id, round, &me, &bytes)
+        };
+        let attestation = Manifest::attestation(self.settings.run_id, round, &me, manifest.adapter_hash, manifest.adapter_len, Digest::of(&inputs));
+        Ok(Average {
+            signed: self.sign(&manifest)?,
+            attestation: self.sign(&attestation)?,
+            manifest,
+            bytes,
+            inputs,
+        })
     }
 
     /// The reduce exchange's average of `updates` (docs/PROTOCOL.md, "The
@@ -770,6 +836,8 @@ impl<T: RoundTrainer> Engine<T> {
         // Asked once: a node that cannot catch up waits for the deadline.
         let mut rejoin_tried = false;
         for pass in 0..REDUCE_PASSES {
+            // Authors convicted meanwhile are no inputs, nor owners.
+            updates.retain(|author, _| !self.convicted.contains(author));
             if updates.is_empty() {
                 // Every input's author is gone for this node (it came too
                 // late to fetch them): peers that finished the round have
@@ -830,9 +898,13 @@ impl<T: RoundTrainer> Engine<T> {
             //    contested ones are computed here at once.
             // Bounded by the deadline.
             let mut adopted = None;
+            let mut convicted = false;
             while unavailable.is_empty() {
                 adopted = self.adopt_inputs(round, digest, &updates, &mut adoption).await?;
-                if adopted.is_some() {
+                // An input's author was quarantined meanwhile: every node
+                // drops it, so the pass runs again without it.
+                convicted = updates.keys().any(|author| self.convicted.contains(author));
+                if adopted.is_some() || convicted {
                     break;
                 }
                 for s in 0..layout.count() {
@@ -871,6 +943,9 @@ impl<T: RoundTrainer> Engine<T> {
             }
             if let Some(adopted) = adopted {
                 updates = adopted;
+                continue;
+            }
+            if convicted {
                 continue;
             }
             // This node's own slices: a co-owner that claimed otherwise lied.
@@ -1103,10 +1178,29 @@ impl<T: RoundTrainer> Engine<T> {
         let liars: Vec<(PeerId, Digest)> = owners.iter().filter_map(|o| claims.get(o).filter(|c| c.result != truth).map(|c| (*o, c.result))).collect();
         for (liar, claimed) in liars {
             let reason = format!("lying-reducer: claimed slice {s} of round {round} is {claimed}, the signed inputs give {truth}");
-            tracing::warn!(peer = %liar, %reason, "excluded from the run");
-            self.excluded.insert(liar, reason.clone());
-            self.report(EngineEvent::Rejected { peer: liar, reason });
+            self.report(EngineEvent::Rejected { peer: liar, reason: reason.clone() });
+            self.quarantine(liar, reason, Conviction::Local);
         }
+    }
+
+    /// Excludes a peer proven to misbehave (its signed word is the proof):
+    /// not a member, not an owner, its updates and claims dropped, and the
+    /// network closes its connections.
+    fn quarantine(&mut self, peer: PeerId, reason: String, conviction: Conviction) {
+        if peer == self.me() || self.excluded.contains_key(&peer) {
+            return;
+        }
+        if conviction == Conviction::Public {
+            self.convicted.insert(peer);
+        }
+        tracing::warn!(%peer, %reason, "quarantined");
+        for updates in self.buffered.values_mut() {
+            updates.remove(&peer);
+        }
+        self.recent_authors.remove(&peer);
+        self.net.ban(peer);
+        self.excluded.insert(peer, reason.clone());
+        self.report(EngineEvent::Quarantined { peer, reason });
     }
 
     fn report_non_finite(&self, sources: &[InputSource], bad: &[usize], s: usize, round: u64) {
@@ -1133,7 +1227,7 @@ impl<T: RoundTrainer> Engine<T> {
         let mut indices = Vec::with_capacity(results.len());
         let mut bytes = Vec::new();
         for (s, mut chunk) in results {
-            if self.settings.lying_reducer {
+            if self.settings.misbehaviour == Some(Misbehaviour::LyingReducer) {
                 let values = view.layout.value_range(s);
                 let skip = values.start - view.layout.range(s).start;
                 for value in chunk[skip..].chunks_exact_mut(4) {
@@ -1294,7 +1388,8 @@ impl<T: RoundTrainer> Engine<T> {
         let run_id = self.settings.run_id;
         let hello = Manifest::hello(run_id, &self.me());
         let signed = self.sign(&hello)?;
-        match self.net.publish(signed, hello, Vec::new()).await {
+        let announce = self.settings.misbehaviour != Some(Misbehaviour::Silent);
+        match if announce { self.net.publish(signed, hello, Vec::new()).await } else { Ok(()) } {
             Err(e @ NetworkError::Store(_)) => return Err(EngineError::Network(e.to_string())),
             // No peer yet: they find the announcement by asking (below).
             Err(e) => tracing::debug!(error = %e, "announcement not gossiped"),
@@ -1347,7 +1442,8 @@ impl<T: RoundTrainer> Engine<T> {
         let run_id = self.settings.run_id;
         let parent = Digest::of(&encode(current).map_err(EngineError::Aggregate)?);
         let me = self.me();
-        let member = members.contains(&me);
+        let silent = self.settings.misbehaviour == Some(Misbehaviour::Silent);
+        let member = members.contains(&me) && !silent;
         let rows = self.rows(members);
         // 1. Train (a node with no rows this round contributes its start
         //    adapter with zero weight; one that is not a member, nothing).
@@ -1368,8 +1464,10 @@ impl<T: RoundTrainer> Engine<T> {
             self.publish_update(round, parent, update, &local, (chunk_size, listed)).await?;
         }
         // 3. Collect until every member's update is in, or the deadline.
-        let quorum = |buffered: &BTreeMap<u64, BTreeMap<PeerId, Update>>| {
-            buffered.get(&round).is_some_and(|got| members.iter().all(|m| got.contains_key(m)))
+        // A member quarantined meanwhile is not waited for.
+        let quorum = |buffered: &BTreeMap<u64, BTreeMap<PeerId, Update>>, excluded: &HashMap<PeerId, String>| {
+            let waited = |m: &&PeerId| **m != me || member;
+            buffered.get(&round).is_some_and(|got| members.iter().filter(waited).all(|m| got.contains_key(m) || excluded.contains_key(m)))
         };
         let mut clock = self.settings.clock.clone();
         self.report(EngineEvent::Collecting { round, deadline: clock.wall_deadline(round) });
@@ -1377,7 +1475,7 @@ impl<T: RoundTrainer> Engine<T> {
         tokio::pin!(deadline);
         let mut timed_out = false;
         // Bounded by the deadline.
-        while !quorum(&self.buffered) {
+        while !quorum(&self.buffered, &self.excluded) {
             tokio::select! {
                 _ = &mut deadline => {
                     timed_out = true;
@@ -1473,14 +1571,19 @@ impl<T: RoundTrainer> Engine<T> {
             ..Manifest::describe(run_id, round, &me, &average_bytes)
         };
         let attestation = Manifest::attestation(run_id, round, &me, average_manifest.adapter_hash, average_manifest.adapter_len, inputs_digest);
-        let kept = Average {
-            signed: self.sign(&average_manifest)?,
-            attestation: self.sign(&attestation)?,
-            manifest: average_manifest,
-            bytes: average_bytes,
-            inputs: inputs_list,
+        let kept = match self.settings.misbehaviour {
+            Some(Misbehaviour::FakeAverage) => Some(self.fake_average(round, &average)?),
+            _ => Some(Average {
+                signed: self.sign(&average_manifest)?,
+                attestation: self.sign(&attestation)?,
+                manifest: average_manifest,
+                bytes: average_bytes,
+                inputs: inputs_list,
+            }),
         };
-        self.net.keep_average(kept).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        if let Some(kept) = kept.filter(|_| !silent) {
+            self.net.keep_average(kept).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        }
         if let Err(e) = self.net.forget_before(round.saturating_sub(1)).await {
             tracing::warn!(error = %e, "store clean-up failed");
         }
@@ -1538,6 +1641,16 @@ impl<T: RoundTrainer> Engine<T> {
         let others = members.saturating_sub(1).max(1);
         ahead.len().saturating_mul(2) >= others
     }
+}
+
+/// How a quarantine's proof travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Conviction {
+    /// Every node gets it: gossiped evidence, or a signed manifest gossiped
+    /// to all.
+    Public,
+    /// Only this node proved it (a slice claim it recomputed).
+    Local,
 }
 
 /// How a round ended.

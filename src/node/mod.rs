@@ -3,13 +3,15 @@
 //! `RoundTrainer` trait and the p2p `NetworkHandle`; `compute` puts an MLX
 //! trainer behind that trait on its own thread; `partition` decides who
 //! trains on which rows; `reduce` who owns which slice of an average and
-//! how a slice is computed; `checkpoint` keeps what a node needs to resume
+//! how a slice is computed; `misbehaviour` what a simulated attacker does
+//! in the engine; `checkpoint` keeps what a node needs to resume
 //! after a crash.
 
 pub mod checkpoint;
 #[cfg(feature = "train")]
 pub mod compute;
 pub mod engine;
+pub mod misbehaviour;
 pub mod partition;
 pub mod prometheus;
 pub mod reduce;

@@ -9,7 +9,7 @@ use axum::Router;
 use axum::http::{StatusCode, header};
 use axum::routing::get;
 
-use super::status::NodeStatus;
+use super::status::{NodeStatus, rejection_kind};
 
 /// The page for one status.
 pub fn render(status: &NodeStatus) -> String {
@@ -26,10 +26,15 @@ pub fn render(status: &NodeStatus) -> String {
     metric("blossom_payload_received_bytes_total", "counter", "Payload bytes received.", status.bytes_received as f64);
     metric("blossom_certified_round", "gauge", "The newest round whose average from this node is certified (-1: none yet).", status.certified.as_ref().map_or(-1.0, |c| c.round as f64));
     metric("blossom_certificate_signers", "gauge", "Contributors that signed that certificate.", status.certified.as_ref().map_or(0.0, |c| c.signers as f64));
+    metric("blossom_quarantined_peers", "gauge", "Peers proven to misbehave and left out of the run.", status.quarantined.len() as f64);
     metric("blossom_rejected_messages_total", "counter", "Messages that failed validation.", status.rejected as f64);
     let _ = writeln!(page, "# HELP blossom_rejected_by_reason_total Messages that failed validation, by the check that failed.\n# TYPE blossom_rejected_by_reason_total counter");
     for (reason, count) in &status.rejected_by_reason {
         let _ = writeln!(page, "blossom_rejected_by_reason_total{{run=\"{}\",peer=\"{}\",reason=\"{reason}\"}} {count}", status.run_id, status.peer_id);
+    }
+    let _ = writeln!(page, "# HELP blossom_quarantined Peers proven to misbehave, with the proof's kind.\n# TYPE blossom_quarantined gauge");
+    for (peer, reason) in &status.quarantined {
+        let _ = writeln!(page, "blossom_quarantined{{run=\"{}\",peer=\"{}\",quarantined=\"{peer}\",reason=\"{}\"}} 1", status.run_id, status.peer_id, rejection_kind(reason));
     }
     page
 }

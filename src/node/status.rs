@@ -34,6 +34,9 @@ pub struct NodeStatus {
     /// contributors attested: what late joiners get from it.
     #[serde(default)]
     pub certified: Option<CertifiedRound>,
+    /// Peers proven to misbehave and left out of the run, with the proof in words.
+    #[serde(default)]
+    pub quarantined: BTreeMap<String, String>,
     pub finished: bool,
     /// Seconds since the Unix epoch at the last update.
     pub updated: u64,
@@ -57,13 +60,16 @@ impl std::fmt::Display for CertifiedRound {
 /// The kind of a rejection, from its message (metrics label): what the
 /// check that failed was about.
 pub fn rejection_kind(reason: &str) -> &'static str {
-    const KINDS: [(&[&str], &str); 11] = [
+    const KINDS: [(&[&str], &str); 14] = [
         (&["lying-reducer"], "lying-reducer"),
+        (&["quarantined"], "quarantined"),
+        (&["certificate", "attests"], "certificate"),
+        (&["of the run"], "future-round"),
         (&["signature", "signing key"], "signature"),
         (&["allowlist"], "not-allowed"),
         (&["on the topic of run", "did not join", "wrong run"], "wrong-run"),
         (&["outside the round window"], "stale-round"),
-        (&["second, different update", "two different claims"], "equivocation"),
+        (&["second, different update", "two different claims", "equivocation"], "equivocation"),
         (&["wrong weight"], "wrong-weight"),
         (&["NaN or infinite", "non-finite"], "non-finite"),
         (&["has shape", "unexpected tensor", "tensors, missing"], "wrong-shape"),

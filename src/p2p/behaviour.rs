@@ -15,6 +15,8 @@ pub const IDENTIFY_PROTOCOL: &str = "/blossom/id/1";
 pub struct Behaviour {
     /// A closed run's allowlist: other peers' connections are denied.
     pub allowed: Toggle<allow_block_list::Behaviour<allow_block_list::AllowedPeers>>,
+    /// Quarantined peers: their connections are closed and refused.
+    pub blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
     pub limits: connection_limits::Behaviour,
     pub identify: identify::Behaviour,
     pub ping: ping::Behaviour,
@@ -128,6 +130,7 @@ pub fn build(
     });
     Ok(Behaviour {
         allowed: allowed.into(),
+        blocked: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
         identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
         ping: ping::Behaviour::default(),

@@ -23,6 +23,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::store::Store;
 use crate::wire::certificate::Certificate;
 use crate::wire::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks_of};
+use crate::wire::evidence::Equivocation;
 use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 use crate::wire::merkle;
 
@@ -78,6 +79,9 @@ pub enum NetworkEvent {
     /// A round certificate: one of this node's averages was certified, or a
     /// peer served one that checked out (held if it beats this node's).
     Certified(CertificateNews),
+    /// `peer` is proven to misbehave (checked evidence): its connections are
+    /// closed and refused, and nothing it signs is accepted any more.
+    Quarantined { peer: PeerId, reason: String },
     /// A message failed validation and was not forwarded.
     Rejected { peer: PeerId, reason: String },
     /// An outgoing connection failed (e.g. an unreachable bootstrap peer).
@@ -110,7 +114,8 @@ pub enum Exchange {
 
 enum Command {
     Subscribe(Digest, Exchange, oneshot::Sender<Result<(), String>>),
-    Publish(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), NetworkError>>),
+    /// With the guard against a second update for a round (true), or not.
+    Publish(Box<(SignedManifest, Manifest, Vec<u8>)>, bool, oneshot::Sender<Result<(), NetworkError>>),
     Dial(Multiaddr, oneshot::Sender<Result<(), String>>),
     Listen(Multiaddr, oneshot::Sender<Result<(), String>>),
     ListenAddrs(oneshot::Sender<Vec<Multiaddr>>),
@@ -118,6 +123,8 @@ enum Command {
     Reachable(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
     PeerScore(PeerId, oneshot::Sender<Option<f64>>),
+    /// Quarantine a peer proven to misbehave (the round engine's proof).
+    Ban(PeerId),
     /// Ask connected peers for the newest manifest of a run, and fetch it.
     CatchUp(Digest, oneshot::Sender<Result<(), String>>),
     Unsubscribe(Digest, oneshot::Sender<()>),
@@ -213,8 +220,17 @@ impl NetworkHandle {
         self.call(|tx| Command::PutBlob(round, bytes, tx)).await?
     }
 
+    /// Stores and gossips a signed manifest and its adapter's chunks. A
+    /// second, different update for a round this node already published an
+    /// update for is refused: it would be equivocation.
     pub async fn publish(&self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
-        self.call(|tx| Command::Publish(Box::new((signed, manifest, adapter)), tx)).await?
+        self.call(|tx| Command::Publish(Box::new((signed, manifest, adapter)), true, tx)).await?
+    }
+
+    /// `publish` without that refusal: only the adversary suite's
+    /// equivocating node (`simulate --attack equivocate`) calls it.
+    pub async fn publish_unguarded(&self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
+        self.call(|tx| Command::Publish(Box::new((signed, manifest, adapter)), false, tx)).await?
     }
 
     /// Leaves the run's topics (peers learn it at once, as from a goodbye).
@@ -282,6 +298,16 @@ impl NetworkHandle {
         self.commands.send(Command::AskRound(run_id, round)).await.map_err(|_| NetworkError::Stopped)
     }
 
+    /// Quarantines `peer` (the round engine proved it misbehaves): closes
+    /// and refuses its connections and accepts nothing it signs. Sent
+    /// without waiting, so event handlers can call it; a full command queue
+    /// drops it (the engine excludes the peer anyway).
+    pub fn ban(&self, peer: PeerId) {
+        if self.commands.try_send(Command::Ban(peer)).is_err() {
+            tracing::warn!(%peer, "the network is busy: the quarantined peer's connections stay open");
+        }
+    }
+
     pub async fn catch_up(&self, run_id: Digest) -> Result<(), NetworkError> {
         self.call(|tx| Command::CatchUp(run_id, tx)).await?.map_err(NetworkError::Command)
     }
@@ -322,6 +348,14 @@ fn topics(run_id: &Digest) -> (gossipsub::Sha256Topic, gossipsub::Sha256Topic) {
     )
 }
 
+/// A run's topic for evidence of misbehaviour (rare, small messages).
+fn evidence_topic(run_id: &Digest) -> gossipsub::Sha256Topic {
+    gossipsub::Sha256Topic::new(format!("blossom/{}/evidence", run_id.to_hex()))
+}
+
+/// First update manifests remembered to catch equivocation, at most.
+const MAX_FIRST_UPDATES: usize = 1 << 16;
+
 /// An adapter we know the manifest of and are assembling.
 struct Pending {
     manifest: Manifest,
@@ -349,6 +383,12 @@ struct EventLoop {
     /// Subscribed runs, by the hash of their manifest and chunk topics.
     manifest_topics: HashMap<gossipsub::TopicHash, Digest>,
     chunk_topics: HashSet<gossipsub::TopicHash>,
+    evidence_topics: HashMap<gossipsub::TopicHash, Digest>,
+    /// The first signed update of each (run, round, author): a second,
+    /// different one is evidence of equivocation.
+    first_updates: HashMap<(Digest, u64, PeerId), SignedManifest>,
+    /// Peers proven to misbehave, and why.
+    quarantined: HashMap<PeerId, String>,
     pending: HashMap<Digest, Pending>,
     /// Newest verified update of each run, for late joiners.
     latest: HashMap<Digest, Latest>,
@@ -474,6 +514,9 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         events: event_tx,
         manifest_topics: HashMap::new(),
         chunk_topics: HashSet::new(),
+        evidence_topics: HashMap::new(),
+        first_updates: HashMap::new(),
+        quarantined: HashMap::new(),
         pending: HashMap::new(),
         latest: HashMap::new(),
         certifier: Certifier::default(),
@@ -555,24 +598,27 @@ impl EventLoop {
                     self.reduce_runs.insert(run_id);
                 }
                 let (manifests, chunks) = topics(&run_id);
+                let evidence = evidence_topic(&run_id);
                 let gossip = &mut self.swarm.behaviour_mut().gossipsub;
                 let result = gossip
                     .subscribe(&manifests)
                     .and_then(|_| gossip.subscribe(&chunks))
+                    .and_then(|_| gossip.subscribe(&evidence))
                     .map(|_| ())
                     .map_err(|e| format!("subscribe: {e}"));
-                for topic in [&manifests, &chunks] {
+                for topic in [&manifests, &chunks, &evidence] {
                     if let Err(e) = gossip.set_topic_params(topic.clone(), behaviour::topic_score_params()) {
                         tracing::error!(error = e, "peer scoring is off for a run topic");
                     }
                 }
                 self.manifest_topics.insert(manifests.hash(), run_id);
                 self.chunk_topics.insert(chunks.hash());
+                self.evidence_topics.insert(evidence.hash(), run_id);
                 let _ = reply.send(result);
             }
-            Command::Publish(publication, reply) => {
+            Command::Publish(publication, guarded, reply) => {
                 let (signed, manifest, adapter) = *publication;
-                let _ = reply.send(self.publish(signed, manifest, adapter));
+                let _ = reply.send(self.publish(signed, manifest, adapter, guarded));
             }
             Command::KeepAverage(average, reply) => {
                 let _ = reply.send(self.keep_average(*average).await);
@@ -586,6 +632,8 @@ impl EventLoop {
                 let gossip = &mut self.swarm.behaviour_mut().gossipsub;
                 gossip.unsubscribe(&manifests);
                 gossip.unsubscribe(&chunks);
+                gossip.unsubscribe(&evidence_topic(&run_id));
+                self.evidence_topics.retain(|_, run| *run != run_id);
                 self.manifest_topics.remove(&manifests.hash());
                 self.chunk_topics.remove(&chunks.hash());
                 self.reduce_runs.remove(&run_id);
@@ -605,6 +653,7 @@ impl EventLoop {
                     tracing::debug!(?report, "store clean-up");
                 });
                 self.known.retain(|_, (known_round, _)| *known_round >= round);
+                self.first_updates.retain(|(_, r, _), _| *r >= round);
                 self.pending.retain(|_, p| p.manifest.round >= round);
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
@@ -656,6 +705,7 @@ impl EventLoop {
                     id
                 }));
             }
+            Command::Ban(peer) => self.quarantine(peer, "proven by the round engine".into()),
             Command::CatchUp(run_id, reply) => {
                 let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                 if peers.is_empty() {
@@ -686,8 +736,13 @@ impl EventLoop {
         Ok(chunks)
     }
 
-    fn publish(&mut self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>) -> Result<(), NetworkError> {
+    fn publish(&mut self, signed: SignedManifest, manifest: Manifest, adapter: Vec<u8>, guarded: bool) -> Result<(), NetworkError> {
         let (manifest_topic, chunk_topic) = topics(&manifest.run_id);
+        // A node restarted mid-round may train the round again on other
+        // rows: signing a second update would be equivocation.
+        if guarded && manifest.kind == ManifestKind::Update && self.published_another(&manifest, &signed) {
+            return Err(NetworkError::Command(format!("this node already published another update for round {}", manifest.round)));
+        }
         let chunks = self.keep(&signed, &manifest, &adapter)?;
         let bytes = signed.to_bytes().map_err(|e| NetworkError::Command(e.to_string()))?;
         let gossip = &mut self.swarm.behaviour_mut().gossipsub;
@@ -793,6 +848,8 @@ impl EventLoop {
             self.accept_manifest(&message.data, Some(run_id), Some(source)).await.map(|()| true)
         } else if self.chunk_topics.contains(&message.topic) {
             self.accept_chunk_message(&message.data).await
+        } else if let Some(run_id) = self.evidence_topics.get(&message.topic).copied() {
+            self.accept_evidence(&message.data, run_id).await.map(|()| true)
         } else {
             Err("message on a topic this node did not join".to_owned())
         };
@@ -828,6 +885,15 @@ impl EventLoop {
         if self.allowed_peers.as_ref().is_some_and(|allowed| !allowed.contains(&author)) {
             return Err(format!("manifest by {author}, who is not in this run's allowlist"));
         }
+        if let Some(why) = self.quarantined.get(&author) {
+            return Err(format!("manifest by {author}, quarantined for {why}"));
+        }
+        if manifest.kind == ManifestKind::Update
+            && let Some(evidence) = self.equivocation(&manifest, author, &signed)
+        {
+            self.convict(evidence).await;
+            return Err(format!("a second, different update for round {} by {author}: equivocation", manifest.round));
+        }
         if manifest.kind == ManifestKind::Average {
             return Err(format!("an average of round {} offered without its certificate", manifest.round));
         }
@@ -859,6 +925,72 @@ impl EventLoop {
             return Ok(());
         }
         self.assemble(manifest, author, source).await;
+        Ok(())
+    }
+
+    /// Whether this node already published another update for the round
+    /// of `manifest` (in this process, or before a restart: the store).
+    fn published_another(&mut self, manifest: &Manifest, signed: &SignedManifest) -> bool {
+        let me = *self.swarm.local_peer_id();
+        let before_restart = self.store.manifests(manifest.round).unwrap_or_default().into_iter().any(|stored| {
+            stored.verify(&self.limits).is_ok_and(|(m, author)| author == me && m.kind == ManifestKind::Update && m.run_id == manifest.run_id && m.adapter_hash != manifest.adapter_hash)
+        });
+        before_restart || self.equivocation(manifest, me, signed).is_some()
+    }
+
+    /// Remembers the first update of each (run, round, author); a second,
+    /// different one returns the evidence of equivocation.
+    fn equivocation(&mut self, manifest: &Manifest, author: PeerId, signed: &SignedManifest) -> Option<Equivocation> {
+        let key = (manifest.run_id, manifest.round, author);
+        match self.first_updates.get(&key) {
+            Some(first) => {
+                let evidence = Equivocation { first: first.clone(), second: signed.clone() };
+                evidence.verify(&self.limits).is_ok().then_some(evidence)
+            }
+            None => {
+                if self.first_updates.len() < MAX_FIRST_UPDATES {
+                    self.first_updates.insert(key, signed.clone());
+                }
+                None
+            }
+        }
+    }
+
+    /// Acts on checked evidence: quarantines its author and gossips the
+    /// evidence, so that peers that saw only one of the two updates learn it.
+    async fn convict(&mut self, evidence: Equivocation) {
+        let Ok(proven) = evidence.verify(&self.limits) else { return };
+        if self.quarantined.contains_key(&proven.peer) || proven.peer == *self.swarm.local_peer_id() {
+            return;
+        }
+        if let Ok(bytes) = evidence.to_bytes() {
+            let size = bytes.len();
+            if self.swarm.behaviour_mut().gossipsub.publish(evidence_topic(&proven.run_id), bytes).is_ok() {
+                self.count_sent(size);
+            }
+        }
+        self.quarantine(proven.peer, proven.reason.clone());
+        self.emit(NetworkEvent::Quarantined { peer: proven.peer, reason: proven.reason }).await;
+    }
+
+    /// Closes and refuses `peer`'s connections, and accepts nothing it signs.
+    fn quarantine(&mut self, peer: PeerId, reason: String) {
+        tracing::warn!(%peer, %reason, "quarantined");
+        self.swarm.behaviour_mut().blocked.block_peer(peer);
+        self.swarm.behaviour_mut().gossipsub.blacklist_peer(&peer);
+        self.first_updates.retain(|(_, _, author), _| *author != peer);
+        self.quarantined.entry(peer).or_insert(reason);
+    }
+
+    /// Gossiped evidence for `run_id`: checked here before anything is done
+    /// with it (a forwarder cannot make it up: it needs the accused's keys).
+    async fn accept_evidence(&mut self, bytes: &[u8], run_id: Digest) -> Result<(), String> {
+        let evidence = Equivocation::from_bytes(bytes)?;
+        let proven = evidence.verify(&self.limits)?;
+        if proven.run_id != run_id {
+            return Err(format!("evidence for run {:?} on the topic of run {run_id:?}", proven.run_id));
+        }
+        self.convict(evidence).await;
         Ok(())
     }
 

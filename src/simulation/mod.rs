@@ -10,7 +10,7 @@ mod table;
 
 pub use poison::Attack;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -160,7 +160,7 @@ impl Simulation {
         }
         let (tx, mut rx) = mpsc::unbounded_channel();
         let attack = self.attack.filter(|_| node >= self.first_attacker);
-        settings.lying_reducer = attack == Some(Attack::LyingReducer);
+        settings.misbehaviour = attack.and_then(Attack::misbehaviour);
         let trainer = SimTrainer {
             client: client.clone(),
             attack,
@@ -320,7 +320,9 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         },
         catch_up: false,
         // Round 0 waits for every node that starts with the run.
-        min_members: (nodes as usize).saturating_sub(late.len()).max(1),
+        // Every node that starts announces itself, but a silent attacker
+        // never does: round 0 would wait for it for ever.
+        min_members: (nodes as usize).saturating_sub(late.len()).saturating_sub(if args.attack == Some(Attack::Silent) { args.attackers as usize } else { 0 }).max(1),
         grace: Duration::from_millis(300),
         evaluate: false,
         save_every: 0,
@@ -333,7 +335,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         exchange: crate::node::exchange(config),
         replicas: config.federation.replicas as usize,
         audit: config.federation.audit,
-        lying_reducer: false,
+        misbehaviour: None,
     };
     println!(
         "simulating {nodes} nodes, {rounds} rounds of {local_steps} steps, scenario `{}`, `{}` averaging; run {}",
@@ -363,7 +365,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         first_attacker: u64::from(nodes.saturating_sub(args.attackers)),
     };
     if let Some(attack) = args.attack {
-        println!("nodes {}..{} attack: {attack:?}", u64::from(nodes.saturating_sub(args.attackers)), nodes - 1);
+        println!("nodes {}..{} attack: {attack:?}; the table shows the honest nodes", u64::from(nodes.saturating_sub(args.attackers)), nodes - 1);
     }
     for node in (0..u64::from(nodes)).filter(|n| !late.contains(n)) {
         sim.start(node, false)?;
@@ -382,9 +384,15 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let mut rejected: BTreeMap<String, u64> = BTreeMap::new();
     // Nodes whose own average of each round was certified.
     let mut certified: BTreeMap<u64, u64> = BTreeMap::new();
+    // Who quarantined whom (node numbers), and the first reason given.
+    let node_of: HashMap<libp2p::PeerId, u64> = (0..u64::from(nodes)).map(|n| Ok((keypair(scenario.seed, n)?.public().to_peer_id(), n))).collect::<Result<_, SimError>>()?;
+    let mut quarantined: BTreeMap<u64, (BTreeSet<u64>, String)> = BTreeMap::new();
     let mut node_rows: BTreeMap<u64, PeerRow> = BTreeMap::new();
     // Bounded: every node finishes, stops or fails; each event is one step.
-    while sim.running.keys().any(|n| !finished.contains(n)) {
+    // The run is over when the honest nodes are done (an attacker cut off
+    // by quarantine would only sit out its deadlines).
+    let honest = |node: &u64| args.attack.is_none() || *node < u64::from(nodes.saturating_sub(args.attackers));
+    while sim.running.keys().any(|n| honest(n) && !finished.contains(n)) {
         let Some((node, event, now)) = rx.recv().await else { break };
         match event {
             EngineEvent::Round(report) => {
@@ -398,6 +406,12 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                 let seen = sim.traffic_seen.insert(node, now).unwrap_or_default();
                 let round = report.round;
                 last_round.insert(node, round);
+                // The table is the honest nodes' view: an attacker's own
+                // average (a quarantined one's, say) is not the run's.
+                let attacker = sim.attack.is_some() && node >= sim.first_attacker;
+                if attacker {
+                    continue;
+                }
                 if rows.last().is_some_and(|row| row.round >= round) {
                     // A node that rejoined from an older average redid a
                     // round the table already closed.
@@ -430,6 +444,13 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                 }
             }
             EngineEvent::Certified { round, .. } => *certified.entry(round).or_default() += 1,
+            EngineEvent::Quarantined { peer, reason } => {
+                let accused = node_of.get(&peer).map_or_else(|| peer.to_string(), ToString::to_string);
+                println!("  node {node} quarantined node {accused}: {reason}");
+                if let Some(accused) = node_of.get(&peer) {
+                    quarantined.entry(*accused).or_insert_with(|| (BTreeSet::new(), reason)).0.insert(node);
+                }
+            }
             EngineEvent::Finished => finished.push(node),
             EngineEvent::Listening(_)
             | EngineEvent::PeerConnected(_)
@@ -451,7 +472,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         });
         // A round is complete once every running node has moved past it.
         while let Some((&round, _)) = by_round.first_key_value() {
-            let done = sim.running.keys().all(|n| finished.contains(n) || last_round.get(n).is_some_and(|r| *r >= round));
+            let done = sim.running.keys().filter(|n| honest(n)).all(|n| finished.contains(n) || last_round.get(n).is_some_and(|r| *r >= round));
             if !done {
                 break;
             }
@@ -470,6 +491,9 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let last = rows.last().ok_or_else(|| SimError::Run("no round completed".into()))?;
     println!("done in {:.1} s; {} messages rejected{}", wall.as_secs_f64(), rejected.values().sum::<u64>(), rejection_detail(&rejected));
     println!("final agreement {:.2}, eval loss {:.4} (round 0: {:.4})", last.agreement, last.eval_loss, rows[0].eval_loss);
+    for (accused, (by, reason)) in &quarantined {
+        println!("quarantined: node {accused} by {} nodes ({})", by.len(), rejection_kind(reason));
+    }
     println!(
         "certified averages (nodes, by round): {}",
         certified.iter().map(|(round, nodes)| format!("{round}: {nodes}")).collect::<Vec<_>>().join(", ")
@@ -493,6 +517,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         "wall_seconds": wall.as_secs_f64(),
         "peak_rss_mb": table::memory_mb().1,
         "certified_nodes_by_round": certified.values().collect::<Vec<_>>(),
+        "quarantined": quarantined.iter().map(|(accused, (by, reason))| json!({"node": accused, "by": by.len(), "kind": rejection_kind(reason)})).collect::<Vec<_>>(),
     });
     writeln!(metrics, "{summary}").map_err(|e| SimError::Run(format!("{}: {e}", metrics_path.display())))?;
     println!(

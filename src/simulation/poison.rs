@@ -1,6 +1,8 @@
-//! Poisoning attacks for `simulate --attack`: a node that trains honestly,
-//! then publishes a corrupted update (well-formed, so only robust averaging
-//! can limit it). Every other node is untouched.
+//! Attacks for `simulate --attack` (docs/SECURITY.md, "The adversary
+//! suite"): a node that trains honestly, then publishes a corrupted update
+//! (well-formed, so only robust averaging can limit it), or that breaks the
+//! protocol in the round engine (`node::misbehaviour`). Every other node is
+//! untouched.
 
 use std::path::PathBuf;
 
@@ -9,6 +11,7 @@ use clap::ValueEnum;
 use crate::aggregate::Tensors;
 use crate::node::compute::ComputeClient;
 use crate::node::engine::{LocalResult, RoundTrainer};
+use crate::node::misbehaviour::Misbehaviour;
 use crate::rng::SeededRng;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -22,13 +25,40 @@ pub enum Attack {
     /// Trains honestly, but as a slice owner in the reduce exchange claims
     /// every slice it owns with its values ×10 (`federation.exchange = "reduce"`).
     LyingReducer,
+    /// Claims 1,000 times the examples it trained on.
+    InflateWeight,
+    /// Serves a poisoned average (×100) to late joiners, certified by
+    /// itself alone; use it with the late-joiners scenario.
+    FakeAverage,
+    /// Publishes two different updates for every round (the second ×100).
+    Equivocate,
+    /// Also publishes its update for rounds r + 1,000 and u64::MAX.
+    FutureRound,
+    /// Subscribes to the run and never publishes.
+    Silent,
+    /// Every attacker (`--attackers k`: one attacker's k identities) sends
+    /// the same update: Gaussian noise (σ = 1) drawn from the round alone.
+    Sybil,
 }
 
 impl Attack {
     /// Whether the attack corrupts the attacker's updates (the others act
     /// in the round engine).
     pub fn poisons_updates(self) -> bool {
-        !matches!(self, Attack::LyingReducer)
+        matches!(self, Attack::Scale | Attack::SignFlip | Attack::Noise | Attack::Sybil)
+    }
+
+    /// What the attack does in the round engine, if anything.
+    pub fn misbehaviour(self) -> Option<Misbehaviour> {
+        match self {
+            Attack::LyingReducer => Some(Misbehaviour::LyingReducer),
+            Attack::InflateWeight => Some(Misbehaviour::InflateWeight),
+            Attack::FakeAverage => Some(Misbehaviour::FakeAverage),
+            Attack::Equivocate => Some(Misbehaviour::Equivocate),
+            Attack::FutureRound => Some(Misbehaviour::FutureRound),
+            Attack::Silent => Some(Misbehaviour::Silent),
+            Attack::Scale | Attack::SignFlip | Attack::Noise | Attack::Sybil => None,
+        }
     }
 }
 
@@ -55,8 +85,8 @@ pub fn poison(attack: Attack, start: &Tensors, trained: &mut Tensors, rng: &mut 
             let poisoned = match attack {
                 Attack::Scale => f64::from(before) + 100.0 * delta,
                 Attack::SignFlip => f64::from(before) - delta,
-                Attack::Noise => f64::from(before) + normal(rng),
-                Attack::LyingReducer => f64::from(*value),
+                Attack::Noise | Attack::Sybil => f64::from(before) + normal(rng),
+                _ => f64::from(*value),
             };
             *value = poisoned as f32;
         }
@@ -71,7 +101,9 @@ impl RoundTrainer for SimTrainer {
     async fn train(&self, start: Tensors, rows: Vec<u64>, round: u64) -> Result<(Tensors, LocalResult), String> {
         let (mut trained, local) = self.client.train(start.clone(), rows, round).await?;
         if let Some(attack) = self.attack.filter(|a| a.poisons_updates()) {
-            let mut rng = SeededRng::new(self.seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            // Sybil identities send one update: its noise depends on the round only.
+            let seed = if attack == Attack::Sybil { 0x5EB1 } else { self.seed };
+            let mut rng = SeededRng::new(seed ^ round.wrapping_mul(0x9E37_79B9_7F4A_7C15));
             poison(attack, &start, &mut trained, &mut rng);
         }
         Ok((trained, local))

@@ -9,6 +9,7 @@
 //! - `inputs`: the list of (author, update hash) an average is computed over;
 //! - `certificate`: a round's average with the attestations of two thirds
 //!   of its contributors;
+//! - `evidence`: signed proof of misbehaviour (two updates for one round);
 //! - `merkle`: one root over an adapter's chunk ids, and per-chunk proofs;
 //! - `tensors`: the averaging layer's float tensors to and from that
 //!   encoding, with the layout checks a received adapter must pass;
@@ -16,6 +17,7 @@
 
 pub mod certificate;
 pub mod codec;
+pub mod evidence;
 pub mod inputs;
 pub mod manifest;
 pub mod merkle;

@@ -64,7 +64,8 @@ function render(s) {
   text("traffic", megabytes(s.bytes_sent) + " / " + megabytes(s.bytes_received));
   const reasons = Object.entries(s.rejected_by_reason || {});
   text("rejected", reasons.reduce((sum, [, n]) => sum + n, 0));
-  text("reasons", reasons.map(([reason, n]) => `${n} ${reason}`).join(", "));
+  const quarantined = Object.entries(s.quarantined || {});
+  text("reasons", reasons.map(([reason, n]) => `${n} ${reason}`).join(", ") + (quarantined.length ? ` · quarantined: ${quarantined.map(([peer, why]) => `${peer.slice(-8)} (${why})`).join(", ")}` : ""));
   deadline = s.deadline_unix_ms ?? null;
   if (deadline === null) text("countdown", s.finished ? "done" : "when peers are in");
   chart(s.history || []);
