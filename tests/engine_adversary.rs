@@ -89,7 +89,7 @@ fn settings(run_id: Digest, rounds: u64) -> EngineSettings {
         exchange: Exchange::Gossip,
         replicas: 2,
         audit: 0.0,
-        lying_reducer: false,
+        misbehaviour: None,
     }
 }
 
@@ -140,41 +140,46 @@ async fn listening(dir: &tempfile::TempDir, name: &str, key: &Keypair) -> (Netwo
     (net, addr)
 }
 
-/// A hostile peer joins a 3-round run: it announces itself for round 0,
-/// serves a forged, self-certified "average" of round u64::MAX (every value
-/// × 500) to joiners, publishes an update for round 0 that claims 10^12
-/// examples, and otherwise never publishes; a second hostile peer serves a
-/// self-certified forgery of round 1, inside the run. The honest node must
-/// reject all of it, never crash (u64::MAX + 1 used to panic in catch-up),
-/// never train from a forgery, and lose one deadline to the silent peer,
-/// not one a round.
+/// Three hostile peers join a 3-round run. A silent one subscribes and
+/// announces itself for round 0, and never publishes. A forger serves a
+/// self-certified "average" of round u64::MAX (every value × 500) to
+/// joiners. An inflater serves a self-certified forgery of round 1, inside
+/// the run but certified by itself alone, and publishes an update for round
+/// 0 that claims 10^12 examples. The honest node must reject all of it,
+/// never crash (u64::MAX + 1 used to panic in catch-up), never train from a
+/// forgery, quarantine the two whose signed words prove them hostile (not
+/// the silent one: silence proves nothing), and lose one deadline to the
+/// silent peer, not one a round.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hostile_peer_cannot_crash_feed_outweigh_or_stall_a_node() {
     let dir = tempfile::tempdir().unwrap();
     let run_id = Digest::of(b"adversary test run");
-    let hostile_key = Keypair::generate_ed25519();
-    let (hostile, hostile_addr) = listening(&dir, "hostile", &hostile_key).await;
-    hostile.subscribe(run_id, Exchange::Gossip).await.unwrap();
+    let poisoned: Tensors = adapter(500.0);
+    let silent_key = Keypair::generate_ed25519();
+    let (silent, silent_addr) = listening(&dir, "silent", &silent_key).await;
+    silent.subscribe(run_id, Exchange::Gossip).await.unwrap();
+    // It announces itself for round 0, so the honest node waits for it.
+    let hello = Manifest::hello(run_id, &silent_key.public().to_peer_id());
+    silent.keep(SignedManifest::sign(&hello, &silent_key).unwrap(), hello, Vec::new()).await.unwrap();
     let forger_key = Keypair::generate_ed25519();
     let (forger, forger_addr) = listening(&dir, "forger", &forger_key).await;
-    // It announces itself for round 0, so the honest node waits for it.
-    let hello = Manifest::hello(run_id, &hostile_key.public().to_peer_id());
-    hostile.keep(SignedManifest::sign(&hello, &hostile_key).unwrap(), hello, Vec::new()).await.unwrap();
-    let poisoned: Tensors = adapter(500.0);
-    serve_self_certified(&hostile, &hostile_key, run_id, u64::MAX, &poisoned).await;
-    serve_self_certified(&forger, &forger_key, run_id, 1, &poisoned).await;
+    serve_self_certified(&forger, &forger_key, run_id, u64::MAX, &poisoned).await;
+    let inflater_key = Keypair::generate_ed25519();
+    let (inflater, inflater_addr) = listening(&dir, "inflater", &inflater_key).await;
+    inflater.subscribe(run_id, Exchange::Gossip).await.unwrap();
+    serve_self_certified(&inflater, &inflater_key, run_id, 1, &poisoned).await;
 
     let honest_key = Keypair::generate_ed25519();
-    let (honest, honest_events) = network(&dir, "honest", honest_key.clone(), vec![hostile_addr, forger_addr]);
+    let (honest, honest_events) = network(&dir, "honest", honest_key.clone(), vec![silent_addr, forger_addr, inflater_addr]);
     let (tx, mut reports) = tokio::sync::mpsc::unbounded_channel();
     let engine = Engine::new(honest, honest_events, honest_key, FakeTrainer, settings(run_id, 3), tx);
     let running = tokio::spawn(engine.run());
 
     // The inflated update, once the honest node is in the gossip mesh
     // (bounded: 60 tries, a quarter second apart).
-    let (signed, manifest, bytes) = forged(&hostile_key, run_id, 0, ManifestKind::Update, 1_000_000_000_000, &poisoned);
+    let (signed, manifest, bytes) = forged(&inflater_key, run_id, 0, ManifestKind::Update, 1_000_000_000_000, &poisoned);
     for _ in 0..60 {
-        if hostile.publish(signed.clone(), manifest.clone(), bytes.clone()).await.is_ok() {
+        if inflater.publish(signed.clone(), manifest.clone(), bytes.clone()).await.is_ok() {
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
@@ -182,6 +187,7 @@ async fn a_hostile_peer_cannot_crash_feed_outweigh_or_stall_a_node() {
 
     let mut rounds = BTreeMap::new();
     let mut rejected = Vec::new();
+    let mut quarantined = Vec::new();
     let collected = tokio::time::timeout(WAIT, async {
         while let Some(event) = reports.recv().await {
             match event {
@@ -189,6 +195,7 @@ async fn a_hostile_peer_cannot_crash_feed_outweigh_or_stall_a_node() {
                     rounds.insert(report.round, report);
                 }
                 EngineEvent::Rejected { reason, .. } => rejected.push(reason),
+                EngineEvent::Quarantined { peer, .. } => quarantined.push(peer),
                 EngineEvent::CaughtUp { round, .. } => panic!("trained from a forged average (round {round})"),
                 EngineEvent::Finished => return,
                 _ => {}
@@ -206,6 +213,10 @@ async fn a_hostile_peer_cannot_crash_feed_outweigh_or_stall_a_node() {
         assert_eq!(report.contributors, 1, "only the honest update is averaged in round {}", report.round);
         assert!(report.average.values().flat_map(|t| t.values.iter()).all(|v| v.abs() < 1.0), "round {} averaged poison", report.round);
     }
+    quarantined.sort();
+    let mut proven = vec![forger_key.public().to_peer_id(), inflater_key.public().to_peer_id()];
+    proven.sort();
+    assert_eq!(quarantined, proven, "the forger and the inflater are quarantined, the silent peer is not");
     // The silent peer costs round 0's deadline, then is not waited for.
     assert!(rounds[&0].timed_out, "round 0 waits for the subscribed peer");
     assert!(!rounds[&1].timed_out && !rounds[&2].timed_out, "later rounds do not wait for a silent peer");

@@ -325,3 +325,63 @@ async fn a_node_is_reachable_through_a_relay_circuit() {
     assert_eq!(peer, b.peer_id);
     assert!(a.connected_peers().await.unwrap().contains(&b.peer_id));
 }
+
+async fn quarantined(events: &mut Receiver<NetworkEvent>) -> (PeerId, String) {
+    wait_for(events, |e| match e {
+        NetworkEvent::Quarantined { peer, reason } => Some((peer, reason)),
+        _ => None,
+    })
+    .await
+}
+
+/// C signs two different updates for one round. B, its only link to A
+/// (C accepts no one but B), sees both, rejects the second and gossips the
+/// pair as evidence; A, which only ever got the first, checks the evidence
+/// and quarantines C too. C's own node refuses to sign a second update
+/// through the normal path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn equivocation_evidence_reaches_a_node_that_saw_one_update() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_id = Digest::of(b"evidence run");
+    let (_, b, mut b_events) = node(&dir, "b", vec![]);
+    let b_addr = listen_addr(&mut b_events).await;
+    let (_, a, mut a_events) = node(&dir, "a", vec![b_addr.clone()]);
+    let c_key = Keypair::generate_ed25519();
+    let (c, mut c_events) = spawn_node(&dir, "c", c_key.clone(), vec![b_addr], None, Some(HashSet::from([b.peer_id])));
+    for net in [&a, &b, &c] {
+        net.subscribe(run_id, Exchange::Gossip).await.unwrap();
+    }
+    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    wait_for(&mut c_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    tokio::spawn(async move { while c_events.recv().await.is_some() {} });
+
+    let first = adapter_bytes(1);
+    let manifest = make_manifest(run_id, &c_key, &first);
+    publish_when_meshed(&c, &SignedManifest::sign(&manifest, &c_key).unwrap(), &manifest, &first).await;
+    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::AdapterReady { author, .. } if author == c.peer_id).then_some(())).await;
+
+    // A got the first update through B: it is not connected to C.
+    assert!(!a.connected_peers().await.unwrap().contains(&c.peer_id));
+    let mut second = adapter_bytes(1);
+    let last = second.len() - 1;
+    second[last] ^= 1;
+    let other = make_manifest(run_id, &c_key, &second);
+    let refused = c.publish(SignedManifest::sign(&other, &c_key).unwrap(), other.clone(), second.clone()).await;
+    assert!(refused.unwrap_err().to_string().contains("already published another update for round 1"));
+    c.publish_unguarded(SignedManifest::sign(&other, &c_key).unwrap(), other, second).await.unwrap();
+
+    let (peer, reason) = quarantined(&mut b_events).await;
+    assert_eq!(peer, c.peer_id);
+    assert!(reason.contains("equivocation"), "{reason}");
+    let (peer, reason) = quarantined(&mut a_events).await;
+    assert_eq!(peer, c.peer_id);
+    assert!(reason.contains("equivocation: two different signed updates for round 1"), "{reason}");
+    // B closed C's connection.
+    for _ in 0..40 {
+        if !b.connected_peers().await.unwrap().contains(&c.peer_id) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    panic!("B still connected to the quarantined C");
+}

@@ -291,3 +291,106 @@ fn bench_traffic_measures_each_size_and_exchange() {
     assert!(stdout.contains("x Flower") && stdout.contains("a Flower client moves"), "{stdout}");
     assert!(std::fs::read_to_string(output.with_extension("svg")).unwrap().contains("<svg"));
 }
+
+/// One run of the adversary suite (docs/SECURITY.md): five nodes of the
+/// tiny model, four rounds, the last `attackers` attacking; the honest
+/// nodes' records and the run's summary.
+struct Attacked {
+    stdout: String,
+    records: Vec<Value>,
+    summary: Value,
+}
+
+fn attacked(attack: Option<&str>, attackers: u32, scenario: Option<&str>, settings: &[&str]) -> Attacked {
+    let dir = tempfile::tempdir().unwrap();
+    let attackers = attackers.to_string();
+    let extra: Vec<&str> = attack.map(|a| vec!["--attack", a, "--attackers", &attackers]).unwrap_or_default();
+    let scenario = scenario.map(|s| s.to_owned());
+    let (stdout, records) = simulate(dir.path(), 5, 4, scenario.as_deref(), settings, &extra);
+    let text = std::fs::read_to_string(dir.path().join("metrics.jsonl")).unwrap();
+    let summary = text.lines().map(|l| serde_json::from_str::<Value>(l).unwrap()).find(|r| r.get("summary").is_some()).unwrap();
+    Attacked { stdout, records, summary }
+}
+
+/// The clean run's final eval loss for a scenario and method, computed once.
+fn clean_eval(scenario: Option<&'static str>, method: &'static str) -> f64 {
+    static CLEAN: std::sync::Mutex<Vec<(Option<&str>, &str, f64)>> = std::sync::Mutex::new(Vec::new());
+    let mut known = CLEAN.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, _, loss)) = known.iter().find(|(s, m, _)| *s == scenario && *m == method) {
+        return *loss;
+    }
+    let set = format!("federation.aggregation=\"{method}\"");
+    let loss = field(attacked(None, 1, scenario, &[&set]).records.last().unwrap(), "eval_loss");
+    known.push((scenario, method, loss));
+    loss
+}
+
+/// The honest nodes agree at the end, end within 5% of the clean run's
+/// eval loss, and (with `kind`) every one of them quarantined the attacker
+/// (node 4) for that kind of proof.
+fn withstood(run: &Attacked, clean: f64, kind: Option<&str>) {
+    let last = run.records.last().unwrap();
+    assert_eq!(field(last, "agreement"), 1.0, "{}", run.stdout);
+    let loss = field(last, "eval_loss");
+    assert!((loss - clean).abs() <= 0.05 * clean, "eval loss {loss} vs {clean} clean\n{}", run.stdout);
+    let quarantined = run.summary["quarantined"].as_array().unwrap();
+    match kind {
+        Some(kind) => {
+            let expected = serde_json::json!([{"node": 4, "by": 4, "kind": kind}]);
+            assert_eq!(run.summary["quarantined"], expected, "{}", run.stdout);
+        }
+        None => assert!(quarantined.is_empty(), "{}", run.stdout),
+    }
+}
+
+#[test]
+fn an_inflated_weight_is_rejected_and_its_author_quarantined() {
+    withstood(&attacked(Some("inflate-weight"), 1, None, &[]), clean_eval(None, "fedavg"), Some("wrong-weight"));
+}
+
+#[test]
+fn an_equivocating_node_is_quarantined_on_evidence() {
+    withstood(&attacked(Some("equivocate"), 1, None, &[]), clean_eval(None, "fedavg"), Some("equivocation"));
+}
+
+#[test]
+fn manifests_for_rounds_the_run_does_not_have_quarantine_their_author() {
+    withstood(&attacked(Some("future-round"), 1, None, &[]), clean_eval(None, "fedavg"), Some("future-round"));
+}
+
+/// A subscriber that never publishes costs the run one deadline, not one a round.
+#[test]
+fn a_silent_member_costs_one_deadline() {
+    let run = attacked(Some("silent"), 1, None, &[]);
+    withstood(&run, clean_eval(None, "fedavg"), None);
+    let deadline_rounds = run.records.iter().filter(|r| field(r, "deadline_hits") > 0.0).count();
+    assert!(deadline_rounds <= 1, "{}", run.stdout);
+}
+
+/// Late joiners take only certified averages: the attacker's self-certified
+/// poison is refused, and each joiner starts from the honest average.
+#[test]
+fn late_joiners_refuse_a_fake_average_and_start_from_the_certified_one() {
+    let run = attacked(Some("fake-average"), 1, Some("late-joiners"), &[]);
+    withstood(&run, clean_eval(Some("late-joiners"), "fedavg"), None);
+    let caught_up: Vec<&str> = run.stdout.lines().filter(|l| l.contains("caught up: trains from round")).collect();
+    assert_eq!(caught_up.len(), 2, "{}", run.stdout);
+    for line in caught_up {
+        let round: usize = line.split("from round ").nth(1).unwrap().split(' ').next().unwrap().parse().unwrap();
+        let hash = line.rsplit("average ").next().unwrap();
+        assert_eq!(run.records[round - 1]["average_hash"].as_str(), Some(hash), "{line}\n{}", run.stdout);
+    }
+}
+
+/// One attacker with k identities sending one poisoned update: the median
+/// holds while they are a minority (2 of 5) and not once they are the
+/// majority (3 of 5), the limit of robust averaging in an open run.
+#[test]
+fn sybil_identities_steer_the_median_only_as_a_majority() {
+    let median = "federation.aggregation=\"median\"";
+    let clean = clean_eval(None, "median");
+    withstood(&attacked(Some("sybil"), 2, None, &[median]), clean, None);
+    let majority = attacked(Some("sybil"), 3, None, &[median]);
+    let loss = field(majority.records.last().unwrap(), "eval_loss");
+    assert!(loss > clean * 1.1, "a Sybil majority moves the median: {loss} vs {clean}\n{}", majority.stdout);
+}
