@@ -97,8 +97,10 @@ fn a_seeding_relay_serves_late_joiners_while_trainers_are_offline() {
 }
 
 /// Two training nodes (the round engine over real TCP on 127.0.0.1, the tiny
-/// model): both finish every round, average the same two updates, and save
-/// the same mlx-lm adapter.
+/// model): both finish every round, average the same two updates, certify
+/// them together, and save the same mlx-lm adapter. A relay seeding the run
+/// takes the final certified average, and serves it, certificate and all,
+/// to a node that comes after both trainers left.
 #[test]
 fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
     let dir = tempfile::tempdir().unwrap();
@@ -111,8 +113,13 @@ fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
     let with = |extra: &[&str]| -> Vec<String> { train.iter().chain(extra).map(|s| s.to_string()).collect() };
     let a_args = with(&["start", "--data-dir", &d("a"), "--listen", listen, "--metrics", "127.0.0.1:0"]);
     let a = Node::spawn(&a_args.iter().map(String::as_str).collect::<Vec<_>>());
+    let run = a.wait_for("run id: ").split_whitespace().nth(2).unwrap().to_owned();
     let metrics_url = a.wait_for("metrics on http://").trim_start_matches("metrics on http://").to_owned();
     let addr = a.wait_for("listening on /ip4/127.0.0.1/tcp/").trim_start_matches("listening on ").to_owned();
+    // The relay comes once the run id is known, and joins through A.
+    let through_a = format!("network.bootstrap=[\"{addr}\"]");
+    let relay = Node::spawn(&["--set", &through_a, "relay", "--data-dir", &d("r"), "--listen", listen, "--seed-run", &run]);
+    let relay_addr = relay.wait_for("listening on /ip4/127.0.0.1/tcp/").trim_start_matches("listening on ").to_owned();
     // The Prometheus page answers while the node runs.
     let (host, path) = metrics_url.split_once('/').unwrap();
     let mut socket = std::net::TcpStream::connect(host).unwrap();
@@ -135,6 +142,11 @@ fn two_training_nodes_on_loopback_average_to_the_same_adapter() {
     assert_eq!(hash_a, hash_b);
     a.wait_for("run finished");
     b.wait_for("run finished");
+    relay.wait_for(&format!("seeding adapter {hash_a} (round 1)"));
+    drop((a, b));
+    let c = Node::spawn(&["start", "--data-dir", &d("c"), "--listen", listen, "--bootstrap", &relay_addr, "--run-id", &run, "--catch-up", "--receive-dir", &d("c-recv")]);
+    c.wait_for(&format!("certificate for round 1: average {hash_a}, 2 of 2 contributors signed"));
+    c.wait_for(&format!("received adapter {hash_a}"));
     let saved = |node: &str| std::fs::read(dir.path().join(node).join("adapters/round-0001/adapters.safetensors")).unwrap();
     assert_eq!(saved("a"), saved("b"));
     // Each round's record, and each round's certificate: both nodes signed.

@@ -61,7 +61,12 @@ impl Held {
 pub struct Certifier {
     drafts: BTreeMap<(Digest, u64), Draft>,
     held: HashMap<Digest, Held>,
+    /// (run, round, attester) a seeding node asked for its certificate.
+    asked: BTreeSet<(Digest, u64, PeerId)>,
 }
+
+/// Certificate requests a seeding node remembers, at most.
+const MAX_ASKED: usize = 4096;
 
 impl Certifier {
     /// This node's average of a round with its own attestation, and the
@@ -116,6 +121,23 @@ impl Certifier {
         }
         self.held.insert(average.run_id, held);
         Ok(true)
+    }
+
+    /// Whether a node that averages nothing of this run (a seeding relay, a
+    /// joiner) should ask `author` for its certificate, on seeing its
+    /// attestation of a round newer than the one it serves: its author has
+    /// averaged, and is the first to hold that round's certificate. Once
+    /// for each attester and round.
+    pub fn should_ask(&mut self, attestation: &Manifest, author: PeerId) -> bool {
+        let run = attestation.run_id;
+        let averaging = self.drafts.keys().any(|(r, _)| *r == run);
+        let newer = self.held.get(&run).is_none_or(|h| attestation.round > h.round);
+        if averaging || !newer {
+            return false;
+        }
+        let served = self.held.get(&run).map_or(0, |h| h.round);
+        self.asked.retain(|(r, round, _)| *r != run || *round > served);
+        self.asked.len() < MAX_ASKED && self.asked.insert((run, attestation.round, author))
     }
 
     /// The encoded certificate late joiners of `run_id` get.

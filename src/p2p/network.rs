@@ -904,6 +904,12 @@ impl EventLoop {
             // come later, and then counts it.
             if let Some(news) = self.certifier.attest(&manifest, author, &signed) {
                 self.emit(NetworkEvent::Certified(news)).await;
+            } else if self.certifier.should_ask(&manifest, author) {
+                // The forwarder, connected, validated it and so counted it
+                // towards its own certificate of that round.
+                for peer in std::iter::once(author).chain(source.filter(|s| *s != author)) {
+                    self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Latest(manifest.run_id));
+                }
             }
             return Ok(());
         }
