@@ -525,9 +525,10 @@ impl<T: RoundTrainer> Engine<T> {
                 contributors: news.contributors,
             });
         }
-        // A certificate over fewer contributors than the run's quorum is
-        // not taken: one peer can certify an average of its own alone.
-        let quorate = news.contributors >= self.settings.min_members.max(1);
+        // One key can certify an average of its own alone: a certificate
+        // needs two contributors (one in a run whose quorum is one). Not
+        // the whole round-0 quorum: churn leaves later rounds fewer.
+        let quorate = news.contributors >= self.settings.min_members.clamp(1, 2);
         if quorate && news.round < self.settings.rounds && (self.offered.len() < MAX_OFFERED || self.offered.contains_key(&news.average)) {
             self.offered.insert(news.average, (news.signers, news.round));
         }
