@@ -5,21 +5,21 @@
 
 use crate::aggregate::Tensors;
 
+/// Each one is the engine's half of the `simulation::poison::Attack` of the
+/// same name, whose documentation (`simulate --help`) says what it does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Misbehaviour {
-    /// Trains honestly, but as a slice owner (reduce exchange) claims every
-    /// slice it owns with its values ×10.
+    /// In `claim_slices`: owned slices ×10.
     LyingReducer,
-    /// Claims 1,000 times the examples it trained on.
+    /// In `publish_update`: examples ×1,000.
     InflateWeight,
-    /// Serves a poisoned average (its own ×100) to joiners, in a
-    /// certificate it signs alone, naming itself the round's only contributor.
+    /// In `round`: `fake_average` replaces the kept average.
     FakeAverage,
-    /// Publishes two different updates for every round (the second ×100).
+    /// In `misbehave_with`: a second update, ×100.
     Equivocate,
-    /// Also publishes its update under rounds far ahead: r + 1,000 and u64::MAX.
+    /// In `misbehave_with`: copies under rounds r + 1,000 and u64::MAX.
     FutureRound,
-    /// Subscribes to the run and never publishes anything.
+    /// No announcement, no update, no attestation.
     Silent,
 }
 
