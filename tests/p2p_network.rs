@@ -148,7 +148,8 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     let mut wrong = real.clone();
     let last = wrong.len() - 1;
     wrong[last] ^= 0x01;
-    let honest_manifest = make_manifest(run_id, &b_key, &real);
+    // Of round 2: a second update for round 1 would be equivocation.
+    let honest_manifest = Manifest { round: 2, ..make_manifest(run_id, &b_key, &real) };
     let signed = SignedManifest::sign(&honest_manifest, &b_key).unwrap();
     publish_when_meshed(&b, &signed, &honest_manifest, &wrong).await;
     let reason = wait_for(&mut a_events, |e| match e {
