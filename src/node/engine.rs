@@ -798,7 +798,14 @@ impl<T: RoundTrainer> Engine<T> {
             inputs: Some(Digest::of(&inputs)),
             ..Manifest::describe(self.settings.run_id, round, &me, &bytes)
         };
-        let attestation = Manifest::attestation(self.settings.run_id, round, &me, manifest.adapter_hash, manifest.adapter_len, Digest::of(&inputs));
+        self.attested(manifest, bytes, inputs)
+    }
+
+    /// An average manifest (naming the digest of `inputs`), signed, with
+    /// this node's signed attestation of it: what `keep_average` takes.
+    fn attested(&self, manifest: Manifest, bytes: Vec<u8>, inputs: Vec<u8>) -> Result<Average, EngineError> {
+        let digest = Digest::of(&inputs);
+        let attestation = Manifest::attestation(manifest.run_id, manifest.round, &self.me(), manifest.adapter_hash, manifest.adapter_len, digest);
         Ok(Average {
             signed: self.sign(&manifest)?,
             attestation: self.sign(&attestation)?,
@@ -1562,27 +1569,19 @@ impl<T: RoundTrainer> Engine<T> {
         // attestation is gossiped (docs/SECURITY.md, "Round certificates").
         let count = used.len();
         let inputs_list = inputs::encode_inputs(&used);
-        let inputs_digest = Digest::of(&inputs_list);
         let average_manifest = Manifest {
             kind: ManifestKind::Average,
             parent: Some(parent),
             examples,
             eval_loss,
-            inputs: Some(inputs_digest),
+            inputs: Some(Digest::of(&inputs_list)),
             ..Manifest::describe(run_id, round, &me, &average_bytes)
         };
-        let attestation = Manifest::attestation(run_id, round, &me, average_manifest.adapter_hash, average_manifest.adapter_len, inputs_digest);
         let kept = match self.settings.misbehaviour {
-            Some(Misbehaviour::FakeAverage) => Some(self.fake_average(round, &average)?),
-            _ => Some(Average {
-                signed: self.sign(&average_manifest)?,
-                attestation: self.sign(&attestation)?,
-                manifest: average_manifest,
-                bytes: average_bytes,
-                inputs: inputs_list,
-            }),
+            Some(Misbehaviour::FakeAverage) => self.fake_average(round, &average)?,
+            _ => self.attested(average_manifest, average_bytes, inputs_list)?,
         };
-        if let Some(kept) = kept.filter(|_| !silent) {
+        if !silent {
             self.net.keep_average(kept).await.map_err(|e| EngineError::Network(e.to_string()))?;
         }
         if let Err(e) = self.net.forget_before(round.saturating_sub(1)).await {

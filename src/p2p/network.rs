@@ -740,7 +740,7 @@ impl EventLoop {
         let (manifest_topic, chunk_topic) = topics(&manifest.run_id);
         // A node restarted mid-round may train the round again on other
         // rows: signing a second update would be equivocation.
-        if guarded && manifest.kind == ManifestKind::Update && self.published_another(&manifest, &signed) {
+        if guarded && manifest.kind == ManifestKind::Update && self.published_another(&manifest) {
             return Err(NetworkError::Command(format!("this node already published another update for round {}", manifest.round)));
         }
         let chunks = self.keep(&signed, &manifest, &adapter)?;
@@ -935,13 +935,13 @@ impl EventLoop {
     }
 
     /// Whether this node already published another update for the round
-    /// of `manifest` (in this process, or before a restart: the store).
-    fn published_another(&mut self, manifest: &Manifest, signed: &SignedManifest) -> bool {
+    /// of `manifest`: its store keeps every update it published (`keep`),
+    /// in this process or before a restart.
+    fn published_another(&self, manifest: &Manifest) -> bool {
         let me = *self.swarm.local_peer_id();
-        let before_restart = self.store.manifests(manifest.round).unwrap_or_default().into_iter().any(|stored| {
+        self.store.manifests(manifest.round).unwrap_or_default().into_iter().any(|stored| {
             stored.verify(&self.limits).is_ok_and(|(m, author)| author == me && m.kind == ManifestKind::Update && m.run_id == manifest.run_id && m.adapter_hash != manifest.adapter_hash)
-        });
-        before_restart || self.equivocation(manifest, me, signed).is_some()
+        })
     }
 
     /// Remembers the first update of each (run, round, author); a second,
