@@ -386,3 +386,53 @@ async fn equivocation_evidence_reaches_a_node_that_saw_one_update() {
     }
     panic!("B still connected to the quarantined C");
 }
+
+/// A quarantined C, still trusted by B, publishes through B, A's only
+/// link to it. A refuses what B forwards from C without holding it against
+/// B: gossipsub's score for B stays clean, so A's own update still reaches
+/// B (a penalty for forwarding would put B below A's publish threshold).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarding_a_quarantined_peers_manifest_costs_the_forwarder_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_id = Digest::of(b"forwarder run");
+    let (b_key, b, mut b_events) = node(&dir, "b", vec![]);
+    let b_addr = listen_addr(&mut b_events).await;
+    let (a_key, a, mut a_events) = node(&dir, "a", vec![b_addr.clone()]);
+    let c_key = Keypair::generate_ed25519();
+    let (c, mut c_events) = spawn_node(&dir, "c", c_key.clone(), vec![b_addr], None, Some(HashSet::from([b.peer_id])));
+    for net in [&a, &b, &c] {
+        net.subscribe(run_id, Exchange::Gossip).await.unwrap();
+    }
+    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    wait_for(&mut c_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    tokio::spawn(async move { while c_events.recv().await.is_some() {} });
+    a.ban(c.peer_id);
+    // Commands run in order: once this answers, C is quarantined at A.
+    assert!(!a.connected_peers().await.unwrap().contains(&c.peer_id));
+
+    let from_c = adapter_bytes(1);
+    let manifest = make_manifest(run_id, &c_key, &from_c);
+    publish_when_meshed(&c, &SignedManifest::sign(&manifest, &c_key).unwrap(), &manifest, &from_c).await;
+    wait_for(&mut b_events, |e| matches!(e, NetworkEvent::AdapterReady { author, .. } if author == c.peer_id).then_some(())).await;
+    // B forwarded C's manifest to A before it published its own: once A
+    // has B's update, it has refused C's.
+    let from_b = adapter_bytes(1);
+    let manifest = make_manifest(run_id, &b_key, &from_b);
+    publish_when_meshed(&b, &SignedManifest::sign(&manifest, &b_key).unwrap(), &manifest, &from_b).await;
+    let mut refused_from_b = false;
+    wait_for(&mut a_events, |e| match e {
+        NetworkEvent::AdapterReady { author, .. } if author == b.peer_id => Some(()),
+        NetworkEvent::Rejected { peer, .. } if peer == b.peer_id => {
+            refused_from_b = true;
+            None
+        }
+        _ => None,
+    })
+    .await;
+    assert!(!refused_from_b, "A held C's manifest against B, who only forwarded it");
+
+    let from_a = adapter_bytes(1);
+    let manifest = make_manifest(run_id, &a_key, &from_a);
+    publish_when_meshed(&a, &SignedManifest::sign(&manifest, &a_key).unwrap(), &manifest, &from_a).await;
+    wait_for(&mut b_events, |e| matches!(e, NetworkEvent::AdapterReady { author, .. } if author == a.peer_id).then_some(())).await;
+}

@@ -357,6 +357,28 @@ fn evidence_topic(run_id: &Digest) -> gossipsub::Sha256Topic {
 const MAX_FIRST_UPDATES: usize = 1 << 16;
 
 /// An adapter we know the manifest of and are assembling.
+/// Why a gossiped or offered message was refused, and whether the peer
+/// that sent it is to blame. An honest forwarder may pass on what only
+/// this node knows to refuse (a manifest by a peer it quarantined a moment
+/// ago, the second of two updates it saw in the other order): gossipsub
+/// must not score it down for that, or the honest mesh falls apart.
+struct Refusal {
+    reason: String,
+    sender_at_fault: bool,
+}
+
+impl Refusal {
+    fn innocent(reason: String) -> Self {
+        Self { reason, sender_at_fault: false }
+    }
+}
+
+impl From<String> for Refusal {
+    fn from(reason: String) -> Self {
+        Self { reason, sender_at_fault: true }
+    }
+}
+
 struct Pending {
     manifest: Manifest,
     author: PeerId,
@@ -845,7 +867,14 @@ impl EventLoop {
     async fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
         self.count_received(message.data.len());
         let verdict = if let Some(run_id) = self.manifest_topics.get(&message.topic).copied() {
-            self.accept_manifest(&message.data, Some(run_id), Some(source)).await.map(|()| true)
+            match self.accept_manifest(&message.data, Some(run_id), Some(source)).await {
+                Ok(()) => Ok(true),
+                Err(refusal) if refusal.sender_at_fault => Err(refusal.reason),
+                Err(refusal) => {
+                    tracing::debug!(peer = %source, reason = %refusal.reason, "ignored a gossip message");
+                    Ok(false)
+                }
+            }
         } else if self.chunk_topics.contains(&message.topic) {
             self.accept_chunk_message(&message.data).await
         } else if let Some(run_id) = self.evidence_topics.get(&message.topic).copied() {
@@ -869,33 +898,34 @@ impl EventLoop {
     /// Verifies a signed manifest (gossiped on `topic_run`'s topic, or
     /// offered in answer to a request: `None`), keeps it, and starts
     /// assembling its adapter.
-    async fn accept_manifest(&mut self, bytes: &[u8], topic_run: Option<Digest>, source: Option<PeerId>) -> Result<(), String> {
+    async fn accept_manifest(&mut self, bytes: &[u8], topic_run: Option<Digest>, source: Option<PeerId>) -> Result<(), Refusal> {
         let signed = SignedManifest::from_bytes(bytes).map_err(|e| e.to_string())?;
         let (manifest, author) = signed.verify(&self.limits).map_err(|e| e.to_string())?;
         match topic_run {
             Some(run_id) if manifest.run_id != run_id => {
-                return Err(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id));
+                return Err(Refusal::from(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id)));
             }
             // Offered in answer to a request: it must be for a run this node joined.
             None if !self.manifest_topics.values().any(|r| *r == manifest.run_id) => {
-                return Err(format!("a manifest for run {:?}, which this node did not join", manifest.run_id));
+                return Err(Refusal::from(format!("a manifest for run {:?}, which this node did not join", manifest.run_id)));
             }
             _ => {}
         }
         if self.allowed_peers.as_ref().is_some_and(|allowed| !allowed.contains(&author)) {
-            return Err(format!("manifest by {author}, who is not in this run's allowlist"));
+            return Err(Refusal::from(format!("manifest by {author}, who is not in this run's allowlist")));
         }
         if let Some(why) = self.quarantined.get(&author) {
-            return Err(format!("manifest by {author}, quarantined for {why}"));
+            return Err(Refusal::innocent(format!("manifest by {author}, quarantined for {why}")));
         }
         if manifest.kind == ManifestKind::Update
             && let Some(evidence) = self.equivocation(&manifest, author, &signed)
         {
             self.convict(evidence).await;
-            return Err(format!("a second, different update for round {} by {author}: equivocation", manifest.round));
+            // A forwarder may well have seen this one first.
+            return Err(Refusal::innocent(format!("a second, different update for round {} by {author}: equivocation", manifest.round)));
         }
         if manifest.kind == ManifestKind::Average {
-            return Err(format!("an average of round {} offered without its certificate", manifest.round));
+            return Err(Refusal::from(format!("an average of round {} offered without its certificate", manifest.round)));
         }
         self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
         self.remember_addresses(author, &manifest.addresses);
@@ -932,6 +962,15 @@ impl EventLoop {
         }
         self.assemble(manifest, author, source).await;
         Ok(())
+    }
+
+    /// A manifest `peer` offered in answer to a request.
+    async fn take_offered_manifest(&mut self, bytes: &[u8], peer: PeerId) {
+        match self.accept_manifest(bytes, None, Some(peer)).await {
+            Ok(()) => {}
+            Err(refusal) if refusal.sender_at_fault => self.emit(NetworkEvent::Rejected { peer, reason: refusal.reason }).await,
+            Err(refusal) => tracing::debug!(%peer, reason = %refusal.reason, "ignored an offered manifest"),
+        }
     }
 
     /// Whether this node already published another update for the round
@@ -1379,9 +1418,7 @@ impl EventLoop {
                     (ChunkResponse::NotFound, Some((id, _))) => self.ask_next(id),
                     (ChunkResponse::Manifests(list), _) => {
                         for bytes in list {
-                            if let Err(reason) = self.accept_manifest(&bytes, None, Some(peer)).await {
-                                self.emit(NetworkEvent::Rejected { peer, reason }).await;
-                            }
+                            self.take_offered_manifest(&bytes, peer).await;
                         }
                     }
                     (ChunkResponse::Certificate(bytes), _) => {
@@ -1390,9 +1427,7 @@ impl EventLoop {
                         }
                     }
                     (ChunkResponse::Manifest(bytes), _) => {
-                        if let Err(reason) = self.accept_manifest(&bytes, None, Some(peer)).await {
-                            self.emit(NetworkEvent::Rejected { peer, reason }).await;
-                        }
+                        self.take_offered_manifest(&bytes, peer).await;
                     }
                     _ => {}
                 }
