@@ -122,4 +122,23 @@ case_line short lora 1 512 "short (~40 tokens)"
 case_line short dora 1 512 "short (~40 tokens)"
 case_line short lora 8 512 "short (~40 tokens)"
 case_line mixed lora 8 512 "mixed (25-250 tokens)"
-echo "($STEPS timed steps each; share of the matmul limit: tokens/s x FLOPs a token over a 1024^3 float32 matmul's rate, measured in the same run)"
+echo "($STEPS timed steps each; share of the matmul limit: tokens/s x FLOPs a token over a float32 matmul's rate, 1024^3 on a CPU and 8192^3 on a GPU, measured in the same run)"
+
+# Generation: the same float32 model, a 128-token prompt (the same sentence
+# cycled), 64 new tokens, greedy. mlx_lm prints its own prompt and generation
+# rates; ours is `bench generate`'s median of three runs.
+[[ "generate" =~ ${ONLY:-.} ]] || exit 0
+PROMPT="$("$PY" -c "print('The quick brown fox jumps over the lazy dog while the sun sets over the hills. ' * 8)")"
+theirs_log="$WORK/mlx-generate.log"
+LD_PRELOAD="$OPENBLAS" "$PY" -m mlx_lm generate --model "$WORK/model" --prompt "$PROMPT" --ignore-chat-template \
+  --max-tokens 64 --temp 0 > "$theirs_log" 2>&1 || tail -5 "$theirs_log" >&2
+their_prompt=$(grep -oE "^Prompt: [0-9]+ tokens, [0-9.]+" "$theirs_log" | awk '{print $4}')
+their_gen=$(grep -oE "^Generation: [0-9]+ tokens, [0-9.]+" "$theirs_log" | awk '{print $4}')
+ours_log="$WORK/ours-generate.log"
+"$BIN" -q bench generate --model "$WORK/model" --prompt-tokens 128 --max-tokens 64 > "$ours_log" 2>&1 || tail -5 "$ours_log" >&2
+read -r our_prompt our_gen < <(grep "^float32" "$ours_log" | awk '{print $(NF-2), $(NF-1)}')
+echo
+echo "| generate (float32, 128-token prompt, 64 tokens) | mlx_lm tok/s | ours tok/s | ratio |"
+echo "| --- | --- | --- | --- |"
+echo "| prompt | ${their_prompt:-?} | ${our_prompt:-?} | $(ratio "${our_prompt:-?}" "${their_prompt:-?}") |"
+echo "| generation | ${their_gen:-?} | ${our_gen:-?} | $(ratio "${our_gen:-?}" "${their_gen:-?}") |"

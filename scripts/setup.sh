@@ -2,7 +2,10 @@
 # Sets up everything blossom-p2p needs on a fresh Debian 12 (x86_64/aarch64) or
 # macOS (Apple Silicon) machine, idempotently:
 #   1. system packages (Debian: apt as root; otherwise prints the command),
-#   2. Linux only: the prebuilt CPU MLX from the PyPI wheel mlx-cpu, in .deps/,
+#   2. Linux only: the prebuilt CPU MLX from the PyPI wheel mlx-cpu, in .deps/;
+#      with --cuda (or where `nvidia-smi` shows a driver for CUDA 13) also the
+#      CUDA MLX (mlx-cuda-13) and the NVIDIA libraries it needs, in
+#      .deps/mlx-cuda, which the build then links (--cpu keeps the CPU one),
 #   3. the embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF) in models/,
 #      checked against its blake3 hash,
 #   4. the Python `openai` and `gguf` packages the tests use, in .deps/python,
@@ -36,12 +39,15 @@ wheel_sha256() {
 
 BUILD=1
 TEST_TOOLS=0
+BACKEND=auto
 for arg in "$@"; do
   case "$arg" in
     --no-build) BUILD=0 ;;
     --tests) TEST_TOOLS=1 ;;
-    -h|--help) sed -n '2,12p' "$0"; exit 0 ;;
-    *) echo "setup.sh: unknown option '$arg' (known: --no-build, --tests, --help)" >&2; exit 2 ;;
+    --cuda) BACKEND=cuda ;;
+    --cpu) BACKEND=cpu ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    *) echo "setup.sh: unknown option '$arg' (known: --no-build, --tests, --cuda, --cpu, --help)" >&2; exit 2 ;;
   esac
 done
 
@@ -137,6 +143,52 @@ install_mlx_wheel() {
   say "MLX $MLX_VERSION unpacked into $dir"
 }
 
+# ---------------------------------------------------------------- CUDA MLX
+# The NVIDIA driver's major version, or nothing where there is no driver.
+nvidia_driver_major() {
+  command -v nvidia-smi >/dev/null 2>&1 || return 0
+  nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n1 | cut -d. -f1
+}
+
+# cpu or cuda: what the flags ask for, else CUDA where a driver for CUDA 13
+# (580 or newer) is present.
+choose_backend() {
+  if [ "$BACKEND" != auto ]; then echo "$BACKEND"; return; fi
+  local major
+  major="$(nvidia_driver_major)"
+  if [ "$OS" = Linux ] && [ -n "$major" ] && [ "$major" -ge 580 ] 2>/dev/null; then echo cuda; else echo cpu; fi
+}
+
+# The CUDA wheel and its NVIDIA libraries, laid out as pip lays out
+# site-packages, so that libmlx.so's own rpath ($ORIGIN/../../nvidia/...)
+# finds them and MLX finds its kernel headers (mlx/include) beside it.
+install_mlx_cuda() {
+  local dir=".deps/mlx-cuda" stamp=".deps/mlx-cuda/.installed" reqs="scripts/mlx-cuda-requirements.txt"
+  [ "$OS" = Linux ] && [ "$ARCH" = x86_64 ] || die "the CUDA MLX wheel (mlx-cuda-13) is for Linux x86_64; this is $OS $ARCH"
+  local want
+  want="$MLX_VERSION-$(sha256_of "$reqs")"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$dir/mlx/lib/libmlx.so" ]; then
+    say "CUDA MLX $MLX_VERSION present in $dir"
+    return 0
+  fi
+  say "fetching mlx-cuda-13==$MLX_VERSION and the NVIDIA libraries it needs (about 1.8 GB) from PyPI"
+  rm -rf "$dir"
+  python3 -m pip install --quiet --disable-pip-version-check --no-deps --only-binary=:all: --require-hashes \
+    --target "$dir" -r "$reqs" \
+    || die "pip could not install $reqs (a download failed or a sha256 did not match); delete $dir and retry"
+  [ -f "$dir/mlx/lib/libmlx.so" ] || die "$dir/mlx/lib/libmlx.so is missing after the install"
+  echo "$want" > "$stamp"
+  say "CUDA MLX $MLX_VERSION installed into $dir"
+}
+
+# Tells build.rs which libmlx.so to link; a change relinks.
+record_backend() {
+  local backend="$1" file=".deps/mlx-backend"
+  mkdir -p .deps
+  if [ ! -f "$file" ] || [ "$(cat "$file")" != "$backend" ]; then echo "$backend" > "$file"; fi
+  say "MLX backend: $backend"
+}
+
 # ---------------------------------------------------------------- default model
 blake3_of() { b3sum --no-names "$1"; }
 
@@ -195,6 +247,14 @@ install_python_clients() {
 
 install_system_packages
 install_mlx_wheel
+if [ "$OS" != Linux ] && [ "$BACKEND" = cuda ]; then
+  die "--cuda is for Linux machines with an NVIDIA GPU; on macOS MLX runs on Metal without it"
+fi
+if [ "$OS" = Linux ]; then
+  MLX_BACKEND="$(choose_backend)"
+  [ "$MLX_BACKEND" = cuda ] && install_mlx_cuda
+  record_backend "$MLX_BACKEND"
+fi
 install_default_model
 install_python_clients
 if [ "$BUILD" = 1 ]; then

@@ -50,6 +50,11 @@ pub struct GlobalArgs {
     /// Log format on stderr.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
+    /// Where MLX computes: `gpu` (CUDA or Metal, an error where there is none),
+    /// `cpu`, or `auto` (the GPU where this build and machine have one).
+    #[cfg(feature = "train")]
+    #[arg(long, global = true, value_enum, default_value_t = crate::mlx_env::DeviceChoice::Auto)]
+    pub device: crate::mlx_env::DeviceChoice,
 }
 
 impl GlobalArgs {
@@ -204,6 +209,15 @@ pub fn run(cli: Cli) -> ExitCode {
         }
     };
     tracing::debug!(command = cli.command.name(), "configuration resolved");
+    // Before any compute thread starts: MLX's default device is process-wide.
+    #[cfg(feature = "train")]
+    match crate::mlx_env::use_device(cli.global.device) {
+        Ok(backend) => tracing::debug!(device = backend.name(), "MLX device"),
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    }
     match &cli.command {
         Command::Start(args) => crate::commands::node::start(&config, args),
         Command::Relay(args) => crate::commands::node::relay(&config, args),

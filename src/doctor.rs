@@ -1,7 +1,9 @@
 //! `blossom-p2p doctor`: is this installation able to train?
 //!
-//! It reports the MLX version and device, the BLAS that serves CPU matmuls, a
-//! measured float32 1024³ matmul rate, and whether the default model is present
+//! It reports the MLX version and device (with the GPU's name and memory where
+//! MLX computes on one), the BLAS that serves CPU matmuls, measured matmul
+//! rates (float32 1024³ on a CPU; float32 and bfloat16 8192³ on a GPU), and
+//! whether the default model is present
 //! with the right hash. Each problem comes with the command that fixes it, and
 //! any problem makes the exit code 1. A slow matmul on a BLAS known to be fast
 //! is only a warning: the installation is right and the machine is busy, which
@@ -9,13 +11,12 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Args;
 use serde::Serialize;
 
 use crate::default_model::{DEFAULT_MODEL_BLAKE3, ModelCheck, check_default_model};
-use crate::mlx_env::{self, Backend, BlasKind, BlasLibrary};
+use crate::mlx_env::{self, Backend, BlasKind, BlasLibrary, GpuInfo};
 
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
@@ -27,8 +28,6 @@ pub struct DoctorArgs {
     pub json: bool,
 }
 
-/// Matmul size the benchmark uses (the figure the issue and README quote).
-const MATMUL_SIZE: i32 = 1024;
 /// Below this a CPU build is on the reference BLAS (about 6 GFLOP/s); OpenBLAS
 /// gives 150-300 on two cores. The margin absorbs a busy machine.
 const MIN_CPU_GFLOPS: f64 = 20.0;
@@ -37,11 +36,15 @@ const MIN_CPU_GFLOPS: f64 = 20.0;
 pub struct Report {
     pub mlx_version: String,
     pub device: &'static str,
+    /// The GPU MLX computes on, if it does.
+    pub gpu: Option<GpuInfo>,
     pub blas: Option<String>,
     pub blas_path: Option<String>,
     pub matmul_gflops: f64,
     pub matmul_size: i32,
     pub matmul_iterations: u32,
+    /// bfloat16 at the same size, measured on a GPU only (a CPU has no fast bfloat16).
+    pub matmul_bf16_gflops: Option<f64>,
     pub model_path: String,
     pub model_status: &'static str,
     pub problems: Vec<Problem>,
@@ -61,7 +64,9 @@ pub fn diagnose(model: &Path) -> anyhow::Result<Report> {
     let mut warnings = Vec::new();
     let backend = mlx_env::backend();
     let blas = mlx_env::blas_library();
-    let bench = mlx_env::bench_matmul(MATMUL_SIZE, Duration::from_secs(2), 20)?;
+    let bench = mlx_env::matmul_limit(mlx_rs::Dtype::Float32)?;
+    let bf16 = if backend == Backend::Cpu { None } else { Some(mlx_env::matmul_limit(mlx_rs::Dtype::Bfloat16)?) };
+    let size = bench.size;
 
     if backend == Backend::Cpu {
         match &blas {
@@ -80,7 +85,7 @@ pub fn diagnose(model: &Path) -> anyhow::Result<Report> {
             let findings = if slow_matmul_is_only_load(blas.as_ref()) { &mut warnings } else { &mut problems };
             findings.push(Problem {
                 what: format!(
-                    "float32 {MATMUL_SIZE}³ matmul runs at {:.1} GFLOP/s, below the {MIN_CPU_GFLOPS} expected of a fast BLAS",
+                    "float32 {size}³ matmul runs at {:.1} GFLOP/s, below the {MIN_CPU_GFLOPS} expected of a fast BLAS",
                     bench.gflops
                 ),
                 fix: "check that nothing else loads the CPU, then that OpenBLAS is linked (bash scripts/setup.sh)"
@@ -118,11 +123,13 @@ pub fn diagnose(model: &Path) -> anyhow::Result<Report> {
     Ok(Report {
         mlx_version: mlx_env::mlx_version(),
         device: backend.name(),
+        gpu: if backend == Backend::Cpu { None } else { mlx_env::gpu_info() },
         blas: blas.as_ref().map(|lib| lib.kind.name().to_owned()),
         blas_path: blas.map(|lib| lib.path),
         matmul_gflops: bench.gflops,
         matmul_size: bench.size,
         matmul_iterations: bench.iterations,
+        matmul_bf16_gflops: bf16.map(|b| b.gflops),
         model_path: model.display().to_string(),
         model_status,
         problems,
@@ -144,6 +151,11 @@ impl Report {
             _ => "none found".to_owned(),
         };
         out += &format!("  MLX      {} (device: {})\n", self.mlx_version, self.device);
+        if let Some(gpu) = &self.gpu {
+            let memory = gpu.memory_bytes.map(|b| format!(", {:.1} GiB", b as f64 / (1u64 << 30) as f64)).unwrap_or_default();
+            let architecture = gpu.architecture.as_ref().map(|a| format!(", {a}")).unwrap_or_default();
+            out += &format!("  GPU      {}{architecture}{memory}\n", gpu.name);
+        }
         out += &format!("  BLAS     {blas}\n");
         out += &format!(
             "  matmul   {:.1} GFLOP/s (float32 {n}x{n}x{n}, best of {})\n",
@@ -151,6 +163,9 @@ impl Report {
             self.matmul_iterations,
             n = self.matmul_size
         );
+        if let Some(bf16) = self.matmul_bf16_gflops {
+            out += &format!("  matmul   {bf16:.1} GFLOP/s (bfloat16 {n}x{n}x{n})\n", n = self.matmul_size);
+        }
         out += &format!("  model    {}: {}\n", self.model_path, self.model_status);
         for warning in &self.warnings {
             out += &format!("warning: {}\n    fix: {}\n", warning.what, warning.fix);

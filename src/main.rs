@@ -6,6 +6,8 @@ use blossom_p2p::cli::{self, Cli};
 use blossom_p2p::logging;
 
 fn main() -> ExitCode {
+    #[cfg(feature = "train")]
+    blossom_p2p::mlx_env::set_env_defaults();
     let cli = Cli::parse();
     if let Err(err) = logging::init(cli.global.verbosity(), cli.global.log_format) {
         eprintln!("error: {err:#}");

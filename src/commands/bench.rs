@@ -245,7 +245,7 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     let mean_len = report.processed_tokens as f64 / report.examples.max(1) as f64;
     let flops = crate::train::flops::per_token(&trainer.decoder, &settings, mean_len.round() as usize);
     let achieved = flops * report.processed_tokens as f64 / seconds / 1e9;
-    match crate::mlx_env::bench_matmul(1024, std::time::Duration::from_secs(2), 20) {
+    match crate::mlx_env::matmul_limit(mlx_rs::Dtype::Float32) {
         Ok(limit) => println!(
             "compute: {:.0} MFLOP a token, {achieved:.1} GFLOP/s, {:.0}% of the {:.1} GFLOP/s matmul limit",
             flops / 1e6,

@@ -86,8 +86,9 @@ async fn run_node(
         None => crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config),
     };
     println!(
-        "run id: {run_id} (model {}, data {}, {} rows to share; {} rounds of {local_steps} steps)",
+        "run id: {run_id} (model {} on {}, data {}, {} rows to share; {} rounds of {local_steps} steps)",
         config.model.source,
+        crate::mlx_env::backend().name(),
         config.data.dataset,
         prepared.train_rows.len(),
         rounds

@@ -1,30 +1,48 @@
-//! A float32 square-matmul benchmark through mlx-rs: the figure that tells a
-//! fast BLAS (OpenBLAS, Accelerate, a GPU) from the reference one.
+//! A square-matmul benchmark through mlx-rs: the figure that tells a fast
+//! BLAS (OpenBLAS, Accelerate, a GPU) from the reference one, and the
+//! compute limit `bench train` measures its steps against.
 
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use mlx_rs::Array;
+use mlx_rs::{Array, Dtype};
+
+use super::Backend;
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MatmulBench {
     pub size: i32,
+    pub dtype: Dtype,
     pub iterations: u32,
     /// The fastest single matmul, which is the least disturbed by other load.
     pub best: Duration,
     pub gflops: f64,
 }
 
-/// Multiplies two `size`×`size` float32 matrices repeatedly (after one warm-up)
-/// until `budget` has passed or `max_iterations` ran, and reports the best.
-pub fn bench_matmul(size: i32, budget: Duration, max_iterations: u32) -> anyhow::Result<MatmulBench> {
+/// The matmul side `matmul_limit` uses on `backend`: 1024 keeps a CPU
+/// busy for a while; a GPU needs 8192 before launch costs vanish.
+pub fn matmul_size(backend: Backend) -> i32 {
+    if backend == Backend::Cpu { 1024 } else { 8192 }
+}
+
+/// The device's matmul rate at `dtype`, for the backend MLX computes on:
+/// best of up to 20 products within 2 s.
+pub fn matmul_limit(dtype: Dtype) -> anyhow::Result<MatmulBench> {
+    bench_matmul(matmul_size(super::backend()), dtype, Duration::from_secs(2), 20)
+}
+
+/// Multiplies two `size`×`size` matrices of `dtype` repeatedly (after one
+/// warm-up) until `budget` has passed or `max_iterations` ran, and reports
+/// the best.
+fn bench_matmul(size: i32, dtype: Dtype, budget: Duration, max_iterations: u32) -> anyhow::Result<MatmulBench> {
     anyhow::ensure!(size > 0 && max_iterations > 0, "matmul benchmark needs a positive size and iteration count");
-    let elements = (size as usize) * (size as usize);
-    // Deterministic, well-scaled values; the content does not change the speed.
-    let a_data: Vec<f32> = (0..elements).map(|i| ((i % 97) as f32 - 48.0) / 97.0).collect();
-    let b_data: Vec<f32> = (0..elements).map(|i| ((i % 89) as f32 - 44.0) / 89.0).collect();
-    let a = Array::from_slice(&a_data, &[size, size]);
-    let b = Array::from_slice(&b_data, &[size, size]);
+    // Well-scaled values made where the product runs; the content does not
+    // change the speed.
+    let operand = |seed: u64| -> anyhow::Result<Array> {
+        let key = mlx_rs::random::key(seed)?;
+        Ok(mlx_rs::random::uniform::<_, f32>(-1.0, 1.0, &[size, size], &key)?.as_dtype(dtype)?)
+    };
+    let (a, b) = (operand(1).context("benchmark input")?, operand(2).context("benchmark input")?);
     mlx_rs::transforms::eval([&a, &b]).context("evaluating the benchmark inputs")?;
 
     let run = || -> anyhow::Result<Duration> {
@@ -44,6 +62,7 @@ pub fn bench_matmul(size: i32, budget: Duration, max_iterations: u32) -> anyhow:
     let flops = 2.0 * f64::from(size).powi(3);
     Ok(MatmulBench {
         size,
+        dtype,
         iterations,
         best,
         gflops: flops / best.as_secs_f64() / 1e9,

@@ -3,12 +3,14 @@
 //! Also the small platform shim that mlx-rs needs on Linux.
 
 mod blas;
+mod device;
 #[cfg(target_os = "linux")]
 mod linux_shims;
 mod matmul_bench;
 
 pub use blas::{BlasKind, BlasLibrary, blas_library};
-pub use matmul_bench::{MatmulBench, bench_matmul};
+pub use device::{DeviceChoice, GpuInfo, gpu_info, use_device};
+pub use matmul_bench::{MatmulBench, matmul_limit};
 
 use std::ffi::CStr;
 
@@ -52,23 +54,31 @@ pub fn mlx_version() -> String {
     }
 }
 
-/// The accelerator MLX uses by default: Metal or CUDA where the build has it
-/// and the machine offers it, else the CPU.
+/// MLX settings read from the environment that this program gives its own
+/// defaults, each kept where the user set it. MLX's CUDA backend caches one
+/// CUDA graph per shape and, by default, throws once misses pass its cache
+/// of 400: a node's shapes vary with every batch length and every decoding
+/// step (the simulation's exact-match generation stopped every node of the
+/// main job in round 2 on an H200), and a slower step beats a node that
+/// stops. Metal and the CPU ignore these.
+const MLX_ENV_DEFAULTS: &[(&str, &str)] = &[("MLX_CUDA_GRAPH_CACHE_SIZE", "4000"), ("MLX_ENABLE_CACHE_THRASHING_CHECK", "0")];
+
+/// Applies `MLX_ENV_DEFAULTS`. Call first thing in `main`, before any
+/// thread exists and before MLX computes anything.
+pub fn set_env_defaults() {
+    for (key, value) in MLX_ENV_DEFAULTS {
+        if std::env::var_os(key).is_none() {
+            // SAFETY: called at the start of `main`, while the process has
+            // one thread, so nothing reads the environment concurrently.
+            unsafe { std::env::set_var(key, value) };
+        }
+    }
+}
+
+/// The backend MLX computes on now: its default device (`use_device`).
 pub fn backend() -> Backend {
-    let mut metal = false;
-    let mut cuda = false;
-    // SAFETY: both functions only write a bool through the given pointer.
-    let (metal_status, cuda_status) = unsafe {
-        (
-            mlx_sys::mlx_metal_is_available(&mut metal),
-            mlx_sys::mlx_cuda_is_available(&mut cuda),
-        )
-    };
-    if metal_status == 0 && metal {
-        Backend::Metal
-    } else if cuda_status == 0 && cuda {
-        Backend::Cuda
-    } else {
-        Backend::Cpu
+    match device::gpu_backend() {
+        Some(gpu) if device::default_is_gpu() => gpu,
+        _ => Backend::Cpu,
     }
 }
