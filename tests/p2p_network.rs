@@ -335,6 +335,23 @@ async fn quarantined(events: &mut Receiver<NetworkEvent>) -> (PeerId, String) {
     .await
 }
 
+/// A and C connected to B only (C accepts no one but B), all three in
+/// `run_id`'s gossip topics; C's events are drained.
+async fn a_b_c_in_a_line(dir: &tempfile::TempDir, run_id: Digest) -> (Node, Node, (Keypair, NetworkHandle)) {
+    let (b_key, b, mut b_events) = node(dir, "b", vec![]);
+    let b_addr = listen_addr(&mut b_events).await;
+    let (a_key, a, mut a_events) = node(dir, "a", vec![b_addr.clone()]);
+    let c_key = Keypair::generate_ed25519();
+    let (c, mut c_events) = spawn_node(dir, "c", c_key.clone(), vec![b_addr], None, Some(HashSet::from([b.peer_id])));
+    for net in [&a, &b, &c] {
+        net.subscribe(run_id, Exchange::Gossip).await.unwrap();
+    }
+    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    wait_for(&mut c_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
+    tokio::spawn(async move { while c_events.recv().await.is_some() {} });
+    ((a_key, a, a_events), (b_key, b, b_events), (c_key, c))
+}
+
 /// C signs two different updates for one round. B, its only link to A
 /// (C accepts no one but B), sees both, rejects the second and gossips the
 /// pair as evidence; A, which only ever got the first, checks the evidence
@@ -344,17 +361,7 @@ async fn quarantined(events: &mut Receiver<NetworkEvent>) -> (PeerId, String) {
 async fn equivocation_evidence_reaches_a_node_that_saw_one_update() {
     let dir = tempfile::tempdir().unwrap();
     let run_id = Digest::of(b"evidence run");
-    let (_, b, mut b_events) = node(&dir, "b", vec![]);
-    let b_addr = listen_addr(&mut b_events).await;
-    let (_, a, mut a_events) = node(&dir, "a", vec![b_addr.clone()]);
-    let c_key = Keypair::generate_ed25519();
-    let (c, mut c_events) = spawn_node(&dir, "c", c_key.clone(), vec![b_addr], None, Some(HashSet::from([b.peer_id])));
-    for net in [&a, &b, &c] {
-        net.subscribe(run_id, Exchange::Gossip).await.unwrap();
-    }
-    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
-    wait_for(&mut c_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
-    tokio::spawn(async move { while c_events.recv().await.is_some() {} });
+    let ((_, a, mut a_events), (_, b, mut b_events), (c_key, c)) = a_b_c_in_a_line(&dir, run_id).await;
 
     let first = adapter_bytes(1);
     let manifest = make_manifest(run_id, &c_key, &first);
@@ -395,17 +402,7 @@ async fn equivocation_evidence_reaches_a_node_that_saw_one_update() {
 async fn forwarding_a_quarantined_peers_manifest_costs_the_forwarder_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let run_id = Digest::of(b"forwarder run");
-    let (b_key, b, mut b_events) = node(&dir, "b", vec![]);
-    let b_addr = listen_addr(&mut b_events).await;
-    let (a_key, a, mut a_events) = node(&dir, "a", vec![b_addr.clone()]);
-    let c_key = Keypair::generate_ed25519();
-    let (c, mut c_events) = spawn_node(&dir, "c", c_key.clone(), vec![b_addr], None, Some(HashSet::from([b.peer_id])));
-    for net in [&a, &b, &c] {
-        net.subscribe(run_id, Exchange::Gossip).await.unwrap();
-    }
-    wait_for(&mut a_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
-    wait_for(&mut c_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
-    tokio::spawn(async move { while c_events.recv().await.is_some() {} });
+    let ((a_key, a, mut a_events), (b_key, b, mut b_events), (c_key, c)) = a_b_c_in_a_line(&dir, run_id).await;
     a.ban(c.peer_id);
     // Commands run in order: once this answers, C is quarantined at A.
     assert!(!a.connected_peers().await.unwrap().contains(&c.peer_id));
