@@ -12,7 +12,6 @@ use super::Backend;
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct MatmulBench {
     pub size: i32,
-    pub dtype: Dtype,
     pub iterations: u32,
     /// The fastest single matmul, which is the least disturbed by other load.
     pub best: Duration,
@@ -62,7 +61,6 @@ fn bench_matmul(size: i32, dtype: Dtype, budget: Duration, max_iterations: u32) 
     let flops = 2.0 * f64::from(size).powi(3);
     Ok(MatmulBench {
         size,
-        dtype,
         iterations,
         best,
         gflops: flops / best.as_secs_f64() / 1e9,
