@@ -20,7 +20,7 @@ pub struct MatmulBench {
 
 /// The matmul side `matmul_limit` uses on `backend`: 1024 keeps a CPU
 /// busy for a while; a GPU needs 8192 before launch costs vanish.
-pub fn matmul_size(backend: Backend) -> i32 {
+fn matmul_size(backend: Backend) -> i32 {
     if backend == Backend::Cpu { 1024 } else { 8192 }
 }
 

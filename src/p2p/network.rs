@@ -356,7 +356,6 @@ fn evidence_topic(run_id: &Digest) -> gossipsub::Sha256Topic {
 /// First update manifests remembered to catch equivocation, at most.
 const MAX_FIRST_UPDATES: usize = 1 << 16;
 
-/// An adapter we know the manifest of and are assembling.
 /// Why a gossiped or offered message was refused, and whether the peer
 /// that sent it is to blame. An honest forwarder may pass on what only
 /// this node knows to refuse (a manifest by a peer it quarantined a moment
@@ -379,6 +378,7 @@ impl From<String> for Refusal {
     }
 }
 
+/// An adapter we know the manifest of and are assembling.
 struct Pending {
     manifest: Manifest,
     author: PeerId,
