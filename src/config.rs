@@ -126,10 +126,13 @@ pub struct TrainConfig {
     pub grad_accumulation_steps: u32,
     /// Compute the loss on completions / assistant turns only.
     pub mask_prompt: bool,
-    /// Pack a batch's rows one after another into sequences of at most
-    /// `max_seq_length` tokens (each row sees only itself) instead of padding
-    /// each row to the longest: the same loss, less wasted compute.
+    /// Pack a batch's rows one after another into as few lines as hold its
+    /// longest row (each row sees only itself) instead of padding each row
+    /// to the longest: the same loss, less wasted compute.
     pub pack: bool,
+    /// Compile the training step with MLX (traced once per batch shape,
+    /// element-wise work fused); off runs it op by op.
+    pub compile: bool,
     pub seed: u64,
 }
 
@@ -147,6 +150,7 @@ impl Default for TrainConfig {
             grad_accumulation_steps: 1,
             mask_prompt: false,
             pack: false,
+            compile: true,
             seed: 0,
         }
     }

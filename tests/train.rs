@@ -108,6 +108,35 @@ fn adapters_round_trip_bit_exactly_in_mlx_lm_format() {
 }
 
 #[test]
+fn the_compiled_step_gives_the_losses_of_the_uncompiled_one() {
+    let data = builtin();
+    for (dora, pack) in [(false, false), (true, false), (false, true)] {
+        let mut config = config(dora);
+        config.lora.dropout = 0.1; // the masks must follow the step under compilation too
+        config.train.pack = pack;
+        config.train.batch_size = 4;
+        let losses = |compile: bool| -> (Vec<f32>, AdapterParams) {
+            let mut config = config.clone();
+            config.train.compile = compile;
+            let mut trainer = trainer(&config, 10);
+            let losses = (0..10).map(|step| trainer.train_steps(&data.train, 1, step).unwrap().loss).collect();
+            (losses, trainer.adapter().clone())
+        };
+        let (compiled, compiled_adapter) = losses(true);
+        let (plain, plain_adapter) = losses(false);
+        for (step, (c, p)) in compiled.iter().zip(&plain).enumerate() {
+            assert!((c - p).abs() <= 1e-5 * p.abs().max(1.0), "dora={dora} pack={pack} step {step}: compiled {c}, op by op {p}");
+        }
+        // The steps moved the adapter, and both ways moved it alike.
+        assert!(compiled[9] < compiled[0], "dora={dora} pack={pack}: {compiled:?}");
+        for (name, c) in &compiled_adapter {
+            let gap = c.subtract(&plain_adapter[name]).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+            assert!(gap <= 1e-4, "dora={dora} pack={pack}: {name} differs by {gap}");
+        }
+    }
+}
+
+#[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
     for pack in [false, true] {
         resumed_run_equals_an_uninterrupted_one(pack);

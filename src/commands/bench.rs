@@ -5,12 +5,12 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::config::Config;
+use crate::config::{Config, TrainConfig};
 use crate::data::{Row, Sample};
 use crate::model::generate::{GenerationStats, SamplingParams, generate};
 use crate::model::{LoadOptions, LoadedModel, QuantMode, load_model};
 use crate::train::lora::LoraSettings;
-use crate::train::{LocalTrainer, MlxTrainer, TrainError};
+use crate::train::{LocalTrainer, MlxTrainer, TrainError, TrainReport};
 
 use super::args::{DataArgs, ModelArgs, QuantArgs};
 use super::model_error_exit;
@@ -47,6 +47,12 @@ pub struct BenchTrainArgs {
     /// optimizer (the forward pass is timed once more on its own).
     #[arg(long)]
     pub profile: bool,
+    /// Also run the steps op by op (`train.compile = false`), alternating
+    /// step by step with the configured trainer on the same batches, and
+    /// print the ratio of the two: measured side by side, so a busy
+    /// machine slows both alike.
+    #[arg(long)]
+    pub against_uncompiled: bool,
 }
 
 #[derive(Debug, Args)]
@@ -220,9 +226,42 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
         train_config.max_seq_length = args.seq_len;
     }
     let settings = LoraSettings::from_config(&config.lora);
+    let mut other = match args.against_uncompiled {
+        true => Some(MlxTrainer::new(
+            loaded.decoder.clone(),
+            loaded.tokenizer.clone(),
+            settings.clone(),
+            TrainConfig {
+                compile: false,
+                ..train_config.clone()
+            },
+            args.steps + 2,
+        )?),
+        false => None,
+    };
     let mut trainer = MlxTrainer::new(loaded.decoder, loaded.tokenizer, settings.clone(), train_config.clone(), args.steps + 2)?;
     trainer.train_steps(&rows, 2, 0)?;
-    let report = trainer.train_steps(&rows, args.steps, 2)?;
+    let report = match &mut other {
+        None => trainer.train_steps(&rows, args.steps, 2)?,
+        Some(other) => {
+            other.train_steps(&rows, 2, 0)?;
+            let (mut ours, mut theirs) = (TrainReport::default(), TrainReport::default());
+            for step in 2..2 + args.steps {
+                ours.absorb(trainer.train_steps(&rows, 1, step)?);
+                theirs.absorb(other.train_steps(&rows, 1, step)?);
+            }
+            let rate = |r: &TrainReport| r.processed_tokens as f64 / r.elapsed.as_secs_f64().max(1e-9);
+            println!(
+                "compiled {:.1} tok/s, op by op {:.1} tok/s, alternating step by step: {:.2}x (loss {:.4} vs {:.4})",
+                rate(&ours),
+                rate(&theirs),
+                rate(&ours) / rate(&theirs).max(1e-9),
+                ours.loss,
+                theirs.loss
+            );
+            ours
+        }
+    };
     let peak = mlx_rs::memory::peak_memory().unwrap_or(0) as f64 / 1e6;
     let seconds = report.elapsed.as_secs_f64().max(1e-9);
     println!(

@@ -110,13 +110,38 @@ fn row_norms(weight: &Array) -> Result<Array, ModelError> {
     Ok(weight.square()?.sum_axis(1, None)?.sqrt()?)
 }
 
-/// Dropout randomness for one training step: a key per (step, layer), so a
-/// resumed run draws the same masks as an uninterrupted one.
-#[derive(Debug, Clone, Copy)]
-pub struct DropoutState {
+/// Dropout for one training step: a random key per adapted projection,
+/// each a pure function of (seed, step, projection), so a resumed run draws
+/// the same masks as an uninterrupted one. The keys are arrays rather than
+/// seeds so that the compiled step takes them as inputs (a seed would be
+/// traced into the graph as a constant and repeat the first step's masks).
+#[derive(Debug, Clone)]
+pub struct Dropout {
     pub probability: f32,
-    pub seed: u64,
-    pub step: u64,
+    /// By projection path; empty when `probability` is 0.
+    pub keys: HashMap<String, Array>,
+}
+
+impl Dropout {
+    pub fn for_step<'p>(probability: f32, seed: u64, step: u64, paths: impl IntoIterator<Item = &'p str>) -> Result<Self, ModelError> {
+        let mut keys = HashMap::new();
+        if probability > 0.0 {
+            for path in paths {
+                let key_seed = blake3::hash(format!("{seed}:{step}:{path}").as_bytes());
+                let mut first = [0u8; 8];
+                first.copy_from_slice(&key_seed.as_bytes()[..8]);
+                keys.insert(path.to_owned(), mlx_rs::random::key(u64::from_le_bytes(first))?);
+            }
+        }
+        Ok(Self { probability, keys })
+    }
+}
+
+/// The projections `params` adapts (their paths, sorted).
+pub fn adapted_paths(params: &AdapterParams) -> Vec<String> {
+    let mut paths: Vec<String> = params.keys().filter_map(|name| name.strip_suffix(".lora_a")).map(str::to_owned).collect();
+    paths.sort();
+    paths
 }
 
 /// Applies the adapters in `params` to the projections they name.
@@ -124,19 +149,20 @@ pub struct LoraApplier<'a> {
     pub params: &'a AdapterParams,
     pub settings: &'a LoraSettings,
     /// `Some` while training with dropout; `None` at evaluation.
-    pub dropout: Option<DropoutState>,
+    pub dropout: Option<&'a Dropout>,
 }
 
 impl LoraApplier<'_> {
     fn dropout(&self, x: &Array, path: &str) -> Result<Array, ModelError> {
-        let Some(state) = self.dropout.filter(|d| d.probability > 0.0) else {
+        let Some(dropout) = self.dropout.filter(|d| d.probability > 0.0) else {
             return Ok(x.clone());
         };
-        let key_seed = blake3::hash(format!("{}:{}:{path}", state.seed, state.step).as_bytes());
-        let key_seed = u64::from_le_bytes(key_seed.as_bytes()[..8].try_into().unwrap_or_default());
-        let key = mlx_rs::random::key(key_seed)?;
-        let keep = Array::from_f32(1.0 - state.probability);
-        let mask = mlx_rs::random::bernoulli(&keep, x.shape(), &key)?;
+        let key = dropout
+            .keys
+            .get(path)
+            .ok_or_else(|| ModelError::MissingTensor(format!("the dropout key of {path}")))?;
+        let keep = Array::from_f32(1.0 - dropout.probability);
+        let mask = mlx_rs::random::bernoulli(&keep, x.shape(), key)?;
         Ok(x.multiply(mask.as_dtype(x.dtype())?)?.divide(&keep)?)
     }
 }

@@ -11,17 +11,19 @@ pub mod lora;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
+pub mod step;
 
 use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use batch::{Batch, Encoded, encode, make_batch};
-use lora::{AdapterParams, DropoutState, LoraApplier, LoraSettings};
+use lora::{AdapterParams, Dropout, LoraApplier, LoraSettings};
 use mlx_rs::Array;
 use mlx_rs::error::Exception;
 use optim::Optimizer;
 use schedule::Schedule;
+use step::CompiledStep;
 
 use crate::config::{Config, TrainConfig};
 use crate::data::template::PromptTemplate;
@@ -63,6 +65,25 @@ pub struct TrainReport {
     pub last_learning_rate: f32,
     /// Where `elapsed` went.
     pub phases: PhaseTimes,
+}
+
+impl TrainReport {
+    /// Adds the stretch of training that followed this one.
+    pub fn absorb(&mut self, later: TrainReport) {
+        let steps = self.steps + later.steps;
+        if steps > 0 {
+            self.loss = ((f64::from(self.loss) * self.steps as f64 + f64::from(later.loss) * later.steps as f64) / steps as f64) as f32;
+        }
+        self.steps = steps;
+        self.examples += later.examples;
+        self.tokens += later.tokens;
+        self.processed_tokens += later.processed_tokens;
+        self.elapsed += later.elapsed;
+        self.last_learning_rate = later.last_learning_rate;
+        self.phases.data += later.phases.data;
+        self.phases.forward_backward += later.phases.forward_backward;
+        self.phases.optimizer += later.phases.optimizer;
+    }
 }
 
 /// Time spent in each phase of the training steps.
@@ -146,6 +167,8 @@ pub struct MlxTrainer {
     pub params: AdapterParams,
     pub optimizer: Optimizer,
     encoded: HashMap<u64, Encoded>,
+    /// With `train.compile`, built at the first step.
+    compiled: Option<CompiledStep>,
 }
 
 impl MlxTrainer {
@@ -162,6 +185,7 @@ impl MlxTrainer {
             config,
             params,
             encoded: HashMap::new(),
+            compiled: None,
         })
     }
 
@@ -225,29 +249,34 @@ impl MlxTrainer {
         Ok(total)
     }
 
-    /// Loss and gradients of one micro-batch.
-    fn loss_and_grads(&self, batch: &Batch, step: u64) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
-        let decoder = &self.decoder;
-        let settings = &self.settings;
-        let dropout = Some(DropoutState {
-            probability: settings.dropout,
-            seed: self.config.seed,
-            step,
-        });
-        let loss_fn = |params: HashMap<Rc<str>, Array>, batch: Batch| -> Result<Vec<Array>, Exception> {
-            let applier = LoraApplier {
-                params: &params,
-                settings,
-                dropout,
+    /// Loss and gradients of one micro-batch, compiled or op by op.
+    fn loss_and_grads(&mut self, batch: &Batch, step: u64) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
+        let paths = lora::adapted_paths(&self.params);
+        let dropout = Dropout::for_step(self.settings.dropout, self.config.seed, step, paths.iter().map(String::as_str))?;
+        let (loss, grads) = if self.config.compile {
+            let compiled = match &mut self.compiled {
+                Some(compiled) => compiled,
+                None => self.compiled.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params)),
             };
-            batch_loss(decoder, &applier, &batch)
-                .map(|loss| vec![loss])
-                .map_err(|e| Exception::custom(e.to_string()))
+            compiled.loss_and_grads(&self.params, batch, &dropout)?
+        } else {
+            let (decoder, settings) = (&self.decoder, &self.settings);
+            let loss_fn = |params: HashMap<Rc<str>, Array>, batch: Batch| -> Result<Vec<Array>, Exception> {
+                let applier = LoraApplier {
+                    params: &params,
+                    settings,
+                    dropout: Some(&dropout),
+                };
+                batch_loss(decoder, &applier, &batch)
+                    .map(|loss| vec![loss])
+                    .map_err(|e| Exception::custom(e.to_string()))
+            };
+            let mut value_and_grad = mlx_rs::transforms::keyed_value_and_grad(loss_fn);
+            let (values, grads) = value_and_grad(self.params.clone(), batch.clone())?;
+            let loss = values.into_iter().next().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
+            (loss, grads)
         };
-        let mut value_and_grad = mlx_rs::transforms::keyed_value_and_grad(loss_fn);
-        let (values, grads) = value_and_grad(self.params.clone(), batch.clone())?;
-        let loss = values.first().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
-        mlx_rs::transforms::eval(grads.values().chain(std::iter::once(loss)))?;
+        mlx_rs::transforms::eval(grads.values().chain(std::iter::once(&loss)))?;
         Ok((loss.try_item_cast::<f32>()?, grads))
     }
 }

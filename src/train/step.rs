@@ -1,0 +1,162 @@
+//! The compiled training step (`train.compile`): the loss and gradients of a
+//! micro-batch as one MLX function of arrays, traced once per batch shape,
+//! simplified and fused by `mlx_compile` (what mlx-lm gets from `mx.compile`
+//! over its step). The uncompiled path in `MlxTrainer` computes the same
+//! thing op by op.
+//!
+//! MLX traces a compiled function again for every new set of input shapes
+//! and keeps each trace, so the traces are counted and the function is
+//! rebuilt (its cache entries dropped) past `MAX_TRACED_SHAPES`: memory
+//! stays bounded however many row lengths a data set has, without padding
+//! rows to a few lengths as mlx-lm does (padding costs compute, and short
+//! rows are where this trainer is fastest).
+
+use std::collections::{HashMap, HashSet};
+use std::rc::Rc;
+
+use mlx_rs::Array;
+use mlx_rs::error::Exception;
+
+use super::batch::Batch;
+use super::lora::{AdapterParams, Dropout, LoraApplier, LoraSettings};
+use super::{TrainError, batch_loss};
+use crate::model::Decoder;
+use crate::model::attention::PackedRows;
+
+/// How many batch shapes one compiled function may hold before it is rebuilt.
+const MAX_TRACED_SHAPES: usize = 256;
+
+type StepFunction = Box<dyn for<'a> FnMut(&'a [Array]) -> Result<Vec<Array>, Exception>>;
+
+/// What decides a trace: the shapes of the inputs, and whether the batch
+/// is packed (two more inputs).
+type ShapeKey = (Vec<i32>, i32, bool);
+
+/// The compiled loss-and-gradients function of one trainer.
+///
+/// Its inputs, in order: the adapter tensors (sorted by name), the batch's
+/// tokens, target positions and target ids, one dropout key per adapted
+/// projection (sorted by path; none without dropout), and for a packed batch
+/// its segments and positions. Its outputs: the loss, then one gradient per
+/// adapter tensor, in the same order.
+pub struct CompiledStep {
+    decoder: Rc<Decoder>,
+    settings: Rc<LoraSettings>,
+    names: Rc<[Rc<str>]>,
+    paths: Rc<[String]>,
+    function: StepFunction,
+    traced: HashSet<ShapeKey>,
+}
+
+impl CompiledStep {
+    /// The step for `params`' layout (names and shapes must not change
+    /// afterwards; `set_adapter` checks that) on a copy of `decoder` (MLX
+    /// arrays are reference-counted: no weight is copied).
+    pub fn new(decoder: &Decoder, settings: &LoraSettings, params: &AdapterParams) -> Self {
+        let mut names: Vec<Rc<str>> = params.keys().cloned().collect();
+        names.sort();
+        let decoder = Rc::new(decoder.clone());
+        let settings = Rc::new(settings.clone());
+        let names: Rc<[Rc<str>]> = names.into();
+        let paths: Rc<[String]> = super::lora::adapted_paths(params).into();
+        let function = build(&decoder, &settings, &names, &paths);
+        Self {
+            decoder,
+            settings,
+            names,
+            paths,
+            function,
+            traced: HashSet::new(),
+        }
+    }
+
+    /// The loss (a scalar array, not yet evaluated) and the gradient of
+    /// every adapter tensor for `batch`.
+    pub fn loss_and_grads(&mut self, params: &AdapterParams, batch: &Batch, dropout: &Dropout) -> Result<(Array, HashMap<Rc<str>, Array>), TrainError> {
+        let mut inputs = Vec::with_capacity(self.names.len() + self.paths.len() + 5);
+        for name in self.names.iter() {
+            let param = params
+                .get(name)
+                .ok_or_else(|| TrainError::Adapter(format!("the adapter has no tensor {name}")))?;
+            inputs.push(param.clone());
+        }
+        inputs.extend([batch.tokens.clone(), batch.target_positions.clone(), batch.target_ids.clone()]);
+        if self.settings.dropout > 0.0 {
+            for path in self.paths.iter() {
+                let key = dropout
+                    .keys
+                    .get(path)
+                    .ok_or_else(|| TrainError::Adapter(format!("no dropout key for {path}")))?;
+                inputs.push(key.clone());
+            }
+        }
+        if let Some(rows) = &batch.packing {
+            inputs.extend([rows.segments.clone(), rows.positions.clone()]);
+        }
+        let key: ShapeKey = (batch.tokens.shape().to_vec(), batch.target_tokens as i32, batch.packing.is_some());
+        if !self.traced.contains(&key) {
+            if self.traced.len() >= MAX_TRACED_SHAPES {
+                // Dropping the old function erases its traces from MLX's cache.
+                self.function = build(&self.decoder, &self.settings, &self.names, &self.paths);
+                self.traced.clear();
+            }
+            self.traced.insert(key);
+        }
+        let mut outputs = (self.function)(&inputs)?.into_iter();
+        let loss = outputs.next().ok_or_else(|| TrainError::Adapter("the compiled step returned nothing".into()))?;
+        let grads: HashMap<Rc<str>, Array> = self.names.iter().cloned().zip(outputs).collect();
+        if grads.len() != self.names.len() {
+            return Err(TrainError::Adapter(format!("the compiled step returned {} gradients for {} tensors", grads.len(), self.names.len())));
+        }
+        Ok((loss, grads))
+    }
+}
+
+/// Traces `batch_loss` under `value_and_grad` as a function of arrays only:
+/// MLX calls it again for each new input shape, never for a shape it has seen.
+fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>]>, paths: &Rc<[String]>) -> StepFunction {
+    let (decoder, settings, names, paths) = (decoder.clone(), settings.clone(), names.clone(), paths.clone());
+    let argnums: Vec<i32> = (0..names.len() as i32).collect();
+    let step = move |inputs: &[Array]| -> Result<Vec<Array>, Exception> {
+        let (params, rest) = inputs.split_at(names.len().min(inputs.len()));
+        let [tokens, target_positions, target_ids, rest @ ..] = rest else {
+            return Err(Exception::custom("the compiled step needs tokens, target positions and target ids"));
+        };
+        let key_count = if settings.dropout > 0.0 { paths.len() } else { 0 };
+        let (keys, packed) = rest.split_at(key_count.min(rest.len()));
+        let packing = match packed {
+            [] => None,
+            [segments, positions] => Some(PackedRows {
+                segments: segments.clone(),
+                positions: positions.clone(),
+            }),
+            _ => return Err(Exception::custom("the compiled step got an unexpected number of inputs")),
+        };
+        let dropout = Dropout {
+            probability: settings.dropout,
+            keys: paths.iter().cloned().zip(keys.iter().cloned()).collect(),
+        };
+        let batch = Batch {
+            tokens: tokens.clone(),
+            target_positions: target_positions.clone(),
+            target_ids: target_ids.clone(),
+            packing,
+            target_tokens: target_positions.shape().first().copied().unwrap_or(0) as usize,
+            real_tokens: 0,
+        };
+        let loss = |params: &[Array]| -> Result<Vec<Array>, Exception> {
+            let params: AdapterParams = names.iter().cloned().zip(params.iter().cloned()).collect();
+            let applier = LoraApplier {
+                params: &params,
+                settings: &settings,
+                dropout: Some(&dropout),
+            };
+            batch_loss(&decoder, &applier, &batch)
+                .map(|loss| vec![loss])
+                .map_err(|e| Exception::custom(e.to_string()))
+        };
+        let (values, grads) = mlx_rs::transforms::value_and_grad_with_argnums(loss, argnums.as_slice())(params)?;
+        Ok(values.into_iter().chain(grads).collect())
+    };
+    Box::new(mlx_rs::transforms::compile::compile(step, None))
+}
