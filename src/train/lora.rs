@@ -187,16 +187,33 @@ impl ProjectionAdapter for LoraApplier<'_> {
             .params
             .get(format!("{}.m", base.path).as_str())
             .ok_or_else(|| ModelError::MissingTensor(format!("{}.m", base.path)))?;
-        let weight = base.weight.dense(Dtype::Float32)?;
-        let out = x.matmul(weight.t())?.add(&update)?;
-        let adapted = weight.add(b.t().matmul(a.t())?.multiply(&scale)?)?;
-        let denom = mlx_rs::stop_gradient(row_norms(&adapted)?)?;
+        let out = base.weight.matmul_t(x)?.add(&update)?;
+        let denom = mlx_rs::stop_gradient(adapted_row_norms(base, a, b, self.settings.scale)?)?;
         let out = out.multiply(m.divide(&denom)?)?;
         Ok(Some(match &base.bias {
             Some(bias) => out.add(bias)?,
             None => out,
         }))
     }
+}
+
+/// The row norms of the adapted weight `W + s·Bᵀ·Aᵀ` (`[out]`), without
+/// forming that `[out, in]` matrix: row i's squared norm is
+/// `‖wᵢ‖² + 2s·⟨wᵢ, (BᵀAᵀ)ᵢ⟩ + s²·‖(BᵀAᵀ)ᵢ‖²`, where the cross term is
+/// column i of `B ⊙ (W·A)ᵀ` summed and the last `B ⊙ (AᵀA·B)` summed. That is
+/// one pass over W (`W·A`, a quantized matmul when W is quantized) and
+/// `[rank, out]` work, where forming the matrix takes several full passes
+/// a step.
+fn adapted_row_norms(base: &Linear, a: &Array, b: &Array, scale: f32) -> Result<Array, ModelError> {
+    let weight_sq = base.weight.dense(Dtype::Float32)?.square()?.sum_axis(1, None)?;
+    let wa_t = base.weight.matmul_t(&a.t())?;
+    let cross = b.multiply(&wa_t)?.sum_axis(0, None)?;
+    let lora_sq = b.multiply(a.t().matmul(a)?.matmul(b)?)?.sum_axis(0, None)?;
+    let squared = weight_sq
+        .add(cross.multiply(Array::from_f32(2.0 * scale))?)?
+        .add(lora_sq.multiply(Array::from_f32(scale * scale))?)?;
+    // Rounding could take a vanishing norm below zero.
+    Ok(mlx_rs::ops::maximum(&squared, Array::from_f32(0.0))?.sqrt()?)
 }
 
 /// Folds the adapters into the base weights (`export --fuse`): each adapted
@@ -228,4 +245,36 @@ pub fn fuse(decoder: &mut Decoder, params: &AdapterParams, settings: &LoraSettin
         })
     })?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::linear::Matrix;
+
+    #[test]
+    fn factored_dora_norms_equal_the_norms_of_the_formed_matrix() {
+        let (out_dim, in_dim, rank, scale) = (48, 64, 4, 20.0f32);
+        let mut rng = SeededRng::new(7);
+        let mut random = |n: i32, spread: f64| -> Vec<f32> { (0..n).map(|_| ((rng.next_f64() * 2.0 - 1.0) * spread) as f32).collect() };
+        let weight = Array::from_slice(&random(out_dim * in_dim, 0.5), &[out_dim, in_dim]);
+        let a = Array::from_slice(&random(in_dim * rank, 0.2), &[in_dim, rank]);
+        let b = Array::from_slice(&random(rank * out_dim, 0.05), &[rank, out_dim]);
+        let formed = weight.add(b.t().matmul(a.t()).unwrap().multiply(Array::from_f32(scale)).unwrap()).unwrap();
+        let expected = row_norms(&formed).unwrap();
+        for matrix in [Matrix::Dense(weight.clone()), Matrix::Dense(weight.clone()).quantized(32, 8).unwrap()] {
+            let quantized = matrix.quantization().is_some();
+            let base = Linear { path: "p".into(), weight: matrix, bias: None };
+            // A quantized W has its own norms: compare with its dequantized self.
+            let expected = if quantized {
+                let dense = base.weight.dense(Dtype::Float32).unwrap();
+                row_norms(&dense.add(b.t().matmul(a.t()).unwrap().multiply(Array::from_f32(scale)).unwrap()).unwrap()).unwrap()
+            } else {
+                expected.clone()
+            };
+            let factored = adapted_row_norms(&base, &a, &b, scale).unwrap();
+            let gap = factored.subtract(&expected).unwrap().abs().unwrap().divide(&expected).unwrap().max(None).unwrap().item::<f32>();
+            assert!(gap < 1e-5, "quantized={quantized}: relative gap {gap}");
+        }
+    }
 }

@@ -253,32 +253,49 @@ impl MlxTrainer {
     fn loss_and_grads(&mut self, batch: &Batch, step: u64) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
         let paths = lora::adapted_paths(&self.params);
         let dropout = Dropout::for_step(self.settings.dropout, self.config.seed, step, paths.iter().map(String::as_str))?;
-        let (loss, grads) = if self.config.compile {
-            let compiled = match &mut self.compiled {
-                Some(compiled) => compiled,
-                None => self.compiled.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params)),
+        if self.config.compile {
+            match self.compiled_loss_and_grads(batch, &dropout) {
+                Ok(result) => return Ok(result),
+                // On a CPU, MLX compiles fused kernels with the system C++
+                // compiler at run time; without one, train op by op.
+                Err(err) => {
+                    tracing::warn!(error = %err, "the compiled training step failed; training op by op from here (set train.compile = false to skip it)");
+                    self.config.compile = false;
+                    self.compiled = None;
+                }
+            }
+        }
+        let (decoder, settings) = (&self.decoder, &self.settings);
+        let loss_fn = |params: HashMap<Rc<str>, Array>, batch: Batch| -> Result<Vec<Array>, Exception> {
+            let applier = LoraApplier {
+                params: &params,
+                settings,
+                dropout: Some(&dropout),
             };
-            compiled.loss_and_grads(&self.params, batch, &dropout)?
-        } else {
-            let (decoder, settings) = (&self.decoder, &self.settings);
-            let loss_fn = |params: HashMap<Rc<str>, Array>, batch: Batch| -> Result<Vec<Array>, Exception> {
-                let applier = LoraApplier {
-                    params: &params,
-                    settings,
-                    dropout: Some(&dropout),
-                };
-                batch_loss(decoder, &applier, &batch)
-                    .map(|loss| vec![loss])
-                    .map_err(|e| Exception::custom(e.to_string()))
-            };
-            let mut value_and_grad = mlx_rs::transforms::keyed_value_and_grad(loss_fn);
-            let (values, grads) = value_and_grad(self.params.clone(), batch.clone())?;
-            let loss = values.into_iter().next().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
-            (loss, grads)
+            batch_loss(decoder, &applier, &batch)
+                .map(|loss| vec![loss])
+                .map_err(|e| Exception::custom(e.to_string()))
         };
-        mlx_rs::transforms::eval(grads.values().chain(std::iter::once(&loss)))?;
-        Ok((loss.try_item_cast::<f32>()?, grads))
+        let mut value_and_grad = mlx_rs::transforms::keyed_value_and_grad(loss_fn);
+        let (values, grads) = value_and_grad(self.params.clone(), batch.clone())?;
+        let loss = values.into_iter().next().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
+        evaluated(loss, grads)
     }
+
+    fn compiled_loss_and_grads(&mut self, batch: &Batch, dropout: &Dropout) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
+        let compiled = match &mut self.compiled {
+            Some(compiled) => compiled,
+            None => self.compiled.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params, self.optimizer.kind)),
+        };
+        let (loss, grads) = compiled.loss_and_grads(&self.params, batch, dropout)?;
+        evaluated(loss, grads)
+    }
+}
+
+/// The loss as a number, once it and the gradients are computed.
+fn evaluated(loss: Array, grads: HashMap<Rc<str>, Array>) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
+    mlx_rs::transforms::eval(grads.values().chain(std::iter::once(&loss)))?;
+    Ok((loss.try_item_cast::<f32>()?, grads))
 }
 
 impl LocalTrainer for MlxTrainer {
@@ -343,7 +360,10 @@ impl LocalTrainer for MlxTrainer {
                 }
             }
             let learning_rate = self.schedule.learning_rate(step);
-            self.optimizer.step(&mut self.params, &grads, learning_rate)?;
+            match &mut self.compiled {
+                Some(compiled) => compiled.apply_update(&mut self.optimizer, &mut self.params, &grads, learning_rate)?,
+                None => self.optimizer.step(&mut self.params, &grads, learning_rate)?,
+            }
             mlx_rs::transforms::eval(self.params.values().chain(self.optimizer.state.values()))?;
             report.phases.optimizer += phase.elapsed();
             report.last_learning_rate = learning_rate;

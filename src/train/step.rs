@@ -19,7 +19,9 @@ use mlx_rs::error::Exception;
 
 use super::batch::Batch;
 use super::lora::{AdapterParams, Dropout, LoraApplier, LoraSettings};
+use super::optim::{Optimizer, update};
 use super::{TrainError, batch_loss};
+use crate::config::Optimizer as OptimizerKind;
 use crate::model::Decoder;
 use crate::model::attention::PackedRows;
 
@@ -32,9 +34,10 @@ type StepFunction = Box<dyn for<'a> FnMut(&'a [Array]) -> Result<Vec<Array>, Exc
 /// is packed (two more inputs).
 type ShapeKey = (Vec<i32>, i32, bool);
 
-/// The compiled loss-and-gradients function of one trainer.
+/// The compiled functions of one trainer: loss and gradients, and the
+/// optimizer's update.
 ///
-/// Its inputs, in order: the adapter tensors (sorted by name), the batch's
+/// The loss function's inputs, in order: the adapter tensors (sorted by name), the batch's
 /// tokens, target positions and target ids, one dropout key per adapted
 /// projection (sorted by path; none without dropout), and for a packed batch
 /// its segments and positions. Its outputs: the loss, then one gradient per
@@ -46,13 +49,16 @@ pub struct CompiledStep {
     paths: Rc<[String]>,
     function: StepFunction,
     traced: HashSet<ShapeKey>,
+    /// The optimizer's update of every adapter tensor, for `update_kind`.
+    update: StepFunction,
+    update_kind: OptimizerKind,
 }
 
 impl CompiledStep {
     /// The step for `params`' layout (names and shapes must not change
     /// afterwards; `set_adapter` checks that) on a copy of `decoder` (MLX
     /// arrays are reference-counted: no weight is copied).
-    pub fn new(decoder: &Decoder, settings: &LoraSettings, params: &AdapterParams) -> Self {
+    pub fn new(decoder: &Decoder, settings: &LoraSettings, params: &AdapterParams, optimizer: OptimizerKind) -> Self {
         let mut names: Vec<Rc<str>> = params.keys().cloned().collect();
         names.sort();
         let decoder = Rc::new(decoder.clone());
@@ -67,7 +73,41 @@ impl CompiledStep {
             paths,
             function,
             traced: HashSet::new(),
+            update: build_update(optimizer),
+            update_kind: optimizer,
         }
+    }
+
+    /// `optimizer`'s update of every adapter tensor, as one compiled
+    /// function (traced once: the shapes never change): a few fused
+    /// kernels instead of a dozen operations a tensor.
+    pub fn apply_update(&mut self, optimizer: &mut Optimizer, params: &mut AdapterParams, grads: &HashMap<Rc<str>, Array>, learning_rate: f32) -> Result<(), TrainError> {
+        if optimizer.kind != self.update_kind {
+            self.update = build_update(optimizer.kind);
+            self.update_kind = optimizer.kind;
+        }
+        let mut inputs = vec![Array::from_f32(learning_rate)];
+        for name in self.names.iter() {
+            let (Some(param), Some(grad)) = (params.get(name), grads.get(name)) else {
+                return Err(TrainError::Adapter(format!("no value or no gradient for {name}")));
+            };
+            inputs.extend([param.clone(), grad.clone()]);
+            if let Some((m1, m2)) = optimizer.moments(name, grad)? {
+                inputs.extend([m1, m2]);
+            }
+        }
+        let outputs = (self.update)(&inputs)?;
+        let per_tensor = if optimizer.kind == OptimizerKind::Sgd { 1 } else { 3 };
+        if outputs.len() != self.names.len() * per_tensor {
+            return Err(TrainError::Adapter(format!("the compiled update returned {} arrays for {} tensors", outputs.len(), self.names.len())));
+        }
+        for (name, updated) in self.names.iter().zip(outputs.chunks(per_tensor)) {
+            params.insert(name.clone(), updated[0].clone());
+            if let [_, m1, m2] = updated {
+                optimizer.set_moments(name, Some((m1.clone(), m2.clone())));
+            }
+        }
+        Ok(())
     }
 
     /// The loss (a scalar array, not yet evaluated) and the gradient of
@@ -157,6 +197,32 @@ fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>
         };
         let (values, grads) = mlx_rs::transforms::value_and_grad_with_argnums(loss, argnums.as_slice())(params)?;
         Ok(values.into_iter().chain(grads).collect())
+    };
+    Box::new(mlx_rs::transforms::compile::compile(step, None))
+}
+
+/// The optimizer update over `[learning rate, (param, grad[, m1, m2])…]`,
+/// returning `[(param[, m1, m2])…]`.
+fn build_update(kind: OptimizerKind) -> StepFunction {
+    let per_tensor = if kind == OptimizerKind::Sgd { 2 } else { 4 };
+    let step = move |inputs: &[Array]| -> Result<Vec<Array>, Exception> {
+        let [lr, tensors @ ..] = inputs else {
+            return Err(Exception::custom("the compiled update needs a learning rate"));
+        };
+        let mut outputs = Vec::with_capacity(tensors.len());
+        for tensor in tensors.chunks(per_tensor) {
+            let (param, grad, moments) = match tensor {
+                [param, grad] => (param, grad, None),
+                [param, grad, m1, m2] => (param, grad, Some((m1, m2))),
+                _ => return Err(Exception::custom("the compiled update got an incomplete tensor")),
+            };
+            let (param, moments) = update(kind, param, grad, moments, lr)?;
+            outputs.push(param);
+            if let Some((m1, m2)) = moments {
+                outputs.extend([m1, m2]);
+            }
+        }
+        Ok(outputs)
     };
     Box::new(mlx_rs::transforms::compile::compile(step, None))
 }
