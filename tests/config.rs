@@ -129,6 +129,7 @@ fn each_range_check_fires() {
         ("train.batch_size=0", "train.batch_size"),
         ("train.local_steps=0", "train.local_steps"),
         ("train.max_seq_length=4", "train.max_seq_length"),
+        ("train.pad_to=0", "train.pad_to"),
         ("train.learning_rate=0.0", "train.learning_rate"),
         ("train.learning_rate_min=1.0", "train.learning_rate_min"),
         ("train.grad_accumulation_steps=0", "train.grad_accumulation_steps"),

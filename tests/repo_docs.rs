@@ -52,7 +52,7 @@ fn layers_import_only_what_the_architecture_allows() {
         ("wire", &["aggregate"]),
         ("store", &["wire", "durable"]),
         ("p2p", &["wire", "store"]),
-        ("train", &["model", "data", "config", "rng", "durable"]),
+        ("train", &["model", "data", "config", "rng", "durable", "mlx_env"]),
         ("model", &["mlx_env", "hub", "rng"]),
         ("data", &["hub", "rng", "model"]),
     ];

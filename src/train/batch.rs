@@ -71,6 +71,9 @@ pub struct Batch {
     pub target_positions: Array,
     /// `[targets]` int32: the token each counted target predicts.
     pub target_ids: Array,
+    /// `[targets]` float32, 1 for a counted target and 0 for padding, when
+    /// the targets are padded (`pad_to`); the loss averages the counted ones.
+    pub target_weights: Option<Array>,
     /// For packed rows, where each input token (the first `len - 1`) sits.
     pub packing: Option<PackedRows>,
     /// Number of target tokens that count.
@@ -86,7 +89,12 @@ pub struct Batch {
 /// over a line grows with its length squared, so longer lines would cost
 /// more than they save). The loss counts the same targets either way: a
 /// row's last token predicts nothing.
-pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool) -> Result<Batch, TrainError> {
+///
+/// With `pad_to` > 1 the lines' inputs and the targets are padded to a
+/// multiple of it (padded targets get weight 0), so that batches take few
+/// distinct shapes: the compiled step traces once per shape, which is cheap
+/// next to a CPU's matmuls but not next to a GPU's (mlx-lm pads to 32).
+pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool, pad_to: usize) -> Result<Batch, TrainError> {
     let longest = examples.iter().map(|e| e.tokens.len()).max().unwrap_or(0);
     let mut lines = if pack { first_fit(examples, longest) } else { Vec::new() };
     // Where no line holds two rows, packing saves nothing: the plain layout
@@ -100,7 +108,8 @@ pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool) -> Resul
     if examples.is_empty() || len < 2 {
         return Err(TrainError::Data("an empty batch".into()));
     }
-    let inputs = len - 1;
+    let inputs = (len - 1).next_multiple_of(pad_to.max(1));
+    let len = inputs + 1;
     let mut tokens = vec![0i32; lines.len() * len];
     let mut target_positions = Vec::new();
     let mut target_ids = Vec::new();
@@ -134,11 +143,19 @@ pub fn make_batch(examples: &[&Encoded], mask_prompt: bool, pack: bool) -> Resul
     if target_tokens == 0 {
         return Err(TrainError::Data("no token in this batch is trained on (the prompts fill the whole sequence; raise train.max_seq_length)".into()));
     }
+    let padded_targets = target_tokens.next_multiple_of(pad_to.max(1));
+    let target_weights = (padded_targets > target_tokens).then(|| {
+        let weights: Vec<f32> = (0..padded_targets).map(|i| if i < target_tokens { 1.0 } else { 0.0 }).collect();
+        Array::from_slice(&weights, &[padded_targets as i32])
+    });
+    target_positions.resize(padded_targets, 0);
+    target_ids.resize(padded_targets, 0);
     let shape = [lines.len() as i32, inputs as i32];
     Ok(Batch {
         tokens: Array::from_slice(&tokens, &[lines.len() as i32, len as i32]),
-        target_positions: Array::from_slice(&target_positions, &[target_tokens as i32]),
-        target_ids: Array::from_slice(&target_ids, &[target_tokens as i32]),
+        target_positions: Array::from_slice(&target_positions, &[padded_targets as i32]),
+        target_ids: Array::from_slice(&target_ids, &[padded_targets as i32]),
+        target_weights,
         packing: pack.then(|| PackedRows {
             segments: Array::from_slice(&segments, &shape),
             positions: Array::from_slice(&positions, &shape),
@@ -173,16 +190,16 @@ mod tests {
     fn mask_prompt_excludes_prompt_positions() {
         let a = Encoded { tokens: vec![10, 11, 12, 13, 14], prompt_len: 3 };
         let b = Encoded { tokens: vec![20, 21, 22], prompt_len: 1 };
-        let masked = make_batch(&[&a, &b], true, false).unwrap();
+        let masked = make_batch(&[&a, &b], true, false, 1).unwrap();
         assert_eq!(masked.tokens.shape(), &[2, 5]);
         assert_eq!(masked.target_positions.as_slice::<i32>(), &[2, 3, 4, 5]);
         assert_eq!(masked.target_ids.as_slice::<i32>(), &[13, 14, 21, 22]);
         assert_eq!(masked.target_tokens, 4);
-        let full = make_batch(&[&a, &b], false, false).unwrap();
+        let full = make_batch(&[&a, &b], false, false, 1).unwrap();
         assert_eq!(full.target_positions.as_slice::<i32>(), &[0, 1, 2, 3, 4, 5]);
         assert_eq!(full.tokens.as_slice::<i32>(), &[10, 11, 12, 13, 14, 20, 21, 22, 0, 0]);
         let all_prompt = Encoded { tokens: vec![1, 2], prompt_len: 2 };
-        assert!(make_batch(&[&all_prompt], true, false).is_err());
+        assert!(make_batch(&[&all_prompt], true, false, 1).is_err());
     }
 
     #[test]
@@ -191,13 +208,13 @@ mod tests {
         let b = Encoded { tokens: vec![20, 21, 22], prompt_len: 1 };
         let c = Encoded { tokens: vec![30, 31, 32, 33, 34, 35, 36, 37], prompt_len: 6 };
         // Lines hold 8 tokens (c, the longest): a + b fill the first, c the second.
-        let packed = make_batch(&[&a, &b, &c], true, true).unwrap();
+        let packed = make_batch(&[&a, &b, &c], true, true, 1).unwrap();
         assert_eq!(packed.tokens.shape(), &[2, 8]);
         assert_eq!(packed.tokens.as_slice::<i32>(), &[10, 11, 12, 13, 14, 20, 21, 22, 30, 31, 32, 33, 34, 35, 36, 37]);
         // Targets: a's 13, 14; b's 21, 22; c's 36, 37. No row predicts the next row's first token.
         assert_eq!(packed.target_positions.as_slice::<i32>(), &[2, 3, 5, 6, 12, 13]);
         assert_eq!(packed.target_ids.as_slice::<i32>(), &[13, 14, 21, 22, 36, 37]);
-        let unpacked = make_batch(&[&a, &b, &c], true, false).unwrap();
+        let unpacked = make_batch(&[&a, &b, &c], true, false, 1).unwrap();
         assert_eq!(unpacked.tokens.shape(), &[3, 8]);
         assert_eq!(packed.target_tokens, unpacked.target_tokens);
         assert_eq!(packed.real_tokens, unpacked.real_tokens);
@@ -206,12 +223,20 @@ mod tests {
         assert_eq!(rows.positions.as_slice::<i32>(), &[0, 1, 2, 3, 4, 0, 1, 0, 1, 2, 3, 4, 5, 6]);
         // Padding is a row of one per token.
         let d = Encoded { tokens: vec![40, 41], prompt_len: 0 };
-        let padded_line = make_batch(&[&c, &b, &d], false, true).unwrap();
+        let padded_line = make_batch(&[&c, &b, &d], false, true, 1).unwrap();
         let segments = padded_line.packing.unwrap().segments;
         assert_eq!(&segments.as_slice::<i32>()[7..], &[1, 1, 1, 2, 2, -6, -7]);
         assert_eq!(padded_line.tokens.shape(), &[2, 8]);
+        // Padding to a multiple of 4: inputs 7 -> 8, targets 6 -> 8 with weight 0.
+        let padded = make_batch(&[&a, &b, &c], true, true, 4).unwrap();
+        assert_eq!(padded.tokens.shape(), &[2, 9]);
+        assert_eq!(padded.target_positions.as_slice::<i32>(), &[2, 3, 5, 6, 13, 14, 0, 0]);
+        assert_eq!(padded.target_weights.unwrap().as_slice::<f32>(), &[1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.0, 0.0]);
+        assert_eq!(padded.target_tokens, 6);
+        assert_eq!(&padded.packing.unwrap().segments.as_slice::<i32>()[..8], &[0, 0, 0, 0, 0, 1, 1, 1]);
+        assert!(make_batch(&[&a, &b, &c], true, true, 2).unwrap().target_weights.is_none(), "6 targets need no padding to 2");
         // Rows that do not pack keep the plain layout.
-        assert!(make_batch(&[&c, &a], false, true).unwrap().packing.is_none());
+        assert!(make_batch(&[&c, &a], false, true, 1).unwrap().packing.is_none());
         assert!(unpacked.packing.is_none());
     }
 }

@@ -133,7 +133,13 @@ pub trait LocalTrainer {
 
 /// Mean cross-entropy of the batch's counted targets.
 pub fn batch_loss(decoder: &Decoder, adapter: &LoraApplier<'_>, batch: &Batch) -> Result<Array, ModelError> {
-    Ok(token_losses(decoder, adapter, batch)?.mean(None)?)
+    let losses = token_losses(decoder, adapter, batch)?;
+    Ok(match &batch.target_weights {
+        None => losses.mean(None)?,
+        // The count comes from the weights, an input of a compiled step,
+        // never from a number that a trace would freeze.
+        Some(weights) => losses.multiply(weights)?.sum(None)?.divide(weights.sum(None)?)?,
+    })
 }
 
 /// Cross-entropy of each counted target, `[targets]`, in the order of
@@ -217,12 +223,24 @@ impl MlxTrainer {
             .collect()
     }
 
-    fn make_batch(&mut self, rows: &[&Row]) -> Result<Batch, TrainError> {
+    /// A batch of `rows`; training batches are padded to `train.pad_to`.
+    fn make_batch(&mut self, rows: &[&Row], training: bool) -> Result<Batch, TrainError> {
         let mut encoded = Vec::with_capacity(rows.len());
         for row in rows {
             encoded.push(self.encoded(row)?.clone());
         }
-        make_batch(&encoded.iter().collect::<Vec<_>>(), self.config.mask_prompt, self.config.pack)
+        let pad_to = if training { self.pad_to() } else { 1 };
+        make_batch(&encoded.iter().collect::<Vec<_>>(), self.config.mask_prompt, self.config.pack, pad_to)
+    }
+
+    /// `train.pad_to`, or by default 32 for a compiled step on a GPU (where
+    /// a new trace costs more than padding) and none elsewhere.
+    fn pad_to(&self) -> usize {
+        match self.config.pad_to {
+            Some(pad_to) => pad_to as usize,
+            None if self.config.compile && crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu => 32,
+            None => 1,
+        }
     }
 
     /// The adapter as evaluation applies it: no dropout.
@@ -241,7 +259,7 @@ impl MlxTrainer {
         let mut total = Duration::ZERO;
         for micro in micros {
             let batch_rows = self.batch_rows(rows, micro);
-            let batch = self.make_batch(&batch_rows)?;
+            let batch = self.make_batch(&batch_rows, true)?;
             let started = Instant::now();
             batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?.eval()?;
             total += started.elapsed();
@@ -323,7 +341,7 @@ impl LocalTrainer for MlxTrainer {
                 let micro = step * accumulation + k;
                 let phase = Instant::now();
                 let batch_rows = self.batch_rows(rows, micro);
-                let batch = self.make_batch(&batch_rows)?;
+                let batch = self.make_batch(&batch_rows, true)?;
                 report.phases.data += phase.elapsed();
                 let phase = Instant::now();
                 let (loss, grads) = self.loss_and_grads(&batch, micro)?;
@@ -379,7 +397,7 @@ impl LocalTrainer for MlxTrainer {
         let mut tokens = 0u64;
         let size = self.config.batch_size.max(1) as usize;
         for chunk in rows.chunks(size) {
-            let batch = self.make_batch(&chunk.iter().collect::<Vec<_>>())?;
+            let batch = self.make_batch(&chunk.iter().collect::<Vec<_>>(), false)?;
             let loss = batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?.try_item_cast::<f32>()?;
             weighted += f64::from(loss) * batch.target_tokens as f64;
             tokens += batch.target_tokens as u64;

@@ -30,17 +30,17 @@ const MAX_TRACED_SHAPES: usize = 256;
 
 type StepFunction = Box<dyn for<'a> FnMut(&'a [Array]) -> Result<Vec<Array>, Exception>>;
 
-/// What decides a trace: the shapes of the inputs, and whether the batch
-/// is packed (two more inputs).
-type ShapeKey = (Vec<i32>, i32, bool);
+/// What decides a trace: the shapes of the inputs, whether the targets
+/// are weighted (one more input) and whether the batch is packed (two more).
+type ShapeKey = (Vec<i32>, i32, bool, bool);
 
 /// The compiled functions of one trainer: loss and gradients, and the
 /// optimizer's update.
 ///
 /// The loss function's inputs, in order: the adapter tensors (sorted by name), the batch's
 /// tokens, target positions and target ids, one dropout key per adapted
-/// projection (sorted by path; none without dropout), and for a packed batch
-/// its segments and positions. Its outputs: the loss, then one gradient per
+/// projection (sorted by path; none without dropout), the target weights of
+/// a padded batch, and for a packed batch its segments and positions. Its outputs: the loss, then one gradient per
 /// adapter tensor, in the same order.
 pub struct CompiledStep {
     decoder: Rc<Decoder>,
@@ -130,10 +130,12 @@ impl CompiledStep {
                 inputs.push(key.clone());
             }
         }
+        inputs.extend(batch.target_weights.clone());
         if let Some(rows) = &batch.packing {
             inputs.extend([rows.segments.clone(), rows.positions.clone()]);
         }
-        let key: ShapeKey = (batch.tokens.shape().to_vec(), batch.target_tokens as i32, batch.packing.is_some());
+        let targets = batch.target_positions.shape().first().copied().unwrap_or(0);
+        let key: ShapeKey = (batch.tokens.shape().to_vec(), targets, batch.target_weights.is_some(), batch.packing.is_some());
         if !self.traced.contains(&key) {
             if self.traced.len() >= MAX_TRACED_SHAPES {
                 // Dropping the old function erases its traces from MLX's cache.
@@ -163,15 +165,19 @@ fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>
             return Err(Exception::custom("the compiled step needs tokens, target positions and target ids"));
         };
         let key_count = if settings.dropout > 0.0 { paths.len() } else { 0 };
-        let (keys, packed) = rest.split_at(key_count.min(rest.len()));
-        let packing = match packed {
-            [] => None,
-            [segments, positions] => Some(PackedRows {
-                segments: segments.clone(),
-                positions: positions.clone(),
-            }),
+        let (keys, rest) = rest.split_at(key_count.min(rest.len()));
+        // After the keys: [weights] when padded, then [segments, positions] when packed.
+        let (target_weights, packed) = match rest {
+            [] => (None, None),
+            [weights] => (Some(weights.clone()), None),
+            [segments, positions] => (None, Some((segments, positions))),
+            [weights, segments, positions] => (Some(weights.clone()), Some((segments, positions))),
             _ => return Err(Exception::custom("the compiled step got an unexpected number of inputs")),
         };
+        let packing = packed.map(|(segments, positions)| PackedRows {
+            segments: segments.clone(),
+            positions: positions.clone(),
+        });
         let dropout = Dropout {
             probability: settings.dropout,
             keys: paths.iter().cloned().zip(keys.iter().cloned()).collect(),
@@ -180,6 +186,7 @@ fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>
             tokens: tokens.clone(),
             target_positions: target_positions.clone(),
             target_ids: target_ids.clone(),
+            target_weights,
             packing,
             target_tokens: target_positions.shape().first().copied().unwrap_or(0) as usize,
             real_tokens: 0,
