@@ -44,7 +44,8 @@ pub struct BenchTrainArgs {
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub steps: u64,
     /// Also print where a step's time goes: data, forward, backward,
-    /// optimizer (the forward pass is timed once more on its own).
+    /// optimizer (the forward pass is timed once more on its own, op by op,
+    /// so under `train.compile` the forward/backward split is approximate).
     #[arg(long)]
     pub profile: bool,
     /// Also run the steps op by op (`train.compile = false`), alternating

@@ -37,11 +37,12 @@ type ShapeKey = (Vec<i32>, i32, bool, bool);
 /// The compiled functions of one trainer: loss and gradients, and the
 /// optimizer's update.
 ///
-/// The loss function's inputs, in order: the adapter tensors (sorted by name), the batch's
-/// tokens, target positions and target ids, one dropout key per adapted
-/// projection (sorted by path; none without dropout), the target weights of
-/// a padded batch, and for a packed batch its segments and positions. Its outputs: the loss, then one gradient per
-/// adapter tensor, in the same order.
+/// The loss function's inputs, in order: the adapter tensors (sorted by
+/// name), the batch's tokens, target positions and target ids, one dropout
+/// key per adapted projection (sorted by path; none without dropout), the
+/// target weights of a padded batch, and for a packed batch its segments
+/// and positions. Its outputs: the loss, then one gradient per adapter
+/// tensor, in the same order.
 pub struct CompiledStep {
     decoder: Rc<Decoder>,
     settings: Rc<LoraSettings>,
