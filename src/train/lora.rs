@@ -273,7 +273,7 @@ mod tests {
                 expected.clone()
             };
             let factored = adapted_row_norms(&base, &a, &b, scale).unwrap();
-            let gap = factored.subtract(&expected).unwrap().abs().unwrap().divide(&expected).unwrap().max(None).unwrap().item::<f32>();
+            let gap = factored.subtract(&expected).unwrap().abs().unwrap().divide(&expected).unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
             assert!(gap < 1e-5, "quantized={quantized}: relative gap {gap}");
         }
     }
