@@ -50,6 +50,8 @@ pub struct CompiledStep {
     paths: Rc<[String]>,
     function: StepFunction,
     traced: HashSet<ShapeKey>,
+    /// `MAX_TRACED_SHAPES` (smaller in a test).
+    max_traced: usize,
     /// The optimizer's update of every adapter tensor, for `update_kind`.
     update: StepFunction,
     update_kind: OptimizerKind,
@@ -60,6 +62,10 @@ impl CompiledStep {
     /// afterwards; `set_adapter` checks that) on a copy of `decoder` (MLX
     /// arrays are reference-counted: no weight is copied).
     pub fn new(decoder: &Decoder, settings: &LoraSettings, params: &AdapterParams, optimizer: OptimizerKind) -> Self {
+        Self::with_trace_limit(decoder, settings, params, optimizer, MAX_TRACED_SHAPES)
+    }
+
+    fn with_trace_limit(decoder: &Decoder, settings: &LoraSettings, params: &AdapterParams, optimizer: OptimizerKind, max_traced: usize) -> Self {
         let mut names: Vec<Rc<str>> = params.keys().cloned().collect();
         names.sort();
         let decoder = Rc::new(decoder.clone());
@@ -74,6 +80,7 @@ impl CompiledStep {
             paths,
             function,
             traced: HashSet::new(),
+            max_traced,
             update: build_update(optimizer),
             update_kind: optimizer,
         }
@@ -138,7 +145,7 @@ impl CompiledStep {
         let targets = batch.target_positions.shape().first().copied().unwrap_or(0);
         let key: ShapeKey = (batch.tokens.shape().to_vec(), targets, batch.target_weights.is_some(), batch.packing.is_some());
         if !self.traced.contains(&key) {
-            if self.traced.len() >= MAX_TRACED_SHAPES {
+            if self.traced.len() >= self.max_traced {
                 // Dropping the old function erases its traces from MLX's cache.
                 self.function = build(&self.decoder, &self.settings, &self.names, &self.paths);
                 self.traced.clear();
@@ -233,4 +240,40 @@ fn build_update(kind: OptimizerKind) -> StepFunction {
         Ok(outputs)
     };
     Box::new(mlx_rs::transforms::compile::compile(step, None))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{LoadOptions, QuantMode, load_model};
+    use crate::train::batch::{Encoded, make_batch};
+
+    /// Past its limit of traced shapes the step rebuilds itself, and its
+    /// losses stay those of the op-by-op step.
+    #[test]
+    fn a_rebuilt_step_keeps_computing_the_same_losses() {
+        let model = load_model("tiny", &LoadOptions { quant: QuantMode::Keep }).unwrap();
+        let settings = LoraSettings {
+            dora: true,
+            num_layers: 2,
+            rank: 4,
+            scale: 10.0,
+            dropout: 0.0,
+            keys: vec!["self_attn.q_proj".into(), "mlp.down_proj".into()],
+        };
+        let params = settings.init(&model.decoder, 3).unwrap();
+        let mut step = CompiledStep::with_trace_limit(&model.decoder, &settings, &params, OptimizerKind::Adamw, 2);
+        let dropout = Dropout::for_step(0.0, 0, 0, []).unwrap();
+        for len in [5usize, 9, 13, 9, 17, 5] {
+            let example = Encoded { tokens: (0..len as u32).map(|t| 3 + t * 7 % 50).collect(), prompt_len: 0 };
+            let batch = make_batch(&[&example], false, false, 1).unwrap();
+            let (loss, grads) = step.loss_and_grads(&params, &batch, &dropout).unwrap();
+            let applier = LoraApplier { params: &params, settings: &settings, dropout: None };
+            let expected = batch_loss(&model.decoder, &applier, &batch).unwrap().try_item_cast::<f32>().unwrap();
+            let loss = loss.try_item_cast::<f32>().unwrap();
+            assert!((loss - expected).abs() <= 1e-5 * expected.abs(), "length {len}: compiled {loss}, op by op {expected}");
+            assert_eq!(grads.len(), params.len());
+            assert!(step.traced.len() <= 2, "{} shapes held", step.traced.len());
+        }
+    }
 }
