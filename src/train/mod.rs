@@ -274,8 +274,9 @@ impl MlxTrainer {
         if self.config.compile {
             match self.compiled_loss_and_grads(batch, &dropout) {
                 Ok(result) => return Ok(result),
-                // On a CPU, MLX compiles fused kernels with the system C++
-                // compiler at run time; without one, train op by op.
+                // A compiled step can fail where the op-by-op one does not
+                // (MLX builds its fused kernels at run time, with the
+                // system's C++ compiler or NVRTC): go on op by op.
                 Err(err) => {
                     tracing::warn!(error = %err, "the compiled training step failed; training op by op from here (set train.compile = false to skip it)");
                     self.config.compile = false;
