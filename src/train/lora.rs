@@ -260,18 +260,14 @@ mod tests {
         let weight = Array::from_slice(&random(out_dim * in_dim, 0.5), &[out_dim, in_dim]);
         let a = Array::from_slice(&random(in_dim * rank, 0.2), &[in_dim, rank]);
         let b = Array::from_slice(&random(rank * out_dim, 0.05), &[rank, out_dim]);
-        let formed = weight.add(b.t().matmul(a.t()).unwrap().multiply(Array::from_f32(scale)).unwrap()).unwrap();
-        let expected = row_norms(&formed).unwrap();
         for matrix in [Matrix::Dense(weight.clone()), Matrix::Dense(weight.clone()).quantized(32, 8).unwrap()] {
             let quantized = matrix.quantization().is_some();
             let base = Linear { path: "p".into(), weight: matrix, bias: None };
-            // A quantized W has its own norms: compare with its dequantized self.
-            let expected = if quantized {
-                let dense = base.weight.dense(Dtype::Float32).unwrap();
-                row_norms(&dense.add(b.t().matmul(a.t()).unwrap().multiply(Array::from_f32(scale)).unwrap()).unwrap()).unwrap()
-            } else {
-                expected.clone()
-            };
+            // The formed matrix, from W as the layer holds it (a quantized W
+            // has its own norms: its dequantized self's).
+            let dense = base.weight.dense(Dtype::Float32).unwrap();
+            let formed = dense.add(b.t().matmul(a.t()).unwrap().multiply(Array::from_f32(scale)).unwrap()).unwrap();
+            let expected = row_norms(&formed).unwrap();
             let factored = adapted_row_norms(&base, &a, &b, scale).unwrap();
             let gap = factored.subtract(&expected).unwrap().abs().unwrap().divide(&expected).unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
             assert!(gap < 1e-5, "quantized={quantized}: relative gap {gap}");

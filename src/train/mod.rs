@@ -173,6 +173,9 @@ pub struct MlxTrainer {
     pub params: AdapterParams,
     pub optimizer: Optimizer,
     encoded: HashMap<u64, Encoded>,
+    /// The adapted projections (their paths, sorted): each step draws a
+    /// dropout key for each. The adapter's layout never changes.
+    projections: Vec<String>,
     /// With `train.compile`, built at the first step.
     compiled: Option<CompiledStep>,
 }
@@ -189,6 +192,7 @@ impl MlxTrainer {
             tokenizer,
             settings,
             config,
+            projections: lora::adapted_paths(&params),
             params,
             encoded: HashMap::new(),
             compiled: None,
@@ -269,8 +273,7 @@ impl MlxTrainer {
 
     /// Loss and gradients of one micro-batch, compiled or op by op.
     fn loss_and_grads(&mut self, batch: &Batch, step: u64) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
-        let paths = lora::adapted_paths(&self.params);
-        let dropout = Dropout::for_step(self.settings.dropout, self.config.seed, step, paths.iter().map(String::as_str))?;
+        let dropout = Dropout::for_step(self.settings.dropout, self.config.seed, step, self.projections.iter().map(String::as_str))?;
         if self.config.compile {
             match self.compiled_loss_and_grads(batch, &dropout) {
                 Ok(result) => return Ok(result),
