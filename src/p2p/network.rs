@@ -446,6 +446,12 @@ struct EventLoop {
     /// `fetch_piece`s in progress, and the requests they have out.
     piece_fetches: HashMap<(Digest, u32), PieceFetch>,
     piece_requests: HashMap<request_response::OutboundRequestId, (Digest, u32)>,
+    /// Manifests verified and kept, by the hash of their signed bytes, with
+    /// their round (at most `MAX_VERIFIED_MANIFESTS`).
+    verified_manifests: HashMap<Digest, (u64, Manifest, PeerId)>,
+    /// Peers asked for each (run, round)'s manifests since the last time
+    /// every connected peer had been.
+    asked_rounds: HashMap<(Digest, u64), HashSet<PeerId>>,
 }
 
 /// A `fetch_piece` in progress.
@@ -458,6 +464,15 @@ struct PieceFetch {
 const MAX_PROVEN: usize = 1 << 16;
 
 const MAX_PEER_ADDRESSES: usize = 4096;
+/// Verified manifests remembered by the hash of their signed bytes, so that
+/// one offered again (by every peer asked for a round) costs a hash, not a
+/// signature check and a store write.
+const MAX_VERIFIED_MANIFESTS: usize = 1 << 14;
+/// Peers asked at once for a round's manifests (`ask_round`). Any one of
+/// them holds what gossip brought it; asking every connected peer every
+/// second made each of N waiting nodes check N² signatures a second, which
+/// stalled round 0 at 64 simulated nodes.
+const ASK_ROUND_PEERS: usize = 3;
 
 /// A `fetch_chunk` (or one of a `fetch_piece`) in progress.
 #[derive(Default)]
@@ -557,6 +572,8 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         proven: HashMap::new(),
         piece_fetches: HashMap::new(),
         piece_requests: HashMap::new(),
+        verified_manifests: HashMap::new(),
+        asked_rounds: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
     Ok((NetworkHandle { commands: command_tx, peer_id, traffic }, event_rx))
@@ -676,15 +693,12 @@ impl EventLoop {
                 });
                 self.known.retain(|_, (known_round, _)| *known_round >= round);
                 self.first_updates.retain(|(_, r, _), _| *r >= round);
+                self.verified_manifests.retain(|_, (r, _, _)| *r >= round);
+                self.asked_rounds.retain(|(_, r), _| *r >= round);
                 self.pending.retain(|_, p| p.manifest.round >= round);
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
-            Command::AskRound(run_id, round) => {
-                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-                for peer in peers {
-                    self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Round(run_id, round));
-                }
-            }
+            Command::AskRound(run_id, round) => self.ask_round(run_id, round),
             Command::RunPeers(run_id, reply) => {
                 let topic = topics(&run_id).0.hash();
                 let gossip = &self.swarm.behaviour().gossipsub;
@@ -900,7 +914,14 @@ impl EventLoop {
     /// assembling its adapter.
     async fn accept_manifest(&mut self, bytes: &[u8], topic_run: Option<Digest>, source: Option<PeerId>) -> Result<(), Refusal> {
         let signed = SignedManifest::from_bytes(bytes).map_err(|e| e.to_string())?;
-        let (manifest, author) = signed.verify(&self.limits).map_err(|e| e.to_string())?;
+        let digest = Digest::of(bytes);
+        let (manifest, author, kept) = match self.verified_manifests.get(&digest) {
+            Some((_, manifest, author)) => (manifest.clone(), *author, true),
+            None => {
+                let (manifest, author) = signed.verify(&self.limits).map_err(|e| e.to_string())?;
+                (manifest, author, false)
+            }
+        };
         match topic_run {
             Some(run_id) if manifest.run_id != run_id => {
                 return Err(Refusal::from(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id)));
@@ -927,7 +948,10 @@ impl EventLoop {
         if manifest.kind == ManifestKind::Average {
             return Err(Refusal::from(format!("an average of round {} offered without its certificate", manifest.round)));
         }
-        self.store.put_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
+        if !kept {
+            self.store.cache_manifest(manifest.round, &signed).map_err(|e| e.to_string())?;
+            self.remember_verified(digest, &manifest, author);
+        }
         self.remember_addresses(author, &manifest.addresses);
         if manifest.kind == ManifestKind::Attestation {
             // Kept in the store: this node's own average of the round may
@@ -976,10 +1000,12 @@ impl EventLoop {
     /// Whether this node already published another update for the round
     /// of `manifest`: its store keeps every update it published (`keep`),
     /// in this process or before a restart.
-    fn published_another(&self, manifest: &Manifest) -> bool {
+    fn published_another(&mut self, manifest: &Manifest) -> bool {
         let me = *self.swarm.local_peer_id();
         self.store.manifests(manifest.round).unwrap_or_default().into_iter().any(|stored| {
-            stored.verify(&self.limits).is_ok_and(|(m, author)| author == me && m.kind == ManifestKind::Update && m.run_id == manifest.run_id && m.adapter_hash != manifest.adapter_hash)
+            let Ok(bytes) = stored.to_bytes() else { return false };
+            self.verified(&stored, &bytes)
+                .is_some_and(|(m, author)| author == me && m.kind == ManifestKind::Update && m.run_id == manifest.run_id && m.adapter_hash != manifest.adapter_hash)
         })
     }
 
@@ -1147,7 +1173,7 @@ impl EventLoop {
 
     async fn accept_chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
         let id = Digest::of(bytes);
-        self.store.put_chunk(&id, bytes).map_err(|e| e.to_string())?;
+        self.store.cache_chunk(&id, bytes).map_err(|e| e.to_string())?;
         let waiting: Vec<Digest> = self.pending.iter().filter(|(_, p)| p.manifest.chunk_ids.contains(&id)).map(|(h, _)| *h).collect();
         for hash in waiting {
             self.complete(hash).await;
@@ -1189,15 +1215,15 @@ impl EventLoop {
 
     /// The update manifests (and, for round 0, member announcements) of a
     /// round this node holds, as many as fit.
-    fn round_manifests(&self, run_id: Digest, round: u64) -> ChunkResponse {
+    fn round_manifests(&mut self, run_id: Digest, round: u64) -> ChunkResponse {
         let mut list = Vec::new();
         let mut size = 0;
         for signed in self.store.manifests(round).unwrap_or_default() {
-            let Ok((manifest, _)) = signed.verify(&self.limits) else { continue };
+            let Ok(bytes) = signed.to_bytes() else { continue };
+            let Some((manifest, _)) = self.verified(&signed, &bytes) else { continue };
             if manifest.run_id != run_id || !matches!(manifest.kind, ManifestKind::Update | ManifestKind::Members) {
                 continue;
             }
-            let Ok(bytes) = signed.to_bytes() else { continue };
             if size + bytes.len() > MAX_ROUND_MANIFESTS {
                 break;
             }
@@ -1205,6 +1231,39 @@ impl EventLoop {
             list.push(bytes);
         }
         if list.is_empty() { ChunkResponse::NotFound } else { ChunkResponse::Manifests(list) }
+    }
+
+    /// A stored manifest (`bytes` its encoding) checked, once.
+    fn verified(&mut self, signed: &SignedManifest, bytes: &[u8]) -> Option<(Manifest, PeerId)> {
+        let digest = Digest::of(bytes);
+        if let Some((_, manifest, author)) = self.verified_manifests.get(&digest) {
+            return Some((manifest.clone(), *author));
+        }
+        let (manifest, author) = signed.verify(&self.limits).ok()?;
+        self.remember_verified(digest, &manifest, author);
+        Some((manifest, author))
+    }
+
+    fn remember_verified(&mut self, digest: Digest, manifest: &Manifest, author: PeerId) {
+        if self.verified_manifests.len() < MAX_VERIFIED_MANIFESTS {
+            self.verified_manifests.insert(digest, (manifest.round, manifest.clone(), author));
+        }
+    }
+
+    /// Asks up to `ASK_ROUND_PEERS` connected peers not asked yet for the
+    /// manifests of (run, round); once all have been, starts over, since
+    /// they may hold more by now.
+    fn ask_round(&mut self, run_id: Digest, round: u64) {
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        let asked = self.asked_rounds.entry((run_id, round)).or_default();
+        if connected.iter().all(|peer| asked.contains(peer)) {
+            asked.clear();
+        }
+        let picked: Vec<PeerId> = connected.into_iter().filter(|peer| !asked.contains(peer)).take(ASK_ROUND_PEERS).collect();
+        asked.extend(picked.iter().copied());
+        for peer in picked {
+            self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Round(run_id, round));
+        }
     }
 
     fn remember_addresses(&mut self, peer: PeerId, addresses: &[String]) {

@@ -8,6 +8,7 @@ use std::collections::HashSet;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use crate::durable::Durability;
 use crate::wire::codec::{Digest, Limits};
 use crate::wire::manifest::SignedManifest;
 
@@ -86,9 +87,19 @@ impl Store {
         self.chunk_path(id).is_file()
     }
 
-    /// Stores a chunk after checking it hashes to `id`; `false` if it was
-    /// already there.
+    /// Stores a chunk after checking it hashes to `id`, durably; `false`
+    /// if it was already there.
     pub fn put_chunk(&mut self, id: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
+        self.put_chunk_with(id, bytes, Durability::Synced)
+    }
+
+    /// `put_chunk` for a chunk a peer sent, which peers can send again:
+    /// not fsynced (`durable::Durability::Cached`).
+    pub fn cache_chunk(&mut self, id: &Digest, bytes: &[u8]) -> Result<bool, StoreError> {
+        self.put_chunk_with(id, bytes, Durability::Cached)
+    }
+
+    fn put_chunk_with(&mut self, id: &Digest, bytes: &[u8], durability: Durability) -> Result<bool, StoreError> {
         let actual = Digest::of(bytes);
         if actual != *id {
             return Err(StoreError::WrongHash { expected: *id, actual });
@@ -104,7 +115,7 @@ impl Store {
                 incoming: bytes.len() as u64,
             });
         }
-        self.write_atomically(&path, bytes, "chunk-write")?;
+        self.write_atomically(&path, bytes, "chunk-write", durability)?;
         self.used += bytes.len() as u64;
         Ok(true)
     }
@@ -126,15 +137,24 @@ impl Store {
         Ok(Some(bytes))
     }
 
-    /// Keeps a verified signed manifest under its round.
+    /// Keeps a verified signed manifest under its round, durably.
     pub fn put_manifest(&mut self, round: u64, signed: &SignedManifest) -> Result<(), StoreError> {
+        self.put_manifest_with(round, signed, Durability::Synced)
+    }
+
+    /// `put_manifest` for a peer's manifest: not fsynced (`durable::Durability::Cached`).
+    pub fn cache_manifest(&mut self, round: u64, signed: &SignedManifest) -> Result<(), StoreError> {
+        self.put_manifest_with(round, signed, Durability::Cached)
+    }
+
+    fn put_manifest_with(&mut self, round: u64, signed: &SignedManifest, durability: Durability) -> Result<(), StoreError> {
         let bytes = signed.to_bytes().map_err(|e| StoreError::Io {
             path: "manifest".into(),
             message: e.to_string(),
         })?;
         let dir = self.root.join("manifests").join(format!("{round:020}"));
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        self.write_atomically(&dir.join(format!("{}.bin", Digest::of(&bytes).to_hex())), &bytes, "manifest-write")
+        self.write_atomically(&dir.join(format!("{}.bin", Digest::of(&bytes).to_hex())), &bytes, "manifest-write", durability)
     }
 
     /// The signed manifests kept for `round` (re-verified by the caller).
@@ -192,11 +212,11 @@ impl Store {
         Ok(report)
     }
 
-    fn write_atomically(&self, path: &Path, bytes: &[u8], point: &str) -> Result<(), StoreError> {
+    fn write_atomically(&self, path: &Path, bytes: &[u8], point: &str, durability: Durability) -> Result<(), StoreError> {
         let parent = path.parent().unwrap_or(&self.root);
         fs::create_dir_all(parent).map_err(io_err(parent))?;
         let temp = self.root.join("tmp").join(format!("{}.{}", std::process::id(), Digest::of(path.as_os_str().as_encoded_bytes()).to_hex()));
-        crate::durable::write_atomically(&temp, path, bytes, point).map_err(io_err(path))
+        crate::durable::write_replacing(&temp, path, bytes, point, durability).map_err(io_err(path))
     }
 }
 
