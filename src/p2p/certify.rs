@@ -63,6 +63,8 @@ pub struct Certifier {
     held: HashMap<Digest, Held>,
     /// (run, round, attester) a seeding node asked for its certificate.
     asked: BTreeSet<(Digest, u64, PeerId)>,
+    /// Attestations of (run, round) it saw while not averaging.
+    seen: BTreeMap<(Digest, u64), u32>,
 }
 
 /// Certificate requests a seeding node remembers, at most.
@@ -126,8 +128,11 @@ impl Certifier {
     /// Whether a node that averages nothing of this run (a seeding relay, a
     /// joiner) should ask `author` for its certificate, on seeing its
     /// attestation of a round newer than the one it serves: its author has
-    /// averaged, and is the first to hold that round's certificate. Once
-    /// for each attester and round.
+    /// averaged, and is the first to hold that round's certificate. Only
+    /// the authors of a round's 1st, 2nd, 4th, 8th… attestation are asked:
+    /// a certificate is O(N) signatures, and asking every attester cost
+    /// each node O(N²) bytes in round 0, before its first average (the
+    /// later attesters more likely hold the round's certificate already).
     pub fn should_ask(&mut self, attestation: &Manifest, author: PeerId) -> bool {
         let run = attestation.run_id;
         let averaging = self.drafts.keys().any(|(r, _)| *r == run);
@@ -137,7 +142,13 @@ impl Certifier {
         }
         let served = self.held.get(&run).map_or(0, |h| h.round);
         self.asked.retain(|(r, round, _)| *r != run || *round > served);
-        self.asked.len() < MAX_ASKED && self.asked.insert((run, attestation.round, author))
+        self.seen.retain(|(r, round), _| *r != run || *round > served);
+        if self.seen.len() >= MAX_ASKED && !self.seen.contains_key(&(run, attestation.round)) {
+            return false;
+        }
+        let seen = self.seen.entry((run, attestation.round)).or_default();
+        *seen = seen.saturating_add(1);
+        seen.is_power_of_two() && self.asked.len() < MAX_ASKED && self.asked.insert((run, attestation.round, author))
     }
 
     /// The encoded certificate late joiners of `run_id` get.

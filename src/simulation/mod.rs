@@ -39,8 +39,14 @@ use crate::wire::codec::{Digest, Limits};
 /// Peers each node dials when it starts.
 const BOOTSTRAP_PEERS: usize = 3;
 /// Without a scenario timeout, simulated rounds wait at most this long for
-/// missing peers (idle compute time; see RoundClock::ComputeIdle).
+/// missing peers (idle compute time; see RoundClock::ComputeIdle), or
+/// `SIM_TIMEOUT_PER_NODE` a node when that is longer: every node's network
+/// work shares this process's cores, so a large network needs longer for
+/// what each node does in parallel on its own machine. With 10 s, 64 nodes
+/// on 2 cores missed most slice owners' claims and every node computed
+/// most slices itself, fetching three times the pieces.
 const DEFAULT_SIM_TIMEOUT: Duration = Duration::from_secs(10);
+const SIM_TIMEOUT_PER_NODE: Duration = Duration::from_millis(400);
 
 /// What a simulation does besides the configuration's nodes and rounds.
 #[derive(Debug, clap::Args)]
@@ -303,7 +309,9 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     }
     let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| SimError::Input(format!("{}: {e}", metrics_path.display())))?;
     let builtin = config.data.dataset == "builtin" && args.exact_match_rows > 0;
-    let timeout = scenario.round_timeout_secs.map(Duration::from_secs_f64).unwrap_or_else(|| DEFAULT_SIM_TIMEOUT.min(Duration::from_secs(config.federation.round_timeout_secs)));
+    let timeout = scenario.round_timeout_secs.map(Duration::from_secs_f64).unwrap_or_else(|| {
+        DEFAULT_SIM_TIMEOUT.max(SIM_TIMEOUT_PER_NODE * nodes).min(Duration::from_secs(config.federation.round_timeout_secs))
+    });
     let late: Vec<u64> = scenario.late_joiners().into_iter().map(u64::from).collect();
     let settings = EngineSettings {
         run_id,
