@@ -220,3 +220,29 @@ impl Draft {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A node with no average of the run asks the authors of a round's 1st,
+    /// 2nd, 4th and 8th attestation for their certificate, each once, and
+    /// nobody once it holds that round's certificate.
+    #[test]
+    fn a_node_asks_a_rounds_attesters_at_powers_of_two() {
+        let mut certifier = Certifier::default();
+        let run = Digest::of(b"run");
+        let attesters: Vec<PeerId> = (0..10).map(|_| PeerId::random()).collect();
+        let asked: Vec<usize> = attesters
+            .iter()
+            .enumerate()
+            .filter(|(_, author)| certifier.should_ask(&Manifest::attestation(run, 3, author, Digest::of(b"average"), 8, Digest::of(b"inputs")), **author))
+            .map(|(i, _)| i)
+            .collect();
+        assert_eq!(asked, vec![0, 1, 3, 7]);
+        let again = Manifest::attestation(run, 3, &attesters[0], Digest::of(b"average"), 8, Digest::of(b"inputs"));
+        assert!(!certifier.should_ask(&again, attesters[0]), "the 11th attestation of a round is not asked about");
+        let next_round = Manifest::attestation(run, 4, &attesters[0], Digest::of(b"average"), 8, Digest::of(b"inputs"));
+        assert!(certifier.should_ask(&next_round, attesters[0]), "a newer round starts its own count");
+    }
+}
