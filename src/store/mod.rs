@@ -1,7 +1,8 @@
 //! The content-addressed store on disk: chunks under `chunks/<2 hex>/<rest>`
 //! named by their blake3, verified on write, on read and when the store
-//! opens, written atomically (temporary file, fsync, rename; leftovers of a
-//! crash are removed on open); signed manifests by round; garbage
+//! opens, written atomically (temporary file, fsync, rename; without the
+//! fsyncs for what a peer sent; leftovers of a crash are removed on open);
+//! signed manifests by round; garbage
 //! collection of old rounds; and a disk quota.
 
 use std::collections::HashSet;
