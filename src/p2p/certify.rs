@@ -63,8 +63,6 @@ pub struct Certifier {
     held: HashMap<Digest, Held>,
     /// (run, round, attester) a seeding node asked for its certificate.
     asked: BTreeSet<(Digest, u64, PeerId)>,
-    /// Attestations of (run, round) it saw while not averaging.
-    seen: BTreeMap<(Digest, u64), u32>,
 }
 
 /// Certificate requests a seeding node remembers, at most.
@@ -128,11 +126,8 @@ impl Certifier {
     /// Whether a node that averages nothing of this run (a seeding relay, a
     /// joiner) should ask `author` for its certificate, on seeing its
     /// attestation of a round newer than the one it serves: its author has
-    /// averaged, and is the first to hold that round's certificate. Only
-    /// the authors of a round's 1st, 2nd, 4th, 8th… attestation are asked:
-    /// a certificate is O(N) signatures, and asking every attester cost
-    /// each node O(N²) bytes in round 0, before its first average (the
-    /// later attesters more likely hold the round's certificate already).
+    /// averaged, and is the first to hold that round's certificate. Once
+    /// for each attester and round.
     pub fn should_ask(&mut self, attestation: &Manifest, author: PeerId) -> bool {
         let run = attestation.run_id;
         let averaging = self.drafts.keys().any(|(r, _)| *r == run);
@@ -142,13 +137,7 @@ impl Certifier {
         }
         let served = self.held.get(&run).map_or(0, |h| h.round);
         self.asked.retain(|(r, round, _)| *r != run || *round > served);
-        self.seen.retain(|(r, round), _| *r != run || *round > served);
-        if self.seen.len() >= MAX_ASKED && !self.seen.contains_key(&(run, attestation.round)) {
-            return false;
-        }
-        let seen = self.seen.entry((run, attestation.round)).or_default();
-        *seen = seen.saturating_add(1);
-        seen.is_power_of_two() && self.asked.len() < MAX_ASKED && self.asked.insert((run, attestation.round, author))
+        self.asked.len() < MAX_ASKED && self.asked.insert((run, attestation.round, author))
     }
 
     /// The encoded certificate late joiners of `run_id` get.
@@ -218,31 +207,5 @@ impl Draft {
         if self.contributors.contains(&author) {
             self.attestations.entry(author).or_insert(signed);
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A node with no average of the run asks the authors of a round's 1st,
-    /// 2nd, 4th and 8th attestation for their certificate, each once, and
-    /// nobody once it holds that round's certificate.
-    #[test]
-    fn a_node_asks_a_rounds_attesters_at_powers_of_two() {
-        let mut certifier = Certifier::default();
-        let run = Digest::of(b"run");
-        let attesters: Vec<PeerId> = (0..10).map(|_| PeerId::random()).collect();
-        let asked: Vec<usize> = attesters
-            .iter()
-            .enumerate()
-            .filter(|(_, author)| certifier.should_ask(&Manifest::attestation(run, 3, author, Digest::of(b"average"), 8, Digest::of(b"inputs")), **author))
-            .map(|(i, _)| i)
-            .collect();
-        assert_eq!(asked, vec![0, 1, 3, 7]);
-        let again = Manifest::attestation(run, 3, &attesters[0], Digest::of(b"average"), 8, Digest::of(b"inputs"));
-        assert!(!certifier.should_ask(&again, attesters[0]), "the 11th attestation of a round is not asked about");
-        let next_round = Manifest::attestation(run, 4, &attesters[0], Digest::of(b"average"), 8, Digest::of(b"inputs"));
-        assert!(certifier.should_ask(&next_round, attesters[0]), "a newer round starts its own count");
     }
 }

@@ -449,10 +449,9 @@ struct EventLoop {
     /// Manifests verified and kept, by the hash of their signed bytes, with
     /// their round (at most `MAX_VERIFIED_MANIFESTS`).
     verified_manifests: HashMap<Digest, (u64, Manifest, PeerId)>,
-    /// Peers asked for each (run, round)'s manifests (`Some(round)`) or for
-    /// its newest average (`None`) since the last time every connected peer
-    /// had been.
-    asked_rounds: HashMap<(Digest, Option<u64>), HashSet<PeerId>>,
+    /// Peers asked for each (run, round)'s manifests since the last time
+    /// every connected peer had been.
+    asked_rounds: HashMap<(Digest, u64), HashSet<PeerId>>,
 }
 
 /// A `fetch_piece` in progress.
@@ -474,10 +473,6 @@ const MAX_VERIFIED_MANIFESTS: usize = 1 << 14;
 /// second made each of N waiting nodes check N² signatures a second, which
 /// stalled round 0 at 64 simulated nodes.
 const ASK_ROUND_PEERS: usize = 3;
-/// Peers asked at once for a run's newest certified average (`catch_up`,
-/// repeated by the engine): a certificate is O(N) signatures, and asking
-/// every connected peer cost each lagging node O(N²) bytes.
-const CATCH_UP_PEERS: usize = 4;
 
 /// A `fetch_chunk` (or one of a `fetch_piece`) in progress.
 #[derive(Default)]
@@ -699,7 +694,7 @@ impl EventLoop {
                 self.known.retain(|_, (known_round, _)| *known_round >= round);
                 self.first_updates.retain(|(_, r, _), _| *r >= round);
                 self.verified_manifests.retain(|_, (r, _, _)| *r >= round);
-                self.asked_rounds.retain(|(_, r), _| r.is_none_or(|r| r >= round));
+                self.asked_rounds.retain(|(_, r), _| *r >= round);
                 self.pending.retain(|_, p| p.manifest.round >= round);
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
@@ -748,7 +743,7 @@ impl EventLoop {
             }
             Command::Ban(peer) => self.quarantine(peer, "proven by the round engine".into()),
             Command::CatchUp(run_id, reply) => {
-                let peers = self.pick_unasked((run_id, None), CATCH_UP_PEERS);
+                let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
                 if peers.is_empty() {
                     let _ = reply.send(Err("no connected peer to catch up from".into()));
                     return;
@@ -1258,14 +1253,14 @@ impl EventLoop {
     /// Asks up to `ASK_ROUND_PEERS` connected peers for the manifests of
     /// (run, round).
     fn ask_round(&mut self, run_id: Digest, round: u64) {
-        for peer in self.pick_unasked((run_id, Some(round)), ASK_ROUND_PEERS) {
+        for peer in self.pick_unasked((run_id, round), ASK_ROUND_PEERS) {
             self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Round(run_id, round));
         }
     }
 
     /// Up to `count` connected peers not asked yet under `key`; once all
     /// have been, starts over, since they may hold more by now.
-    fn pick_unasked(&mut self, key: (Digest, Option<u64>), count: usize) -> Vec<PeerId> {
+    fn pick_unasked(&mut self, key: (Digest, u64), count: usize) -> Vec<PeerId> {
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         let asked = self.asked_rounds.entry(key).or_default();
         if connected.iter().all(|peer| asked.contains(peer)) {
