@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use mlx_rs::{Array, Dtype};
 
 use super::args::ModelArgs;
-use super::tiny::{tiny_args, tiny_tokenizer, tiny_weights};
+use super::tiny::{is_tiny, tiny_args, tiny_tokenizer, tiny_weights};
 use super::weights::WeightMap;
 use super::{Decoder, ModelError, Tokenizer};
 use crate::mlx_env::{Backend, backend};
@@ -43,7 +43,7 @@ pub struct LoadedModel {
 }
 
 pub fn load_model(source: &str, options: &LoadOptions) -> Result<LoadedModel, ModelError> {
-    let (mut decoder, tokenizer, identity) = if source == "tiny" || source.starts_with("tiny:") {
+    let (mut decoder, tokenizer, identity) = if is_tiny(source) {
         let seed = match source.strip_prefix("tiny:") {
             None => 0,
             Some(seed) => seed

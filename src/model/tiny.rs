@@ -17,6 +17,11 @@ use super::weights::WeightMap;
 const CHATML_TEMPLATE: &str = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
 const SPECIAL_TOKENS: [&str; 3] = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"];
 
+/// Whether a model source names the built-in tiny model (`tiny` or `tiny:SEED`).
+pub fn is_tiny(source: &str) -> bool {
+    source == "tiny" || source.starts_with("tiny:")
+}
+
 pub fn tiny_args() -> ModelArgs {
     ModelArgs {
         model_type: "llama".into(),

@@ -51,7 +51,7 @@ pub struct NetworkOptions {
     /// A private network: TCP connections are wrapped in libp2p pnet with
     /// this key, and QUIC is off (its TLS handshake cannot be wrapped).
     pub psk: Option<PreSharedKey>,
-    /// Gossipsub's mesh degree D (default 6); the benchmark varies it.
+    /// Gossipsub's mesh degree D (default 4, `behaviour::gossipsub_config`); the benchmark varies it.
     pub mesh_n: Option<usize>,
     pub transport: TransportKind,
     /// A closed run: only these peers may connect, and only their manifests
@@ -915,13 +915,8 @@ impl EventLoop {
     async fn accept_manifest(&mut self, bytes: &[u8], topic_run: Option<Digest>, source: Option<PeerId>) -> Result<(), Refusal> {
         let signed = SignedManifest::from_bytes(bytes).map_err(|e| e.to_string())?;
         let digest = Digest::of(bytes);
-        let (manifest, author, kept) = match self.verified_manifests.get(&digest) {
-            Some((_, manifest, author)) => (manifest.clone(), *author, true),
-            None => {
-                let (manifest, author) = signed.verify(&self.limits).map_err(|e| e.to_string())?;
-                (manifest, author, false)
-            }
-        };
+        // Remembered as verified only once stored (below).
+        let (manifest, author, kept) = self.check_signature(&signed, &digest)?;
         match topic_run {
             Some(run_id) if manifest.run_id != run_id => {
                 return Err(Refusal::from(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id)));
@@ -1102,7 +1097,10 @@ impl EventLoop {
             .manifests(manifest.round)
             .unwrap_or_default()
             .into_iter()
-            .filter_map(|stored| stored.verify(&self.limits).ok().map(|(m, author)| (author, m, stored)))
+            .filter_map(|stored| {
+                let bytes = stored.to_bytes().ok()?;
+                self.verified(&stored, &bytes).map(|(m, author)| (author, m, stored))
+            })
             .filter(|(author, m, _)| m.kind == ManifestKind::Attestation && *author != me)
             .collect();
         let (manifest_topic, _) = topics(&manifest.run_id);
@@ -1236,12 +1234,22 @@ impl EventLoop {
     /// A stored manifest (`bytes` its encoding) checked, once.
     fn verified(&mut self, signed: &SignedManifest, bytes: &[u8]) -> Option<(Manifest, PeerId)> {
         let digest = Digest::of(bytes);
-        if let Some((_, manifest, author)) = self.verified_manifests.get(&digest) {
-            return Some((manifest.clone(), *author));
+        let (manifest, author, known) = self.check_signature(signed, &digest).ok()?;
+        if !known {
+            self.remember_verified(digest, &manifest, author);
         }
-        let (manifest, author) = signed.verify(&self.limits).ok()?;
-        self.remember_verified(digest, &manifest, author);
         Some((manifest, author))
+    }
+
+    /// `signed` (whose encoding hashes to `digest`) checked: its manifest,
+    /// its author, and whether it was checked and kept before (then the
+    /// check is a lookup).
+    fn check_signature(&self, signed: &SignedManifest, digest: &Digest) -> Result<(Manifest, PeerId, bool), String> {
+        if let Some((_, manifest, author)) = self.verified_manifests.get(digest) {
+            return Ok((manifest.clone(), *author, true));
+        }
+        let (manifest, author) = signed.verify(&self.limits).map_err(|e| e.to_string())?;
+        Ok((manifest, author, false))
     }
 
     fn remember_verified(&mut self, digest: Digest, manifest: &Manifest, author: PeerId) {
@@ -1251,24 +1259,19 @@ impl EventLoop {
     }
 
     /// Asks up to `ASK_ROUND_PEERS` connected peers for the manifests of
-    /// (run, round).
+    /// (run, round): peers not asked yet, and once all have been, all of
+    /// them again, since they may hold more by now.
     fn ask_round(&mut self, run_id: Digest, round: u64) {
-        for peer in self.pick_unasked((run_id, round), ASK_ROUND_PEERS) {
-            self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Round(run_id, round));
-        }
-    }
-
-    /// Up to `count` connected peers not asked yet under `key`; once all
-    /// have been, starts over, since they may hold more by now.
-    fn pick_unasked(&mut self, key: (Digest, u64), count: usize) -> Vec<PeerId> {
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        let asked = self.asked_rounds.entry(key).or_default();
+        let asked = self.asked_rounds.entry((run_id, round)).or_default();
         if connected.iter().all(|peer| asked.contains(peer)) {
             asked.clear();
         }
-        let picked: Vec<PeerId> = connected.into_iter().filter(|peer| !asked.contains(peer)).take(count).collect();
+        let picked: Vec<PeerId> = connected.into_iter().filter(|peer| !asked.contains(peer)).take(ASK_ROUND_PEERS).collect();
         asked.extend(picked.iter().copied());
-        picked
+        for peer in picked {
+            self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Round(run_id, round));
+        }
     }
 
     fn remember_addresses(&mut self, peer: PeerId, addresses: &[String]) {
