@@ -293,6 +293,19 @@ fn bench_traffic_measures_each_size_and_exchange() {
     }
     assert!(stdout.contains("x Flower") && stdout.contains("a Flower client moves"), "{stdout}");
     assert!(std::fs::read_to_string(output.with_extension("svg")).unwrap().contains("<svg"));
+    // `--replot` draws the same table and plot from the records alone.
+    std::fs::remove_file(output.with_extension("svg")).unwrap();
+    let replot = common::blossom(&["-q", "bench", "traffic", "--replot", "--output", output.to_str().unwrap()]);
+    let table = String::from_utf8_lossy(&replot.stdout).into_owned();
+    assert!(replot.status.success(), "{table}");
+    assert_eq!(table.lines().filter(|l| l.starts_with("reduce") || l.starts_with("gossip")).count(), 3, "{table}");
+    assert!(std::fs::read_to_string(output.with_extension("svg")).unwrap().contains("<svg"));
+    // A file that is not a bench traffic table is a clear error.
+    let other = dir.path().join("other.jsonl");
+    std::fs::write(&other, "{\"round\": 0}\n").unwrap();
+    let refused = common::blossom(&["-q", "bench", "traffic", "--replot", "--output", other.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("not a bench traffic record"));
 }
 
 /// One run of the adversary suite (docs/SECURITY.md): five nodes of the

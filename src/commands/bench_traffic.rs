@@ -31,6 +31,10 @@ pub struct BenchTrafficArgs {
     /// sizes run the other exchanges only.
     #[arg(long, default_value_t = 32, value_parser = clap::value_parser!(u32).range(2..=4096))]
     pub gossip_max_nodes: u32,
+    /// Draw the table and the plot from the records in --output (an earlier
+    /// run's, perhaps cut short) instead of simulating.
+    #[arg(long)]
+    pub replot: bool,
     /// Network scenario for every simulation (netsim/scenarios/*.toml).
     #[arg(long, value_name = "FILE")]
     pub scenario: Option<PathBuf>,
@@ -112,13 +116,47 @@ fn simulate_in_child(config: &Config, args: &BenchTrafficArgs, exchange: Exchang
 }
 
 pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
-    let mut output = match std::fs::File::create(&args.output) {
-        Ok(file) => file,
+    let measured = if args.replot { read_runs(&args.output) } else { measure(config, args) };
+    let (runs, model) = match measured {
+        Ok(runs) => runs,
         Err(e) => {
-            eprintln!("error: --output {}: {e}", args.output.display());
-            return ExitCode::from(2);
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
         }
     };
+    print_table(&runs);
+    if args.exchange.contains(&ExchangeMode::Gossip) && args.nodes.iter().any(|&n| n > args.gossip_max_nodes) && !args.replot {
+        println!("the gossip exchange ran up to {} nodes (--gossip-max-nodes)", args.gossip_max_nodes);
+    }
+    let plot = args.output.with_extension("svg");
+    let mut series: Vec<Series> = [ExchangeMode::Gossip, ExchangeMode::Reduce]
+        .into_iter()
+        .filter(|&exchange| runs.iter().any(|r| r.exchange == exchange))
+        .map(|exchange| Series {
+            name: format!("{} (largest node)", name(exchange)),
+            points: runs.iter().filter(|r| r.exchange == exchange).map(|r| (f64::from(r.nodes), r.figure("largest_node_bytes_per_round") / 1e6)).collect(),
+        })
+        .collect();
+    if let Some(first) = runs.first() {
+        let flower = 2.0 * first.figure("adapter_bytes") / 1e6;
+        let sizes: std::collections::BTreeSet<u32> = runs.iter().map(|r| r.nodes).collect();
+        series.push(Series {
+            name: "Flower client (adapter up, average down)".into(),
+            points: sizes.into_iter().map(|n| (f64::from(n), flower)).collect(),
+        });
+    }
+    if let Err(e) = plot_scaling(&plot, &format!("traffic per node per round, {model}"), "nodes", "MB sent + received", &series) {
+        eprintln!("error: the plot: {e}");
+        return ExitCode::FAILURE;
+    }
+    println!("table: {}; plot: {}", args.output.display(), plot.display());
+    ExitCode::SUCCESS
+}
+
+/// Runs every (exchange, size) simulation, writing each record to --output
+/// as it comes (a run cut short keeps what it measured: `--replot`).
+fn measure(config: &Config, args: &BenchTrafficArgs) -> Result<(Vec<Run>, String), String> {
+    let mut output = std::fs::File::create(&args.output).map_err(|e| format!("--output {}: {e}", args.output.display()))?;
     let work = config.network.data_dir.join("bench-traffic");
     let runs_of = |exchange: ExchangeMode| args.nodes.iter().copied().filter(move |&nodes| exchange != ExchangeMode::Gossip || nodes <= args.gossip_max_nodes);
     let total: usize = args.exchange.iter().map(|&exchange| runs_of(exchange).count()).sum();
@@ -129,21 +167,15 @@ pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
         for nodes in runs_of(exchange) {
             progress.set_message(format!("{} exchange, {nodes} nodes", name(exchange)));
             let dir = work.join(format!("{}-{nodes}", name(exchange)));
-            let summary = match simulate_in_child(config, args, exchange, nodes, &dir) {
-                Ok(summary) => summary,
-                Err(e) => {
-                    progress.abandon();
-                    eprintln!("error: {} exchange with {nodes} nodes: {e}", name(exchange));
-                    return ExitCode::FAILURE;
-                }
-            };
+            let summary = simulate_in_child(config, args, exchange, nodes, &dir).map_err(|e| {
+                progress.abandon();
+                format!("{} exchange with {nodes} nodes: {e}", name(exchange))
+            })?;
             let mut record = summary.clone();
             record["exchange"] = json!(name(exchange));
+            record["model"] = json!(config.model.source);
             record["flower_client_bytes"] = json!(2.0 * summary["adapter_bytes"].as_f64().unwrap_or(0.0));
-            if let Err(e) = writeln!(output, "{record}") {
-                eprintln!("error: {}: {e}", args.output.display());
-                return ExitCode::FAILURE;
-            }
+            writeln!(output, "{record}").map_err(|e| format!("{}: {e}", args.output.display()))?;
             let run = Run { exchange, nodes, summary };
             progress.suspend(|| println!("{}", row(&run)));
             runs.push(run);
@@ -151,32 +183,29 @@ pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
         }
     }
     progress.finish_and_clear();
-    print_table(&runs, args.rounds);
-    if args.exchange.contains(&ExchangeMode::Gossip) && args.nodes.iter().any(|&n| n > args.gossip_max_nodes) {
-        println!("the gossip exchange ran up to {} nodes (--gossip-max-nodes)", args.gossip_max_nodes);
+    Ok((runs, config.model.source.clone()))
+}
+
+/// The runs recorded in `path` by an earlier `bench traffic`, and their model.
+fn read_runs(path: &Path) -> Result<(Vec<Run>, String), String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("--output {}: {e}", path.display()))?;
+    let mut runs = Vec::new();
+    for (line, record) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let at = || format!("{} line {}", path.display(), line + 1);
+        let summary: serde_json::Value = serde_json::from_str(record).map_err(|e| format!("{}: {e}", at()))?;
+        let exchange = match summary["exchange"].as_str() {
+            Some("gossip") => ExchangeMode::Gossip,
+            Some("reduce") => ExchangeMode::Reduce,
+            _ => return Err(format!("{}: no \"exchange\" of gossip or reduce: not a bench traffic record", at())),
+        };
+        let nodes = summary["nodes"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| format!("{}: no node count", at()))?;
+        runs.push(Run { exchange, nodes, summary });
     }
-    let plot = args.output.with_extension("svg");
-    let mut series: Vec<Series> = args
-        .exchange
-        .iter()
-        .map(|&exchange| Series {
-            name: format!("{} (largest node)", name(exchange)),
-            points: runs.iter().filter(|r| r.exchange == exchange).map(|r| (f64::from(r.nodes), r.figure("largest_node_bytes_per_round") / 1e6)).collect(),
-        })
-        .collect();
-    if let Some(first) = runs.first() {
-        let flower = 2.0 * first.figure("adapter_bytes") / 1e6;
-        series.push(Series {
-            name: "Flower client (adapter up, average down)".into(),
-            points: args.nodes.iter().map(|n| (f64::from(*n), flower)).collect(),
-        });
+    if runs.is_empty() {
+        return Err(format!("{} holds no records to plot", path.display()));
     }
-    if let Err(e) = plot_scaling(&plot, &format!("traffic per node per round, {}", config.model.source), "nodes", "MB sent + received", &series) {
-        eprintln!("error: the plot: {e}");
-        return ExitCode::FAILURE;
-    }
-    println!("table: {}; plot: {}", args.output.display(), plot.display());
-    ExitCode::SUCCESS
+    let model = runs[0].summary["model"].as_str().unwrap_or("tiny").to_owned();
+    Ok((runs, model))
 }
 
 const HEADER: &str = "exchange  nodes   largest node      mean node   x Flower  agreement    wall s  peak MB";
@@ -196,7 +225,8 @@ fn row(run: &Run) -> String {
     )
 }
 
-fn print_table(runs: &[Run], rounds: u32) {
+fn print_table(runs: &[Run]) {
+    let rounds = runs.first().map_or(f64::NAN, |r| r.figure("rounds"));
     println!("bytes per node per round, sent + received on the simulated links ({rounds} rounds each)");
     println!("{HEADER}");
     for run in runs {
