@@ -30,20 +30,14 @@ pub struct Behaviour {
     pub chunks: request_response::Behaviour<ChunkCodec>,
 }
 
-/// Gossipsub's mesh degree (its default is 6).
-const MESH_N: usize = 4;
-
 /// Gossipsub as docs/ARCHITECTURE.md asks: message id = blake3 of the data (so
 /// duplicates collapse), a transmit size above the chunk size, and every
 /// message validated by the application before it is forwarded.
 ///
 /// What a node moves must not grow with the network (docs/PROTOCOL.md,
-/// "Gossip settings"), so four defaults change:
-/// - a mesh of 4 peers instead of 6 (each node receives about one copy of
-///   a message per mesh peer);
-/// - no flood publishing: a publisher sends to its mesh, not to all N − 1
-///   peers (round 0's member announcements, which go out before meshes
-///   form, are also asked of peers: `ask_round`);
+/// "Gossip settings"), so two defaults change (flood publishing stays: a
+/// publisher's N − 1 copies are what lets a large run's round-0
+/// announcements reach every node before its mesh forms):
 /// - IHAVE gossip goes to `gossip_lazy` peers a heartbeat, not to a quarter
 ///   of all non-mesh peers;
 /// - messages are anonymous (no author, sequence number, key or signature
@@ -51,16 +45,16 @@ const MESH_N: usize = 4;
 ///   its author already and checked before it is forwarded, and chunks are
 ///   checked against a signed manifest.
 pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, String> {
-    let n = mesh_n.unwrap_or(MESH_N);
-    // Keep gossipsub's invariants: outbound_min ≤ low ≤ n ≤ high, 2·outbound_min ≤ n.
-    let low = (n * 2 / 3).max(1);
     let mut builder = gossipsub::ConfigBuilder::default();
-    builder.mesh_n(n).mesh_n_low(low).mesh_n_high(n * 2).mesh_outbound_min((n / 2).min(low));
+    if let Some(n) = mesh_n {
+        // Keep gossipsub's invariants: outbound_min ≤ low ≤ n ≤ high, 2·outbound_min ≤ n.
+        let low = (n * 2 / 3).max(1);
+        builder.mesh_n(n).mesh_n_low(low).mesh_n_high(n * 2).mesh_outbound_min((n / 2).min(low));
+    }
     builder
         .max_transmit_size(CHUNK_SIZE + 64 * 1024)
         .validation_mode(gossipsub::ValidationMode::Anonymous)
         .gossip_factor(0.0)
-        .flood_publish(false)
         .validate_messages()
         .message_id_fn(|message: &gossipsub::Message| gossipsub::MessageId::from(Digest::of(&message.data).0.to_vec()))
         .heartbeat_interval(Duration::from_millis(500))

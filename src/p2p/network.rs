@@ -51,7 +51,7 @@ pub struct NetworkOptions {
     /// A private network: TCP connections are wrapped in libp2p pnet with
     /// this key, and QUIC is off (its TLS handshake cannot be wrapped).
     pub psk: Option<PreSharedKey>,
-    /// Gossipsub's mesh degree D (default 4, `behaviour::gossipsub_config`); the benchmark varies it.
+    /// Gossipsub's mesh degree D (default 6); the benchmark varies it.
     pub mesh_n: Option<usize>,
     pub transport: TransportKind,
     /// A closed run: only these peers may connect, and only their manifests
