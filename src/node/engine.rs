@@ -272,6 +272,17 @@ struct RoundView<'a> {
     sources: &'a [InputSource],
 }
 
+/// How many slices one node computed in a round of the reduce exchange,
+/// by why (`Engine::reduce_round`).
+#[derive(Debug, Default)]
+struct ComputedSlices {
+    owned: usize,
+    contested: usize,
+    retried: usize,
+    late: usize,
+    audited: usize,
+}
+
 /// The reduce exchange's input lists of one round, as `adopt_inputs` met them.
 #[derive(Default)]
 struct Adoption {
@@ -841,6 +852,10 @@ impl<T: RoundTrainer> Engine<T> {
         tokio::pin!(deadline);
         let mut deadline_passed = false;
         let mut adoption = Adoption::default();
+        // Why this node computed the slices it did, logged when the round
+        // settles: past the owners' share it is work (and inputs fetched)
+        // that the owners' claims should have saved.
+        let mut computed = ComputedSlices::default();
         // Asked once: a node that cannot catch up waits for the deadline.
         let mut rejoin_tried = false;
         for pass in 0..REDUCE_PASSES {
@@ -887,6 +902,7 @@ impl<T: RoundTrainer> Engine<T> {
             let mut unavailable: BTreeSet<PeerId> = BTreeSet::new();
             // 1. The slices this node owns: computed and claimed.
             let mine: Vec<usize> = (0..layout.count()).filter(|s| owners[*s].contains(&me)).collect();
+            computed.owned += mine.len();
             if !mine.is_empty() {
                 // Served under its hash, for peers that saw other inputs.
                 self.net.put_blob(round, inputs::encode_inputs(&pairs)).await.map_err(|e| EngineError::Network(e.to_string()))?;
@@ -922,12 +938,14 @@ impl<T: RoundTrainer> Engine<T> {
                 }
                 let contested: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none() && self.contested(round, *s, digest, &owners[*s])).collect();
                 if !contested.is_empty() {
+                    computed.contested += contested.len();
                     for (_, missing) in self.settle_slices(compute(contested), &view, &mut resolved).await? {
                         unavailable.extend(missing);
                     }
                 }
                 let retry: Vec<usize> = waiting.keys().copied().filter(|s| self.claimed_by_others(round, digest, *s, &owners[*s])).collect();
                 if !retry.is_empty() {
+                    computed.retried += retry.len();
                     waiting.retain(|s, _| !retry.contains(s));
                     for (_, missing) in self.settle_slices(compute(retry), &view, &mut resolved).await? {
                         unavailable.extend(missing);
@@ -964,7 +982,10 @@ impl<T: RoundTrainer> Engine<T> {
             }
             // 3. What no owner gave by the deadline, and one audited slice.
             let mut todo: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none()).collect();
-            todo.extend(self.audit_pick(round, pass, layout.count(), &owners, &todo));
+            computed.late += todo.len();
+            let audited = self.audit_pick(round, pass, layout.count(), &owners, &todo);
+            computed.audited += usize::from(audited.is_some());
+            todo.extend(audited);
             if unavailable.is_empty() && !todo.is_empty() {
                 for (_, missing) in self.settle_slices(compute(todo), &view, &mut resolved).await? {
                     unavailable.extend(missing);
@@ -981,6 +1002,18 @@ impl<T: RoundTrainer> Engine<T> {
             }
             let bytes: Vec<u8> = resolved.into_iter().flatten().flatten().collect();
             let average = decode_checked(&bytes, &self.layout, &self.settings.limits).map_err(|e| EngineError::Aggregate(format!("the assembled average: {e}")))?;
+            tracing::debug!(
+                round,
+                passes = pass + 1,
+                slices = layout.count(),
+                owned = computed.owned,
+                contested = computed.contested,
+                retried = computed.retried,
+                late = computed.late,
+                audited = computed.audited,
+                adopted = adoption.adopted,
+                "slices computed here"
+            );
             return Ok(Reduced::Average { average, bytes, inputs: pairs });
         }
         Err(EngineError::Aggregate(format!("the reduce exchange of round {round} did not settle in {REDUCE_PASSES} passes")))

@@ -402,6 +402,8 @@ struct EventLoop {
     limits: Limits,
     commands: mpsc::Receiver<Command>,
     events: mpsc::Sender<NetworkEvent>,
+    /// Events the engine has not taken yet (`emit`).
+    outbox: VecDeque<NetworkEvent>,
     /// Subscribed runs, by the hash of their manifest and chunk topics.
     manifest_topics: HashMap<gossipsub::TopicHash, Digest>,
     chunk_topics: HashSet<gossipsub::TopicHash>,
@@ -549,6 +551,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         limits: options.limits,
         commands: command_rx,
         events: event_tx,
+        outbox: VecDeque::new(),
         manifest_topics: HashMap::new(),
         chunk_topics: HashSet::new(),
         evidence_topics: HashMap::new(),
@@ -621,13 +624,38 @@ impl EventLoop {
                     None => return,
                 },
                 _ = tick.tick() => self.fetch_missing(),
+                permit = self.events.clone().reserve_owned(), if !self.outbox.is_empty() => match permit {
+                    Ok(permit) => self.deliver(permit),
+                    Err(_) => self.outbox.clear(),
+                },
             }
         }
     }
 
-    async fn emit(&mut self, event: NetworkEvent) {
-        // A receiver that went away only means nobody listens any more.
-        let _ = self.events.send(event).await;
+    /// Queues an event for the round engine. Never waits: a swarm loop
+    /// blocked on a full channel answers no command, and the engine may be
+    /// waiting on one (at 64 simulated nodes such nodes stopped serving
+    /// their peers for good); nor does a busy engine stop this node from
+    /// serving pieces meanwhile.
+    fn emit(&mut self, event: NetworkEvent) {
+        self.outbox.push_back(event);
+    }
+
+    /// Hands queued events to the engine while the channel has room.
+    fn deliver(&mut self, permit: mpsc::OwnedPermit<NetworkEvent>) {
+        let Some(first) = self.outbox.pop_front() else { return };
+        permit.send(first);
+        while let Some(event) = self.outbox.pop_front() {
+            match self.events.try_send(event) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    self.outbox.push_front(event);
+                    return;
+                }
+                // Nobody listens any more.
+                Err(mpsc::error::TrySendError::Closed(_)) => return self.outbox.clear(),
+            }
+        }
     }
 
     async fn on_command(&mut self, command: Command) {
@@ -831,19 +859,18 @@ impl EventLoop {
                 if self.relay_server {
                     self.swarm.add_external_address(address.clone());
                 }
-                self.emit(NetworkEvent::Listening(address)).await
+                self.emit(NetworkEvent::Listening(address))
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
                 self.emit(NetworkEvent::DialFailed {
                     peer: peer_id,
                     error: error.to_string(),
                 })
-                .await
             }
             SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
                 if num_established.get() == 1 {
-                    self.emit(NetworkEvent::PeerConnected(peer_id)).await;
+                    self.emit(NetworkEvent::PeerConnected(peer_id));
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
@@ -905,7 +932,7 @@ impl EventLoop {
         self.swarm.behaviour_mut().gossipsub.report_message_validation_result(&id, &source, acceptance);
         if let Err(reason) = verdict {
             tracing::warn!(peer = %source, %reason, "rejected a gossip message");
-            self.emit(NetworkEvent::Rejected { peer: source, reason }).await;
+            self.emit(NetworkEvent::Rejected { peer: source, reason });
         }
     }
 
@@ -952,7 +979,7 @@ impl EventLoop {
             // Kept in the store: this node's own average of the round may
             // come later, and then counts it.
             if let Some(news) = self.certifier.attest(&manifest, author, &signed) {
-                self.emit(NetworkEvent::Certified(news)).await;
+                self.emit(NetworkEvent::Certified(news));
             } else if self.certifier.should_ask(&manifest, author) {
                 // The forwarder, connected, validated it and so counted it
                 // towards its own certificate of that round.
@@ -964,7 +991,7 @@ impl EventLoop {
         }
         if manifest.kind == ManifestKind::Members {
             // Nothing to assemble: the announcement is the whole message.
-            self.emit(NetworkEvent::Manifest { manifest, author }).await;
+            self.emit(NetworkEvent::Manifest { manifest, author });
             return Ok(());
         }
         self.remember_latest(&manifest, &signed);
@@ -976,7 +1003,7 @@ impl EventLoop {
             // the gossip exchange (a seeding relay, say) can assemble neither
             // an update named by its root (its chunks are never gossiped) nor
             // a claim's slices: it fetches nothing for them.
-            self.emit(NetworkEvent::Manifest { manifest, author }).await;
+            self.emit(NetworkEvent::Manifest { manifest, author });
             return Ok(());
         }
         self.assemble(manifest, author, source).await;
@@ -987,7 +1014,7 @@ impl EventLoop {
     async fn take_offered_manifest(&mut self, bytes: &[u8], peer: PeerId) {
         match self.accept_manifest(bytes, None, Some(peer)).await {
             Ok(()) => {}
-            Err(refusal) if refusal.sender_at_fault => self.emit(NetworkEvent::Rejected { peer, reason: refusal.reason }).await,
+            Err(refusal) if refusal.sender_at_fault => self.emit(NetworkEvent::Rejected { peer, reason: refusal.reason }),
             Err(refusal) => tracing::debug!(%peer, reason = %refusal.reason, "ignored an offered manifest"),
         }
     }
@@ -1036,7 +1063,7 @@ impl EventLoop {
             }
         }
         self.quarantine(proven.peer, proven.reason.clone());
-        self.emit(NetworkEvent::Quarantined { peer: proven.peer, reason: proven.reason }).await;
+        self.emit(NetworkEvent::Quarantined { peer: proven.peer, reason: proven.reason });
     }
 
     /// Closes and refuses `peer`'s connections, and accepts nothing it signs.
@@ -1077,7 +1104,7 @@ impl EventLoop {
             sources,
             since,
         });
-        self.emit(NetworkEvent::Manifest { manifest: manifest.clone(), author }).await;
+        self.emit(NetworkEvent::Manifest { manifest: manifest.clone(), author });
         self.complete(manifest.adapter_hash).await;
         if manifest.kind != ManifestKind::Update {
             // Nothing gossips its chunks: ask now, not at the next tick.
@@ -1112,7 +1139,7 @@ impl EventLoop {
             Err(e) => tracing::debug!(error = %e, "attestation not gossiped"),
         }
         match self.certifier.draft(signed, manifest, inputs, (me, attestation), earlier) {
-            Ok(Some(news)) => self.emit(NetworkEvent::Certified(news)).await,
+            Ok(Some(news)) => self.emit(NetworkEvent::Certified(news)),
             Ok(None) => {}
             Err(e) => return Err(NetworkError::Command(format!("the average's input list: {e}"))),
         }
@@ -1143,7 +1170,7 @@ impl EventLoop {
             contributors: certified.contributors,
             own: false,
         };
-        self.emit(NetworkEvent::Certified(news)).await;
+        self.emit(NetworkEvent::Certified(news));
         self.assemble(average, certified.author, Some(peer)).await;
         Ok(())
     }
@@ -1205,7 +1232,6 @@ impl EventLoop {
                     author: pending.author,
                     bytes,
                 })
-                .await
             }
             Err(e) => tracing::warn!(adapter = ?hash, error = %e, "an adapter failed to reassemble"),
         }
@@ -1370,7 +1396,7 @@ impl EventLoop {
                 let id = Digest::of(&bytes);
                 if !merkle::verify(&piece.root, piece.count, piece.index as usize, &id, &proof) {
                     let reason = format!("sent a piece {} of adapter {:?} that its proof does not tie to the signed root", piece.index, piece.adapter);
-                    self.emit(NetworkEvent::Rejected { peer, reason }).await;
+                    self.emit(NetworkEvent::Rejected { peer, reason });
                     return self.ask_next_piece(key);
                 }
                 if let Err(reason) = self.accept_chunk(&bytes).await {
@@ -1479,7 +1505,7 @@ impl EventLoop {
                     }
                     (ChunkResponse::Chunk(_), Some((id, _))) => {
                         let reason = format!("sent bytes that are not chunk {id:?}");
-                        self.emit(NetworkEvent::Rejected { peer, reason }).await;
+                        self.emit(NetworkEvent::Rejected { peer, reason });
                         self.ask_next(id);
                     }
                     (ChunkResponse::NotFound, Some((id, _))) => self.ask_next(id),
@@ -1490,7 +1516,7 @@ impl EventLoop {
                     }
                     (ChunkResponse::Certificate(bytes), _) => {
                         if let Err(reason) = self.accept_certificate(&bytes, peer).await {
-                            self.emit(NetworkEvent::Rejected { peer, reason }).await;
+                            self.emit(NetworkEvent::Rejected { peer, reason });
                         }
                     }
                     (ChunkResponse::Manifest(bytes), _) => {
