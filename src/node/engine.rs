@@ -347,6 +347,9 @@ const FINAL_CERTIFICATE_WAIT: Duration = Duration::from_secs(10);
 /// Round-0 member announcements kept at most (each needs its own key, but
 /// keys are free: memory stays bounded whatever peers send).
 const MAX_ANNOUNCED: usize = 4096;
+/// How many times (a second apart) a node asks for round 0's announcements
+/// when its peers trained with a member list it cannot make up yet.
+const ROUND_ZERO_ASKS: usize = 10;
 
 pub struct Engine<T: RoundTrainer> {
     pub net: NetworkHandle,
@@ -1458,13 +1461,27 @@ impl<T: RoundTrainer> Engine<T> {
         let mut clock = self.settings.clock.clone();
         let grace = self.settings.grace;
         self.while_listening(clock.wait(grace), Some(0)).await?;
-        let others: Vec<PeerId> = self.announced.iter().copied().collect();
-        let mut with_me = others.clone();
-        with_me.push(self.me());
-        with_me.sort();
-        // Round-0 updates already here say which list their authors trained
-        // with: this node is on it, or came too late for it.
-        let lists: BTreeSet<Digest> = self.buffered.get(&0).map(|u| u.values().filter_map(|u| u.manifest.members).collect()).unwrap_or_default();
+        let mut asks = 0;
+        let (with_me, others, lists) = loop {
+            let others: Vec<PeerId> = self.announced.iter().copied().collect();
+            let mut with_me = others.clone();
+            with_me.push(self.me());
+            with_me.sort();
+            // Round-0 updates already here say which list their authors
+            // trained with: this node is on it, or came too late for it.
+            let lists: BTreeSet<Digest> = self.buffered.get(&0).map(|u| u.values().filter_map(|u| u.manifest.members).collect()).unwrap_or_default();
+            let known = lists.is_empty() || lists.contains(&members_digest(&with_me)) || lists.contains(&members_digest(&others));
+            // Neither: announcements its peers saw are still on their way
+            // here (a large network starting at once). Asked for, so that
+            // this node trains with its peers' list instead of adopting
+            // their inputs later, which costs the round a second pass.
+            if known || asks == ROUND_ZERO_ASKS {
+                break (with_me, others, lists);
+            }
+            asks += 1;
+            self.net.ask_round(run_id, 0).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            self.sleep_listening(Duration::from_secs(1), Some(0)).await?;
+        };
         let member = lists.contains(&members_digest(&with_me)) || !lists.contains(&members_digest(&others));
         let members = if member { with_me } else { others };
         tracing::info!(count = members.len(), member, "round 0 members settled");

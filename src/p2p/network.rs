@@ -808,6 +808,7 @@ impl EventLoop {
             return Err(NetworkError::Command(format!("this node already published another update for round {}", manifest.round)));
         }
         let chunks = self.keep(&signed, &manifest, &adapter)?;
+        self.certifier.join(manifest.run_id);
         let bytes = signed.to_bytes().map_err(|e| NetworkError::Command(e.to_string()))?;
         let gossip = &mut self.swarm.behaviour_mut().gossipsub;
         let ignore_duplicate = |r: Result<gossipsub::MessageId, gossipsub::PublishError>| match r {
