@@ -239,6 +239,31 @@ fn a_lying_reducer_is_caught_and_excluded_and_the_honest_nodes_agree() {
 }
 
 #[test]
+fn a_slice_owner_that_never_claims_costs_one_standby_per_slice() {
+    // Node 5 trains and serves its update but never claims the two slices
+    // it owns, as an owner that crashed mid-round. No audits, so every
+    // slice an honest node computes is its own or one it took over.
+    let reduce = exchange("reduce");
+    let settings = [reduce.as_str(), "federation.audit=0.0"];
+    let dir = tempfile::tempdir().unwrap();
+    let (stdout, records) = simulate(dir.path(), 6, 2, None, &settings, &["--attack", "lazy-reducer"]);
+    let clean_dir = tempfile::tempdir().unwrap();
+    let (_, clean) = simulate(clean_dir.path(), 6, 2, None, &settings, &[]);
+    for (record, clean) in records.iter().zip(&clean) {
+        // Its update is an input like any other: the same average as
+        // without the attack, on every node.
+        let averages = record["averages"].as_object().unwrap();
+        assert!(averages.values().all(|a| *a == clean["average_hash"]), "not the clean average everywhere: {record}\n{stdout}");
+        let computed: Vec<u64> = (0..5).map(|n| record["slices_computed"][n.to_string()].as_u64().unwrap()).collect();
+        // 6 slices with 2 owners each: the honest nodes hold 10 owner
+        // places, and the standbys of node 5's 2 slices take those over.
+        // Every honest node computing both itself (the co-owners compute
+        // one of them anyway) makes it 18.
+        assert_eq!(computed.iter().sum::<u64>(), 12, "slices computed by nodes 0-4: {computed:?}\n{record}");
+    }
+}
+
+#[test]
 fn a_bad_scenario_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let bad = dir.path().join("bad.toml");

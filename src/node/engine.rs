@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
+use std::pin::Pin;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -206,6 +207,10 @@ pub struct RoundReport {
     pub fedavg_drift: Option<f64>,
     pub elapsed: Duration,
     pub members: Vec<MemberView>,
+    /// Slices of the average this node computed (the reduce exchange):
+    /// its own, and those it took over, found contested, waited for in
+    /// vain or audited.
+    pub slices_computed: Option<usize>,
 }
 
 #[derive(Debug, Clone)]
@@ -279,8 +284,15 @@ struct ComputedSlices {
     owned: usize,
     contested: usize,
     retried: usize,
+    taken_over: usize,
     late: usize,
     audited: usize,
+}
+
+impl ComputedSlices {
+    fn total(&self) -> usize {
+        self.owned + self.contested + self.retried + self.taken_over + self.late + self.audited
+    }
 }
 
 /// The reduce exchange's input lists of one round, as `adopt_inputs` met them.
@@ -850,10 +862,18 @@ impl<T: RoundTrainer> Engine<T> {
         }
         updates.retain(|_, u| u.manifest.adapter_len == previous.len() as u64);
         let me = self.me();
-        let mut clock = self.settings.clock.clone();
-        let deadline = clock.deadline(round);
-        tokio::pin!(deadline);
+        let round_deadline = |clock: RoundClock| -> Pin<Box<dyn Future<Output = ()> + Send>> {
+            Box::pin(async move {
+                let mut clock = clock;
+                clock.deadline(round).await;
+            })
+        };
+        let mut deadline = round_deadline(self.settings.clock.clone());
         let mut deadline_passed = false;
+        // Past the first deadline, each slice's standby (the next author on
+        // the ring) computes and claims what its owners have not, and the
+        // others wait one deadline more (once a round).
+        let mut took_over = false;
         let mut adoption = Adoption::default();
         // Why this node computed the slices it did, logged when the round
         // settles: past the owners' share it is work (and inputs fetched)
@@ -881,7 +901,10 @@ impl<T: RoundTrainer> Engine<T> {
                 updates = adopted;
                 continue;
             }
-            let (layout, owners) = self.slice_owners(round, &updates)?;
+            let (layout, owners, standby) = self.slice_owners(round, &updates)?;
+            // Whose claims settle each slice: its owners, and its standby
+            // once it took over.
+            let mut group: Vec<Vec<PeerId>> = owners.clone();
             let (layout, owners) = (Arc::new(layout), Arc::new(owners));
             let sources: Arc<Vec<InputSource>> = Arc::new(
                 updates
@@ -913,9 +936,8 @@ impl<T: RoundTrainer> Engine<T> {
             // An owned slice whose inputs this node could not fetch (their
             // author left) waits for a co-owner's claim: that owner fetched
             // them, and serves them.
-            let view = RoundView { round, digest, layout: &layout, owners: &owners, sources: &sources };
             let mut waiting: BTreeMap<usize, Vec<PeerId>> = BTreeMap::new();
-            for (s, missing) in self.settle_slices(compute(mine), &view, &mut resolved).await? {
+            for (s, missing) in self.settle_slices(compute(mine), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
                 match owners[s].len() {
                     1 => unavailable.extend(missing),
                     _ => drop(waiting.insert(s, missing)),
@@ -936,13 +958,13 @@ impl<T: RoundTrainer> Engine<T> {
                 }
                 for s in 0..layout.count() {
                     if resolved[s].is_none() {
-                        resolved[s] = self.agreed_result(round, s, digest, &owners[s], &layout);
+                        resolved[s] = self.agreed_result(round, s, digest, (&group[s], owners[s].len()), &layout);
                     }
                 }
-                let contested: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none() && self.contested(round, *s, digest, &owners[*s])).collect();
+                let contested: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none() && self.contested(round, *s, digest, &group[*s])).collect();
                 if !contested.is_empty() {
                     computed.contested += contested.len();
-                    for (_, missing) in self.settle_slices(compute(contested), &view, &mut resolved).await? {
+                    for (_, missing) in self.settle_slices(compute(contested), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
                         unavailable.extend(missing);
                     }
                 }
@@ -950,9 +972,31 @@ impl<T: RoundTrainer> Engine<T> {
                 if !retry.is_empty() {
                     computed.retried += retry.len();
                     waiting.retain(|s, _| !retry.contains(s));
-                    for (_, missing) in self.settle_slices(compute(retry), &view, &mut resolved).await? {
+                    for (_, missing) in self.settle_slices(compute(retry), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
                         unavailable.extend(missing);
                     }
+                }
+                if deadline_passed && !took_over && standby.iter().any(Option::is_some) {
+                    // Owners missing or slow: one more node per slice does
+                    // their work, where every node computing it would load
+                    // every member with requests for the same pieces.
+                    took_over = true;
+                    let mut mine = Vec::new();
+                    for s in (0..layout.count()).filter(|s| resolved[*s].is_none()) {
+                        if let Some(next) = standby[s] {
+                            group[s].push(next);
+                            if next == me {
+                                mine.push(s);
+                            }
+                        }
+                    }
+                    computed.taken_over += mine.len();
+                    for (_, missing) in self.settle_slices(compute(mine), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
+                        unavailable.extend(missing);
+                    }
+                    deadline = round_deadline(self.settings.clock.clone());
+                    deadline_passed = false;
+                    continue;
                 }
                 if deadline_passed || resolved.iter().all(Option::is_some) {
                     break;
@@ -978,9 +1022,9 @@ impl<T: RoundTrainer> Engine<T> {
                 continue;
             }
             // This node's own slices: a co-owner that claimed otherwise lied.
-            for s in (0..layout.count()).filter(|s| owners[*s].contains(&me)) {
+            for s in (0..layout.count()).filter(|s| group[*s].contains(&me)) {
                 if let Some(chunk) = resolved[s].clone() {
-                    self.expose_liars(round, s, digest, &owners[s], &chunk);
+                    self.expose_liars(round, s, digest, &group[s], &chunk);
                 }
             }
             // 3. What no owner gave by the deadline, and one audited slice.
@@ -990,7 +1034,7 @@ impl<T: RoundTrainer> Engine<T> {
             computed.audited += usize::from(audited.is_some());
             todo.extend(audited);
             if unavailable.is_empty() && !todo.is_empty() {
-                for (_, missing) in self.settle_slices(compute(todo), &view, &mut resolved).await? {
+                for (_, missing) in self.settle_slices(compute(todo), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
                     unavailable.extend(missing);
                 }
             }
@@ -1012,20 +1056,22 @@ impl<T: RoundTrainer> Engine<T> {
                 owned = computed.owned,
                 contested = computed.contested,
                 retried = computed.retried,
+                taken_over = computed.taken_over,
                 late = computed.late,
                 audited = computed.audited,
                 adopted = adoption.adopted,
                 "slices computed here"
             );
-            return Ok(Reduced::Average { average, bytes, inputs: pairs });
+            return Ok(Reduced::Average { average, bytes, inputs: pairs, computed: computed.total() });
         }
         Err(EngineError::Aggregate(format!("the reduce exchange of round {round} did not settle in {REDUCE_PASSES} passes")))
     }
 
     /// The slices the authors of `updates` cut them into, if they agree
-    /// (they do when they saw the same members; else one per input), and
-    /// each slice's owners in `round`.
-    fn slice_owners(&self, round: u64, updates: &BTreeMap<PeerId, Update>) -> Result<(SliceLayout, Vec<Vec<PeerId>>), EngineError> {
+    /// (they do when they saw the same members; else one per input), each
+    /// slice's owners in `round`, and its standby: the next author on the
+    /// ring, if there is one that is not an owner.
+    fn slice_owners(&self, round: u64, updates: &BTreeMap<PeerId, Update>) -> Result<(SliceLayout, Vec<Vec<PeerId>>, Vec<Option<PeerId>>), EngineError> {
         let sizes: BTreeSet<u32> = updates.values().map(|u| u.manifest.chunk_size).collect();
         let layout = match sizes.iter().next() {
             Some(size) if sizes.len() == 1 => SliceLayout::with_chunk_size(&self.layout, *size as usize),
@@ -1033,8 +1079,10 @@ impl<T: RoundTrainer> Engine<T> {
         }
         .map_err(EngineError::Aggregate)?;
         let authors: Vec<PeerId> = updates.keys().copied().collect();
-        let owners = reduce::owners(&self.settings.run_id, round, &authors, layout.count(), self.settings.replicas);
-        Ok((layout, owners))
+        let replicas = self.settings.replicas;
+        let mut owners = reduce::owners(&self.settings.run_id, round, &authors, layout.count(), replicas + 1);
+        let standby = owners.iter_mut().map(|ranked| if ranked.len() > replicas { ranked.pop() } else { None }).collect();
+        Ok((layout, owners, standby))
     }
 
     /// The inputs more of this round's owners averaged than averaged
@@ -1130,7 +1178,7 @@ impl<T: RoundTrainer> Engine<T> {
                 }
             }
         }
-        let (_, owners) = self.slice_owners(round, &adopted)?;
+        let (_, owners, _) = self.slice_owners(round, &adopted)?;
         let owning = claims.iter().filter(|(owner, slices)| slices.iter().all(|s| owners.get(*s as usize).is_some_and(|o| o.contains(owner)))).count();
         if owning <= backing {
             adoption.refused.insert(target);
@@ -1178,13 +1226,14 @@ impl<T: RoundTrainer> Engine<T> {
         self.claims.get(&(round, digest, s as u32)).is_some_and(|claims| claims.keys().any(|c| owners.contains(c)))
     }
 
-    /// Slice `s`'s result if every one of its owners claimed the same one
-    /// over `digest` and its chunk is here.
-    fn agreed_result(&self, round: u64, s: usize, digest: Digest, owners: &[PeerId], layout: &SliceLayout) -> Option<Vec<u8>> {
+    /// Slice `s`'s result if at least `quorum` of `group` (its owners, and
+    /// its standby once it took over) claimed it over `digest`, none of them
+    /// claimed another, and its chunk is here.
+    fn agreed_result(&self, round: u64, s: usize, digest: Digest, (group, quorum): (&[PeerId], usize), layout: &SliceLayout) -> Option<Vec<u8>> {
         let claims = self.claims.get(&(round, digest, s as u32))?;
-        let mut results = owners.iter().map(|o| claims.get(o).filter(|c| c.chunk_size as usize == layout.chunk_size));
-        let first = results.next()??;
-        if !results.all(|c| c.is_some_and(|c| c.result == first.result)) {
+        let present: Vec<&ClaimSeen> = group.iter().filter_map(|o| claims.get(o)).collect();
+        let first = present.first()?;
+        if present.len() < quorum.max(1) || !present.iter().all(|c| c.result == first.result && c.chunk_size as usize == layout.chunk_size) {
             return None;
         }
         self.slice_results.get(&first.result).map(|(_, bytes)| bytes.clone()).filter(|b| b.len() == layout.range(s).len())
@@ -1271,6 +1320,9 @@ impl<T: RoundTrainer> Engine<T> {
         let mut indices = Vec::with_capacity(results.len());
         let mut bytes = Vec::new();
         for (s, mut chunk) in results {
+            if self.settings.misbehaviour == Some(Misbehaviour::LazyReducer) {
+                return Ok(());
+            }
             if self.settings.misbehaviour == Some(Misbehaviour::LyingReducer) {
                 let values = view.layout.value_range(s);
                 let skip = values.start - view.layout.range(s).start;
@@ -1579,7 +1631,7 @@ impl<T: RoundTrainer> Engine<T> {
         // Each count is 0 or examples_per_round (check_claims), so the sum
         // is bounded by members × that; saturate rather than trust it.
         let examples: u64 = updates.values().fold(0u64, |sum, u| sum.saturating_add(u.manifest.examples));
-        let (average, average_bytes, used, fedavg_drift) = match self.settings.exchange {
+        let (average, average_bytes, used, fedavg_drift, slices_computed) = match self.settings.exchange {
             Exchange::Gossip => {
                 let mut used = Vec::new();
                 let inputs: Vec<Contribution> = updates
@@ -1597,10 +1649,10 @@ impl<T: RoundTrainer> Engine<T> {
                 let fedavg_drift = if self.settings.measure_drift { fedavg_drift(inputs.clone()).ok() } else { None };
                 let average = aggregate(self.settings.method, inputs, Some(current)).map_err(|e| EngineError::Aggregate(e.to_string()))?;
                 let average_bytes = encode(&average).map_err(EngineError::Aggregate)?;
-                (average, average_bytes, used, fedavg_drift)
+                (average, average_bytes, used, fedavg_drift, None)
             }
             Exchange::Reduce => match self.reduce_round(round, current, updates).await? {
-                Reduced::Average { average, bytes, inputs } => (average, bytes, inputs, None),
+                Reduced::Average { average, bytes, inputs, computed } => (average, bytes, inputs, None, Some(computed)),
                 Reduced::Rejoin { round, adapter } => return Ok(RoundEnd::Rejoin { round, adapter }),
             },
         };
@@ -1663,6 +1715,7 @@ impl<T: RoundTrainer> Engine<T> {
             fedavg_drift,
             elapsed: started.elapsed(),
             members: self.member_views(members, round),
+            slices_computed,
         };
         Ok(RoundEnd::Done(report))
     }
@@ -1712,8 +1765,9 @@ enum RoundEnd {
 
 /// What the reduce exchange of a round gave.
 enum Reduced {
-    /// The average, its encoding, and the (author, update hash) pairs it averaged.
-    Average { average: Tensors, bytes: Vec<u8>, inputs: Vec<(PeerId, Digest)> },
+    /// The average, its encoding, the (author, update hash) pairs it
+    /// averaged, and how many slices this node computed.
+    Average { average: Tensors, bytes: Vec<u8>, inputs: Vec<(PeerId, Digest)>, computed: usize },
     Rejoin { round: u64, adapter: Tensors },
 }
 

@@ -11,6 +11,8 @@ use crate::aggregate::Tensors;
 pub enum Misbehaviour {
     /// In `claim_slices`: owned slices ×10.
     LyingReducer,
+    /// In `claim_slices`: no claim at all.
+    LazyReducer,
     /// In `publish_update`: examples ×1,000.
     InflateWeight,
     /// In `round`: `fake_average` replaces the kept average.

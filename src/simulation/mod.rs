@@ -40,13 +40,17 @@ use crate::wire::codec::{Digest, Limits};
 const BOOTSTRAP_PEERS: usize = 3;
 /// Without a scenario timeout, simulated rounds wait at most this long for
 /// missing peers (idle compute time; see RoundClock::ComputeIdle), or
-/// `SIM_TIMEOUT_PER_NODE` a node when that is longer: every node's network
-/// work shares this process's cores, so a large network needs longer for
-/// what each node does in parallel on its own machine. With 10 s, 64 nodes
-/// on 2 cores missed most slice owners' claims and every node computed
-/// most slices itself, fetching three times the pieces.
+/// `SIM_TIMEOUT_PER_NODE` a node when that is longer, and past
+/// `SIM_LINEAR_NODES` nodes that times N / `SIM_LINEAR_NODES`: every node's
+/// network work shares this process's cores, so a large network needs
+/// longer for what each node does in parallel on its own machine, and the
+/// reduce exchange's piece requests grow with N² in all. With 10 s, 64
+/// nodes on 2 cores missed most slice owners' claims and every node computed
+/// most slices itself, fetching three times the pieces; with 51 s, 128
+/// nodes did the same (107 of 128 slices computed by each node).
 const DEFAULT_SIM_TIMEOUT: Duration = Duration::from_secs(10);
 const SIM_TIMEOUT_PER_NODE: Duration = Duration::from_millis(400);
+const SIM_LINEAR_NODES: u32 = 64;
 
 /// What a simulation does besides the configuration's nodes and rounds.
 #[derive(Debug, clap::Args)]
@@ -310,7 +314,8 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let mut metrics = std::fs::File::create(&metrics_path).map_err(|e| SimError::Input(format!("{}: {e}", metrics_path.display())))?;
     let builtin = config.data.dataset == "builtin" && args.exact_match_rows > 0;
     let timeout = scenario.round_timeout_secs.map(Duration::from_secs_f64).unwrap_or_else(|| {
-        DEFAULT_SIM_TIMEOUT.max(SIM_TIMEOUT_PER_NODE * nodes).min(Duration::from_secs(config.federation.round_timeout_secs))
+        let per_node = SIM_TIMEOUT_PER_NODE.mul_f64((f64::from(nodes) / f64::from(SIM_LINEAR_NODES)).max(1.0));
+        DEFAULT_SIM_TIMEOUT.max(per_node * nodes).min(Duration::from_secs(config.federation.round_timeout_secs))
     });
     let late: Vec<u64> = scenario.late_joiners().into_iter().map(u64::from).collect();
     let settings = EngineSettings {

@@ -25,6 +25,10 @@ pub enum Attack {
     /// Trains honestly, but as a slice owner in the reduce exchange claims
     /// every slice it owns with its values ×10 (`federation.exchange = "reduce"`).
     LyingReducer,
+    /// Trains and serves its update honestly, but as a slice owner never
+    /// claims a slice, as an owner that crashed mid-round: each of its
+    /// slices' standbys takes it over.
+    LazyReducer,
     /// Claims 1,000 times the examples it trained on.
     InflateWeight,
     /// Serves a poisoned average (×100) to late joiners, certified by
@@ -52,6 +56,7 @@ impl Attack {
     pub fn misbehaviour(self) -> Option<Misbehaviour> {
         match self {
             Attack::LyingReducer => Some(Misbehaviour::LyingReducer),
+            Attack::LazyReducer => Some(Misbehaviour::LazyReducer),
             Attack::InflateWeight => Some(Misbehaviour::InflateWeight),
             Attack::FakeAverage => Some(Misbehaviour::FakeAverage),
             Attack::Equivocate => Some(Misbehaviour::Equivocate),

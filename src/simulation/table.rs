@@ -172,6 +172,7 @@ fn write_record(out: &mut std::fs::File, row: &RoundRow, nodes: &[NodeRound], wo
         "average_hash": row.modal.0.to_hex(),
         "fedavg_drift": drift.first(),
         "contributors": nodes.iter().map(|n| n.report.contributors).collect::<Vec<_>>(),
+        "slices_computed": nodes.iter().map(|n| (n.node.to_string(), serde_json::Value::from(n.report.slices_computed))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "rss_mb": rss,
         "peak_rss_mb": peak,
         "largest_store_bytes": largest_store,
