@@ -1178,10 +1178,12 @@ impl<T: RoundTrainer> Engine<T> {
                 }
             }
         }
-        let (_, owners, _) = self.slice_owners(round, &adopted)?;
-        let owning = claims.iter().filter(|(owner, slices)| slices.iter().all(|s| owners.get(*s as usize).is_some_and(|o| o.contains(owner)))).count();
+        // A standby that took a slice over claims it too.
+        let (_, owners, standby) = self.slice_owners(round, &adopted)?;
+        let owns = |owner: &PeerId, s: u32| owners.get(s as usize).is_some_and(|o| o.contains(owner)) || standby.get(s as usize).is_some_and(|b| *b == Some(*owner));
+        let owning = claims.iter().filter(|(owner, slices)| slices.iter().all(|s| owns(owner, *s))).count();
         if owning <= backing {
-            adoption.refused.insert(target);
+            // Not refused for good: more owners' claims may come.
             return Ok(None);
         }
         tracing::info!(round, inputs = adopted.len(), had = updates.len(), owners = owning, "adopted the inputs most owners averaged");
