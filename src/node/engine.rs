@@ -277,6 +277,9 @@ struct RoundView<'a> {
     sources: &'a [InputSource],
 }
 
+/// Each slice's standby (`Engine::slice_owners`), if it has one.
+type Standbys = Vec<Option<PeerId>>;
+
 /// How many slices one node computed in a round of the reduce exchange,
 /// by why (`Engine::reduce_round`).
 #[derive(Debug, Default)]
@@ -1071,7 +1074,7 @@ impl<T: RoundTrainer> Engine<T> {
     /// (they do when they saw the same members; else one per input), each
     /// slice's owners in `round`, and its standby: the next author on the
     /// ring, if there is one that is not an owner.
-    fn slice_owners(&self, round: u64, updates: &BTreeMap<PeerId, Update>) -> Result<(SliceLayout, Vec<Vec<PeerId>>, Vec<Option<PeerId>>), EngineError> {
+    fn slice_owners(&self, round: u64, updates: &BTreeMap<PeerId, Update>) -> Result<(SliceLayout, Vec<Vec<PeerId>>, Standbys), EngineError> {
         let sizes: BTreeSet<u32> = updates.values().map(|u| u.manifest.chunk_size).collect();
         let layout = match sizes.iter().next() {
             Some(size) if sizes.len() == 1 => SliceLayout::with_chunk_size(&self.layout, *size as usize),
