@@ -1319,15 +1319,12 @@ impl<T: RoundTrainer> Engine<T> {
     /// (`results`, by slice, in increasing order). No addresses: owners are
     /// authors, whose update manifests gave theirs.
     async fn claim_slices(&mut self, view: &RoundView<'_>, results: Vec<(usize, Vec<u8>)>) -> Result<(), EngineError> {
-        if results.is_empty() {
+        if results.is_empty() || self.settings.misbehaviour == Some(Misbehaviour::LazyReducer) {
             return Ok(());
         }
         let mut indices = Vec::with_capacity(results.len());
         let mut bytes = Vec::new();
         for (s, mut chunk) in results {
-            if self.settings.misbehaviour == Some(Misbehaviour::LazyReducer) {
-                return Ok(());
-            }
             if self.settings.misbehaviour == Some(Misbehaviour::LyingReducer) {
                 let values = view.layout.value_range(s);
                 let skip = values.start - view.layout.range(s).start;
