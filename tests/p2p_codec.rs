@@ -7,7 +7,8 @@ use std::collections::HashSet;
 use blossom_p2p::wire::codec::{CHUNK_SIZE, CodecError, Digest, Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter, reassemble, split_chunks};
 use blossom_p2p::wire::manifest::{Manifest, ManifestError, ManifestKind, SignedManifest, SliceClaim};
 use blossom_p2p::store::{Store, StoreError};
-use libp2p_identity::Keypair;
+use libp2p_identity::{Keypair, PeerId};
+use libp2p::multihash::Multihash;
 use proptest::prelude::*;
 
 fn tensor(name: &str, values: &[f32], shape: &[usize]) -> TensorBytes {
@@ -105,10 +106,15 @@ fn manifests_sign_verify_and_reject_forgeries() {
     let last = tampered.manifest.len() - 1;
     tampered.manifest[last] ^= 1;
     assert_eq!(tampered.verify(&Limits::default()).unwrap_err(), ManifestError::BadSignature);
-    // Signed by someone else but claiming our author: wrong author.
+    // Signed by someone else but claiming our author: the author's key
+    // (the one its peer id embeds) does not check it.
     let mallory = Keypair::generate_ed25519();
     let forged = SignedManifest::sign(&manifest, &mallory).unwrap();
-    assert!(matches!(forged.verify(&Limits::default()), Err(ManifestError::WrongAuthor { .. })));
+    assert_eq!(forged.verify(&Limits::default()).unwrap_err(), ManifestError::BadSignature);
+    // An author whose peer id is a hash of its key cannot sign manifests.
+    let hashed = PeerId::from_multihash(Multihash::wrap(0x12, &[7; 32]).unwrap()).unwrap();
+    let keyless = SignedManifest::sign(&Manifest { author: hashed.to_bytes(), ..manifest.clone() }, &keypair).unwrap();
+    assert!(matches!(keyless.verify(&Limits::default()), Err(ManifestError::KeylessAuthor(_))));
     // Chunk count that does not fit the length.
     let mut inconsistent = manifest.clone();
     inconsistent.chunk_ids.pop();

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::codec::{CHUNK_SIZE, Digest, Limits, split_chunks_of};
 use super::merkle;
 
-pub const MANIFEST_VERSION: u16 = 5;
+pub const MANIFEST_VERSION: u16 = 6;
 /// Upper bound on an encoded signed manifest: 2,048 chunk ids (512 MiB of
 /// adapter) plus keys and fields fit well inside.
 pub const MAX_MANIFEST_BYTES: usize = 128 * 1024;
@@ -163,13 +163,15 @@ impl Manifest {
     }
 }
 
+/// A manifest and its author's signature. The key that checks it is the
+/// one the author's peer id embeds (an ed25519 peer id is its public key),
+/// so it is not sent: every node receives every manifest, several copies
+/// of each, and a key beside the author's id was 37 of its ~300 bytes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SignedManifest {
     /// The bincode encoding of a `Manifest`: signed as it is, so the
     /// signature never depends on re-encoding.
     pub manifest: Vec<u8>,
-    /// The author's public key, libp2p protobuf encoding.
-    pub public_key: Vec<u8>,
     pub signature: Vec<u8>,
 }
 
@@ -183,23 +185,29 @@ pub enum ManifestError {
     Version(u16),
     #[error("the signature does not match the author's key")]
     BadSignature,
-    #[error("the signing key belongs to {signer}, not to the stated author {author}")]
-    WrongAuthor { signer: String, author: String },
+    #[error("the author {0} is a peer id that does not embed its public key (manifests are signed by ed25519 identities)")]
+    KeylessAuthor(String),
     #[error("inconsistent manifest: {0}")]
     Inconsistent(String),
     #[error("cannot sign: {0}")]
     Signing(String),
 }
 
+/// The public key an identity-multihash peer id carries (ed25519 ones do).
+fn embedded_key(author: &PeerId) -> Result<PublicKey, ManifestError> {
+    let multihash = author.as_ref();
+    // 0: the identity multihash, whose digest is the protobuf-encoded key.
+    if multihash.code() != 0 {
+        return Err(ManifestError::KeylessAuthor(author.to_string()));
+    }
+    PublicKey::try_decode_protobuf(multihash.digest()).map_err(|e| ManifestError::Malformed(format!("the author's key: {e}")))
+}
+
 impl SignedManifest {
     pub fn sign(manifest: &Manifest, keypair: &Keypair) -> Result<Self, ManifestError> {
         let bytes = bincode::serde::encode_to_vec(manifest, BINCODE).map_err(|e| ManifestError::Signing(e.to_string()))?;
         let signature = keypair.sign(&bytes).map_err(|e| ManifestError::Signing(e.to_string()))?;
-        Ok(Self {
-            manifest: bytes,
-            public_key: keypair.public().encode_protobuf(),
-            signature,
-        })
+        Ok(Self { manifest: bytes, signature })
     }
 
     pub fn to_bytes(&self) -> Result<Vec<u8>, ManifestError> {
@@ -219,14 +227,10 @@ impl SignedManifest {
         Ok(signed)
     }
 
-    /// Checks the signature, that the key is the author's, and that the
-    /// fields agree with each other and with `limits`; returns the manifest
-    /// and its author.
+    /// Checks the signature against the key the author's peer id embeds,
+    /// and that the fields agree with each other and with `limits`;
+    /// returns the manifest and its author.
     pub fn verify(&self, limits: &Limits) -> Result<(Manifest, PeerId), ManifestError> {
-        let key = PublicKey::try_decode_protobuf(&self.public_key).map_err(|e| ManifestError::Malformed(format!("public key: {e}")))?;
-        if !key.verify(&self.manifest, &self.signature) {
-            return Err(ManifestError::BadSignature);
-        }
         let (manifest, read): (Manifest, usize) =
             bincode::serde::decode_from_slice(&self.manifest, BINCODE).map_err(|e| ManifestError::Malformed(e.to_string()))?;
         if read != self.manifest.len() {
@@ -235,13 +239,9 @@ impl SignedManifest {
         if manifest.version != MANIFEST_VERSION {
             return Err(ManifestError::Version(manifest.version));
         }
-        let signer = key.to_peer_id();
         let author = PeerId::from_bytes(&manifest.author).map_err(|e| ManifestError::Malformed(format!("author: {e}")))?;
-        if signer != author {
-            return Err(ManifestError::WrongAuthor {
-                signer: signer.to_string(),
-                author: author.to_string(),
-            });
+        if !embedded_key(&author)?.verify(&self.manifest, &self.signature) {
+            return Err(ManifestError::BadSignature);
         }
         if manifest.addresses.len() > MAX_ADDRESSES || manifest.addresses.iter().any(|a| a.len() > MAX_ADDRESS_LEN) {
             return Err(ManifestError::Inconsistent(format!("more than {MAX_ADDRESSES} addresses, or one over {MAX_ADDRESS_LEN} bytes")));
