@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 
 use crate::aggregate::{Contribution, Method, Tensors, aggregate, fedavg_drift};
 use crate::p2p::certify::CertificateNews;
+use crate::p2p::chunk_protocol::{HeldManifest, held_key};
 use crate::p2p::network::{Average, Exchange, NetworkError, NetworkEvent, NetworkHandle, Piece};
 use crate::wire::codec::{CHUNK_SIZE, Digest, Limits};
 use crate::wire::manifest::{MAX_ADDRESS_LEN, MAX_ADDRESSES, Manifest, ManifestKind, SignedManifest, SliceClaim};
@@ -273,7 +274,6 @@ struct RoundView<'a> {
     round: u64,
     digest: Digest,
     layout: &'a SliceLayout,
-    owners: &'a [Vec<PeerId>],
     sources: &'a [InputSource],
 }
 
@@ -440,6 +440,21 @@ impl<T: RoundTrainer> Engine<T> {
 
     fn me(&self) -> PeerId {
         self.net.peer_id
+    }
+
+    /// Asks peers for `round`'s updates (and round 0's announcements) that
+    /// this node lacks: it names those it holds (its buffered ones, those
+    /// of `holding`, its own), and peers leave them out of their answers.
+    async fn ask_round(&self, round: u64, holding: impl IntoIterator<Item = PeerId>) -> Result<(), EngineError> {
+        let me = self.me();
+        let buffered = self.buffered.get(&round).into_iter().flat_map(|b| b.keys().copied());
+        let mut held: Vec<HeldManifest> = buffered.chain(holding).chain([me]).map(|a| held_key(ManifestKind::Update, &a)).collect();
+        if round == 0 {
+            held.extend(self.announced.iter().chain([&me]).map(|a| held_key(ManifestKind::Members, a)));
+        }
+        held.sort_unstable();
+        held.dedup();
+        self.net.ask_round(self.settings.run_id, round, held).await.map_err(|e| EngineError::Network(e.to_string()))
     }
 
     fn report(&self, event: EngineEvent) {
@@ -927,6 +942,7 @@ impl<T: RoundTrainer> Engine<T> {
                 let (net, method, layout, previous, sources, owners) = (self.net.clone(), self.settings.method, layout.clone(), previous.clone(), sources.clone(), owners.clone());
                 move |slices: Vec<usize>| compute_slices(net.clone(), layout.clone(), method, previous.clone(), sources.clone(), owners.clone(), slices)
             };
+            let view = RoundView { round, digest, layout: &layout, sources: &sources };
             let mut resolved: Vec<Option<Vec<u8>>> = vec![None; layout.count()];
             let mut unavailable: BTreeSet<PeerId> = BTreeSet::new();
             // 1. The slices this node owns: computed and claimed.
@@ -940,7 +956,7 @@ impl<T: RoundTrainer> Engine<T> {
             // author left) waits for a co-owner's claim: that owner fetched
             // them, and serves them.
             let mut waiting: BTreeMap<usize, Vec<PeerId>> = BTreeMap::new();
-            for (s, missing) in self.settle_slices(compute(mine), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
+            for (s, missing) in self.settle_slices(compute(mine), &view, &group, &mut resolved).await? {
                 match owners[s].len() {
                     1 => unavailable.extend(missing),
                     _ => drop(waiting.insert(s, missing)),
@@ -967,7 +983,7 @@ impl<T: RoundTrainer> Engine<T> {
                 let contested: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none() && self.contested(round, *s, digest, &group[*s])).collect();
                 if !contested.is_empty() {
                     computed.contested += contested.len();
-                    for (_, missing) in self.settle_slices(compute(contested), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
+                    for (_, missing) in self.settle_slices(compute(contested), &view, &group, &mut resolved).await? {
                         unavailable.extend(missing);
                     }
                 }
@@ -975,7 +991,7 @@ impl<T: RoundTrainer> Engine<T> {
                 if !retry.is_empty() {
                     computed.retried += retry.len();
                     waiting.retain(|s, _| !retry.contains(s));
-                    for (_, missing) in self.settle_slices(compute(retry), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
+                    for (_, missing) in self.settle_slices(compute(retry), &view, &group, &mut resolved).await? {
                         unavailable.extend(missing);
                     }
                 }
@@ -994,7 +1010,7 @@ impl<T: RoundTrainer> Engine<T> {
                         }
                     }
                     computed.taken_over += mine.len();
-                    for (_, missing) in self.settle_slices(compute(mine), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
+                    for (_, missing) in self.settle_slices(compute(mine), &view, &group, &mut resolved).await? {
                         unavailable.extend(missing);
                     }
                     deadline = round_deadline(self.settings.clock.clone());
@@ -1037,7 +1053,7 @@ impl<T: RoundTrainer> Engine<T> {
             computed.audited += usize::from(audited.is_some());
             todo.extend(audited);
             if unavailable.is_empty() && !todo.is_empty() {
-                for (_, missing) in self.settle_slices(compute(todo), &RoundView { round, digest, layout: &layout, owners: &group, sources: &sources }, &mut resolved).await? {
+                for (_, missing) in self.settle_slices(compute(todo), &view, &group, &mut resolved).await? {
                     unavailable.extend(missing);
                 }
             }
@@ -1171,7 +1187,7 @@ impl<T: RoundTrainer> Engine<T> {
                 }
                 None if !self.excluded.contains_key(author) => {
                     if adoption.asked.insert(target) {
-                        self.net.ask_round(self.settings.run_id, round).await.map_err(|e| EngineError::Network(e.to_string()))?;
+                        self.ask_round(round, updates.keys().copied()).await?;
                     }
                     return Ok(None);
                 }
@@ -1202,6 +1218,7 @@ impl<T: RoundTrainer> Engine<T> {
         &mut self,
         job: impl Future<Output = Vec<(usize, Result<(Vec<u8>, Vec<usize>), Vec<PeerId>>)>>,
         view: &RoundView<'_>,
+        owners: &[Vec<PeerId>],
         resolved: &mut [Option<Vec<u8>>],
     ) -> Result<Vec<(usize, Vec<PeerId>)>, EngineError> {
         let me = self.me();
@@ -1213,10 +1230,10 @@ impl<T: RoundTrainer> Engine<T> {
             match result {
                 Ok((chunk, bad)) => {
                     self.report_non_finite(view.sources, &bad, s, view.round);
-                    if view.owners[s].contains(&me) {
+                    if owners[s].contains(&me) {
                         owned.push((s, chunk.clone()));
                     }
-                    self.expose_liars(view.round, s, view.digest, &view.owners[s], &chunk);
+                    self.expose_liars(view.round, s, view.digest, &owners[s], &chunk);
                     resolved[s] = Some(chunk);
                 }
                 Err(missing) => failed.push((s, missing)),
@@ -1391,7 +1408,7 @@ impl<T: RoundTrainer> Engine<T> {
                 None => self.members(round).await?,
             };
             if rejoined {
-                self.net.ask_round(run_id, round).await.map_err(|e| EngineError::Network(e.to_string()))?;
+                self.ask_round(round, []).await?;
                 rejoined = false;
             }
             let report = match tracing::Instrument::instrument(self.round(round, &current, &members), tracing::info_span!("round", round)).await? {
@@ -1509,7 +1526,7 @@ impl<T: RoundTrainer> Engine<T> {
                 self.report(EngineEvent::Waiting { known, wanted });
                 shown = known;
             }
-            self.net.ask_round(run_id, 0).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            self.ask_round(0, []).await?;
             self.sleep_listening(Duration::from_secs(1), Some(0)).await?;
         }
         let mut clock = self.settings.clock.clone();
@@ -1533,7 +1550,7 @@ impl<T: RoundTrainer> Engine<T> {
                 break (with_me, others, lists);
             }
             asks += 1;
-            self.net.ask_round(run_id, 0).await.map_err(|e| EngineError::Network(e.to_string()))?;
+            self.ask_round(0, []).await?;
             self.sleep_listening(Duration::from_secs(1), Some(0)).await?;
         };
         let member = lists.contains(&members_digest(&with_me)) || !lists.contains(&members_digest(&others));

@@ -30,33 +30,46 @@ pub struct Behaviour {
     pub chunks: request_response::Behaviour<ChunkCodec>,
 }
 
+/// Gossipsub's mesh degree (its default is 6): each node receives about
+/// one copy of a message per mesh peer.
+const MESH_N: usize = 4;
+/// Bytes of a message id: a prefix of the blake3 of the message. IHAVE and
+/// IWANT name messages by it; 128 bits leave a forged collision out of
+/// reach (a second preimage) while halving what each id costs.
+const MESSAGE_ID_BYTES: usize = 16;
+
 /// Gossipsub as docs/ARCHITECTURE.md asks: message id = blake3 of the data (so
 /// duplicates collapse), a transmit size above the chunk size, and every
 /// message validated by the application before it is forwarded.
 ///
 /// What a node moves must not grow with the network (docs/PROTOCOL.md,
-/// "Gossip settings"), so two defaults change (flood publishing stays: a
-/// publisher's N − 1 copies are what lets a large run's round-0
-/// announcements reach every node before its mesh forms):
-/// - IHAVE gossip goes to `gossip_lazy` peers a heartbeat, not to a quarter
-///   of all non-mesh peers;
+/// "Gossip settings"): every node receives every manifest, claim and
+/// attestation, so each copy and each id counts N-fold. So:
+/// - a mesh of 4 peers instead of 6, and no flood publishing (a publisher
+///   sends to its mesh, not to all N − 1 peers; round 0's announcements,
+///   which go out before meshes form, are also asked of peers: `ask_round`);
+/// - IHAVE gossip goes to 3 peers a heartbeat, for messages of the last 2
+///   heartbeats, not to a quarter of all non-mesh peers for the last 3;
+/// - message ids of 16 bytes (`MESSAGE_ID_BYTES`);
 /// - messages are anonymous (no author, sequence number, key or signature
 ///   envelope: about 150 bytes of each copy): every manifest is signed by
 ///   its author already and checked before it is forwarded, and chunks are
 ///   checked against a signed manifest.
 pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, String> {
+    let n = mesh_n.unwrap_or(MESH_N);
+    // Keep gossipsub's invariants: outbound_min ≤ low ≤ n ≤ high, 2·outbound_min ≤ n.
+    let low = (n * 2 / 3).max(1);
     let mut builder = gossipsub::ConfigBuilder::default();
-    if let Some(n) = mesh_n {
-        // Keep gossipsub's invariants: outbound_min ≤ low ≤ n ≤ high, 2·outbound_min ≤ n.
-        let low = (n * 2 / 3).max(1);
-        builder.mesh_n(n).mesh_n_low(low).mesh_n_high(n * 2).mesh_outbound_min((n / 2).min(low));
-    }
+    builder.mesh_n(n).mesh_n_low(low).mesh_n_high(n * 2).mesh_outbound_min((n / 2).min(low));
     builder
         .max_transmit_size(CHUNK_SIZE + 64 * 1024)
         .validation_mode(gossipsub::ValidationMode::Anonymous)
+        .flood_publish(false)
         .gossip_factor(0.0)
+        .gossip_lazy(3)
+        .history_gossip(2)
         .validate_messages()
-        .message_id_fn(|message: &gossipsub::Message| gossipsub::MessageId::from(Digest::of(&message.data).0.to_vec()))
+        .message_id_fn(|message: &gossipsub::Message| gossipsub::MessageId::from(&Digest::of(&message.data).0[..MESSAGE_ID_BYTES]))
         .heartbeat_interval(Duration::from_millis(500))
         .build()
         .map_err(|e| format!("gossipsub config: {e}"))

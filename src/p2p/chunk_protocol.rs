@@ -8,17 +8,39 @@
 use std::io;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use libp2p::StreamProtocol;
+use libp2p::{PeerId, StreamProtocol};
 use serde::{Deserialize, Serialize};
 
 use crate::wire::codec::{CHUNK_SIZE, Digest};
 use crate::wire::certificate::MAX_CERTIFICATE_BYTES;
-use crate::wire::manifest::MAX_MANIFEST_BYTES;
+use crate::wire::manifest::{MAX_MANIFEST_BYTES, ManifestKind};
 use crate::wire::merkle;
 
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/blossom/chunk/1");
-/// Requests are a digest and a tag; responses a chunk and a little framing.
-const MAX_REQUEST: usize = 64;
+/// A manifest the asker of a `Round` holds, named by its kind and author:
+/// the first 8 bytes of blake3(kind tag ‖ author's peer id) (`held_key`).
+/// A collision only costs the asker one manifest it then lacks until it
+/// asks another peer or the gossip brings it.
+pub type HeldManifest = [u8; 8];
+/// The most manifests a `Round` request may say it holds.
+pub const MAX_HELD: usize = 4096;
+
+/// How a `Round` request names `author`'s update (or, for `Members`, its
+/// round-0 announcement).
+pub fn held_key(kind: ManifestKind, author: &PeerId) -> HeldManifest {
+    let tag = match kind {
+        ManifestKind::Members => b"members",
+        _ => b"update\0",
+    };
+    let mut bytes = tag.to_vec();
+    bytes.extend_from_slice(&author.to_bytes());
+    let [a, b, c, d, e, f, g, h, ..] = Digest::of(&bytes).0;
+    [a, b, c, d, e, f, g, h]
+}
+
+/// Requests are a digest, a tag and at most `MAX_HELD` held manifests;
+/// responses a chunk and a little framing.
+const MAX_REQUEST: usize = 64 + MAX_HELD * size_of::<HeldManifest>();
 const MAX_RESPONSE: usize = CHUNK_SIZE + MAX_MANIFEST_BYTES;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,8 +49,11 @@ pub enum ChunkRequest {
     /// The run's newest adapter: a round certificate if the peer holds
     /// one, else its newest update manifest.
     Latest(Digest),
-    /// The signed update manifests the peer holds for (run id, round).
-    Round(Digest, u64),
+    /// The signed update manifests the peer holds for (run id, round),
+    /// less those the asker holds already (`held_key`, at most `MAX_HELD`).
+    /// Without that list a node waiting for round 0 in a run of N received
+    /// N manifests with every answer, three answers a second.
+    Round(Digest, u64, Vec<HeldManifest>),
     /// Chunk `index` of the adapter with this hash, with its Merkle proof.
     Piece(Digest, u32),
 }

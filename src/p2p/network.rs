@@ -29,7 +29,7 @@ use crate::wire::merkle;
 
 use super::behaviour::{self, Behaviour, BehaviourEvent};
 use super::certify::{CertificateNews, Certifier};
-use super::chunk_protocol::{ChunkRequest, ChunkResponse, MAX_ROUND_MANIFESTS};
+use super::chunk_protocol::{ChunkRequest, ChunkResponse, HeldManifest, MAX_HELD, MAX_ROUND_MANIFESTS, held_key};
 
 /// How long chunks may trickle in by gossip before missing ones are fetched.
 const FETCH_GRACE: Duration = Duration::from_millis(1500);
@@ -136,7 +136,7 @@ enum Command {
     RunPeers(Digest, oneshot::Sender<Vec<PeerId>>),
     ForgetBefore(u64, oneshot::Sender<Result<(), String>>),
     /// Ask connected peers for a round's update manifests, and fetch them.
-    AskRound(Digest, u64),
+    AskRound(Digest, u64, Vec<HeldManifest>),
     /// One chunk by id, from the first of these peers that has it.
     FetchChunk(Digest, Vec<PeerId>, oneshot::Sender<Option<Vec<u8>>>),
     /// Store and serve bytes under their hash until the round is forgotten.
@@ -293,9 +293,10 @@ impl NetworkHandle {
     }
 
     /// Asks connected peers for the update manifests of `round` (updates
-    /// gossiped before this node joined); they arrive as usual events.
-    pub async fn ask_round(&self, run_id: Digest, round: u64) -> Result<(), NetworkError> {
-        self.commands.send(Command::AskRound(run_id, round)).await.map_err(|_| NetworkError::Stopped)
+    /// gossiped before this node joined), less those in `held` (what the
+    /// asker holds, `held_key`); they arrive as usual events.
+    pub async fn ask_round(&self, run_id: Digest, round: u64, held: Vec<HeldManifest>) -> Result<(), NetworkError> {
+        self.commands.send(Command::AskRound(run_id, round, held)).await.map_err(|_| NetworkError::Stopped)
     }
 
     /// Quarantines `peer` (the round engine proved it misbehaves): closes
@@ -726,7 +727,7 @@ impl EventLoop {
                 self.pending.retain(|_, p| p.manifest.round >= round);
                 let _ = reply.send(result.map_err(|e| e.to_string()));
             }
-            Command::AskRound(run_id, round) => self.ask_round(run_id, round),
+            Command::AskRound(run_id, round, held) => self.ask_round(run_id, round, held),
             Command::RunPeers(run_id, reply) => {
                 let topic = topics(&run_id).0.hash();
                 let gossip = &self.swarm.behaviour().gossipsub;
@@ -1238,15 +1239,17 @@ impl EventLoop {
         }
     }
 
-    /// The update manifests (and, for round 0, member announcements) of a
-    /// round this node holds, as many as fit.
-    fn round_manifests(&mut self, run_id: Digest, round: u64) -> ChunkResponse {
+    /// The update manifests (and, for round 0, member announcements) of
+    /// (run, round) this node holds, less those the asker holds (`held`),
+    /// as many as fit.
+    fn round_manifests(&mut self, run_id: Digest, round: u64, held: &[HeldManifest]) -> ChunkResponse {
+        let held: HashSet<&HeldManifest> = held.iter().collect();
         let mut list = Vec::new();
         let mut size = 0;
         for signed in self.store.manifests(round).unwrap_or_default() {
             let Ok(bytes) = signed.to_bytes() else { continue };
-            let Some((manifest, _)) = self.verified(&signed, &bytes) else { continue };
-            if manifest.run_id != run_id || !matches!(manifest.kind, ManifestKind::Update | ManifestKind::Members) {
+            let Some((manifest, author)) = self.verified(&signed, &bytes) else { continue };
+            if manifest.run_id != run_id || !matches!(manifest.kind, ManifestKind::Update | ManifestKind::Members) || held.contains(&held_key(manifest.kind, &author)) {
                 continue;
             }
             if size + bytes.len() > MAX_ROUND_MANIFESTS {
@@ -1288,7 +1291,8 @@ impl EventLoop {
     /// Asks up to `ASK_ROUND_PEERS` connected peers for the manifests of
     /// (run, round): peers not asked yet, and once all have been, all of
     /// them again, since they may hold more by now.
-    fn ask_round(&mut self, run_id: Digest, round: u64) {
+    fn ask_round(&mut self, run_id: Digest, round: u64, mut held: Vec<HeldManifest>) {
+        held.truncate(MAX_HELD);
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         let asked = self.asked_rounds.entry((run_id, round)).or_default();
         if connected.iter().all(|peer| asked.contains(peer)) {
@@ -1297,7 +1301,7 @@ impl EventLoop {
         let picked: Vec<PeerId> = connected.into_iter().filter(|peer| !asked.contains(peer)).take(ASK_ROUND_PEERS).collect();
         asked.extend(picked.iter().copied());
         for peer in picked {
-            self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Round(run_id, round));
+            self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Round(run_id, round, held.clone()));
         }
     }
 
@@ -1475,7 +1479,7 @@ impl EventLoop {
                         (None, Some(Ok(bytes))) => ChunkResponse::Manifest(bytes),
                         _ => ChunkResponse::NotFound,
                     },
-                    ChunkRequest::Round(run_id, round) => self.round_manifests(run_id, round),
+                    ChunkRequest::Round(run_id, round, held) => self.round_manifests(run_id, round, &held),
                     ChunkRequest::Piece(adapter, index) => self.piece(adapter, index),
                 };
                 self.count_sent(response_size(&response));
