@@ -22,7 +22,8 @@ use libp2p_identity::Keypair;
 use netsim::{Action, Scenario, SimNetwork, Traffic};
 use poison::SimTrainer;
 use serde_json::json;
-use table::{RoundRow, close_round, megabytes, show_row};
+use indicatif::{ProgressBar, ProgressStyle};
+use table::{RoundRow, close_round, megabytes, print_row, show_row};
 use tokio::sync::mpsc;
 
 use crate::config::Config;
@@ -124,6 +125,10 @@ struct Simulation {
     first_attacker: u64,
     /// Traffic counters at each node's last report.
     traffic_seen: HashMap<u64, Traffic>,
+    /// How many nodes finished the oldest round still open (a round's row
+    /// is printed only once every node is past it: minutes at 128 nodes).
+    /// Drawn on a terminal only; lines are printed through it.
+    progress: ProgressBar,
 }
 
 fn keypair(seed: u64, node: u64) -> Result<Keypair, SimError> {
@@ -132,6 +137,18 @@ fn keypair(seed: u64, node: u64) -> Result<Keypair, SimError> {
 }
 
 impl Simulation {
+    /// Prints a line of the run's report above the progress bar.
+    fn say(&self, line: &str) {
+        self.progress.suspend(|| println!("{line}"));
+    }
+
+    /// Shows how many of the running honest nodes are past `round`.
+    fn show_progress(&self, round: u64, done: usize, running: usize) {
+        self.progress.set_length(running as u64);
+        self.progress.set_position(done as u64);
+        self.progress.set_message(format!("round {round}"));
+    }
+
     /// Starts node `node`; `catch_up` for late joiners and restarts.
     fn start(&mut self, node: u64, catch_up: bool) -> Result<(), SimError> {
         let live: Vec<u64> = self.running.keys().copied().filter(|n| *n != node).collect();
@@ -224,7 +241,8 @@ impl Simulation {
     async fn fire(&mut self, round: u32, scenario: &Scenario) -> Result<(), SimError> {
         for event in scenario.events_at(round).cloned().collect::<Vec<_>>() {
             let nodes: Vec<u64> = event.nodes.iter().map(|n| u64::from(*n)).collect();
-            println!("  round {round}: {:?} {:?}{}", event.action, event.nodes, if event.groups.is_empty() { String::new() } else { format!(" {:?}", event.groups) });
+            let groups = if event.groups.is_empty() { String::new() } else { format!(" {:?}", event.groups) };
+            self.say(&format!("  round {round}: {:?} {:?}{groups}", event.action, event.nodes));
             match event.action {
                 Action::Leave => {
                     for node in nodes {
@@ -376,6 +394,8 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         store_quota: config.network.store_quota_mb.saturating_mul(1 << 20),
         attack: args.attack,
         first_attacker: u64::from(nodes.saturating_sub(args.attackers)),
+        progress: ProgressBar::new(u64::from(nodes))
+            .with_style(ProgressStyle::with_template("{msg}: {pos}/{len} nodes done [{elapsed}]").unwrap_or_else(|_| ProgressStyle::default_bar())),
     };
     if let Some(attack) = args.attack {
         println!("nodes {}..{} attack: {attack:?}; the table shows the honest nodes", u64::from(nodes.saturating_sub(args.attackers)), nodes - 1);
@@ -428,7 +448,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                 if rows.last().is_some_and(|row| row.round >= round) {
                     // A node that rejoined from an older average redid a
                     // round the table already closed.
-                    println!("  node {node} finished round {round} late (it rejoined from an older average)");
+                    sim.say(&format!("  node {node} finished round {round} late (it rejoined from an older average)"));
                     continue;
                 }
                 by_round.entry(round).or_default().push(NodeRound {
@@ -445,7 +465,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                     sim.fire(fired_through, scenario).await?;
                 }
             }
-            EngineEvent::CaughtUp { round, from } => println!("  node {node} caught up: trains from round {round} on average {from}"),
+            EngineEvent::CaughtUp { round, from } => sim.say(&format!("  node {node} caught up: trains from round {round} on average {from}")),
             EngineEvent::Rejected { peer, reason } => {
                 let kind = rejection_kind(&reason);
                 *rejected.entry(kind.to_owned()).or_default() += 1;
@@ -459,7 +479,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
             EngineEvent::Certified { round, .. } => *certified.entry(round).or_default() += 1,
             EngineEvent::Quarantined { peer, reason } => {
                 let accused = node_of.get(&peer).map_or_else(|| peer.to_string(), ToString::to_string);
-                println!("  node {node} quarantined node {accused}: {reason}");
+                sim.say(&format!("  node {node} quarantined node {accused}: {reason}"));
                 if let Some(accused) = node_of.get(&peer) {
                     quarantined.entry(*accused).or_insert_with(|| (BTreeSet::new(), reason)).0.insert(node);
                 }
@@ -490,12 +510,22 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                 break;
             }
             let Some((round, nodes_round)) = by_round.pop_first() else { break };
-            rows.push(close_round(round, &nodes_round, &compute, builtin, &mut metrics, &work_dir).await?);
+            let row = close_round(round, &nodes_round, &compute, builtin, &mut metrics, &work_dir).await?;
+            sim.progress.suspend(|| print_row(&row));
+            rows.push(row);
             update_if(&dashboard, |view| show_row(view, &rows));
         }
+        if let Some(&round) = by_round.keys().next() {
+            let running: Vec<&u64> = sim.running.keys().filter(|n| honest(n)).collect();
+            let done = running.iter().filter(|n| finished.contains(n) || last_round.get(n).is_some_and(|r| *r >= round)).count();
+            sim.show_progress(round, done, running.len());
+        }
     }
+    sim.progress.finish_and_clear();
     while let Some((round, nodes_round)) = by_round.pop_first() {
-        rows.push(close_round(round, &nodes_round, &compute, builtin, &mut metrics, &work_dir).await?);
+        let row = close_round(round, &nodes_round, &compute, builtin, &mut metrics, &work_dir).await?;
+        print_row(&row);
+        rows.push(row);
     }
     let wall = started.elapsed();
     for node in sim.running.keys().copied().collect::<Vec<_>>() {

@@ -92,7 +92,8 @@ pub(super) fn show_row(view: &mut DashboardState, rows: &[RoundRow]) {
     view.bytes_received = rows.iter().map(|r| r.received).sum::<f64>() as u64;
 }
 
-/// Summarizes a finished round, prints its table row and appends its record.
+/// Summarizes a finished round and appends its record (the caller prints
+/// its row, `print_row`).
 pub(super) async fn close_round(
     round: u64,
     nodes: &[NodeRound],
@@ -102,12 +103,11 @@ pub(super) async fn close_round(
     work_dir: &Path,
 ) -> Result<RoundRow, SimError> {
     let row = summarize(round, nodes, compute, exact_match).await?;
-    print_row(&row);
     write_record(metrics, &row, nodes, work_dir)?;
     Ok(row)
 }
 
-fn print_row(row: &RoundRow) {
+pub(super) fn print_row(row: &RoundRow) {
     let exact = row.exact_match.map_or("-".to_owned(), |e| format!("{:.1}%", e * 100.0));
     println!(
         "{:>5} {:>5} {:>10.4} {:>9.4} {:>7} {:>9.2} {:>11} {:>11} {:>7.1}s{}",
