@@ -684,8 +684,9 @@ impl<T: RoundTrainer> Engine<T> {
 
     /// Asks peers for the newest average and waits for it: `Some((round to
     /// train next, adapter))`, or `None` to start at round 0 (the run has
-    /// not finished a round yet).
-    async fn catch_up(&mut self) -> Result<Option<(u64, Tensors)>, EngineError> {
+    /// not finished a round yet), or when the average found is not past
+    /// round `past`: a node never goes back to a round it has averaged.
+    async fn catch_up(&mut self, past: Option<u64>) -> Result<Option<(u64, Tensors)>, EngineError> {
         self.candidate = None;
         self.offered.clear();
         // Bounded: about 20 s of asking.
@@ -707,6 +708,9 @@ impl<T: RoundTrainer> Engine<T> {
             if let Some(candidate) = self.candidate.take() {
                 // Below `rounds` (check_claims), so this cannot overflow.
                 let next = candidate.round.saturating_add(1);
+                if past.is_some_and(|round| next <= round) {
+                    return Ok(None);
+                }
                 self.report(EngineEvent::CaughtUp { round: next, from: candidate.hash });
                 tracing::info!(round = next, from = %candidate.hash, "caught up");
                 return Ok(Some((next, candidate.tensors)));
@@ -906,7 +910,7 @@ impl<T: RoundTrainer> Engine<T> {
                 // Every input's author is gone for this node (it came too
                 // late to fetch them): peers that finished the round have
                 // an average to rejoin from.
-                if let Some((round, adapter)) = self.catch_up_past(round).await? {
+                if let Some((round, adapter)) = self.catch_up(Some(round)).await? {
                     return Ok(Reduced::Rejoin { round, adapter });
                 }
                 return Err(EngineError::Aggregate("no update of this round could be fetched".into()));
@@ -1392,7 +1396,7 @@ impl<T: RoundTrainer> Engine<T> {
         }
         // A resumed node asks too: its peers may have gone on meanwhile.
         if (self.settings.catch_up || round > 0) && round < self.settings.rounds
-            && let Some((next, adapter)) = self.catch_up().await?
+            && let Some((next, adapter)) = self.catch_up(None).await?
             && next > round
         {
             (round, current) = (next, adapter);
@@ -1424,7 +1428,9 @@ impl<T: RoundTrainer> Engine<T> {
             let lagging = self.overtaken(round, members.len());
             self.report(EngineEvent::Round(report));
             round += 1;
-            if lagging && let Some((next, adapter)) = self.catch_up().await? {
+            // The network's average of the round just done (when it is not
+            // this node's own) is worth taking too: it trains the same round.
+            if lagging && let Some((next, adapter)) = self.catch_up(Some(round - 1)).await? {
                 // Peers are two rounds ahead (this node was cut off or
                 // slow): rejoin from the newest average instead of
                 // publishing updates nobody will use.
@@ -1746,22 +1752,21 @@ impl<T: RoundTrainer> Engine<T> {
             return Ok(None);
         }
         *tried = true;
-        self.catch_up_past(round).await
-    }
-
-    /// `catch_up`, if its peers' newest average is of `round` or later.
-    async fn catch_up_past(&mut self, round: u64) -> Result<Option<(u64, Tensors)>, EngineError> {
-        Ok(self.catch_up().await?.filter(|(next, _)| *next > round))
+        self.catch_up(Some(round)).await
     }
 
     /// Most of the round's other members published updates two rounds or
     /// more after `round` (a majority, so that one peer's claim to be ahead
     /// moves nobody): this node was cut off or slow, and rejoins from their
     /// newest average instead of finishing a round they left behind.
+    /// The newest round each author signed counts, not only the updates
+    /// buffered: an update too far ahead of this node's round is not kept
+    /// (a partitioned node's peers may be three rounds on), yet it is what
+    /// shows that this node fell behind.
     fn overtaken(&self, round: u64, members: usize) -> bool {
-        let ahead: BTreeSet<PeerId> = self.buffered.range(round.saturating_add(2)..).flat_map(|(_, updates)| updates.keys().copied()).collect();
+        let ahead = self.recent_authors.values().filter(|newest| **newest >= round.saturating_add(2)).count();
         let others = members.saturating_sub(1).max(1);
-        ahead.len().saturating_mul(2) >= others
+        ahead.saturating_mul(2) >= others
     }
 }
 
