@@ -103,6 +103,21 @@ impl RoundClock {
         }
     }
 
+    /// Sleeps half of the time left until the collection deadline of `round`.
+    async fn halfway(&mut self, round: u64) {
+        match self {
+            RoundClock::Wall { timeout } => tokio::time::sleep(*timeout / 2).await,
+            RoundClock::Schedule { .. } => {
+                let left = self.wall_deadline(round).and_then(|end| end.duration_since(SystemTime::now()).ok()).unwrap_or_default();
+                tokio::time::sleep(left / 2).await;
+            }
+            RoundClock::ComputeIdle { timeout, .. } => {
+                let half = *timeout / 2;
+                self.wait(half).await
+            }
+        }
+    }
+
     /// Sleeps `duration` of this clock's time (idle time for ComputeIdle).
     async fn wait(&mut self, duration: Duration) {
         match self {
@@ -1608,6 +1623,10 @@ impl<T: RoundTrainer> Engine<T> {
         self.report(EngineEvent::Collecting { round, deadline: clock.wall_deadline(round) });
         let deadline = clock.deadline(round);
         tokio::pin!(deadline);
+        let mut halfway_clock = self.settings.clock.clone();
+        let halfway = halfway_clock.halfway(round);
+        tokio::pin!(halfway);
+        let mut asked = false;
         let mut timed_out = false;
         // Bounded by the deadline.
         while !quorum(&self.buffered, &self.excluded) {
@@ -1615,6 +1634,14 @@ impl<T: RoundTrainer> Engine<T> {
                 _ = &mut deadline => {
                     timed_out = true;
                     break;
+                }
+                // Updates gossip has not brought by half the deadline are
+                // asked of peers: churn can leave the gossip mesh in two
+                // parts that stay connected yet pass nothing across (the
+                // churn soak ended split in two groups, 1 run in 8).
+                () = &mut halfway, if !asked => {
+                    asked = true;
+                    self.ask_round(round, []).await?;
                 }
                 event = self.events.recv() => match event {
                     Some(event) => self.on_network_event(event, Some(round)),
