@@ -90,30 +90,25 @@ impl RoundClock {
 
     /// Sleeps until the collection deadline of `round`.
     async fn deadline(&mut self, round: u64) {
-        match self {
-            RoundClock::Wall { timeout } => tokio::time::sleep(*timeout).await,
-            RoundClock::Schedule { .. } => {
-                let left = self.wall_deadline(round).and_then(|end| end.duration_since(SystemTime::now()).ok()).unwrap_or_default();
-                tokio::time::sleep(left).await;
-            }
-            RoundClock::ComputeIdle { timeout, .. } => {
-                let timeout = *timeout;
-                self.wait(timeout).await
-            }
-        }
+        self.share_of_deadline(round, 1).await
     }
 
     /// Sleeps half of the time left until the collection deadline of `round`.
     async fn halfway(&mut self, round: u64) {
+        self.share_of_deadline(round, 2).await
+    }
+
+    /// Sleeps 1/`parts` of the time left until the collection deadline of `round`.
+    async fn share_of_deadline(&mut self, round: u64, parts: u32) {
         match self {
-            RoundClock::Wall { timeout } => tokio::time::sleep(*timeout / 2).await,
+            RoundClock::Wall { timeout } => tokio::time::sleep(*timeout / parts).await,
             RoundClock::Schedule { .. } => {
                 let left = self.wall_deadline(round).and_then(|end| end.duration_since(SystemTime::now()).ok()).unwrap_or_default();
-                tokio::time::sleep(left / 2).await;
+                tokio::time::sleep(left / parts).await;
             }
             RoundClock::ComputeIdle { timeout, .. } => {
-                let half = *timeout / 2;
-                self.wait(half).await
+                let share = *timeout / parts;
+                self.wait(share).await
             }
         }
     }

@@ -504,9 +504,11 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
             view.rejected_by_reason = rejected.clone();
         });
         // A round is complete once every running node has moved past it.
-        while let Some((&round, _)) = by_round.first_key_value() {
-            let done = sim.running.keys().filter(|n| honest(n)).all(|n| finished.contains(n) || last_round.get(n).is_some_and(|r| *r >= round));
-            if !done {
+        while let Some(&round) = by_round.keys().next() {
+            let running: Vec<&u64> = sim.running.keys().filter(|n| honest(n)).collect();
+            let done = running.iter().filter(|n| finished.contains(n) || last_round.get(n).is_some_and(|r| *r >= round)).count();
+            if done < running.len() {
+                sim.show_progress(round, done, running.len());
                 break;
             }
             let Some((round, nodes_round)) = by_round.pop_first() else { break };
@@ -514,11 +516,6 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
             sim.progress.suspend(|| print_row(&row));
             rows.push(row);
             update_if(&dashboard, |view| show_row(view, &rows));
-        }
-        if let Some(&round) = by_round.keys().next() {
-            let running: Vec<&u64> = sim.running.keys().filter(|n| honest(n)).collect();
-            let done = running.iter().filter(|n| finished.contains(n) || last_round.get(n).is_some_and(|r| *r >= round)).count();
-            sim.show_progress(round, done, running.len());
         }
     }
     sim.progress.finish_and_clear();
