@@ -93,6 +93,15 @@ impl RoundClock {
         self.share_of_deadline(round, 1).await
     }
 
+    /// The collection deadline of `round` as a future that owns its clock
+    /// (one that can be replaced by a fresh deadline).
+    fn owned_deadline(self, round: u64) -> Pin<Box<dyn Future<Output = ()> + Send>> {
+        Box::pin(async move {
+            let mut clock = self;
+            clock.deadline(round).await;
+        })
+    }
+
     /// Sleeps half of the time left until the collection deadline of `round`.
     async fn halfway(&mut self, round: u64) {
         self.share_of_deadline(round, 2).await
@@ -359,6 +368,8 @@ const MAX_SLICE_RESULTS: usize = 16_384;
 /// no peer could serve (an author that crashed after publishing), or
 /// adopts the inputs that more owners averaged (`adopt_inputs`).
 const REDUCE_PASSES: usize = 4;
+/// How many more deadlines a round waits for members one round behind.
+const MAX_DEADLINE_EXTENSIONS: u32 = 2;
 /// Input lists a node adopts in one round at most, and the fetches of one
 /// list it tries.
 const MAX_ADOPTIONS: usize = 2;
@@ -894,13 +905,7 @@ impl<T: RoundTrainer> Engine<T> {
         }
         updates.retain(|_, u| u.manifest.adapter_len == previous.len() as u64);
         let me = self.me();
-        let round_deadline = |clock: RoundClock| -> Pin<Box<dyn Future<Output = ()> + Send>> {
-            Box::pin(async move {
-                let mut clock = clock;
-                clock.deadline(round).await;
-            })
-        };
-        let mut deadline = round_deadline(self.settings.clock.clone());
+        let mut deadline = self.settings.clock.clone().owned_deadline(round);
         let mut deadline_passed = false;
         // Past the first deadline, each slice's standby (the next author on
         // the ring) computes and claims what its owners have not, and the
@@ -1027,7 +1032,7 @@ impl<T: RoundTrainer> Engine<T> {
                     for (_, missing) in self.settle_slices(compute(mine), &view, &group, &mut resolved).await? {
                         unavailable.extend(missing);
                     }
-                    deadline = round_deadline(self.settings.clock.clone());
+                    deadline = self.settings.clock.clone().owned_deadline(round);
                     deadline_passed = false;
                     continue;
                 }
@@ -1614,10 +1619,9 @@ impl<T: RoundTrainer> Engine<T> {
             let waited = |m: &&PeerId| **m != me || member;
             buffered.get(&round).is_some_and(|got| members.iter().filter(waited).all(|m| got.contains_key(m) || excluded.contains_key(m)))
         };
-        let mut clock = self.settings.clock.clone();
-        self.report(EngineEvent::Collecting { round, deadline: clock.wall_deadline(round) });
-        let deadline = clock.deadline(round);
-        tokio::pin!(deadline);
+        self.report(EngineEvent::Collecting { round, deadline: self.settings.clock.wall_deadline(round) });
+        let mut deadline = self.settings.clock.clone().owned_deadline(round);
+        let mut extensions = 0;
         let mut halfway_clock = self.settings.clock.clone();
         let halfway = halfway_clock.halfway(round);
         tokio::pin!(halfway);
@@ -1627,6 +1631,17 @@ impl<T: RoundTrainer> Engine<T> {
         while !quorum(&self.buffered, &self.excluded) {
             tokio::select! {
                 _ = &mut deadline => {
+                    // Most members alive one round behind (their reduce
+                    // ran longer, or they caught up): averaging without
+                    // them would leave this node a round ahead, averaging
+                    // alone every round after (the churn scenario did so
+                    // in 1 run of 7).
+                    if extensions < MAX_DEADLINE_EXTENSIONS && self.ahead_of_members(round, members) {
+                        extensions += 1;
+                        tracing::info!(round, extensions, "most members are one round behind: waiting one deadline more");
+                        deadline = self.settings.clock.clone().owned_deadline(round);
+                        continue;
+                    }
                     timed_out = true;
                     break;
                 }
@@ -1765,6 +1780,21 @@ impl<T: RoundTrainer> Engine<T> {
             slices_computed,
         };
         Ok(RoundEnd::Done(report))
+    }
+
+    /// Whether most of the round's other members are one round behind:
+    /// each signed round r−1 and has not sent its update of round r. That
+    /// is most members' own word, so one peer cannot hold a round up.
+    fn ahead_of_members(&self, round: u64, members: &[PeerId]) -> bool {
+        let me = self.me();
+        let got = self.buffered.get(&round);
+        let others: Vec<&PeerId> = members.iter().filter(|peer| **peer != me && !self.excluded.contains_key(*peer)).collect();
+        let behind = others
+            .iter()
+            .filter(|peer| !got.is_some_and(|updates| updates.contains_key(**peer)))
+            .filter(|peer| self.recent_authors.get(**peer).is_some_and(|newest| newest.saturating_add(1) == round))
+            .count();
+        behind.saturating_mul(2) > others.len()
     }
 
     /// Once a round (`tried`): if this node is overtaken, the round to
