@@ -568,10 +568,7 @@ impl<T: RoundTrainer> Engine<T> {
                 round.insert(author, Update { manifest, tensors });
             }
         }
-        // Bounded memory whatever peers claim: the newest rounds win.
-        while self.buffered.len() > LOOKAHEAD as usize + 1 {
-            self.buffered.pop_first();
-        }
+        bound_rounds(&mut self.buffered, from);
     }
 
     /// A certificate: this node's own average certified (reported), or one a
@@ -1934,6 +1931,21 @@ async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::R
     bytes.get(start..start + range.len()).map(<[u8]>::to_vec)
 }
 
+/// Bounded memory whatever peers claim: at most `LOOKAHEAD + 1` rounds of
+/// updates. A node catching up (`from` unknown) keeps the newest rounds; one
+/// in a round keeps that round (its own update is there) and drops the
+/// farthest ahead, which a catch-up may have taken in beyond its window
+/// (dropping the oldest lost a node's own update after a catch-up found no
+/// average: the node then left itself out of its round).
+fn bound_rounds<V>(buffered: &mut BTreeMap<u64, V>, from: Option<u64>) {
+    while buffered.len() > LOOKAHEAD as usize + 1 {
+        match from {
+            Some(_) => buffered.pop_last(),
+            None => buffered.pop_first(),
+        };
+    }
+}
+
 /// Whether `round` lies in the window `from..=from+LOOKAHEAD` of a node in
 /// round `from` (never while catching up, when `from` is unknown).
 fn in_window(round: u64, from: Option<u64>) -> bool {
@@ -1947,4 +1959,21 @@ fn members_digest(members: &[PeerId]) -> Digest {
         inputs::push_peer(&mut bytes, &member.to_bytes());
     }
     Digest::of(&bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_node_in_a_round_keeps_it_when_updates_from_far_ahead_are_held() {
+        // A catch-up took in rounds 4 to 6; the node then published in round 3.
+        let mut buffered: BTreeMap<u64, &str> = (3..=6).map(|r| (r, "updates")).collect();
+        bound_rounds(&mut buffered, Some(3));
+        assert_eq!(buffered.keys().copied().collect::<Vec<_>>(), vec![3, 4, 5]);
+        // Catching up, the newest rounds are what counts.
+        let mut buffered: BTreeMap<u64, &str> = (3..=6).map(|r| (r, "updates")).collect();
+        bound_rounds(&mut buffered, None);
+        assert_eq!(buffered.keys().copied().collect::<Vec<_>>(), vec![4, 5, 6]);
+    }
 }
