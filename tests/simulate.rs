@@ -67,6 +67,8 @@ fn ideal_network_loss_falls_and_every_node_agrees() {
     assert!(dir.path().join("simulate/adapter/adapters.safetensors").exists());
     assert!(dir.path().join("simulate/adapter/adapter_config.json").exists());
     assert!(stdout.contains("centralized eval loss"), "{stdout}");
+    // The breakdown of what a node received (the default, reduce exchange).
+    assert!(stdout.contains("on the links; payload") && stdout.contains("pieces "), "{stdout}");
 }
 
 /// `federation.exchange = "…"`, as a setting.
@@ -318,6 +320,15 @@ fn bench_traffic_measures_each_size_and_exchange() {
         assert!(field(record, "largest_node_bytes_per_round") >= field(record, "mean_node_bytes_per_round"), "{record}");
         assert!(field(record, "mean_node_bytes_per_round") > 0.0 && field(record, "flower_client_bytes") > 0.0, "{record}");
         assert_eq!(field(record, "agreement"), 1.0, "{record}");
+        // What the received bytes carried: whole adapters in the gossip
+        // exchange, pieces (slice inputs) in the reduce exchange.
+        let payload = &record["payload_received_per_node_round"];
+        let (chunks, pieces) = (field(payload, "gossip_chunks"), field(payload, "pieces"));
+        match record["exchange"].as_str() {
+            Some("gossip") => assert!(chunks > 0.0 && pieces == 0.0, "{record}"),
+            _ => assert!(pieces > 0.0 && chunks == 0.0, "{record}"),
+        }
+        assert!(field(payload, "updates") > 0.0 && field(record, "link_received_per_node_round") > 0.0, "{record}");
     }
     assert!(stdout.contains("x Flower") && stdout.contains("a Flower client moves"), "{stdout}");
     assert!(std::fs::read_to_string(output.with_extension("svg")).unwrap().contains("<svg"));

@@ -6,3 +6,4 @@ pub mod behaviour;
 pub mod certify;
 pub mod chunk_protocol;
 pub mod network;
+pub mod payload;

@@ -8,7 +8,6 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -30,6 +29,7 @@ use crate::wire::merkle;
 use super::behaviour::{self, Behaviour, BehaviourEvent};
 use super::certify::{CertificateNews, Certifier};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse, HeldManifest, MAX_HELD, MAX_ROUND_MANIFESTS, held_key};
+use super::payload::{PayloadKind, PayloadTraffic};
 
 /// How long chunks may trickle in by gossip before missing ones are fetched.
 const FETCH_GRACE: Duration = Duration::from_millis(1500);
@@ -166,15 +166,6 @@ pub struct Piece {
     pub count: usize,
 }
 
-/// Payload bytes this node published or served, and received: unique
-/// gossip messages and request-response answers, not protocol framing or
-/// gossipsub's forwarding copies.
-#[derive(Debug, Default)]
-pub struct PayloadTraffic {
-    pub sent: AtomicU64,
-    pub received: AtomicU64,
-}
-
 /// Cloneable access to the network task.
 #[derive(Clone)]
 pub struct NetworkHandle {
@@ -186,7 +177,12 @@ pub struct NetworkHandle {
 impl NetworkHandle {
     /// (sent, received) payload bytes so far.
     pub fn payload_traffic(&self) -> (u64, u64) {
-        (self.traffic.sent.load(Ordering::Relaxed), self.traffic.received.load(Ordering::Relaxed))
+        self.traffic.totals()
+    }
+
+    /// Payload bytes received so far, by what they carried.
+    pub fn payload_received_by_kind(&self) -> Vec<(PayloadKind, u64)> {
+        self.traffic.received_by_kind()
     }
 
     async fn call<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T, NetworkError> {
@@ -336,6 +332,18 @@ fn response_size(response: &ChunkResponse) -> usize {
         ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum(),
         ChunkResponse::Piece(bytes, proof) => bytes.len() + 32 * proof.len(),
         ChunkResponse::NotFound => 0,
+    }
+}
+
+/// What an answer carried (`Latest` is answered with a certificate, or
+/// with a manifest when the peer holds none).
+fn response_kind(response: &ChunkResponse) -> Option<PayloadKind> {
+    match response {
+        ChunkResponse::Chunk(_) => Some(PayloadKind::Chunks),
+        ChunkResponse::Piece(..) => Some(PayloadKind::Pieces),
+        ChunkResponse::Manifests(_) => Some(PayloadKind::RoundAnswers),
+        ChunkResponse::Manifest(_) | ChunkResponse::Certificate(_) => Some(PayloadKind::Certificates),
+        ChunkResponse::NotFound => None,
     }
 }
 
@@ -900,11 +908,11 @@ impl EventLoop {
     }
 
     fn count_sent(&self, bytes: usize) {
-        self.traffic.sent.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.traffic.count_sent(bytes);
     }
 
     fn count_received(&self, bytes: usize) {
-        self.traffic.received.fetch_add(bytes as u64, Ordering::Relaxed);
+        self.traffic.count_received(bytes);
     }
 
     async fn on_gossip(&mut self, source: PeerId, id: gossipsub::MessageId, message: gossipsub::Message) {
@@ -919,8 +927,10 @@ impl EventLoop {
                 }
             }
         } else if self.chunk_topics.contains(&message.topic) {
+            self.traffic.count_kind(PayloadKind::GossipChunks, message.data.len());
             self.accept_chunk_message(&message.data).await
         } else if let Some(run_id) = self.evidence_topics.get(&message.topic).copied() {
+            self.traffic.count_kind(PayloadKind::Evidence, message.data.len());
             self.accept_evidence(&message.data, run_id).await.map(|()| true)
         } else {
             Err("message on a topic this node did not join".to_owned())
@@ -946,6 +956,9 @@ impl EventLoop {
         let digest = Digest::of(bytes);
         // Remembered as verified only once stored (below).
         let (manifest, author, kept) = self.check_signature(&signed, &digest)?;
+        if topic_run.is_some() {
+            self.traffic.count_kind(PayloadKind::of_manifest(manifest.kind), bytes.len());
+        }
         match topic_run {
             Some(run_id) if manifest.run_id != run_id => {
                 return Err(Refusal::from(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id)));
@@ -1491,6 +1504,9 @@ impl EventLoop {
                 ..
             } => {
                 self.count_received(response_size(&response));
+                if let Some(kind) = response_kind(&response) {
+                    self.traffic.count_kind(kind, response_size(&response));
+                }
                 if let Some(key) = self.piece_requests.remove(&request_id) {
                     self.on_piece(peer, key, response).await;
                     return;

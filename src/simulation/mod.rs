@@ -33,6 +33,7 @@ use crate::node::compute::{self, ComputeClient, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock, RoundReport, RoundTrainer};
 use crate::node::status::{rejection_detail, rejection_kind};
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind, spawn};
+use crate::p2p::payload::PayloadKind;
 use crate::plot::{Series, plot_rounds};
 use crate::rng::SeededRng;
 use crate::wire::codec::{Digest, Limits};
@@ -125,6 +126,8 @@ struct Simulation {
     first_attacker: u64,
     /// Traffic counters at each node's last report.
     traffic_seen: HashMap<u64, Traffic>,
+    /// Payload bytes the stopped nodes received, by kind (`PayloadKind::ALL`'s order).
+    payload_received: [u64; PayloadKind::ALL.len()],
     /// How many nodes finished the oldest round still open (a round's row
     /// is printed only once every node is past it: minutes at 128 nodes).
     /// Drawn on a terminal only; lines are printed through it.
@@ -234,6 +237,9 @@ impl Simulation {
         }
         running.task.abort();
         running.client.forget();
+        for (kind, bytes) in running.handle.payload_received_by_kind() {
+            self.payload_received[kind as usize] += bytes;
+        }
         // Dropping the last handle stops the swarm and frees its address.
         drop(running.handle);
     }
@@ -391,6 +397,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         rng: SeededRng::new(scenario.seed ^ 0x5EED),
         seed: scenario.seed,
         traffic_seen: HashMap::new(),
+        payload_received: [0; PayloadKind::ALL.len()],
         store_quota: config.network.store_quota_mb.saturating_mul(1 << 20),
         attack: args.attack,
         first_attacker: u64::from(nodes.saturating_sub(args.attackers)),
@@ -543,6 +550,9 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     }
     let adapter_bytes = crate::node::adapter_size(&last.modal.1).map_err(SimError::Run)?;
     let mean_traffic = rows.iter().map(|r| r.sent + r.received).sum::<f64>() / rows.len() as f64;
+    let link_received = rows.iter().map(|r| r.received).sum::<f64>() / rows.len() as f64;
+    let node_rounds = (f64::from(nodes) * rows.len() as f64).max(1.0);
+    let payload: Vec<(PayloadKind, f64)> = PayloadKind::ALL.iter().map(|kind| (*kind, sim.payload_received[*kind as usize] as f64 / node_rounds)).collect();
     // The run in one record (what `bench traffic` reads): bytes per node
     // per round, the busiest node's and the mean, over the rounds.
     let summary = json!({
@@ -557,6 +567,8 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         "wall_seconds": wall.as_secs_f64(),
         "peak_rss_mb": table::memory_mb().1,
         "certified_nodes_by_round": certified.values().collect::<Vec<_>>(),
+        "link_received_per_node_round": link_received,
+        "payload_received_per_node_round": payload.iter().map(|(kind, bytes)| (kind.name().to_owned(), json!(bytes))).collect::<serde_json::Map<_, _>>(),
         "quarantined": quarantined.iter().map(|(accused, (by, reason))| json!({"node": accused, "by": by.len(), "kind": rejection_kind(reason)})).collect::<Vec<_>>(),
     });
     writeln!(metrics, "{summary}").map_err(|e| SimError::Run(format!("{}: {e}", metrics_path.display())))?;
@@ -566,6 +578,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         megabytes(2.0 * adapter_bytes as f64),
         megabytes(adapter_bytes as f64)
     );
+    println!("{}", table::payload_breakdown(link_received, &payload));
     let adapter_dir = work_dir.join("adapter");
     compute.save((*last.modal.1).clone(), adapter_dir.clone()).await.map_err(SimError::Run)?;
     println!("averaged adapter {} saved in mlx-lm format to {}", last.modal.0, adapter_dir.display());

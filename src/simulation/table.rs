@@ -12,6 +12,7 @@ use crate::aggregate::Tensors;
 use crate::dashboard::{DashboardState, RoundPoint};
 use crate::node::compute::ComputeClient;
 use crate::node::engine::{RoundTrainer, agreement};
+use crate::p2p::payload::PayloadKind;
 use crate::wire::codec::Digest;
 
 use super::{NodeRound, SimError};
@@ -72,6 +73,23 @@ async fn summarize(round: u64, nodes: &[NodeRound], compute: &ComputeClient, exa
 
 pub(super) fn megabytes(bytes: f64) -> String {
     format!("{:.2} MB", bytes / 1e6)
+}
+
+/// What a node received a round: on the links, and the payload in it by
+/// kind (largest first); the rest is gossipsub's copies and control
+/// messages, request framing, encryption, identify, Kademlia and ping.
+pub(super) fn payload_breakdown(link_received: f64, payload: &[(PayloadKind, f64)]) -> String {
+    let total: f64 = payload.iter().map(|(_, bytes)| bytes).sum();
+    let mut kinds: Vec<&(PayloadKind, f64)> = payload.iter().filter(|(_, bytes)| *bytes >= 1.0).collect();
+    kinds.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let parts: Vec<String> = kinds.iter().map(|(kind, bytes)| format!("{} {:.1} KB", kind.name().replace('_', " "), bytes / 1e3)).collect();
+    format!(
+        "received per node per round: {} on the links; payload {} ({}); the rest (gossip copies and control, framing, encryption) {}",
+        megabytes(link_received),
+        megabytes(total),
+        parts.join(", "),
+        megabytes((link_received - total).max(0.0))
+    )
 }
 
 
@@ -172,6 +190,7 @@ fn write_record(out: &mut std::fs::File, row: &RoundRow, nodes: &[NodeRound], wo
         "average_hash": row.modal.0.to_hex(),
         "fedavg_drift": drift.first(),
         "contributors": nodes.iter().map(|n| n.report.contributors).collect::<Vec<_>>(),
+        "bytes_by_node": nodes.iter().map(|n| (n.node.to_string(), serde_json::Value::from(n.traffic.sent + n.traffic.received))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "slices_computed": nodes.iter().map(|n| (n.node.to_string(), serde_json::Value::from(n.report.slices_computed))).collect::<serde_json::Map<String, serde_json::Value>>(),
         "rss_mb": rss,
         "peak_rss_mb": peak,
