@@ -48,6 +48,9 @@ const MESSAGE_ID_BYTES: usize = 16;
 /// - a mesh of 4 peers instead of 6, and no flood publishing (a publisher
 ///   sends to its mesh, not to all N − 1 peers; round 0's announcements,
 ///   which go out before meshes form, are also asked of peers: `ask_round`);
+/// - at most one mesh peer over that (gossipsub's default is twice the
+///   mesh): peers graft onto the nodes they dialed, and a node with a mesh
+///   of 8 received every message up to 8 times;
 /// - IHAVE gossip goes to 3 peers a heartbeat, for messages of the last 2
 ///   heartbeats, not to a quarter of all non-mesh peers for the last 3;
 /// - message ids of 16 bytes (`MESSAGE_ID_BYTES`);
@@ -60,7 +63,7 @@ pub fn gossipsub_config(mesh_n: Option<usize>) -> Result<gossipsub::Config, Stri
     // Keep gossipsub's invariants: outbound_min ≤ low ≤ n ≤ high, 2·outbound_min ≤ n.
     let low = (n * 2 / 3).max(1);
     let mut builder = gossipsub::ConfigBuilder::default();
-    builder.mesh_n(n).mesh_n_low(low).mesh_n_high(n * 2).mesh_outbound_min((n / 2).min(low));
+    builder.mesh_n(n).mesh_n_low(low).mesh_n_high(n + 1).mesh_outbound_min((n / 2).min(low));
     builder
         .max_transmit_size(CHUNK_SIZE + 64 * 1024)
         .validation_mode(gossipsub::ValidationMode::Anonymous)
