@@ -1785,13 +1785,8 @@ impl<T: RoundTrainer> Engine<T> {
     fn ahead_of_members(&self, round: u64, members: &[PeerId]) -> bool {
         let me = self.me();
         let got = self.buffered.get(&round);
-        let others: Vec<&PeerId> = members.iter().filter(|peer| **peer != me && !self.excluded.contains_key(*peer)).collect();
-        let behind = others
-            .iter()
-            .filter(|peer| !got.is_some_and(|updates| updates.contains_key(**peer)))
-            .filter(|peer| self.recent_authors.get(**peer).is_some_and(|newest| newest.saturating_add(1) == round))
-            .count();
-        behind.saturating_mul(2) > others.len()
+        let others: Vec<PeerId> = members.iter().copied().filter(|peer| *peer != me && !self.excluded.contains_key(peer)).collect();
+        most_one_round_behind(round, &others, |peer| got.is_some_and(|updates| updates.contains_key(peer)), |peer| self.recent_authors.get(peer).copied())
     }
 
     /// Once a round (`tried`): if this node is overtaken, the round to
@@ -1931,6 +1926,14 @@ async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::R
     bytes.get(start..start + range.len()).map(<[u8]>::to_vec)
 }
 
+/// Whether most of `others` are one round behind `round`: no update of
+/// `round` from them is held, and the newest round each signed is the one
+/// before.
+fn most_one_round_behind(round: u64, others: &[PeerId], holds: impl Fn(&PeerId) -> bool, newest: impl Fn(&PeerId) -> Option<u64>) -> bool {
+    let behind = others.iter().filter(|peer| !holds(peer) && newest(peer).is_some_and(|signed| signed.saturating_add(1) == round)).count();
+    behind.saturating_mul(2) > others.len()
+}
+
 /// Bounded memory whatever peers claim: at most `LOOKAHEAD + 1` rounds of
 /// updates. A node catching up (`from` unknown) keeps the newest rounds; one
 /// in a round keeps that round (its own update is there) and drops the
@@ -1964,6 +1967,31 @@ fn members_digest(members: &[PeerId]) -> Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_round_waits_only_for_a_majority_one_round_behind() {
+        let others: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
+        let others_index = |peer: &PeerId| others.iter().position(|p| p == peer);
+        // The newest round each of the four signed.
+        let signed = |rounds: [u64; 4]| move |peer: &PeerId| others_index(peer).map(|i| rounds[i]);
+        let none_held = |_: &PeerId| false;
+        // All four signed round 2 and nothing of round 3: wait.
+        assert!(most_one_round_behind(3, &others, none_held, signed([2, 2, 2, 2])));
+        // Three of four behind is most; two of four is not.
+        assert!(most_one_round_behind(3, &others, none_held, signed([2, 2, 2, 3])));
+        assert!(!most_one_round_behind(3, &others, none_held, signed([2, 2, 3, 3])));
+        // One peer alone cannot hold a round up.
+        assert!(!most_one_round_behind(3, &others, none_held, signed([2, 3, 3, 3])));
+        // Peers whose updates of round 3 are here are not behind.
+        let held = |peer: &PeerId| others_index(peer).is_some_and(|i| i < 2);
+        assert!(!most_one_round_behind(3, &others, held, signed([2, 2, 2, 2])));
+        // Peers last heard of two rounds back (gone) are not waited for,
+        // nor are peers never heard of.
+        assert!(!most_one_round_behind(3, &others, none_held, signed([1, 1, 1, 2])));
+        assert!(!most_one_round_behind(3, &others, none_held, |_: &PeerId| None));
+        // A node alone waits for nobody.
+        assert!(!most_one_round_behind(3, &[], none_held, |_: &PeerId| Some(2)));
+    }
 
     #[test]
     fn a_node_in_a_round_keeps_it_when_updates_from_far_ahead_are_held() {
