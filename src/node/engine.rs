@@ -1632,7 +1632,7 @@ impl<T: RoundTrainer> Engine<T> {
                     // ran longer, or they caught up): averaging without
                     // them would leave this node a round ahead, averaging
                     // alone every round after (the churn scenario did so
-                    // in 1 run of 7).
+                    // in 3 runs of 16).
                     if extensions < MAX_DEADLINE_EXTENSIONS && self.ahead_of_members(round, members) {
                         extensions += 1;
                         tracing::info!(round, extensions, "most members are one round behind: waiting one deadline more");
