@@ -1503,9 +1503,10 @@ impl EventLoop {
                 message: request_response::Message::Response { request_id, response },
                 ..
             } => {
-                self.count_received(response_size(&response));
+                let size = response_size(&response);
+                self.count_received(size);
                 if let Some(kind) = response_kind(&response) {
-                    self.traffic.count_kind(kind, response_size(&response));
+                    self.traffic.count_kind(kind, size);
                 }
                 if let Some(key) = self.piece_requests.remove(&request_id) {
                     self.on_piece(peer, key, response).await;
