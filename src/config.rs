@@ -130,6 +130,12 @@ pub struct TrainConfig {
     /// longest row (each row sees only itself) instead of padding each row
     /// to the longest: the same loss, less wasted compute.
     pub pack: bool,
+    /// With several rows a batch, make batches of rows of similar length
+    /// (rows sorted by token count, cut into batches, the batches shuffled
+    /// each epoch; evaluation batches sorted too), as mlx_lm does: a batch
+    /// is padded to its longest row. Off: rows in a seeded shuffle. One-row
+    /// batches are shuffled either way.
+    pub group_by_length: bool,
     /// Compile the training step with MLX (traced once per batch shape,
     /// element-wise work fused); off runs it op by op.
     pub compile: bool,
@@ -154,6 +160,7 @@ impl Default for TrainConfig {
             grad_accumulation_steps: 1,
             mask_prompt: false,
             pack: false,
+            group_by_length: true,
             compile: true,
             pad_to: None,
             seed: 0,

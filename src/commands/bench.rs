@@ -281,6 +281,8 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     println!("trained tokens/s: {:.1}", report.tokens as f64 / seconds);
     println!("peak memory: {peak:.1} MB");
     println!("train tok/s: {:.1}", report.processed_tokens as f64 / seconds);
+    let padding = 1.0 - report.processed_tokens as f64 / report.computed_tokens.max(1) as f64;
+    println!("padding: {:.1}% of the positions computed", 100.0 * padding);
     // The compute limit, measured now under the same load as the steps.
     let mean_len = report.processed_tokens as f64 / report.examples.max(1) as f64;
     let flops = crate::train::flops::per_token(&trainer.decoder, &settings, mean_len.round() as usize);

@@ -10,6 +10,7 @@ pub mod flops;
 pub mod lora;
 pub mod metrics;
 pub mod optim;
+pub mod order;
 pub mod schedule;
 pub mod step;
 
@@ -22,6 +23,7 @@ use lora::{AdapterParams, Dropout, LoraApplier, LoraSettings};
 use mlx_rs::Array;
 use mlx_rs::error::Exception;
 use optim::Optimizer;
+use order::BatchOrder;
 use schedule::Schedule;
 use step::CompiledStep;
 
@@ -30,7 +32,6 @@ use crate::data::template::PromptTemplate;
 use crate::data::{Dataset, Row, load_dataset};
 use crate::model::attention::Layout;
 use crate::model::{Decoder, ModelError, Tokenizer};
-use crate::rng::SeededRng;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -61,6 +62,8 @@ pub struct TrainReport {
     pub tokens: u64,
     /// All real tokens the model processed (mlx-lm's "Tokens/sec" counts these).
     pub processed_tokens: u64,
+    /// Input positions the model computed, padding included (lines × length).
+    pub computed_tokens: u64,
     pub elapsed: Duration,
     pub last_learning_rate: f32,
     /// Where `elapsed` went.
@@ -78,6 +81,7 @@ impl TrainReport {
         self.examples += later.examples;
         self.tokens += later.tokens;
         self.processed_tokens += later.processed_tokens;
+        self.computed_tokens += later.computed_tokens;
         self.elapsed += later.elapsed;
         self.last_learning_rate = later.last_learning_rate;
         self.phases.data += later.phases.data;
@@ -207,24 +211,25 @@ impl MlxTrainer {
         Ok(&self.encoded[&row.index])
     }
 
-    /// The rows of global micro-batch `micro` (`step * accumulation + k`): a
-    /// pure function of the step, through a seeded shuffle per epoch, so a
-    /// resumed run sees the same batches as an uninterrupted one.
-    fn batch_rows<'r>(&self, rows: &'r [Row], micro: u64) -> Vec<&'r Row> {
-        let n = rows.len() as u64;
-        let size = u64::from(self.config.batch_size);
-        (0..size)
-            .map(|j| {
-                let position = micro * size + j;
-                let epoch = position / n;
-                let mut order: Vec<u64> = (0..n).collect();
-                let mut rng = SeededRng::new(self.config.seed ^ epoch.wrapping_mul(0x9E37_79B9));
-                for i in (1..order.len()).rev() {
-                    order.swap(i, rng.below(i as u64 + 1) as usize);
-                }
-                &rows[order[(position % n) as usize] as usize]
-            })
-            .collect()
+    /// How `rows` are dealt into micro-batches: grouped by length when a
+    /// batch holds several rows (`train.group_by_length`), which tokenizes
+    /// every row first; otherwise a seeded shuffle (so one-row batches are
+    /// what they always were).
+    fn batch_order(&mut self, rows: &[Row]) -> Result<BatchOrder, TrainError> {
+        let size = self.config.batch_size.max(1) as usize;
+        if !self.config.group_by_length || size == 1 {
+            return Ok(BatchOrder::shuffled(rows.len(), size));
+        }
+        let mut lengths = Vec::with_capacity(rows.len());
+        for row in rows {
+            lengths.push(self.encoded(row)?.tokens.len());
+        }
+        Ok(BatchOrder::by_length(&lengths, size))
+    }
+
+    /// The rows of global micro-batch `micro` (`step * accumulation + k`).
+    fn batch_rows<'r>(&self, order: &BatchOrder, rows: &'r [Row], micro: u64) -> Vec<&'r Row> {
+        order.batch(self.config.seed, micro).into_iter().map(|position| &rows[position]).collect()
     }
 
     /// A batch of `rows`; training batches are padded to `train.pad_to`.
@@ -261,8 +266,9 @@ impl MlxTrainer {
     /// subtracts from the forward and backward passes to split them.
     pub fn time_forward(&mut self, rows: &[Row], micros: std::ops::Range<u64>) -> Result<Duration, TrainError> {
         let mut total = Duration::ZERO;
+        let order = self.batch_order(rows)?;
         for micro in micros {
-            let batch_rows = self.batch_rows(rows, micro);
+            let batch_rows = self.batch_rows(&order, rows, micro);
             let batch = self.make_batch(&batch_rows, true)?;
             let started = Instant::now();
             batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?.eval()?;
@@ -339,12 +345,13 @@ impl LocalTrainer for MlxTrainer {
         let accumulation = u64::from(self.config.grad_accumulation_steps.max(1));
         let mut report = TrainReport::default();
         let mut loss_sum = 0.0f64;
+        let order = self.batch_order(rows)?;
         for step in step_offset..step_offset + steps {
             let mut summed: Option<HashMap<Rc<str>, Array>> = None;
             for k in 0..accumulation {
                 let micro = step * accumulation + k;
                 let phase = Instant::now();
-                let batch_rows = self.batch_rows(rows, micro);
+                let batch_rows = self.batch_rows(&order, rows, micro);
                 let batch = self.make_batch(&batch_rows, true)?;
                 report.phases.data += phase.elapsed();
                 let phase = Instant::now();
@@ -358,6 +365,7 @@ impl LocalTrainer for MlxTrainer {
                 report.examples += batch_rows.len() as u64;
                 report.tokens += batch.target_tokens as u64;
                 report.processed_tokens += batch.real_tokens as u64;
+                report.computed_tokens += batch.tokens.shape().iter().map(|&d| d as u64).product::<u64>();
                 summed = Some(match summed {
                     None => grads,
                     Some(mut total) => {
@@ -400,8 +408,18 @@ impl LocalTrainer for MlxTrainer {
         let mut weighted = 0.0f64;
         let mut tokens = 0u64;
         let size = self.config.batch_size.max(1) as usize;
-        for chunk in rows.chunks(size) {
-            let batch = self.make_batch(&chunk.iter().collect::<Vec<_>>(), false)?;
+        // The loss is a mean over every row's targets, whatever the batches:
+        // rows of similar length together only save padding.
+        let mut ordered: Vec<&Row> = rows.iter().collect();
+        if self.config.group_by_length && size > 1 {
+            let mut lengths = HashMap::with_capacity(rows.len());
+            for row in rows {
+                lengths.insert(row.index, self.encoded(row)?.tokens.len());
+            }
+            ordered.sort_by_key(|row| lengths[&row.index]);
+        }
+        for chunk in ordered.chunks(size) {
+            let batch = self.make_batch(chunk, false)?;
             let loss = batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?.try_item_cast::<f32>()?;
             weighted += f64::from(loss) * batch.target_tokens as f64;
             tokens += batch.target_tokens as u64;
