@@ -7,3 +7,4 @@ pub mod certify;
 pub mod chunk_protocol;
 pub mod network;
 pub mod payload;
+pub mod sources;

@@ -30,6 +30,7 @@ use super::behaviour::{self, Behaviour, BehaviourEvent};
 use super::certify::{CertificateNews, Certifier};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse, HeldManifest, MAX_HELD, MAX_ROUND_MANIFESTS, held_key};
 use super::payload::{PayloadKind, PayloadTraffic};
+use super::sources::{Awaited, chunks_to_fetch};
 
 /// How long chunks may trickle in by gossip before missing ones are fetched.
 const FETCH_GRACE: Duration = Duration::from_millis(1500);
@@ -694,7 +695,9 @@ impl EventLoop {
             }
             Command::Publish(publication, guarded, reply) => {
                 let (signed, manifest, adapter) = *publication;
+                let ids = manifest.chunk_ids.clone();
                 let _ = reply.send(self.publish(signed, manifest, adapter, guarded));
+                self.complete_waiting_on(&ids).await;
             }
             Command::KeepAverage(average, reply) => {
                 let _ = reply.send(self.keep_average(*average).await);
@@ -702,6 +705,7 @@ impl EventLoop {
             Command::Keep(publication, reply) => {
                 let (signed, manifest, adapter) = *publication;
                 let _ = reply.send(self.keep(&signed, &manifest, &adapter).map(|_| ()));
+                self.complete_waiting_on(&manifest.chunk_ids).await;
             }
             Command::Unsubscribe(run_id, reply) => {
                 let (manifests, chunks) = topics(&run_id);
@@ -1107,11 +1111,13 @@ impl EventLoop {
     async fn assemble(&mut self, manifest: Manifest, author: PeerId, source: Option<PeerId>) {
         let mut sources = vec![author];
         sources.extend(source.filter(|s| *s != author));
-        // An average (from a catch-up answer) and a slice result are never
-        // gossiped: fetch their chunks at once instead of waiting for gossip.
+        // An average (from a catch-up answer) is never gossiped: fetch its
+        // chunks at once instead of waiting for gossip. Nor is a slice
+        // result, but it waits for a second claim naming it (its co-owner's,
+        // `fetch_missing`), or else the grace.
         let since = match manifest.kind {
-            ManifestKind::Average | ManifestKind::Slice => Instant::now().checked_sub(FETCH_GRACE).unwrap_or_else(Instant::now),
-            ManifestKind::Update | ManifestKind::Members | ManifestKind::Attestation => Instant::now(),
+            ManifestKind::Average => Instant::now().checked_sub(FETCH_GRACE).unwrap_or_else(Instant::now),
+            ManifestKind::Update | ManifestKind::Members | ManifestKind::Attestation | ManifestKind::Slice => Instant::now(),
         };
         self.pending.entry(manifest.adapter_hash).or_insert(Pending {
             manifest: manifest.clone(),
@@ -1214,11 +1220,18 @@ impl EventLoop {
     async fn accept_chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
         let id = Digest::of(bytes);
         self.store.cache_chunk(&id, bytes).map_err(|e| e.to_string())?;
-        let waiting: Vec<Digest> = self.pending.iter().filter(|(_, p)| p.manifest.chunk_ids.contains(&id)).map(|(h, _)| *h).collect();
+        self.complete_waiting_on(&[id]).await;
+        Ok(())
+    }
+
+    /// Completes the pending adapters that waited for any of `ids`, now
+    /// stored: fetched, or this node's own (a slice owner stores its results
+    /// when it claims them, and may hold a co-owner's claim naming them).
+    async fn complete_waiting_on(&mut self, ids: &[Digest]) {
+        let waiting: Vec<Digest> = self.pending.iter().filter(|(_, p)| p.manifest.chunk_ids.iter().any(|c| ids.contains(c))).map(|(h, _)| *h).collect();
         for hash in waiting {
             self.complete(hash).await;
         }
-        Ok(())
     }
 
     /// Emits `AdapterReady` once every chunk of a pending adapter is stored.
@@ -1446,19 +1459,24 @@ impl EventLoop {
         }
     }
 
-    /// Asks peers for chunks of adapters whose grace period passed.
+    /// Asks peers for chunks of adapters whose grace period passed, and
+    /// for slice results that two claims name (`sources::chunks_to_fetch`).
     fn fetch_missing(&mut self) {
         let now = Instant::now();
-        for pending in self.pending.values() {
-            if now.duration_since(pending.since) < FETCH_GRACE {
-                continue;
-            }
-            for id in &pending.manifest.chunk_ids {
-                if !self.store.has_chunk(id) && !self.wanted.contains_key(id) && !self.in_flight.values().any(|(c, _)| c == id) {
-                    self.wanted.insert(*id, pending.sources.iter().copied().collect());
-                }
-            }
-        }
+        let awaited: Vec<Awaited> = self
+            .pending
+            .values()
+            .map(|p| Awaited {
+                kind: p.manifest.kind,
+                author: p.author,
+                chunk_ids: &p.manifest.chunk_ids,
+                sources: &p.sources,
+                waited: now.duration_since(p.since),
+            })
+            .collect();
+        let asked = |id: &Digest| self.store.has_chunk(id) || self.wanted.contains_key(id) || self.in_flight.values().any(|(c, _)| c == id);
+        let fetch = chunks_to_fetch(self.swarm.local_peer_id(), &awaited, FETCH_GRACE, asked);
+        self.wanted.extend(fetch);
         let ready: Vec<Digest> = self.wanted.keys().copied().collect();
         for id in ready {
             if self.in_flight.len() >= MAX_IN_FLIGHT {
