@@ -27,10 +27,10 @@ pub struct Awaited<'a> {
 /// that two or more claims name (`ManifestKind::Slice`): it is asked for at
 /// once, from its claimants in an order hashed from this node, the chunk
 /// and the claimant. Every fetcher used to ask whichever owner claimed
-/// first, so one owner served a slice to the whole network and its
-/// co-owner to nobody, an adapter's worth of difference between nodes; the
-/// hash splits the serving evenly between the owners that agree. A lone
-/// claim waits the grace for its co-owner's.
+/// first, so that owner served the slice to most of the network; the hash
+/// splits the serving evenly between the owners that agree. A lone claim
+/// waits the grace for its co-owner's (or for this node's own result of a
+/// slice it co-owns: then nothing is fetched).
 pub fn chunks_to_fetch(me: &PeerId, awaited: &[Awaited], grace: Duration, skip: impl Fn(&Digest) -> bool) -> Vec<(Digest, VecDeque<PeerId>)> {
     let mut claimants: HashMap<Digest, Vec<PeerId>> = HashMap::new();
     for claim in awaited.iter().filter(|a| a.kind == ManifestKind::Slice) {
