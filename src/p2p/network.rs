@@ -700,7 +700,9 @@ impl EventLoop {
                 self.complete_waiting_on(&ids).await;
             }
             Command::KeepAverage(average, reply) => {
+                let ids = average.manifest.chunk_ids.clone();
                 let _ = reply.send(self.keep_average(*average).await);
+                self.complete_waiting_on(&ids).await;
             }
             Command::Keep(publication, reply) => {
                 let (signed, manifest, adapter) = *publication;
