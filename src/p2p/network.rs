@@ -695,19 +695,14 @@ impl EventLoop {
             }
             Command::Publish(publication, guarded, reply) => {
                 let (signed, manifest, adapter) = *publication;
-                let ids = manifest.chunk_ids.clone();
                 let _ = reply.send(self.publish(signed, manifest, adapter, guarded));
-                self.complete_waiting_on(&ids).await;
             }
             Command::KeepAverage(average, reply) => {
-                let ids = average.manifest.chunk_ids.clone();
                 let _ = reply.send(self.keep_average(*average).await);
-                self.complete_waiting_on(&ids).await;
             }
             Command::Keep(publication, reply) => {
                 let (signed, manifest, adapter) = *publication;
                 let _ = reply.send(self.keep(&signed, &manifest, &adapter).map(|_| ()));
-                self.complete_waiting_on(&manifest.chunk_ids).await;
             }
             Command::Unsubscribe(run_id, reply) => {
                 let (manifests, chunks) = topics(&run_id);
@@ -809,8 +804,12 @@ impl EventLoop {
         self.store.put_manifest(manifest.round, signed).map_err(store)?;
         self.remember_latest(manifest, signed);
         self.known.insert(manifest.adapter_hash, (manifest.round, manifest.chunk_ids.clone()));
+        let ids: Vec<Digest> = chunks.iter().map(|(id, _)| *id).collect();
+        // A peer's manifest may wait for these very chunks (a co-owner's
+        // claim naming a slice this node computed too).
+        self.complete_waiting_on(&ids);
         if manifest.chunk_root.is_some() {
-            self.rooted.insert(manifest.adapter_hash, (manifest.round, chunks.iter().map(|(id, _)| *id).collect()));
+            self.rooted.insert(manifest.adapter_hash, (manifest.round, ids));
         }
         Ok(chunks)
     }
@@ -1128,7 +1127,7 @@ impl EventLoop {
             since,
         });
         self.emit(NetworkEvent::Manifest { manifest: manifest.clone(), author });
-        self.complete(manifest.adapter_hash).await;
+        self.complete(manifest.adapter_hash);
         if manifest.kind != ManifestKind::Update {
             // Nothing gossips its chunks: ask now, not at the next tick.
             self.fetch_missing();
@@ -1222,22 +1221,21 @@ impl EventLoop {
     async fn accept_chunk(&mut self, bytes: &[u8]) -> Result<(), String> {
         let id = Digest::of(bytes);
         self.store.cache_chunk(&id, bytes).map_err(|e| e.to_string())?;
-        self.complete_waiting_on(&[id]).await;
+        self.complete_waiting_on(&[id]);
         Ok(())
     }
 
     /// Completes the pending adapters that waited for any of `ids`, now
-    /// stored: fetched, or this node's own (a slice owner stores its results
-    /// when it claims them, and may hold a co-owner's claim naming them).
-    async fn complete_waiting_on(&mut self, ids: &[Digest]) {
+    /// stored: fetched, or this node's own (`keep`).
+    fn complete_waiting_on(&mut self, ids: &[Digest]) {
         let waiting: Vec<Digest> = self.pending.iter().filter(|(_, p)| p.manifest.chunk_ids.iter().any(|c| ids.contains(c))).map(|(h, _)| *h).collect();
         for hash in waiting {
-            self.complete(hash).await;
+            self.complete(hash);
         }
     }
 
     /// Emits `AdapterReady` once every chunk of a pending adapter is stored.
-    async fn complete(&mut self, hash: Digest) {
+    fn complete(&mut self, hash: Digest) {
         let Some(pending) = self.pending.get(&hash) else { return };
         if !pending.manifest.chunk_ids.iter().all(|id| self.store.has_chunk(id)) {
             return;

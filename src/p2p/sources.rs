@@ -2,7 +2,7 @@
 //! Pure: the event loop (`network.rs`, `fetch_missing`) passes what it is
 //! waiting for and acts on the answer.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Duration;
 
 use libp2p::PeerId;
@@ -46,10 +46,11 @@ pub fn chunks_to_fetch(me: &PeerId, awaited: &[Awaited], grace: Duration, skip: 
         owners.sort_by_cached_key(|owner| Digest::of(&[me.as_slice(), &id.0, &owner.to_bytes()].concat()));
     }
     let mut fetch: Vec<(Digest, VecDeque<PeerId>)> = Vec::new();
+    let mut chosen: HashSet<Digest> = HashSet::new();
     for waiting in awaited {
         for id in waiting.chunk_ids {
             let claimed = claimants.get(id).filter(|owners| owners.len() >= 2);
-            if (waiting.waited < grace && claimed.is_none()) || skip(id) || fetch.iter().any(|(f, _)| f == id) {
+            if (waiting.waited < grace && claimed.is_none()) || skip(id) || !chosen.insert(*id) {
                 continue;
             }
             let mut peers: VecDeque<PeerId> = claimed.cloned().unwrap_or_default().into();

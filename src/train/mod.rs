@@ -220,11 +220,12 @@ impl MlxTrainer {
         if !self.config.group_by_length || size == 1 {
             return Ok(BatchOrder::shuffled(rows.len(), size));
         }
-        let mut lengths = Vec::with_capacity(rows.len());
-        for row in rows {
-            lengths.push(self.encoded(row)?.tokens.len());
-        }
-        Ok(BatchOrder::by_length(&lengths, size))
+        Ok(BatchOrder::by_length(&self.token_counts(rows)?, size))
+    }
+
+    /// Each row's token count, tokenizing (and caching) rows seen first.
+    fn token_counts(&mut self, rows: &[Row]) -> Result<Vec<usize>, TrainError> {
+        rows.iter().map(|row| Ok(self.encoded(row)?.tokens.len())).collect()
     }
 
     /// The rows of global micro-batch `micro` (`step * accumulation + k`).
@@ -412,11 +413,10 @@ impl LocalTrainer for MlxTrainer {
         // rows of similar length together only save padding.
         let mut ordered: Vec<&Row> = rows.iter().collect();
         if self.config.group_by_length && size > 1 {
-            let mut lengths = HashMap::with_capacity(rows.len());
-            for row in rows {
-                lengths.insert(row.index, self.encoded(row)?.tokens.len());
-            }
-            ordered.sort_by_key(|row| lengths[&row.index]);
+            let counts = self.token_counts(rows)?;
+            let mut positions: Vec<usize> = (0..rows.len()).collect();
+            positions.sort_by_key(|&p| counts[p]);
+            ordered = positions.into_iter().map(|p| &rows[p]).collect();
         }
         for chunk in ordered.chunks(size) {
             let batch = self.make_batch(chunk, false)?;
