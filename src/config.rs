@@ -143,6 +143,13 @@ pub struct TrainConfig {
     /// that the compiled step sees few shapes. None: 32 for a compiled step
     /// on a GPU, no padding elsewhere (on a CPU padding costs compute).
     pub pad_to: Option<u32>,
+    /// On the CPU, split each batch's rows over this many MLX streams (each
+    /// its own thread, BLAS single-threaded) computed at once, their losses
+    /// and gradients combined by target tokens: the same loss, and cores
+    /// that would idle through MLX's single-threaded element-wise work
+    /// compute too. None: one stream per core, at most one per row; 1 turns
+    /// it off. GPUs run one stream.
+    pub cpu_streams: Option<u32>,
     pub seed: u64,
 }
 
@@ -163,6 +170,7 @@ impl Default for TrainConfig {
             group_by_length: true,
             compile: true,
             pad_to: None,
+            cpu_streams: None,
             seed: 0,
         }
     }
@@ -442,6 +450,9 @@ impl Config {
         check(train.batch_size >= 1, "train.batch_size", "must be at least 1")?;
         if let Some(pad_to) = train.pad_to {
             check((1..=4096).contains(&pad_to), "train.pad_to", format!("must be between 1 and 4096, got {pad_to}"))?;
+        }
+        if let Some(streams) = train.cpu_streams {
+            check((1..=64).contains(&streams), "train.cpu_streams", format!("must be between 1 and 64, got {streams}"))?;
         }
         check(train.local_steps >= 1, "train.local_steps", "must be at least 1")?;
         check((16..=1 << 20).contains(&train.max_seq_length), "train.max_seq_length", format!("must be between 16 and 1048576, got {}", train.max_seq_length))?;

@@ -147,6 +147,53 @@ fn the_compiled_step_gives_the_losses_of_the_uncompiled_one() {
     }
 }
 
+/// A batch's rows split over CPU streams computed at once (`train.cpu_streams`)
+/// train as the whole batch does: the same losses step by step, the same
+/// adapter, the same evaluation, the same rows and targets counted.
+#[test]
+fn a_batch_split_over_cpu_streams_trains_as_one() {
+    let data = builtin();
+    for (compile, pack) in [(true, false), (true, true), (false, false)] {
+        let mut config = config(true);
+        // Each part draws its own dropout masks: without dropout the
+        // parts compute exactly the whole batch's terms.
+        config.lora.dropout = 0.0;
+        config.train.batch_size = 4;
+        config.train.pack = pack;
+        config.train.compile = compile;
+        let run = |streams: u32| {
+            let mut config = config.clone();
+            config.train.cpu_streams = Some(streams);
+            let mut trainer = trainer(&config, 10);
+            let mut reports = Vec::new();
+            for step in 0..10 {
+                reports.push(trainer.train_steps(&data.train, 1, step).unwrap());
+            }
+            let eval = trainer.evaluate(&data.valid[..12]).unwrap();
+            (reports, trainer.adapter().clone(), eval)
+        };
+        let (whole, whole_adapter, whole_eval) = run(1);
+        // Three streams for four rows: parts of two, one and one row.
+        for streams in [2, 3] {
+            let case = format!("compile={compile} pack={pack} streams={streams}");
+            let (split, split_adapter, split_eval) = run(streams);
+            for (step, (w, s)) in whole.iter().zip(&split).enumerate() {
+                assert!((w.loss - s.loss).abs() <= 1e-5 * w.loss.abs().max(1.0), "{case} step {step}: whole {}, split {}", w.loss, s.loss);
+                assert_eq!((w.examples, w.tokens, w.processed_tokens), (s.examples, s.tokens, s.processed_tokens), "{case} step {step}");
+                // Each part pads to its own longest row.
+                assert!(s.computed_tokens <= w.computed_tokens, "{case} step {step}");
+            }
+            assert!(whole[9].loss < whole[0].loss, "{case}: the steps did not train");
+            for (name, w) in &whole_adapter {
+                let gap = w.subtract(&split_adapter[name]).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+                assert!(gap <= 1e-4, "{case}: {name} differs by {gap}");
+            }
+            assert_eq!(whole_eval.tokens, split_eval.tokens, "{case}");
+            assert!((whole_eval.loss - split_eval.loss).abs() <= 1e-5 * whole_eval.loss.abs().max(1.0), "{case}: eval {whole_eval:?} against {split_eval:?}");
+        }
+    }
+}
+
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
     for pack in [false, true] {

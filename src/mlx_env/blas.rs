@@ -57,6 +57,71 @@ pub fn blas_library() -> Option<BlasLibrary> {
     })
 }
 
+/// A training evaluation's hold on BLAS: evaluations that hold it run one
+/// at a time in this process, each at the thread count it asks for.
+///
+/// Parts of a batch computed on several MLX CPU streams at once
+/// (`train.cpu_streams`) each call BLAS from their own thread, and one core
+/// each beats every call fanning out over all cores while its workers spin
+/// through MLX's single-threaded element-wise work: those run OpenBLAS
+/// single-threaded. OpenBLAS's results depend on its thread count for some
+/// shapes (a long inner dimension: 8×2000 by 2000×64 differs in the last
+/// bit), and the count is global to the process, so two trainers in one
+/// process (tests, a simulation's nodes) must not change it under each
+/// other's evaluation: hence the lock. Where the BLAS is not OpenBLAS
+/// (Accelerate has no such knob) only the lock remains.
+pub struct BlasHold {
+    _held: std::sync::MutexGuard<'static, ()>,
+    restore: Option<(SetThreads, i32)>,
+}
+
+type SetThreads = unsafe extern "C" fn(i32);
+type GetThreads = unsafe extern "C" fn() -> i32;
+
+/// OpenBLAS's thread-count setter and the count the process started with.
+fn openblas_threads() -> Option<(SetThreads, i32)> {
+    static THREADS: std::sync::OnceLock<Option<(SetThreads, i32)>> = std::sync::OnceLock::new();
+    *THREADS.get_or_init(|| {
+        // SAFETY: dlsym with RTLD_DEFAULT and NUL-terminated names only
+        // reads; the symbols, where present, are OpenBLAS's own functions
+        // with these C signatures (openblas_config.h).
+        unsafe {
+            let set = libc::dlsym(libc::RTLD_DEFAULT, c"openblas_set_num_threads".as_ptr());
+            let get = libc::dlsym(libc::RTLD_DEFAULT, c"openblas_get_num_threads".as_ptr());
+            if set.is_null() || get.is_null() {
+                return None;
+            }
+            let set = std::mem::transmute::<*mut libc::c_void, SetThreads>(set);
+            let get = std::mem::transmute::<*mut libc::c_void, GetThreads>(get);
+            Some((set, get()))
+        }
+    })
+}
+
+impl BlasHold {
+    /// Waits for the other holders, then runs BLAS single-threaded until
+    /// dropped where `single_threaded`, at the process's count otherwise.
+    pub fn new(single_threaded: bool) -> Self {
+        static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let held = LOCK.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let restore = openblas_threads().filter(|&(_, threads)| single_threaded && threads > 1);
+        if let Some((set, _)) = restore {
+            // SAFETY: `set` is openblas_set_num_threads (above).
+            unsafe { set(1) };
+        }
+        Self { _held: held, restore }
+    }
+}
+
+impl Drop for BlasHold {
+    fn drop(&mut self) {
+        if let Some((set, threads)) = self.restore {
+            // SAFETY: `set` is openblas_set_num_threads (above).
+            unsafe { set(threads) };
+        }
+    }
+}
+
 fn classify(path: &str) -> BlasKind {
     let lower = path.to_ascii_lowercase();
     if lower.contains("openblas") {

@@ -8,7 +8,7 @@ mod device;
 mod linux_shims;
 mod matmul_bench;
 
-pub use blas::{BlasKind, BlasLibrary, blas_library};
+pub use blas::{BlasKind, BlasLibrary, BlasHold, blas_library};
 pub use device::{DeviceChoice, GpuInfo, gpu_info, use_device};
 pub use matmul_bench::{MatmulBench, matmul_limit};
 

@@ -123,11 +123,18 @@ pub struct Dropout {
 }
 
 impl Dropout {
-    pub fn for_step<'p>(probability: f32, seed: u64, step: u64, paths: impl IntoIterator<Item = &'p str>) -> Result<Self, ModelError> {
+    /// The keys of micro-batch `step`'s part `part` (`train.cpu_streams`
+    /// splits a batch into parts; part 0 is the whole batch when it does not,
+    /// and draws what every step drew before parts existed).
+    pub fn for_step<'p>(probability: f32, seed: u64, step: u64, part: usize, paths: impl IntoIterator<Item = &'p str>) -> Result<Self, ModelError> {
         let mut keys = HashMap::new();
         if probability > 0.0 {
             for path in paths {
-                let key_seed = blake3::hash(format!("{seed}:{step}:{path}").as_bytes());
+                let name = match part {
+                    0 => format!("{seed}:{step}:{path}"),
+                    part => format!("{seed}:{step}:{path}:part {part}"),
+                };
+                let key_seed = blake3::hash(name.as_bytes());
                 let mut first = [0u8; 8];
                 first.copy_from_slice(&key_seed.as_bytes()[..8]);
                 keys.insert(path.to_owned(), mlx_rs::random::key(u64::from_le_bytes(first))?);

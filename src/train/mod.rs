@@ -20,8 +20,8 @@ use std::time::{Duration, Instant};
 
 use batch::{Batch, Encoded, encode, make_batch};
 use lora::{AdapterParams, Dropout, LoraApplier, LoraSettings};
-use mlx_rs::Array;
 use mlx_rs::error::Exception;
+use mlx_rs::{Array, Device, Stream};
 use optim::Optimizer;
 use order::BatchOrder;
 use schedule::Schedule;
@@ -182,6 +182,20 @@ pub struct MlxTrainer {
     projections: Vec<String>,
     /// With `train.compile`, built at the first step.
     compiled: Option<CompiledStep>,
+    /// The streams of parts 1.. of a split batch (`train.cpu_streams`;
+    /// part 0 runs on the default stream), made when first needed.
+    lanes: Vec<Lane>,
+}
+
+/// A gradient by adapter tensor name.
+type Grads = HashMap<Rc<str>, Array>;
+
+/// An MLX CPU stream (MLX runs each on a thread of its own) that computes
+/// one part of every split batch, with its own compiled step: a trace
+/// records the stream of each operation.
+struct Lane {
+    stream: Stream,
+    compiled: Option<CompiledStep>,
 }
 
 impl MlxTrainer {
@@ -200,6 +214,7 @@ impl MlxTrainer {
             params,
             encoded: HashMap::new(),
             compiled: None,
+            lanes: Vec::new(),
         })
     }
 
@@ -243,6 +258,56 @@ impl MlxTrainer {
         make_batch(&encoded.iter().collect::<Vec<_>>(), self.config.mask_prompt, self.config.pack, pad_to)
     }
 
+    /// A batch of `rows` as parts computed at once on their own streams:
+    /// `part_count` of them, rows dealt in turn (so the parts hold about as
+    /// many tokens each, the rows of a length-grouped batch being alike).
+    fn make_parts(&mut self, rows: &[&Row], training: bool) -> Result<Vec<Batch>, TrainError> {
+        let count = self.part_count(rows.len());
+        while self.lanes.len() + 1 < count {
+            self.lanes.push(Lane {
+                stream: Stream::new_with_device(&Device::cpu()),
+                compiled: None,
+            });
+        }
+        let mut parts = Vec::with_capacity(count);
+        for part in 0..count {
+            let members: Vec<&Row> = rows.iter().skip(part).step_by(count).copied().collect();
+            parts.push(self.make_batch(&members, training)?);
+        }
+        Ok(parts)
+    }
+
+    /// How many parts a batch of `rows` rows is split into: on the CPU
+    /// `train.cpu_streams`, by default one per core, at most one per row;
+    /// one on a GPU (its kernels already fill it).
+    fn part_count(&self, rows: usize) -> usize {
+        if crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu {
+            return 1;
+        }
+        let streams = match self.config.cpu_streams {
+            Some(streams) => streams as usize,
+            None => std::thread::available_parallelism().map_or(1, |cores| cores.get()),
+        };
+        streams.clamp(1, rows.max(1))
+    }
+
+    /// The stream of part `part`: `None` (the default stream) for part 0.
+    fn part_stream(&self, part: usize) -> Option<Stream> {
+        part.checked_sub(1).and_then(|lane| self.lanes.get(lane)).map(|lane| lane.stream.clone())
+    }
+
+    /// The loss of each part (no dropout, no gradients), evaluated together.
+    fn part_losses(&self, parts: &[Batch]) -> Result<Vec<Array>, TrainError> {
+        let applier = self.evaluation_applier();
+        let mut losses = Vec::with_capacity(parts.len());
+        for (part, batch) in parts.iter().enumerate() {
+            losses.push(on_stream(self.part_stream(part), || batch_loss(&self.decoder, &applier, batch))?);
+        }
+        let _blas = crate::mlx_env::BlasHold::new(parts.len() > 1);
+        mlx_rs::transforms::eval(&losses)?;
+        Ok(losses)
+    }
+
     /// `train.pad_to`, or by default 32 for a compiled step on a GPU (where
     /// a new trace costs more than padding) and none elsewhere.
     fn pad_to(&self) -> usize {
@@ -270,19 +335,22 @@ impl MlxTrainer {
         let order = self.batch_order(rows)?;
         for micro in micros {
             let batch_rows = self.batch_rows(&order, rows, micro);
-            let batch = self.make_batch(&batch_rows, true)?;
+            let parts = self.make_parts(&batch_rows, true)?;
             let started = Instant::now();
-            batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?.eval()?;
+            self.part_losses(&parts)?;
             total += started.elapsed();
         }
         Ok(total)
     }
 
-    /// Loss and gradients of one micro-batch, compiled or op by op.
-    fn loss_and_grads(&mut self, batch: &Batch, step: u64) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
-        let dropout = Dropout::for_step(self.settings.dropout, self.config.seed, step, self.projections.iter().map(String::as_str))?;
+    /// Loss and gradients of one micro-batch (its parts), compiled or op by op.
+    fn loss_and_grads(&mut self, parts: &[Batch], micro: u64) -> Result<(f32, Grads), TrainError> {
+        let mut dropouts = Vec::with_capacity(parts.len());
+        for part in 0..parts.len() {
+            dropouts.push(Dropout::for_step(self.settings.dropout, self.config.seed, micro, part, self.projections.iter().map(String::as_str))?);
+        }
         if self.config.compile {
-            match self.compiled_loss_and_grads(batch, &dropout) {
+            match self.compiled_loss_and_grads(parts, &dropouts) {
                 Ok(result) => return Ok(result),
                 // A compiled step can fail where the op-by-op one does not
                 // (MLX builds its fused kernels at run time, with the
@@ -291,40 +359,103 @@ impl MlxTrainer {
                     tracing::warn!(error = %err, "the compiled training step failed; training op by op from here (set train.compile = false to skip it)");
                     self.config.compile = false;
                     self.compiled = None;
+                    for lane in &mut self.lanes {
+                        lane.compiled = None;
+                    }
                 }
             }
         }
-        let (decoder, settings) = (&self.decoder, &self.settings);
-        let loss_fn = |params: HashMap<Rc<str>, Array>, batch: Batch| -> Result<Vec<Array>, Exception> {
-            let applier = LoraApplier {
-                params: &params,
-                settings,
-                dropout: Some(&dropout),
+        let mut outputs = Vec::with_capacity(parts.len());
+        for (part, (batch, dropout)) in parts.iter().zip(&dropouts).enumerate() {
+            let (decoder, settings) = (&self.decoder, &self.settings);
+            let loss_fn = |params: Grads, batch: Batch| -> Result<Vec<Array>, Exception> {
+                let applier = LoraApplier {
+                    params: &params,
+                    settings,
+                    dropout: Some(dropout),
+                };
+                batch_loss(decoder, &applier, &batch)
+                    .map(|loss| vec![loss])
+                    .map_err(|e| Exception::custom(e.to_string()))
             };
-            batch_loss(decoder, &applier, &batch)
-                .map(|loss| vec![loss])
-                .map_err(|e| Exception::custom(e.to_string()))
-        };
-        let mut value_and_grad = mlx_rs::transforms::keyed_value_and_grad(loss_fn);
-        let (values, grads) = value_and_grad(self.params.clone(), batch.clone())?;
-        let loss = values.into_iter().next().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
-        evaluated(loss, grads)
+            let (values, grads) = on_stream(self.part_stream(part), || {
+                mlx_rs::transforms::keyed_value_and_grad(loss_fn)(self.params.clone(), batch.clone())
+            })?;
+            let loss = values.into_iter().next().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
+            outputs.push((loss, grads));
+        }
+        combined(parts, outputs)
     }
 
-    fn compiled_loss_and_grads(&mut self, batch: &Batch, dropout: &Dropout) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
-        let compiled = match &mut self.compiled {
-            Some(compiled) => compiled,
-            None => self.compiled.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params, self.optimizer.kind)),
-        };
-        let (loss, grads) = compiled.loss_and_grads(&self.params, batch, dropout)?;
-        evaluated(loss, grads)
+    fn compiled_loss_and_grads(&mut self, parts: &[Batch], dropouts: &[Dropout]) -> Result<(f32, Grads), TrainError> {
+        let mut outputs = Vec::with_capacity(parts.len());
+        for (part, (batch, dropout)) in parts.iter().zip(dropouts).enumerate() {
+            let stream = self.part_stream(part);
+            let slot = match part.checked_sub(1) {
+                None => &mut self.compiled,
+                Some(lane) => &mut self.lanes[lane].compiled,
+            };
+            let compiled = match slot {
+                Some(compiled) => compiled,
+                None => slot.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params, self.optimizer.kind)),
+            };
+            outputs.push(on_stream(stream, || compiled.loss_and_grads(&self.params, batch, dropout))?);
+        }
+        combined(parts, outputs)
     }
 }
 
-/// The loss as a number, once it and the gradients are computed.
-fn evaluated(loss: Array, grads: HashMap<Rc<str>, Array>) -> Result<(f32, HashMap<Rc<str>, Array>), TrainError> {
+/// Runs `build` with `stream` as the default stream for the operations it
+/// makes (`None`: the default stream stays).
+fn on_stream<T>(stream: Option<Stream>, build: impl FnOnce() -> T) -> T {
+    match stream {
+        Some(stream) => mlx_rs::with_stream(&stream, build),
+        None => build(),
+    }
+}
+
+/// The loss and gradients of a batch from its parts' (each a mean over
+/// its own targets, weighted here by its share of the batch's targets),
+/// evaluated together so that the parts' streams compute at once. One part
+/// is returned as it is.
+fn combined(parts: &[Batch], outputs: Vec<(Array, Grads)>) -> Result<(f32, Grads), TrainError> {
+    let targets: usize = parts.iter().map(|batch| batch.target_tokens).sum();
+    let mut total: Option<(Array, Grads)> = None;
+    for (batch, (loss, grads)) in parts.iter().zip(outputs) {
+        let (loss, grads) = if parts.len() == 1 {
+            (loss, grads)
+        } else {
+            let share = Array::from_f32(batch.target_tokens as f32 / targets.max(1) as f32);
+            let mut weighted = Grads::with_capacity(grads.len());
+            for (name, grad) in grads {
+                weighted.insert(name, grad.multiply(&share)?);
+            }
+            (loss.multiply(&share)?, weighted)
+        };
+        total = Some(match total {
+            None => (loss, grads),
+            Some((loss_sum, mut grad_sum)) => {
+                add_grads(&mut grad_sum, grads)?;
+                (loss_sum.add(&loss)?, grad_sum)
+            }
+        });
+    }
+    let (loss, grads) = total.ok_or_else(|| TrainError::Data("an empty batch".into()))?;
+    let _blas = crate::mlx_env::BlasHold::new(parts.len() > 1);
     mlx_rs::transforms::eval(grads.values().chain(std::iter::once(&loss)))?;
     Ok((loss.try_item_cast::<f32>()?, grads))
+}
+
+/// Adds `grads` into `total`, tensor by tensor.
+fn add_grads(total: &mut Grads, grads: Grads) -> Result<(), Exception> {
+    for (name, grad) in grads {
+        let sum = match total.remove(&name) {
+            Some(previous) => previous.add(&grad)?,
+            None => grad,
+        };
+        total.insert(name, sum);
+    }
+    Ok(())
 }
 
 impl LocalTrainer for MlxTrainer {
@@ -353,10 +484,10 @@ impl LocalTrainer for MlxTrainer {
                 let micro = step * accumulation + k;
                 let phase = Instant::now();
                 let batch_rows = self.batch_rows(&order, rows, micro);
-                let batch = self.make_batch(&batch_rows, true)?;
+                let parts = self.make_parts(&batch_rows, true)?;
                 report.phases.data += phase.elapsed();
                 let phase = Instant::now();
-                let (loss, grads) = self.loss_and_grads(&batch, micro)?;
+                let (loss, grads) = self.loss_and_grads(&parts, micro)?;
                 report.phases.forward_backward += phase.elapsed();
                 let phase = Instant::now();
                 if !loss.is_finite() {
@@ -364,19 +495,15 @@ impl LocalTrainer for MlxTrainer {
                 }
                 loss_sum += f64::from(loss) / accumulation as f64;
                 report.examples += batch_rows.len() as u64;
-                report.tokens += batch.target_tokens as u64;
-                report.processed_tokens += batch.real_tokens as u64;
-                report.computed_tokens += batch.tokens.shape().iter().map(|&d| d as u64).product::<u64>();
+                for batch in &parts {
+                    report.tokens += batch.target_tokens as u64;
+                    report.processed_tokens += batch.real_tokens as u64;
+                    report.computed_tokens += batch.tokens.shape().iter().map(|&d| d as u64).product::<u64>();
+                }
                 summed = Some(match summed {
                     None => grads,
                     Some(mut total) => {
-                        for (name, grad) in grads {
-                            let sum = match total.get(&name) {
-                                Some(previous) => previous.add(&grad)?,
-                                None => grad,
-                            };
-                            total.insert(name, sum);
-                        }
+                        add_grads(&mut total, grads)?;
                         total
                     }
                 });
@@ -419,10 +546,11 @@ impl LocalTrainer for MlxTrainer {
             ordered = positions.into_iter().map(|p| &rows[p]).collect();
         }
         for chunk in ordered.chunks(size) {
-            let batch = self.make_batch(chunk, false)?;
-            let loss = batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?.try_item_cast::<f32>()?;
-            weighted += f64::from(loss) * batch.target_tokens as f64;
-            tokens += batch.target_tokens as u64;
+            let parts = self.make_parts(chunk, false)?;
+            for (batch, loss) in parts.iter().zip(self.part_losses(&parts)?) {
+                weighted += f64::from(loss.try_item_cast::<f32>()?) * batch.target_tokens as f64;
+                tokens += batch.target_tokens as u64;
+            }
         }
         Ok(EvalReport {
             loss: if tokens == 0 { 0.0 } else { (weighted / tokens as f64) as f32 },

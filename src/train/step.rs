@@ -263,7 +263,7 @@ mod tests {
         };
         let params = settings.init(&model.decoder, 3).unwrap();
         let mut step = CompiledStep::with_trace_limit(&model.decoder, &settings, &params, OptimizerKind::Adamw, 2);
-        let dropout = Dropout::for_step(0.0, 0, 0, []).unwrap();
+        let dropout = Dropout::for_step(0.0, 0, 0, 0, []).unwrap();
         for len in [5usize, 9, 13, 9, 17, 5] {
             let example = Encoded { tokens: (0..len as u32).map(|t| 3 + t * 7 % 50).collect(), prompt_len: 0 };
             let batch = make_batch(&[&example], false, false, 1).unwrap();
