@@ -72,6 +72,7 @@ async fn start_network(nodes: usize, mesh_n: usize, store: &std::path::Path) -> 
             limits: Limits::default(),
             psk: None,
             mesh_n: Some(mesh_n),
+            slice_owners: 2,
             transport: TransportKind::Internet,
             allowed_peers: None,
         };

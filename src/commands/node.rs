@@ -232,6 +232,7 @@ pub(crate) fn network_options(config: &Config, network: &NetworkArgs, bootstrap:
     Ok(NetworkOptions {
         psk,
         mesh_n: None,
+        slice_owners: config.federation.replicas as usize,
         transport: TransportKind::Internet,
         listen: multiaddrs(&listen, "listen address")?,
         bootstrap: multiaddrs(bootstrap, "bootstrap address")?,

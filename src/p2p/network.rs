@@ -54,6 +54,10 @@ pub struct NetworkOptions {
     pub psk: Option<PreSharedKey>,
     /// Gossipsub's mesh degree D (default 6); the benchmark varies it.
     pub mesh_n: Option<usize>,
+    /// How many owners compute each slice of the reduce exchange
+    /// (`federation.replicas`): a slice result is fetched as soon as that
+    /// many claims name it (two at most; `sources::chunks_to_fetch`).
+    pub slice_owners: usize,
     pub transport: TransportKind,
     /// A closed run: only these peers may connect, and only their manifests
     /// are accepted (also when another peer forwards them).
@@ -443,6 +447,8 @@ struct EventLoop {
     known: HashMap<Digest, (u64, Vec<Digest>)>,
     /// Runs in the reduce exchange: their updates are not assembled.
     reduce_runs: HashSet<Digest>,
+    /// Claims that make a slice result worth fetching at once (`NetworkOptions::slice_owners`, at most 2).
+    agreeing_claims: usize,
     /// Chunks asked for by `fetch_chunk`: the peers still to ask, and who waits.
     direct: HashMap<Digest, DirectFetch>,
     /// Addresses authors gave in their signed manifests, for fetches from
@@ -578,6 +584,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         traffic: traffic.clone(),
         known: HashMap::new(),
         reduce_runs: HashSet::new(),
+        agreeing_claims: options.slice_owners.clamp(1, 2),
         direct: HashMap::new(),
         addresses: HashMap::new(),
         blobs: BTreeMap::new(),
@@ -1460,7 +1467,7 @@ impl EventLoop {
     }
 
     /// Asks peers for chunks of adapters whose grace period passed, and
-    /// for slice results that two claims name (`sources::chunks_to_fetch`).
+    /// for slice results that enough claims name (`sources::chunks_to_fetch`).
     fn fetch_missing(&mut self) {
         let now = Instant::now();
         let awaited: Vec<Awaited> = self
@@ -1475,7 +1482,7 @@ impl EventLoop {
             })
             .collect();
         let asked = |id: &Digest| self.store.has_chunk(id) || self.wanted.contains_key(id) || self.in_flight.values().any(|(c, _)| c == id);
-        let fetch = chunks_to_fetch(self.swarm.local_peer_id(), &awaited, FETCH_GRACE, asked);
+        let fetch = chunks_to_fetch(self.swarm.local_peer_id(), &awaited, (FETCH_GRACE, self.agreeing_claims), asked);
         self.wanted.extend(fetch);
         let ready: Vec<Digest> = self.wanted.keys().copied().collect();
         for id in ready {

@@ -172,6 +172,7 @@ impl Simulation {
             limits: Limits::default(),
             psk: None,
             mesh_n: None,
+            slice_owners: self.settings.replicas,
             transport: TransportKind::Simulated {
                 network: self.network.clone(),
                 node,

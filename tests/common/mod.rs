@@ -67,6 +67,7 @@ pub fn loopback_options(store_dir: PathBuf, bootstrap: Vec<libp2p::Multiaddr>) -
         limits: blossom_p2p::wire::codec::Limits::default(),
         psk: None,
         mesh_n: None,
+        slice_owners: 2,
         transport: blossom_p2p::p2p::network::TransportKind::Internet,
         allowed_peers: None,
     }
