@@ -117,6 +117,9 @@ fn the_compiled_step_gives_the_losses_of_the_uncompiled_one() {
         config.lora.dropout = 0.1; // the masks must follow the step under compilation too
         config.train.pack = pack;
         config.train.batch_size = 4;
+        // Whole batches both ways (op by op never splits one; each part of
+        // a split batch draws its own dropout masks).
+        config.train.cpu_streams = Some(1);
         let losses = |compile: bool, pad_to: Option<u32>| -> (Vec<f32>, AdapterParams) {
             let mut config = config.clone();
             config.train.compile = compile;
@@ -147,9 +150,10 @@ fn the_compiled_step_gives_the_losses_of_the_uncompiled_one() {
     }
 }
 
-/// A batch's rows split over CPU streams computed at once (`train.cpu_streams`)
-/// train as the whole batch does: the same losses step by step, the same
-/// adapter, the same evaluation, the same rows and targets counted.
+/// A batch's rows split over CPU streams computed at once (`train.cpu_streams`,
+/// with the compiled step) train as the whole batch does: the same losses
+/// step by step, the same adapter, the same evaluation, the same rows and
+/// targets counted. Op by op a batch stays whole.
 #[test]
 fn a_batch_split_over_cpu_streams_trains_as_one() {
     let data = builtin();
@@ -177,6 +181,8 @@ fn a_batch_split_over_cpu_streams_trains_as_one() {
         for streams in [2, 3] {
             let case = format!("compile={compile} pack={pack} streams={streams}");
             let (split, split_adapter, split_eval) = run(streams);
+            let expected_streams = if compile { streams } else { 1 };
+            assert!(whole.iter().all(|r| r.streams == 1) && split.iter().all(|r| r.streams == expected_streams), "{case}: {split:?}");
             for (step, (w, s)) in whole.iter().zip(&split).enumerate() {
                 assert!((w.loss - s.loss).abs() <= 1e-5 * w.loss.abs().max(1.0), "{case} step {step}: whole {}, split {}", w.loss, s.loss);
                 assert_eq!((w.examples, w.tokens, w.processed_tokens), (s.examples, s.tokens, s.processed_tokens), "{case} step {step}");

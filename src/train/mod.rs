@@ -64,6 +64,8 @@ pub struct TrainReport {
     pub processed_tokens: u64,
     /// Input positions the model computed, padding included (lines × length).
     pub computed_tokens: u64,
+    /// The most MLX streams a step's batch was split over (`train.cpu_streams`).
+    pub streams: u32,
     pub elapsed: Duration,
     pub last_learning_rate: f32,
     /// Where `elapsed` went.
@@ -82,6 +84,7 @@ impl TrainReport {
         self.tokens += later.tokens;
         self.processed_tokens += later.processed_tokens;
         self.computed_tokens += later.computed_tokens;
+        self.streams = self.streams.max(later.streams);
         self.elapsed += later.elapsed;
         self.last_learning_rate = later.last_learning_rate;
         self.phases.data += later.phases.data;
@@ -258,10 +261,11 @@ impl MlxTrainer {
         make_batch(&encoded.iter().collect::<Vec<_>>(), self.config.mask_prompt, self.config.pack, pad_to)
     }
 
-    /// A batch of `rows` as parts computed at once on their own streams:
-    /// `part_count` of them, rows dealt in turn (so the parts hold about as
-    /// many tokens each, the rows of a length-grouped batch being alike).
-    fn make_parts(&mut self, rows: &[&Row], training: bool) -> Result<Vec<Batch>, TrainError> {
+    /// A training batch of `rows` as parts computed at once on their own
+    /// streams: `part_count` of them, rows dealt in turn (so the parts hold
+    /// about as many tokens each, the rows of a length-grouped batch being
+    /// alike).
+    fn make_parts(&mut self, rows: &[&Row]) -> Result<Vec<Batch>, TrainError> {
         let count = self.part_count(rows.len());
         while self.lanes.len() + 1 < count {
             self.lanes.push(Lane {
@@ -272,16 +276,20 @@ impl MlxTrainer {
         let mut parts = Vec::with_capacity(count);
         for part in 0..count {
             let members: Vec<&Row> = rows.iter().skip(part).step_by(count).copied().collect();
-            parts.push(self.make_batch(&members, training)?);
+            parts.push(self.make_batch(&members, true)?);
         }
         Ok(parts)
     }
 
-    /// How many parts a batch of `rows` rows is split into: on the CPU
-    /// `train.cpu_streams`, by default one per core, at most one per row;
-    /// one on a GPU (its kernels already fill it).
+    /// How many parts a batch of `rows` rows is split into: with the
+    /// compiled step on the CPU `train.cpu_streams`, by default one per
+    /// core, at most one per row; one on a GPU (its kernels already fill
+    /// it). Op by op, one: MLX dispatches every small operation from the
+    /// calling thread, which then bounds the step (two streams measured
+    /// 10% slower than one), and evaluation runs op by op, so it stays one
+    /// batch too.
     fn part_count(&self, rows: usize) -> usize {
-        if crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu {
+        if !self.config.compile || crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu {
             return 1;
         }
         let streams = match self.config.cpu_streams {
@@ -294,18 +302,6 @@ impl MlxTrainer {
     /// The stream of part `part`: `None` (the default stream) for part 0.
     fn part_stream(&self, part: usize) -> Option<Stream> {
         part.checked_sub(1).and_then(|lane| self.lanes.get(lane)).map(|lane| lane.stream.clone())
-    }
-
-    /// The loss of each part (no dropout, no gradients), evaluated together.
-    fn part_losses(&self, parts: &[Batch]) -> Result<Vec<Array>, TrainError> {
-        let applier = self.evaluation_applier();
-        let mut losses = Vec::with_capacity(parts.len());
-        for (part, batch) in parts.iter().enumerate() {
-            losses.push(on_stream(self.part_stream(part), || batch_loss(&self.decoder, &applier, batch))?);
-        }
-        let _blas = crate::mlx_env::BlasHold::new(parts.len() > 1);
-        mlx_rs::transforms::eval(&losses)?;
-        Ok(losses)
     }
 
     /// `train.pad_to`, or by default 32 for a compiled step on a GPU (where
@@ -335,9 +331,11 @@ impl MlxTrainer {
         let order = self.batch_order(rows)?;
         for micro in micros {
             let batch_rows = self.batch_rows(&order, rows, micro);
-            let parts = self.make_parts(&batch_rows, true)?;
+            let batch = self.make_batch(&batch_rows, true)?;
             let started = Instant::now();
-            self.part_losses(&parts)?;
+            let loss = batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?;
+            let _blas = crate::mlx_env::BlasHold::new(false);
+            loss.eval()?;
             total += started.elapsed();
         }
         Ok(total)
@@ -484,7 +482,7 @@ impl LocalTrainer for MlxTrainer {
                 let micro = step * accumulation + k;
                 let phase = Instant::now();
                 let batch_rows = self.batch_rows(&order, rows, micro);
-                let parts = self.make_parts(&batch_rows, true)?;
+                let parts = self.make_parts(&batch_rows)?;
                 report.phases.data += phase.elapsed();
                 let phase = Instant::now();
                 let (loss, grads) = self.loss_and_grads(&parts, micro)?;
@@ -495,6 +493,7 @@ impl LocalTrainer for MlxTrainer {
                 }
                 loss_sum += f64::from(loss) / accumulation as f64;
                 report.examples += batch_rows.len() as u64;
+                report.streams = report.streams.max(parts.len() as u32);
                 for batch in &parts {
                     report.tokens += batch.target_tokens as u64;
                     report.processed_tokens += batch.real_tokens as u64;
@@ -546,11 +545,11 @@ impl LocalTrainer for MlxTrainer {
             ordered = positions.into_iter().map(|p| &rows[p]).collect();
         }
         for chunk in ordered.chunks(size) {
-            let parts = self.make_parts(chunk, false)?;
-            for (batch, loss) in parts.iter().zip(self.part_losses(&parts)?) {
-                weighted += f64::from(loss.try_item_cast::<f32>()?) * batch.target_tokens as f64;
-                tokens += batch.target_tokens as u64;
-            }
+            let batch = self.make_batch(chunk, false)?;
+            let loss = batch_loss(&self.decoder, &self.evaluation_applier(), &batch)?;
+            let _blas = crate::mlx_env::BlasHold::new(false);
+            weighted += f64::from(loss.try_item_cast::<f32>()?) * batch.target_tokens as f64;
+            tokens += batch.target_tokens as u64;
         }
         Ok(EvalReport {
             loss: if tokens == 0 { 0.0 } else { (weighted / tokens as f64) as f32 },
