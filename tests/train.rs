@@ -200,6 +200,51 @@ fn a_batch_split_over_cpu_streams_trains_as_one() {
     }
 }
 
+/// A one-row batch long enough is cut into chunks of positions computed on
+/// CPU streams at once (the later chunk attending to the earlier one's keys
+/// and values): the losses and the adapter are the whole row's. With
+/// dropout each chunk draws its own masks, the same every run.
+#[test]
+fn a_long_row_in_chunks_trains_as_the_whole_row() {
+    let words = ["apple", "river", "stone", "cloud", "tiger", "paper", "green", "music"];
+    let rows: Vec<Row> = (0..6)
+        .map(|i| Row {
+            index: i,
+            sample: Sample::Text { text: (0..400).map(|w| words[(w * (i as usize + 3)) % words.len()]).collect::<Vec<_>>().join(" ") },
+        })
+        .collect();
+    let mut config = config(false);
+    config.lora.dropout = 0.0;
+    config.train.batch_size = 1;
+    config.train.mask_prompt = false;
+    let run = |config: &Config, streams: u32| {
+        let mut config = config.clone();
+        config.train.cpu_streams = Some(streams);
+        let mut trainer = trainer(&config, 6);
+        let reports: Vec<_> = (0..6).map(|step| trainer.train_steps(&rows, 1, step).unwrap()).collect();
+        (reports, trainer.adapter().clone())
+    };
+    let (whole, whole_adapter) = run(&config, 1);
+    let (chunked, chunked_adapter) = run(&config, 2);
+    assert!(whole.iter().all(|r| r.streams == 1) && chunked.iter().all(|r| r.streams == 2), "{chunked:?}");
+    assert!(whole[0].processed_tokens >= 257, "rows of {} tokens are too short to chunk", whole[0].processed_tokens);
+    for (step, (w, c)) in whole.iter().zip(&chunked).enumerate() {
+        assert!((w.loss - c.loss).abs() <= 1e-5 * w.loss.abs().max(1.0), "step {step}: whole {}, chunked {}", w.loss, c.loss);
+        assert_eq!((w.tokens, w.processed_tokens), (c.tokens, c.processed_tokens), "step {step}");
+    }
+    assert!(whole[5].loss < whole[0].loss, "the steps did not train: {whole:?}");
+    for (name, w) in &whole_adapter {
+        let gap = w.subtract(&chunked_adapter[name]).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+        assert!(gap <= 1e-4, "{name} differs by {gap}");
+    }
+    config.lora.dropout = 0.2;
+    let (first, first_adapter) = run(&config, 2);
+    let (again, again_adapter) = run(&config, 2);
+    assert!(first.iter().all(|r| r.streams == 2 && r.loss.is_finite()));
+    assert_eq!(first.iter().map(|r| r.loss).collect::<Vec<_>>(), again.iter().map(|r| r.loss).collect::<Vec<_>>());
+    assert!(same(&first_adapter, &again_adapter), "chunked dropout is not repeatable");
+}
+
 #[test]
 fn a_resumed_run_equals_an_uninterrupted_one() {
     for pack in [false, true] {

@@ -284,7 +284,7 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     let padding = 1.0 - report.processed_tokens as f64 / report.computed_tokens.max(1) as f64;
     println!("padding: {:.1}% of the positions computed", 100.0 * padding);
     if report.streams > 1 {
-        println!("cpu streams: {} (each batch's rows split over them, train.cpu_streams)", report.streams);
+        println!("cpu streams: {} (a batch's rows, or a long row's positions, split over them: train.cpu_streams)", report.streams);
     }
     // The compute limit, measured now under the same load as the steps.
     let mean_len = report.processed_tokens as f64 / report.examples.max(1) as f64;

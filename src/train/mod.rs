@@ -163,10 +163,64 @@ pub fn token_losses(decoder: &Decoder, adapter: &LoraApplier<'_>, batch: &Batch)
     let hidden = decoder.hidden_states(&inputs, None, layout, Some(adapter))?;
     let width = hidden.shape()[2];
     let counted = hidden.reshape(&[-1, width])?.take_axis(&batch.target_positions, 0)?;
-    let logits = decoder.logits(&counted, Some(adapter))?.as_dtype(mlx_rs::Dtype::Float32)?;
+    target_losses(decoder, adapter, &counted, &batch.target_ids)
+}
+
+/// Cross-entropy of final hidden states `[targets, hidden]` against the
+/// tokens they predict.
+fn target_losses(decoder: &Decoder, adapter: &LoraApplier<'_>, counted: &Array, target_ids: &Array) -> Result<Array, ModelError> {
+    let logits = decoder.logits(counted, Some(adapter))?.as_dtype(mlx_rs::Dtype::Float32)?;
     let log_norm = logits.logsumexp_axis(-1, None)?;
-    let picked = logits.take_along_axis(batch.target_ids.expand_dims(-1)?, -1)?.squeeze_axes(&[-1])?;
+    let picked = logits.take_along_axis(target_ids.expand_dims(-1)?, -1)?.squeeze_axes(&[-1])?;
     Ok(log_norm.subtract(&picked)?)
+}
+
+/// Input positions a chunk of a one-row batch holds at least
+/// (`chunk_count`): shorter chunks measured slower than the whole row.
+const MIN_CHUNK_POSITIONS: i32 = 128;
+
+/// Into how many chunks `chunked_token_losses` cuts `batch` with `streams`
+/// streams: one (no chunking) unless it is one line, neither packed nor
+/// padded, with at least `MIN_CHUNK_POSITIONS` inputs a chunk.
+pub fn chunk_count(batch: &Batch, streams: usize) -> usize {
+    let shape = batch.tokens.shape();
+    if shape[0] != 1 || batch.packing.is_some() || batch.target_weights.is_some() {
+        return 1;
+    }
+    streams.min(((shape[1] - 1) / MIN_CHUNK_POSITIONS).max(1) as usize)
+}
+
+/// `token_losses` of a one-line batch with its positions cut into
+/// consecutive chunks, chunk `c` computed on `streams[c]` with
+/// `adapters[c]` (`None`: the default stream): each chunk attends to the
+/// earlier chunks' keys and values through a KV cache, as a decoder's
+/// chunked prefill does, so the chunks compute what the whole line
+/// computes. The output head runs over the targets in as many parts.
+pub fn chunked_token_losses(decoder: &Decoder, adapters: &[LoraApplier<'_>], batch: &Batch, streams: &[Option<Stream>]) -> Result<Array, ModelError> {
+    let inputs = batch.tokens.shape()[1] - 1;
+    let chunks = adapters.len() as i32;
+    let bounds = |total: i32, c: usize| (total * c as i32 / chunks, total * (c as i32 + 1) / chunks);
+    let range = |(start, end): (i32, i32)| mlx_rs::ops::arange::<_, i32>(start, end, None);
+    let mut caches = decoder.new_cache();
+    let mut hidden = Vec::with_capacity(adapters.len());
+    for (c, adapter) in adapters.iter().enumerate() {
+        hidden.push(on_stream(streams.get(c).cloned().flatten(), || {
+            let chunk = batch.tokens.take_axis(range(bounds(inputs, c))?, 1)?;
+            decoder.hidden_states(&chunk, Some(&mut caches), Layout::ROWS, Some(adapter))
+        })?);
+    }
+    let hidden = mlx_rs::ops::concatenate(&hidden, 1)?;
+    let width = hidden.shape()[2];
+    let counted = hidden.reshape(&[-1, width])?.take_axis(&batch.target_positions, 0)?;
+    let targets = counted.shape()[0];
+    let mut losses = Vec::with_capacity(adapters.len());
+    for (c, adapter) in adapters.iter().enumerate() {
+        losses.push(on_stream(streams.get(c).cloned().flatten(), || {
+            let part = range(bounds(targets, c))?;
+            target_losses(decoder, adapter, &counted.take_axis(&part, 0)?, &batch.target_ids.take_axis(&part, 0)?)
+        })?);
+    }
+    Ok(mlx_rs::ops::concatenate(&losses, 0)?)
 }
 
 /// The MLX trainer: a frozen decoder, its tokenizer, and the adapter with
@@ -185,6 +239,9 @@ pub struct MlxTrainer {
     projections: Vec<String>,
     /// With `train.compile`, built at the first step.
     compiled: Option<CompiledStep>,
+    /// With `train.compile` on the CPU, the step for a long one-row batch,
+    /// cut into chunks on the lanes' streams (`chunk_count`).
+    row_compiled: Option<CompiledStep>,
     /// The streams of parts 1.. of a split batch (`train.cpu_streams`;
     /// part 0 runs on the default stream), made when first needed.
     lanes: Vec<Lane>,
@@ -217,6 +274,7 @@ impl MlxTrainer {
             params,
             encoded: HashMap::new(),
             compiled: None,
+            row_compiled: None,
             lanes: Vec::new(),
         })
     }
@@ -267,12 +325,7 @@ impl MlxTrainer {
     /// alike).
     fn make_parts(&mut self, rows: &[&Row]) -> Result<Vec<Batch>, TrainError> {
         let count = self.part_count(rows.len());
-        while self.lanes.len() + 1 < count {
-            self.lanes.push(Lane {
-                stream: Stream::new_with_device(&Device::cpu()),
-                compiled: None,
-            });
-        }
+        self.add_lanes(count);
         let mut parts = Vec::with_capacity(count);
         for part in 0..count {
             let members: Vec<&Row> = rows.iter().skip(part).step_by(count).copied().collect();
@@ -297,6 +350,16 @@ impl MlxTrainer {
             None => std::thread::available_parallelism().map_or(1, |cores| cores.get()),
         };
         streams.clamp(1, rows.max(1))
+    }
+
+    /// Lanes for `streams` streams in all (the default stream is one).
+    fn add_lanes(&mut self, streams: usize) {
+        while self.lanes.len() + 1 < streams {
+            self.lanes.push(Lane {
+                stream: Stream::new_with_device(&Device::cpu()),
+                compiled: None,
+            });
+        }
     }
 
     /// The stream of part `part`: `None` (the default stream) for part 0.
@@ -342,7 +405,8 @@ impl MlxTrainer {
     }
 
     /// Loss and gradients of one micro-batch (its parts), compiled or op by op.
-    fn loss_and_grads(&mut self, parts: &[Batch], micro: u64) -> Result<(f32, Grads), TrainError> {
+    /// Also returns the streams it computed on.
+    fn loss_and_grads(&mut self, parts: &[Batch], micro: u64) -> Result<(f32, Grads, usize), TrainError> {
         let mut dropouts = Vec::with_capacity(parts.len());
         for part in 0..parts.len() {
             dropouts.push(Dropout::for_step(self.settings.dropout, self.config.seed, micro, part, self.projections.iter().map(String::as_str))?);
@@ -357,6 +421,7 @@ impl MlxTrainer {
                     tracing::warn!(error = %err, "the compiled training step failed; training op by op from here (set train.compile = false to skip it)");
                     self.config.compile = false;
                     self.compiled = None;
+                    self.row_compiled = None;
                     for lane in &mut self.lanes {
                         lane.compiled = None;
                     }
@@ -382,10 +447,27 @@ impl MlxTrainer {
             let loss = values.into_iter().next().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
             outputs.push((loss, grads));
         }
-        combined(parts, outputs)
+        let (loss, grads) = combined(parts, outputs, 1)?;
+        Ok((loss, grads, 1))
     }
 
-    fn compiled_loss_and_grads(&mut self, parts: &[Batch], dropouts: &[Dropout]) -> Result<(f32, Grads), TrainError> {
+    fn compiled_loss_and_grads(&mut self, parts: &[Batch], dropouts: &[Dropout]) -> Result<(f32, Grads, usize), TrainError> {
+        if let ([batch], [dropout]) = (parts, dropouts) {
+            let chunks = chunk_count(batch, self.part_count(usize::MAX));
+            if chunks > 1 {
+                self.add_lanes(chunks);
+                let compiled = match &mut self.row_compiled {
+                    Some(compiled) => compiled,
+                    None => {
+                        let streams = self.lanes.iter().map(|lane| lane.stream.clone()).collect();
+                        self.row_compiled.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params, self.optimizer.kind).chunking_rows(streams))
+                    }
+                };
+                let output = compiled.loss_and_grads(&self.params, batch, dropout)?;
+                let (loss, grads) = combined(parts, vec![output], chunks)?;
+                return Ok((loss, grads, chunks));
+            }
+        }
         let mut outputs = Vec::with_capacity(parts.len());
         for (part, (batch, dropout)) in parts.iter().zip(dropouts).enumerate() {
             let stream = self.part_stream(part);
@@ -399,13 +481,14 @@ impl MlxTrainer {
             };
             outputs.push(on_stream(stream, || compiled.loss_and_grads(&self.params, batch, dropout))?);
         }
-        combined(parts, outputs)
+        let (loss, grads) = combined(parts, outputs, parts.len())?;
+        Ok((loss, grads, parts.len()))
     }
 }
 
 /// Runs `build` with `stream` as the default stream for the operations it
 /// makes (`None`: the default stream stays).
-fn on_stream<T>(stream: Option<Stream>, build: impl FnOnce() -> T) -> T {
+pub(crate) fn on_stream<T>(stream: Option<Stream>, build: impl FnOnce() -> T) -> T {
     match stream {
         Some(stream) => mlx_rs::with_stream(&stream, build),
         None => build(),
@@ -414,9 +497,10 @@ fn on_stream<T>(stream: Option<Stream>, build: impl FnOnce() -> T) -> T {
 
 /// The loss and gradients of a batch from its parts' (each a mean over
 /// its own targets, weighted here by its share of the batch's targets),
-/// evaluated together so that the parts' streams compute at once. One part
-/// is returned as it is.
-fn combined(parts: &[Batch], outputs: Vec<(Array, Grads)>) -> Result<(f32, Grads), TrainError> {
+/// evaluated together so that the parts' streams compute at once (`streams`
+/// of them: BLAS runs single-threaded when there are several). One part is
+/// returned as it is.
+fn combined(parts: &[Batch], outputs: Vec<(Array, Grads)>, streams: usize) -> Result<(f32, Grads), TrainError> {
     let targets: usize = parts.iter().map(|batch| batch.target_tokens).sum();
     let mut total: Option<(Array, Grads)> = None;
     for (batch, (loss, grads)) in parts.iter().zip(outputs) {
@@ -439,7 +523,7 @@ fn combined(parts: &[Batch], outputs: Vec<(Array, Grads)>) -> Result<(f32, Grads
         });
     }
     let (loss, grads) = total.ok_or_else(|| TrainError::Data("an empty batch".into()))?;
-    let _blas = crate::mlx_env::BlasHold::new(parts.len() > 1);
+    let _blas = crate::mlx_env::BlasHold::new(streams > 1);
     mlx_rs::transforms::eval(grads.values().chain(std::iter::once(&loss)))?;
     Ok((loss.try_item_cast::<f32>()?, grads))
 }
@@ -485,7 +569,7 @@ impl LocalTrainer for MlxTrainer {
                 let parts = self.make_parts(&batch_rows)?;
                 report.phases.data += phase.elapsed();
                 let phase = Instant::now();
-                let (loss, grads) = self.loss_and_grads(&parts, micro)?;
+                let (loss, grads, streams) = self.loss_and_grads(&parts, micro)?;
                 report.phases.forward_backward += phase.elapsed();
                 let phase = Instant::now();
                 if !loss.is_finite() {
@@ -493,7 +577,7 @@ impl LocalTrainer for MlxTrainer {
                 }
                 loss_sum += f64::from(loss) / accumulation as f64;
                 report.examples += batch_rows.len() as u64;
-                report.streams = report.streams.max(parts.len() as u32);
+                report.streams = report.streams.max(streams as u32);
                 for batch in &parts {
                     report.tokens += batch.target_tokens as u64;
                     report.processed_tokens += batch.real_tokens as u64;
@@ -517,7 +601,7 @@ impl LocalTrainer for MlxTrainer {
                 }
             }
             let learning_rate = self.schedule.learning_rate(step);
-            match &mut self.compiled {
+            match self.compiled.as_mut().or(self.row_compiled.as_mut()) {
                 Some(compiled) => compiled.apply_update(&mut self.optimizer, &mut self.params, &grads, learning_rate)?,
                 None => self.optimizer.step(&mut self.params, &grads, learning_rate)?,
             }

@@ -14,13 +14,13 @@
 use std::collections::{HashMap, HashSet};
 use std::rc::Rc;
 
-use mlx_rs::Array;
 use mlx_rs::error::Exception;
+use mlx_rs::{Array, Stream};
 
 use super::batch::Batch;
 use super::lora::{AdapterParams, Dropout, LoraApplier, LoraSettings};
 use super::optim::{Optimizer, update};
-use super::{TrainError, batch_loss};
+use super::{TrainError, batch_loss, chunk_count, chunked_token_losses};
 use crate::config::Optimizer as OptimizerKind;
 use crate::model::Decoder;
 use crate::model::attention::PackedRows;
@@ -48,6 +48,9 @@ pub struct CompiledStep {
     settings: Rc<LoraSettings>,
     names: Rc<[Rc<str>]>,
     paths: Rc<[String]>,
+    /// Streams for chunks 1.. of a one-row batch (`chunked_token_losses`);
+    /// empty: rows are never chunked.
+    chunk_streams: Rc<[Stream]>,
     function: StepFunction,
     traced: HashSet<ShapeKey>,
     /// `MAX_TRACED_SHAPES` (smaller in a test).
@@ -65,6 +68,15 @@ impl CompiledStep {
         Self::with_trace_limit(decoder, settings, params, optimizer, MAX_TRACED_SHAPES)
     }
 
+    /// The step that cuts a one-row batch long enough into chunks computed
+    /// on the default stream and `chunk_streams` at once (`chunk_count`).
+    pub fn chunking_rows(mut self, chunk_streams: Vec<Stream>) -> Self {
+        self.chunk_streams = chunk_streams.into();
+        self.function = build(&self.decoder, &self.settings, &self.names, &self.paths, &self.chunk_streams);
+        self.traced.clear();
+        self
+    }
+
     fn with_trace_limit(decoder: &Decoder, settings: &LoraSettings, params: &AdapterParams, optimizer: OptimizerKind, max_traced: usize) -> Self {
         let mut names: Vec<Rc<str>> = params.keys().cloned().collect();
         names.sort();
@@ -72,12 +84,14 @@ impl CompiledStep {
         let settings = Rc::new(settings.clone());
         let names: Rc<[Rc<str>]> = names.into();
         let paths: Rc<[String]> = super::lora::adapted_paths(params).into();
-        let function = build(&decoder, &settings, &names, &paths);
+        let chunk_streams: Rc<[Stream]> = Rc::new([]);
+        let function = build(&decoder, &settings, &names, &paths, &chunk_streams);
         Self {
             decoder,
             settings,
             names,
             paths,
+            chunk_streams,
             function,
             traced: HashSet::new(),
             max_traced,
@@ -147,7 +161,7 @@ impl CompiledStep {
         if !self.traced.contains(&key) {
             if self.traced.len() >= self.max_traced {
                 // Dropping the old function erases its traces from MLX's cache.
-                self.function = build(&self.decoder, &self.settings, &self.names, &self.paths);
+                self.function = build(&self.decoder, &self.settings, &self.names, &self.paths, &self.chunk_streams);
                 self.traced.clear();
             }
             self.traced.insert(key);
@@ -164,8 +178,8 @@ impl CompiledStep {
 
 /// Traces `batch_loss` under `value_and_grad` as a function of arrays only:
 /// MLX calls it again for each new input shape, never for a shape it has seen.
-fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>]>, paths: &Rc<[String]>) -> StepFunction {
-    let (decoder, settings, names, paths) = (decoder.clone(), settings.clone(), names.clone(), paths.clone());
+fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>]>, paths: &Rc<[String]>, chunk_streams: &Rc<[Stream]>) -> StepFunction {
+    let (decoder, settings, names, paths, chunk_streams) = (decoder.clone(), settings.clone(), names.clone(), paths.clone(), chunk_streams.clone());
     let argnums: Vec<i32> = (0..names.len() as i32).collect();
     let step = move |inputs: &[Array]| -> Result<Vec<Array>, Exception> {
         let (params, rest) = inputs.split_at(names.len().min(inputs.len()));
@@ -199,14 +213,36 @@ fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>
             target_tokens: target_positions.shape().first().copied().unwrap_or(0) as usize,
             real_tokens: 0,
         };
+        // A long row in chunks: chunk c > 0 draws its dropout masks from
+        // keys split from chunk c - 1's, so no two chunks share a mask.
+        let chunks = chunk_count(&batch, chunk_streams.len() + 1);
+        let mut dropouts = vec![dropout];
+        while dropouts.len() < chunks {
+            let previous = &dropouts[dropouts.len() - 1];
+            let mut keys = HashMap::with_capacity(previous.keys.len());
+            for (path, key) in &previous.keys {
+                keys.insert(path.clone(), mlx_rs::random::split(key, 2)?.1);
+            }
+            dropouts.push(Dropout { probability: previous.probability, keys });
+        }
+        let streams: Vec<Option<Stream>> = std::iter::once(None).chain(chunk_streams.iter().take(chunks - 1).cloned().map(Some)).collect();
         let loss = |params: &[Array]| -> Result<Vec<Array>, Exception> {
             let params: AdapterParams = names.iter().cloned().zip(params.iter().cloned()).collect();
-            let applier = LoraApplier {
-                params: &params,
-                settings: &settings,
-                dropout: Some(&dropout),
-            };
-            batch_loss(&decoder, &applier, &batch)
+            let appliers: Vec<LoraApplier> = dropouts
+                .iter()
+                .map(|dropout| LoraApplier {
+                    params: &params,
+                    settings: &settings,
+                    dropout: Some(dropout),
+                })
+                .collect();
+            if chunks > 1 {
+                return chunked_token_losses(&decoder, &appliers, &batch, &streams)
+                    .and_then(|losses| Ok(losses.mean(None)?))
+                    .map(|loss| vec![loss])
+                    .map_err(|e| Exception::custom(e.to_string()));
+            }
+            batch_loss(&decoder, &appliers[0], &batch)
                 .map(|loss| vec![loss])
                 .map_err(|e| Exception::custom(e.to_string()))
         };
