@@ -447,15 +447,19 @@ impl MlxTrainer {
             let loss = values.into_iter().next().ok_or_else(|| TrainError::Adapter("the loss function returned nothing".into()))?;
             outputs.push((loss, grads));
         }
-        let (loss, grads) = combined(parts, outputs, 1)?;
-        Ok((loss, grads, 1))
+        // Parts only when a compiled step failed mid-batch.
+        let (loss, grads) = combined(parts, outputs, parts.len())?;
+        Ok((loss, grads, parts.len()))
     }
 
     fn compiled_loss_and_grads(&mut self, parts: &[Batch], dropouts: &[Dropout]) -> Result<(f32, Grads, usize), TrainError> {
         if let ([batch], [dropout]) = (parts, dropouts) {
-            let chunks = chunk_count(batch, self.part_count(usize::MAX));
+            let streams = self.part_count(usize::MAX);
+            let chunks = chunk_count(batch, streams);
             if chunks > 1 {
-                self.add_lanes(chunks);
+                // Every stream, so that the step chunks as `chunks` says
+                // whatever row length it first saw.
+                self.add_lanes(streams);
                 let compiled = match &mut self.row_compiled {
                     Some(compiled) => compiled,
                     None => {

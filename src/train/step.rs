@@ -236,14 +236,11 @@ fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>
                     dropout: Some(dropout),
                 })
                 .collect();
-            if chunks > 1 {
-                return chunked_token_losses(&decoder, &appliers, &batch, &streams)
-                    .and_then(|losses| Ok(losses.mean(None)?))
-                    .map(|loss| vec![loss])
-                    .map_err(|e| Exception::custom(e.to_string()));
-            }
-            batch_loss(&decoder, &appliers[0], &batch)
-                .map(|loss| vec![loss])
+            let loss = match chunks {
+                1 => batch_loss(&decoder, &appliers[0], &batch),
+                _ => chunked_token_losses(&decoder, &appliers, &batch, &streams).and_then(|losses| Ok(losses.mean(None)?)),
+            };
+            loss.map(|loss| vec![loss])
                 .map_err(|e| Exception::custom(e.to_string()))
         };
         let (values, grads) = mlx_rs::transforms::value_and_grad_with_argnums(loss, argnums.as_slice())(params)?;
