@@ -8,6 +8,8 @@ use blossom_p2p::logging;
 fn main() -> ExitCode {
     #[cfg(feature = "train")]
     blossom_p2p::mlx_env::set_env_defaults();
+    #[cfg(all(feature = "train", target_os = "linux", target_env = "gnu"))]
+    blossom_p2p::mlx_env::keep_freed_memory();
     let cli = Cli::parse();
     if let Err(err) = logging::init(cli.global.verbosity(), cli.global.log_format) {
         eprintln!("error: {err:#}");

@@ -6,10 +6,14 @@ mod blas;
 mod device;
 #[cfg(target_os = "linux")]
 mod linux_shims;
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod malloc;
 mod matmul_bench;
 
 pub use blas::{BlasKind, BlasLibrary, BlasHold, blas_library};
 pub use device::{DeviceChoice, GpuInfo, gpu_info, use_device};
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub use malloc::keep_freed_memory;
 pub use matmul_bench::{MatmulBench, matmul_limit};
 
 use std::ffi::CStr;
