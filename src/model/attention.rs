@@ -114,6 +114,14 @@ impl AttentionMask {
 /// `softmax(q kᵀ · scale + mask) v` for `[batch, heads, seq, head_dim]`
 /// inputs; keys and values may have fewer (grouped) heads.
 pub fn attend(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttentionMask) -> Result<Array, ModelError> {
+    if q.shape()[2] >= CPU_MIN_QUERIES && super::softmax::on_cpu() {
+        return attend_on_cpu(q, k, v, scale, mask);
+    }
+    attend_with_kernel(q, k, v, scale, mask)
+}
+
+/// `attend` through MLX's fused kernel.
+fn attend_with_kernel(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttentionMask) -> Result<Array, ModelError> {
     let out = match mask {
         AttentionMask::None => mlx_rs::fast::scaled_dot_product_attention(q, k, v, scale, None, None)?,
         AttentionMask::Causal => {
@@ -124,4 +132,128 @@ pub fn attend(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttentionMask)
         }
     };
     Ok(out)
+}
+
+/// Queries from which the CPU computes attention itself (`attend_on_cpu`);
+/// one decoding step's single query keeps MLX's kernel, whose dispatch
+/// costs less than the several operations below.
+const CPU_MIN_QUERIES: i32 = 16;
+
+/// Queries a block of `attend_on_cpu` holds at least.
+const QUERY_BLOCK: i32 = 128;
+
+/// The share of a `queries`-long causal row's query-key products that
+/// `attend` computes: on the CPU (`attend_on_cpu`) each block of queries
+/// multiplies the keys up to its last query only; MLX's kernels take them all.
+pub fn computed_key_share(queries: i32, on_cpu: bool) -> f64 {
+    if !on_cpu || queries < CPU_MIN_QUERIES {
+        return 1.0;
+    }
+    let blocks = (queries / QUERY_BLOCK).max(1);
+    let products: f64 = (0..blocks)
+        .map(|b| {
+            let (start, end) = (queries * b / blocks, queries * (b + 1) / blocks);
+            f64::from(end - start) * f64::from(end)
+        })
+        .sum();
+    products / (f64::from(queries) * f64::from(queries))
+}
+
+/// `attend` on the CPU, written out, for two reasons. MLX's CPU kernel
+/// falls back to a softmax over every key of every query, masked ones
+/// included; here the queries are cut into blocks of at least
+/// `QUERY_BLOCK`, and block `b` multiplies only the keys up to its last
+/// query (every mask here is causal), which at 512 positions in 128-query
+/// blocks computes 10/16 of the scores. And the softmax is
+/// `softmax::softmax_of_log2`, with `log2 e` folded into the query scale.
+/// A key group's query heads are stacked into one matrix per product
+/// (`[group · queries, head_dim]` against the group's keys): fewer, larger
+/// matrix products than a product per head.
+fn attend_on_cpu(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttentionMask) -> Result<Array, ModelError> {
+    let (batch, heads, queries, head_dim) = (q.shape()[0], q.shape()[1], q.shape()[2], q.shape()[3]);
+    let (kv_heads, keys) = (k.shape()[1], k.shape()[2]);
+    if kv_heads == 0 || heads % kv_heads != 0 || keys < queries {
+        return Err(ModelError::BadInput(format!("attention over {heads} query heads and {kv_heads} key heads, {queries} queries and {keys} keys")));
+    }
+    let group = heads / kv_heads;
+    // Each query sees the keys up to its own position plus `offset`.
+    let offset = keys - queries;
+    let q = q
+        .multiply(Array::from_f32(scale * std::f32::consts::LOG2_E))?
+        .reshape(&[batch, kv_heads, group, queries, head_dim])?;
+    let blocks = (queries / QUERY_BLOCK).max(1);
+    let range = |start: i32, end: i32| mlx_rs::ops::arange::<_, i32>(start, end, None);
+    let mut outputs = Vec::with_capacity(blocks as usize);
+    for b in 0..blocks {
+        let (start, end) = (queries * b / blocks, queries * (b + 1) / blocks);
+        let (block, visible) = (end - start, offset + end);
+        let seen = range(0, visible)?;
+        let q_block = q.take_axis(range(start, end)?, 3)?.reshape(&[batch, kv_heads, group * block, head_dim])?;
+        let (k_block, v_block) = (k.take_axis(&seen, 2)?, v.take_axis(&seen, 2)?);
+        let scores = q_block
+            .matmul(k_block.transpose_axes(&[0, 1, 3, 2])?)?
+            .reshape(&[batch, kv_heads, group, block, visible])?;
+        let allowed = match mask {
+            AttentionMask::None => None,
+            AttentionMask::Causal => {
+                let q_pos = range(offset + start, offset + end)?.reshape(&[block, 1])?;
+                Some(seen.reshape(&[1, visible])?.le(&q_pos)?)
+            }
+            AttentionMask::Explicit(mask) | AttentionMask::Packed { mask, .. } => {
+                // `[batch|1, 1, queries, keys]`: this block's rows and keys,
+                // with an axis for the group.
+                let rows = mask.take_axis(range(start, end)?, 2)?.take_axis(&seen, 3)?;
+                Some(rows.expand_dims(2)?)
+            }
+        };
+        let scores = match allowed {
+            Some(allowed) => mlx_rs::ops::select(&allowed, &scores, Array::from_f32(f32::NEG_INFINITY))?,
+            None => scores,
+        };
+        let weights = super::softmax::softmax_of_log2(&scores.as_dtype(mlx_rs::Dtype::Float32)?)?.as_dtype(v.dtype())?;
+        let out = weights.reshape(&[batch, kv_heads, group * block, visible])?.matmul(&v_block)?;
+        outputs.push(out.reshape(&[batch, kv_heads, group, block, head_dim])?);
+    }
+    let out = if outputs.len() == 1 { outputs.remove(0) } else { mlx_rs::ops::concatenate(&outputs, 3)? };
+    Ok(out.reshape(&[batch, heads, queries, head_dim])?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn random(shape: &[i32], seed: u64) -> Array {
+        let key = mlx_rs::random::key(seed).expect("key");
+        mlx_rs::random::normal::<f32>(shape, None, None, &key).expect("normal")
+    }
+
+    /// The written-out CPU attention against MLX's kernel, for every mask
+    /// kind, with grouped heads, one block and several.
+    #[test]
+    fn cpu_attention_equals_the_kernel() {
+        // Row 0 all real, row 1 real for its first 25 positions.
+        let real: Vec<bool> = (0..80).map(|i| i < 65).collect();
+        let padding = Array::from_slice(&real, &[2, 40]);
+        let segments: Vec<i32> = (0..2 * 300).map(|i| (i % 300) / 70 + 10 * (i / 300)).collect();
+        let positions: Vec<i32> = (0..2 * 300).map(|i| (i % 300) % 70).collect();
+        let packed = PackedRows { segments: Array::from_slice(&segments, &[2, 300]), positions: Array::from_slice(&positions, &[2, 300]) };
+        let cases = [
+            ("causal, 3 blocks", 390, 0, AttentionMask::Causal),
+            ("causal after a cache", 20, 30, AttentionMask::Causal),
+            ("no mask", 16, 0, AttentionMask::None),
+            ("key padding", 40, 0, AttentionMask::build(40, 0, None, Some(&padding)).unwrap()),
+            ("sliding window, 2 blocks", 260, 0, AttentionMask::build(260, 0, Some(64), None).unwrap()),
+            ("packed rows, 2 blocks", 300, 0, AttentionMask::packed(&packed, None).unwrap()),
+        ];
+        for (seed, (name, queries, offset, mask)) in cases.into_iter().enumerate() {
+            let keys = queries + offset;
+            let seed = 10 * seed as u64;
+            let (q, k, v) = (random(&[2, 6, queries, 8], seed), random(&[2, 2, keys, 8], seed + 1), random(&[2, 2, keys, 8], seed + 2));
+            let ours = attend_on_cpu(&q, &k, &v, 0.35, &mask).unwrap();
+            let kernel = attend_with_kernel(&q, &k, &v, 0.35, &mask).unwrap();
+            assert_eq!(ours.shape(), kernel.shape(), "{name}");
+            let gap: f32 = ours.subtract(&kernel).unwrap().abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+            assert!(gap < 1e-5, "{name}: the CPU attention differs from the kernel by {gap}");
+        }
+    }
 }

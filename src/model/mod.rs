@@ -18,6 +18,7 @@ pub mod layers;
 pub mod linear;
 pub mod llama;
 pub mod load;
+pub mod softmax;
 pub mod thread;
 pub mod tiny;
 pub mod tokenizer;

@@ -3,8 +3,9 @@
 //! trainer achieves, the matmul rate `doctor` measures the limit.
 //!
 //! Counted: every projection, the output head, attention's two products
-//! (scores and values, over the whole sequence, as MLX's kernel computes
-//! them), and LoRA's own small products. Backward passes are counted only
+//! (scores and values, over the keys that `attend` multiplies: all of them
+//! in MLX's GPU kernels, those up to each block's last query on the CPU),
+//! and LoRA's own small products. Backward passes are counted only
 //! where gradients flow: from the output down to the first adapted block
 //! (the frozen weights need no gradient of their own, only their inputs do).
 //! Element-wise work (norms, activations, softmax, the optimizer) is left
@@ -40,7 +41,8 @@ pub fn per_token(decoder: &Decoder, settings: &LoraSettings, seq_len: usize) -> 
         // The tied output head: forward and the gradient of its input.
         total += 2.0 * 2.0 * f64::from(args.hidden_size) * f64::from(args.vocab_size);
     }
-    let attention = 2.0 * 2.0 * seq_len as f64 * f64::from(args.num_attention_heads) * f64::from(args.head_dim());
+    let keys_computed = crate::model::attention::computed_key_share(seq_len as i32, crate::model::softmax::on_cpu());
+    let attention = 2.0 * 2.0 * seq_len as f64 * keys_computed * f64::from(args.num_attention_heads) * f64::from(args.head_dim());
     let backward_layers = layers - first_adapted;
     // Forward in every layer; backward (four products) where gradients flow.
     total += attention * layers as f64 + 2.0 * attention * backward_layers as f64;

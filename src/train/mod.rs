@@ -170,7 +170,7 @@ pub fn token_losses(decoder: &Decoder, adapter: &LoraApplier<'_>, batch: &Batch)
 /// tokens they predict.
 fn target_losses(decoder: &Decoder, adapter: &LoraApplier<'_>, counted: &Array, target_ids: &Array) -> Result<Array, ModelError> {
     let logits = decoder.logits(counted, Some(adapter))?.as_dtype(mlx_rs::Dtype::Float32)?;
-    let log_norm = logits.logsumexp_axis(-1, None)?;
+    let log_norm = crate::model::softmax::logsumexp(&logits)?;
     let picked = logits.take_along_axis(target_ids.expand_dims(-1)?, -1)?.squeeze_axes(&[-1])?;
     Ok(log_norm.subtract(&picked)?)
 }
