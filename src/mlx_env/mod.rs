@@ -67,34 +67,15 @@ pub fn mlx_version() -> String {
 /// stops. Metal and the CPU ignore these.
 const MLX_ENV_DEFAULTS: &[(&str, &str)] = &[("MLX_CUDA_GRAPH_CACHE_SIZE", "4000"), ("MLX_ENABLE_CACHE_THRASHING_CHECK", "0")];
 
-/// How many independent branches of a graph MLX's evaluation order walks
-/// side by side (`MLX_BFS_MAX_WIDTH`, MLX's default 20), on the CPU only.
-/// A training step on several CPU streams runs in parallel only as far as
-/// that order alternates between the streams' operations: MLX dispatches
-/// them from one thread and waits once a few are queued. Measured on
-/// 512-token rows at batch 2 (two streams): 235 tokens/s at 20, 247 at
-/// 1000; attention cut into query blocks at 20 lost the second stream
-/// entirely (109 against 178). Peak memory did not change.
-const CPU_BFS_MAX_WIDTH: &str = "1000";
-
-/// Applies `MLX_ENV_DEFAULTS` (and, without a GPU, `CPU_BFS_MAX_WIDTH`).
-/// Call first thing in `main`, before any thread exists and before MLX
-/// computes anything.
+/// Applies `MLX_ENV_DEFAULTS`. Call first thing in `main`, before any
+/// thread exists and before MLX computes anything.
 pub fn set_env_defaults() {
     for (key, value) in MLX_ENV_DEFAULTS {
-        set_env_default(key, value);
-    }
-    // Asked after the settings above, which a GPU backend reads.
-    if device::gpu_backend().is_none() {
-        set_env_default("MLX_BFS_MAX_WIDTH", CPU_BFS_MAX_WIDTH);
-    }
-}
-
-fn set_env_default(key: &str, value: &str) {
-    if std::env::var_os(key).is_none() {
-        // SAFETY: called at the start of `main`, while the process has
-        // one thread, so nothing reads the environment concurrently.
-        unsafe { std::env::set_var(key, value) };
+        if std::env::var_os(key).is_none() {
+            // SAFETY: called at the start of `main`, while the process has
+            // one thread, so nothing reads the environment concurrently.
+            unsafe { std::env::set_var(key, value) };
+        }
     }
 }
 
