@@ -114,7 +114,7 @@ impl AttentionMask {
 /// `softmax(q kᵀ · scale + mask) v` for `[batch, heads, seq, head_dim]`
 /// inputs; keys and values may have fewer (grouped) heads.
 pub fn attend(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttentionMask) -> Result<Array, ModelError> {
-    if q.shape()[2] >= CPU_MIN_QUERIES && super::softmax::on_cpu() {
+    if q.shape()[2] >= CPU_MIN_QUERIES && crate::mlx_env::backend() == crate::mlx_env::Backend::Cpu {
         return attend_on_cpu(q, k, v, scale, mask);
     }
     attend_with_kernel(q, k, v, scale, mask)
@@ -149,14 +149,16 @@ pub fn computed_key_share(queries: i32, on_cpu: bool) -> f64 {
     if !on_cpu || queries < CPU_MIN_QUERIES {
         return 1.0;
     }
-    let blocks = (queries / QUERY_BLOCK).max(1);
-    let products: f64 = (0..blocks)
-        .map(|b| {
-            let (start, end) = (queries * b / blocks, queries * (b + 1) / blocks);
-            f64::from(end - start) * f64::from(end)
-        })
-        .sum();
+    let products: f64 = query_blocks(queries).map(|(start, end)| f64::from(end - start) * f64::from(end)).sum();
     products / (f64::from(queries) * f64::from(queries))
+}
+
+/// The `[start, end)` query ranges `attend_on_cpu` cuts `queries` into:
+/// blocks of at least `QUERY_BLOCK` (one block below that), as even as
+/// can be.
+fn query_blocks(queries: i32) -> impl Iterator<Item = (i32, i32)> {
+    let blocks = (queries / QUERY_BLOCK).max(1);
+    (0..blocks).map(move |b| (queries * b / blocks, queries * (b + 1) / blocks))
 }
 
 /// `attend` on the CPU, written out, for two reasons. MLX's CPU kernel
@@ -181,11 +183,9 @@ fn attend_on_cpu(q: &Array, k: &Array, v: &Array, scale: f32, mask: &AttentionMa
     let q = q
         .multiply(Array::from_f32(scale * std::f32::consts::LOG2_E))?
         .reshape(&[batch, kv_heads, group, queries, head_dim])?;
-    let blocks = (queries / QUERY_BLOCK).max(1);
     let range = |start: i32, end: i32| mlx_rs::ops::arange::<_, i32>(start, end, None);
-    let mut outputs = Vec::with_capacity(blocks as usize);
-    for b in 0..blocks {
-        let (start, end) = (queries * b / blocks, queries * (b + 1) / blocks);
+    let mut outputs = Vec::new();
+    for (start, end) in query_blocks(queries) {
         let (block, visible) = (end - start, offset + end);
         let seen = range(0, visible)?;
         let q_block = q.take_axis(range(start, end)?, 3)?.reshape(&[batch, kv_heads, group * block, head_dim])?;

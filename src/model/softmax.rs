@@ -16,11 +16,6 @@ use mlx_rs::Array;
 
 use super::ModelError;
 
-/// Whether this process computes on the CPU, where the forms below pay.
-pub fn on_cpu() -> bool {
-    crate::mlx_env::backend() == crate::mlx_env::Backend::Cpu
-}
-
 /// Softmax over the last axis of `scores · log2 e` (the caller folds the
 /// factor into a product it computes anyway).
 pub fn softmax_of_log2(scores: &Array) -> Result<Array, ModelError> {
@@ -33,7 +28,7 @@ pub fn softmax_of_log2(scores: &Array) -> Result<Array, ModelError> {
 
 /// `log Σ exp(x)` over the last axis, which it removes.
 pub fn logsumexp(x: &Array) -> Result<Array, ModelError> {
-    if !on_cpu() {
+    if crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu {
         return Ok(x.logsumexp_axis(-1, None)?);
     }
     let max = mlx_rs::stop_gradient(x.max_axis(-1, true)?)?;

@@ -41,7 +41,7 @@ pub fn per_token(decoder: &Decoder, settings: &LoraSettings, seq_len: usize) -> 
         // The tied output head: forward and the gradient of its input.
         total += 2.0 * 2.0 * f64::from(args.hidden_size) * f64::from(args.vocab_size);
     }
-    let keys_computed = crate::model::attention::computed_key_share(seq_len as i32, crate::model::softmax::on_cpu());
+    let keys_computed = crate::model::attention::computed_key_share(seq_len as i32, crate::mlx_env::backend() == crate::mlx_env::Backend::Cpu);
     let attention = 2.0 * 2.0 * seq_len as f64 * keys_computed * f64::from(args.num_attention_heads) * f64::from(args.head_dim());
     let backward_layers = layers - first_adapted;
     // Forward in every layer; backward (four products) where gradients flow.
