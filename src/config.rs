@@ -254,8 +254,10 @@ pub struct FederationConfig {
     pub exchange: ExchangeMode,
     /// Owners of each slice in the reduce exchange.
     pub replicas: u32,
-    /// The chance that a node re-computes one slice it did not own each
-    /// round, to catch owners who agree on a wrong result.
+    /// The share of a slice a node re-computes each round on average (one
+    /// slice it did not own with this chance, or an eighth of one with
+    /// eight times it where the method is per coordinate), to catch owners
+    /// who agree on a wrong result.
     pub audit: f64,
 }
 

@@ -200,6 +200,7 @@ async fn pieces_of_a_rooted_update_are_proven_and_served_on() {
         index: 3,
         root: manifest.chunk_root.unwrap(),
         count: manifest.chunk_count(),
+        part: None,
     };
     let expected = &bytes[3 * chunk_size..4 * chunk_size];
     let got = a.fetch_piece(piece, vec![b.peer_id]).await.unwrap().expect("B serves its piece");
@@ -223,6 +224,26 @@ async fn pieces_of_a_rooted_update_are_proven_and_served_on() {
     wait_for(&mut c_events, |e| matches!(e, NetworkEvent::PeerConnected(_)).then_some(())).await;
     let served_on = c.fetch_piece(piece, vec![a.peer_id]).await.unwrap().expect("A serves the piece on");
     assert_eq!(served_on, expected);
+
+    // Part of a piece (what an audit of part of a slice fetches): only
+    // those bytes, proven under the chunk's id, from its author or from a
+    // peer that kept the piece.
+    let part = Piece { index: 5, part: Some((1000, 4096)), ..piece };
+    let got = a.fetch_piece(part, vec![b.peer_id]).await.unwrap().expect("B serves part of its piece");
+    assert_eq!(got, &bytes[5 * chunk_size + 1000..5 * chunk_size + 5096]);
+    let part_on = Piece { part: Some((chunk_size as u32 - 8, 8)), ..piece };
+    let got = c.fetch_piece(part_on, vec![a.peer_id]).await.unwrap().expect("A serves part of the piece on");
+    assert_eq!(got, &expected[chunk_size - 8..]);
+    let past_the_end = Piece { part: Some((chunk_size as u32 - 8, 16)), ..part };
+    assert!(a.fetch_piece(past_the_end, vec![b.peer_id]).await.unwrap().is_none());
+    let wrong_part = Piece { root: Digest::of(b"another root"), index: 6, ..part };
+    assert!(a.fetch_piece(wrong_part, vec![b.peer_id]).await.unwrap().is_none());
+    let reason = wait_for(&mut a_events, |e| match e {
+        NetworkEvent::Rejected { reason, .. } if reason.contains("part of piece 6") => Some(reason),
+        _ => None,
+    })
+    .await;
+    assert!(reason.contains("signed root"), "{reason}");
 }
 
 /// Whether `events` reports a connection within `wait`.

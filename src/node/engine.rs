@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::future::Future;
+use std::ops::Range;
 use std::pin::Pin;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -1062,12 +1063,25 @@ impl<T: RoundTrainer> Engine<T> {
                     self.expose_liars(round, s, digest, &group[s], &chunk);
                 }
             }
-            // 3. What no owner gave by the deadline, and one audited slice.
+            // 3. What no owner gave by the deadline, and one audited slice
+            //    (or part of one: a part that differs from the owners'
+            //    result sends this node to compute the whole slice).
             let mut todo: Vec<usize> = (0..layout.count()).filter(|s| resolved[*s].is_none()).collect();
             computed.late += todo.len();
-            let audited = self.audit_pick(round, pass, layout.count(), &owners, &todo);
-            computed.audited += usize::from(audited.is_some());
-            todo.extend(audited);
+            match self.audit_pick(round, pass, &layout, &owners, &todo) {
+                Some((s, None)) => {
+                    computed.audited += 1;
+                    todo.push(s);
+                }
+                Some((s, Some(part))) => {
+                    let agreed = resolved[s].clone().unwrap_or_default();
+                    if !self.audit_part(&view, s, part, &agreed, &previous, &owners[s]).await? {
+                        computed.audited += 1;
+                        todo.push(s);
+                    }
+                }
+                None => {}
+            }
             if unavailable.is_empty() && !todo.is_empty() {
                 for (_, missing) in self.settle_slices(compute(todo), &view, &group, &mut resolved).await? {
                     unavailable.extend(missing);
@@ -1284,21 +1298,70 @@ impl<T: RoundTrainer> Engine<T> {
         results.len() > 1
     }
 
-    /// The slice this node audits in `round`, if any: with probability
-    /// `audit`, one it neither owns nor computes anyway, picked by hashing
-    /// (its key, round, pass), so owners cannot know who checks them.
-    fn audit_pick(&self, round: u64, pass: usize, count: usize, owners: &[Vec<PeerId>], todo: &[usize]) -> Option<usize> {
+    /// What this node audits in `round`, if anything: a slice it neither
+    /// owns nor computes anyway, and the part of it to check
+    /// (`reduce::audit_part`; `None`: the whole slice), picked by hashing
+    /// (its key, round, pass), so owners cannot know who checks them. A
+    /// node checks `audit` of a slice's values a round on average: a whole
+    /// slice with probability `audit`, a part of a share f of the slice
+    /// with probability `audit / f` (at most 1), so a wrong value is as
+    /// likely to be checked either way, and a node's traffic no longer
+    /// jumps by an adapter in the rounds it audits.
+    fn audit_pick(&self, round: u64, pass: usize, layout: &SliceLayout, owners: &[Vec<PeerId>], todo: &[usize]) -> Option<(usize, Option<Range<usize>>)> {
         let me = self.me();
-        let candidates: Vec<usize> = (0..count).filter(|s| !owners[*s].contains(&me) && !todo.contains(s)).collect();
+        let candidates: Vec<usize> = (0..layout.count()).filter(|s| !owners[*s].contains(&me) && !todo.contains(s)).collect();
         let mut key = me.to_bytes();
         key.extend_from_slice(&round.to_le_bytes());
         key.extend_from_slice(&(pass as u64).to_le_bytes());
-        let roll = u64::from_le_bytes(Digest::of(&key).0[..8].try_into().unwrap_or_default());
-        let chance = (roll >> 11) as f64 / (1u64 << 53) as f64;
-        if candidates.is_empty() || chance >= self.settings.audit {
-            return None;
+        let hash = Digest::of(&key).0;
+        let word = |at: usize| u64::from_le_bytes(hash[at..at + 8].try_into().unwrap_or_default());
+        let (roll, pick) = (word(0), word(8));
+        let s = *candidates.get((roll % candidates.len().max(1) as u64) as usize)?;
+        let part = reduce::audit_part(layout, s, self.settings.method, pick);
+        let share = part.as_ref().map_or(1.0, |p| p.len() as f64 / layout.value_range(s).len() as f64);
+        let chance = (word(16) >> 11) as f64 / (1u64 << 53) as f64;
+        (chance < self.settings.audit / share).then_some((s, part))
+    }
+
+    /// Checks part `part` of slice `s`'s agreed result `agreed` against
+    /// that part computed here from the same part of every input (fetched
+    /// alone, with proofs, from its author or the slice's owners): true if
+    /// they match, or if some input's part could not be fetched (the audit
+    /// is void then; the round does not wait on it).
+    async fn audit_part(&mut self, view: &RoundView<'_>, s: usize, part: Range<usize>, agreed: &[u8], previous: &[u8], owners: &[PeerId]) -> Result<bool, EngineError> {
+        let me = self.me();
+        let helpers: Vec<PeerId> = owners.iter().copied().filter(|o| *o != me).collect();
+        let net = self.net.clone();
+        let reads = view.sources.iter().map(|input| read_range(&net, input, part.clone(), &helpers, Fetch::OnlyRange));
+        let read = self.while_listening(futures::future::join_all(reads), Some(view.round)).await?;
+        let Some(inputs) = view
+            .sources
+            .iter()
+            .zip(read)
+            .map(|(input, bytes)| {
+                Some(SliceInput {
+                    author: input.author.to_bytes(),
+                    examples: input.examples,
+                    bytes: bytes?,
+                })
+            })
+            .collect::<Option<Vec<_>>>()
+        else {
+            tracing::debug!(round = view.round, slice = s, "an audited part could not be fetched whole; the audit is void");
+            return Ok(true);
+        };
+        let start = view.layout.range(s).start;
+        let computed = previous
+            .get(part.clone())
+            .ok_or_else(|| "the previous average does not cover the audited part".to_owned())
+            .and_then(|previous| reduce::compute_part(view.layout, self.settings.method, &part, previous, &inputs));
+        match computed {
+            Ok(bytes) => Ok(agreed.get(part.start - start..part.end - start) == Some(bytes.as_slice())),
+            Err(e) => {
+                tracing::warn!(round = view.round, slice = s, error = %e, "an audited part could not be computed");
+                Ok(true)
+            }
         }
-        Some(candidates[(roll % candidates.len() as u64) as usize])
     }
 
     /// Excludes every owner of slice `s` whose claim over `digest` is not
@@ -1867,7 +1930,7 @@ async fn compute_slices(
         let helpers: Vec<PeerId> = owners.get(s).cloned().unwrap_or_default().into_iter().filter(|o| *o != net.peer_id).collect();
         async move {
             let needed = reduce::needed(&layout, s, method);
-            let reads = sources.iter().map(|input| read_range(&net, input, needed.clone(), &helpers));
+            let reads = sources.iter().map(|input| read_range(&net, input, needed.clone(), &helpers, Fetch::WholeChunks));
             let read = futures::future::join_all(reads).await;
             let failed: Vec<PeerId> = sources.iter().zip(&read).filter(|(_, r)| r.is_none()).map(|(i, _)| i.author).collect();
             if !failed.is_empty() {
@@ -1894,10 +1957,20 @@ async fn compute_slices(
     futures::future::join_all(jobs).await
 }
 
-/// The bytes `range` of an input: the chunks that cover it, fetched from
-/// the author or else from `helpers` (each checked against its id), or
-/// its own bytes.
-async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::Range<usize>, helpers: &[PeerId]) -> Option<Vec<u8>> {
+/// How `read_range` fetches the chunks that cover a range.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Fetch {
+    /// Whole chunks, kept to serve on (what owners compute from).
+    WholeChunks,
+    /// Only the range's bytes of each chunk, with a bao proof (an audit of
+    /// part of a slice).
+    OnlyRange,
+}
+
+/// The bytes `range` of an input: the chunks that cover it (or their
+/// bytes in it), fetched from the author or else from `helpers` (each
+/// checked against its id), or its own bytes.
+async fn read_range(net: &NetworkHandle, input: &InputSource, range: Range<usize>, helpers: &[PeerId], fetch: Fetch) -> Option<Vec<u8>> {
     if let Some(own) = &input.own {
         return own.get(range).map(<[u8]>::to_vec);
     }
@@ -1911,16 +1984,29 @@ async fn read_range(net: &NetworkHandle, input: &InputSource, range: std::ops::R
     }
     let mut peers = vec![input.author];
     peers.extend(helpers.iter().filter(|h| **h != input.author));
-    let pieces = (first..=last).map(|index| Piece {
-        adapter: input.adapter,
-        index: index as u32,
-        root: input.root,
-        count: input.count,
-    });
-    let fetches = pieces.map(|piece| net.fetch_piece(piece, peers.clone()));
+    let mut pieces = Vec::with_capacity(last + 1 - first);
+    for index in first..=last {
+        let chunk = index * input.chunk_size..(index + 1) * input.chunk_size;
+        let within = range.start.max(chunk.start) - chunk.start..range.end.min(chunk.end) - chunk.start;
+        let part = match fetch {
+            Fetch::WholeChunks => None,
+            Fetch::OnlyRange => Some((u32::try_from(within.start).ok()?, u32::try_from(within.len()).ok()?)),
+        };
+        pieces.push(Piece {
+            adapter: input.adapter,
+            index: u32::try_from(index).ok()?,
+            root: input.root,
+            count: input.count,
+            part,
+        });
+    }
+    let fetches = pieces.into_iter().map(|piece| net.fetch_piece(piece, peers.clone()));
     let mut bytes = Vec::with_capacity((last + 1 - first) * input.chunk_size);
     for chunk in futures::future::join_all(fetches).await {
         bytes.extend(chunk.ok()??);
+    }
+    if fetch == Fetch::OnlyRange {
+        return (bytes.len() == range.len()).then_some(bytes);
     }
     let start = range.start - first * input.chunk_size;
     bytes.get(start..start + range.len()).map(<[u8]>::to_vec)

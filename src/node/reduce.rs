@@ -63,12 +63,100 @@ pub fn needed(layout: &SliceLayout, s: usize, method: Method) -> Range<usize> {
     }
 }
 
+/// Whether `method` averages coordinate by coordinate, so that any part of
+/// a slice can be computed from the same part of every input.
+pub fn per_coordinate(method: Method) -> bool {
+    matches!(method, Method::FedAvg | Method::Median | Method::TrimmedMean { .. })
+}
+
+/// Parts an audit cuts a slice into, for the per-coordinate methods: it
+/// checks one part, fetching only that part of every input, so that an
+/// audit costs an eighth of an adapter instead of a whole one.
+pub const AUDIT_PARTS: usize = 8;
+/// The smallest part worth checking alone: each input's part is a request
+/// of its own, and its proof comes in whole 1 KiB blocks.
+const MIN_AUDIT_PART: usize = 4096;
+
+/// The part of slice `s` an audit picked by `pick` checks (a byte range of
+/// the encoding inside the slice's values), or `None` where the whole
+/// slice is checked: other methods than the per-coordinate ones, and
+/// slices too small to cut. Parts start on 1 KiB from the slice's values
+/// and hold whole floats.
+pub fn audit_part(layout: &SliceLayout, s: usize, method: Method, pick: u64) -> Option<Range<usize>> {
+    let values = layout.value_range(s);
+    let part_len = values.len().div_ceil(AUDIT_PARTS).max(MIN_AUDIT_PART).next_multiple_of(1024);
+    if !per_coordinate(method) || part_len >= values.len() {
+        return None;
+    }
+    let parts = values.len().div_ceil(part_len);
+    let start = values.start + (pick % parts as u64) as usize * part_len;
+    Some(start..(start + part_len).min(values.end))
+}
+
 /// One update's part of a slice computation.
 pub struct SliceInput {
     pub author: Vec<u8>,
     pub examples: u64,
-    /// The update's bytes `needed(layout, s, method)`.
+    /// The update's bytes `needed(layout, s, method)` (for an audited part,
+    /// the part's).
     pub bytes: Vec<u8>,
+}
+
+/// An input and its values over the bytes being averaged.
+type Valued<'a> = (&'a SliceInput, Vec<f32>);
+
+/// Each input's values over `bytes` (its `bytes` start there), a non-finite
+/// one taken as `base`'s (the previous average's: that input moved nothing
+/// there), and the inputs that happened to.
+fn finite_values<'a>(layout: &SliceLayout, inputs: &'a [SliceInput], base: &[f32], bytes: &Range<usize>) -> Result<(Vec<Valued<'a>>, Vec<usize>), String> {
+    let mut bad = Vec::new();
+    let mut contributions = Vec::with_capacity(inputs.len());
+    for (i, input) in inputs.iter().enumerate() {
+        let mut values = layout
+            .values(&input.bytes, bytes.start, bytes)
+            .ok_or_else(|| format!("input {i} has {} bytes of the {} needed", input.bytes.len(), bytes.len()))?;
+        let mut finite = true;
+        for (v, p) in values.iter_mut().zip(base) {
+            if !v.is_finite() {
+                *v = *p;
+                finite = false;
+            }
+        }
+        if !finite {
+            bad.push(i);
+        }
+        contributions.push((input, values));
+    }
+    Ok((contributions, bad))
+}
+
+/// A per-coordinate method's average of flat values, as little-endian
+/// bytes: a slice's values as one flat tensor give the same numbers,
+/// coordinate for coordinate, as the whole tensors.
+fn average_coordinates(method: Method, contributions: Vec<Valued<'_>>) -> Result<Vec<u8>, String> {
+    let as_flat = |values: Vec<f32>| Tensors::from([("slice".to_owned(), Tensor { shape: vec![values.len()], values })]);
+    let contributions = contributions
+        .into_iter()
+        .map(|(input, values)| Contribution {
+            author: input.author.clone(),
+            examples: input.examples,
+            tensors: as_flat(values),
+        })
+        .collect();
+    let result = aggregate(method, contributions, None).map_err(|e| e.to_string())?;
+    Ok(result.get("slice").map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect()).unwrap_or_default())
+}
+
+/// Part `part` of the average (`audit_part`) for a per-coordinate method:
+/// `previous` holds the previous average's bytes over the part, each input
+/// its own. The same bytes as that part of `compute_slice`'s result.
+pub fn compute_part(layout: &SliceLayout, method: Method, part: &Range<usize>, previous: &[u8], inputs: &[SliceInput]) -> Result<Vec<u8>, String> {
+    if !per_coordinate(method) {
+        return Err(format!("{method:?} does not average coordinate by coordinate"));
+    }
+    let base = layout.values(previous, part.start, part).ok_or("the previous average does not cover the part")?;
+    let (contributions, _) = finite_values(layout, inputs, &base, part)?;
+    average_coordinates(method, contributions)
 }
 
 /// Slice `s` of the average: the bytes at `layout.range(s)` of the
@@ -81,24 +169,7 @@ pub fn compute_slice(layout: &SliceLayout, s: usize, method: Method, previous: &
     let range = layout.range(s);
     let needed = needed(layout, s, method);
     let base = layout.values(previous, 0, &needed).ok_or("the previous average does not have the run's layout")?;
-    let mut bad = Vec::new();
-    let mut contributions = Vec::with_capacity(inputs.len());
-    for (i, input) in inputs.iter().enumerate() {
-        let mut values = layout
-            .values(&input.bytes, needed.start, &needed)
-            .ok_or_else(|| format!("input {i} has {} bytes of the {} its part of slice {s} needs", input.bytes.len(), needed.len()))?;
-        let mut finite = true;
-        for (v, p) in values.iter_mut().zip(&base) {
-            if !v.is_finite() {
-                *v = *p;
-                finite = false;
-            }
-        }
-        if !finite {
-            bad.push(i);
-        }
-        contributions.push((input, values));
-    }
+    let (contributions, bad) = finite_values(layout, inputs, &base, &needed).map_err(|e| format!("slice {s}: {e}"))?;
     let mut out = Vec::with_capacity(range.len());
     out.extend_from_slice(layout.header.get(range.start.min(layout.header.len())..range.end.min(layout.header.len())).unwrap_or(&[]));
     let values = layout.value_range(s);
@@ -106,21 +177,7 @@ pub fn compute_slice(layout: &SliceLayout, s: usize, method: Method, previous: &
         return Ok((out, bad));
     }
     let averaged: Vec<u8> = match method {
-        Method::FedAvg | Method::Median | Method::TrimmedMean { .. } => {
-            // Per-coordinate methods: the slice's values as one flat tensor
-            // give the same numbers, coordinate for coordinate.
-            let as_flat = |values: Vec<f32>| Tensors::from([("slice".to_owned(), Tensor { shape: vec![values.len()], values })]);
-            let contributions = contributions
-                .into_iter()
-                .map(|(input, values)| Contribution {
-                    author: input.author.clone(),
-                    examples: input.examples,
-                    tensors: as_flat(values),
-                })
-                .collect();
-            let result = aggregate(method, contributions, None).map_err(|e| e.to_string())?;
-            result.get("slice").map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect()).unwrap_or_default()
-        }
+        Method::FedAvg | Method::Median | Method::TrimmedMean { .. } => average_coordinates(method, contributions)?,
         Method::Exact | Method::NormClip => {
             let places: Vec<_> = layout.tensors_in(&needed).collect();
             let as_tensors = |values: &[f32]| -> Result<Tensors, String> {
@@ -155,6 +212,8 @@ pub fn compute_slice(layout: &SliceLayout, s: usize, method: Method, previous: &
 
 #[cfg(test)]
 mod tests {
+    use std::collections::BTreeSet;
+
     use super::*;
     use crate::rng::SeededRng;
     use crate::wire::tensors::encode;
@@ -217,6 +276,61 @@ mod tests {
                 assert_eq!(Digest::of(&joined), Digest::of(&whole), "{method:?} with {slices} slices");
             }
         }
+    }
+
+    /// An audited part of a slice, computed from the same part of every
+    /// input, is that part of the whole slice's result, byte for byte; the
+    /// parts cover the slice's values.
+    #[test]
+    fn an_audited_part_is_that_part_of_the_slice() {
+        let mut rng = SeededRng::new(11);
+        let big = |rng: &mut SeededRng, scale: f32| -> Tensors {
+            let mut t = Tensors::new();
+            for (name, n) in [("layers.0.q.lora_a", 6000), ("layers.0.q.lora_b", 2500), ("layers.1.v.lora_a", 4100)] {
+                t.insert(name.to_owned(), Tensor::new(vec![n], (0..n).map(|_| (rng.next_f64() as f32 - 0.5) * scale).collect()).unwrap());
+            }
+            t
+        };
+        let previous = encode(&big(&mut rng, 1.0)).unwrap();
+        let mut encoded: Vec<Vec<u8>> = (0..5).map(|i| encode(&big(&mut rng, 1.0 + i as f32)).unwrap()).collect();
+        // A non-finite value is the previous average's in a part as in a slice.
+        let at = encoded[2].len() - 400;
+        encoded[2][at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
+        let layout = SliceLayout::new(&big(&mut rng, 1.0), 2).unwrap();
+        let inputs_over = |range: &Range<usize>| -> Vec<SliceInput> {
+            encoded
+                .iter()
+                .enumerate()
+                .map(|(i, bytes)| SliceInput {
+                    author: vec![i as u8],
+                    examples: 10 + i as u64,
+                    bytes: bytes[range.clone()].to_vec(),
+                })
+                .collect()
+        };
+        for method in [Method::FedAvg, Method::Median, Method::TrimmedMean { fraction: 0.2 }] {
+            for s in 0..layout.count() {
+                let range = layout.range(s);
+                let (whole, _) = compute_slice(&layout, s, method, &previous, &inputs_over(&needed(&layout, s, method))).unwrap();
+                let mut covered = BTreeSet::new();
+                for pick in 0..AUDIT_PARTS as u64 * 2 {
+                    let part = audit_part(&layout, s, method, pick).expect("a slice of 25 KB is cut into parts");
+                    assert!(part.start >= layout.value_range(s).start && part.end <= range.end && part.len() % 4 == 0);
+                    let got = compute_part(&layout, method, &part, &previous[part.clone()], &inputs_over(&part)).unwrap();
+                    assert_eq!(got, &whole[part.start - range.start..part.end - range.start], "{method:?}, slice {s}, {part:?}");
+                    covered.insert((part.start, part.end));
+                }
+                let joined: usize = covered.iter().map(|(a, b)| b - a).sum();
+                assert_eq!(joined, layout.value_range(s).len(), "the parts cover slice {s}'s values");
+                assert!(covered.len() > 1 && covered.len() <= AUDIT_PARTS);
+            }
+        }
+        // Whole modules or whole updates: the whole slice is audited.
+        assert_eq!(audit_part(&layout, 0, Method::Exact, 3), None);
+        assert_eq!(audit_part(&layout, 0, Method::NormClip, 3), None);
+        // Too small to cut.
+        let small = SliceLayout::new(&big(&mut rng, 1.0), 16).unwrap();
+        assert_eq!(audit_part(&small, 1, Method::FedAvg, 3), None);
     }
 
     #[test]

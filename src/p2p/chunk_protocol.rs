@@ -1,6 +1,8 @@
 //! `/blossom/chunk/1`: request a chunk by id (its bytes or "not found"), a
 //! chunk by (adapter, index) with its Merkle proof (an update whose manifest
-//! names its chunks by their root), the newest manifest a peer holds for a
+//! names its chunks by their root), part of such a chunk with a BLAKE3
+//! (bao) proof of it under the chunk's id (what an audit of part of a
+//! slice fetches), the newest manifest a peer holds for a
 //! run (how late joiners catch up), or the update manifests of one round
 //! (what a node that joined mid-round missed).
 //! Length-prefixed bincode, bounded before anything is allocated.
@@ -56,6 +58,10 @@ pub enum ChunkRequest {
     Round(Digest, u64, Vec<HeldManifest>),
     /// Chunk `index` of the adapter with this hash, with its Merkle proof.
     Piece(Digest, u32),
+    /// Bytes `start..start + len` of chunk `index` of the adapter with this
+    /// hash: the chunk's id with its Merkle proof, and a bao slice that
+    /// proves those bytes under the id without the rest of the chunk.
+    PieceRange(Digest, u32, u32, u32),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -67,6 +73,9 @@ pub enum ChunkResponse {
     Manifests(Vec<Vec<u8>>),
     /// A chunk and the siblings from its leaf to its adapter's root.
     Piece(Vec<u8>, Vec<Digest>),
+    /// A chunk's id, its siblings to the adapter's root, and a bao slice
+    /// (`bao::encode::SliceExtractor`) of part of the chunk under that id.
+    PieceRange(Digest, Vec<Digest>, Vec<u8>),
     NotFound,
     /// An encoded `wire::certificate::Certificate` (verified by the receiver).
     Certificate(Vec<u8>),
@@ -129,6 +138,8 @@ impl libp2p::request_response::Codec for ChunkCodec {
             ChunkResponse::Manifest(bytes) => bytes.len() > MAX_MANIFEST_BYTES,
             ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum::<usize>() > MAX_ROUND_MANIFESTS,
             ChunkResponse::Piece(bytes, proof) => bytes.len() > CHUNK_SIZE || proof.len() > MAX_PROOF,
+            // A slice of a chunk is never larger than the chunk's whole encoding.
+            ChunkResponse::PieceRange(_, proof, slice) => slice.len() as u128 > bao::encode::encoded_size(CHUNK_SIZE as u64) || proof.len() > MAX_PROOF,
             ChunkResponse::NotFound => false,
             ChunkResponse::Certificate(bytes) => bytes.len() > MAX_CERTIFICATE_BYTES,
         };

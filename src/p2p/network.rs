@@ -24,7 +24,7 @@ use crate::wire::certificate::Certificate;
 use crate::wire::codec::{ChunkMessage, Digest, Limits, reassemble, split_chunks_of};
 use crate::wire::evidence::Equivocation;
 use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
-use crate::wire::merkle;
+use crate::wire::{chunk_part, merkle};
 
 use super::behaviour::{self, Behaviour, BehaviourEvent};
 use super::certify::{CertificateNews, Certifier};
@@ -162,14 +162,20 @@ pub struct Average {
 }
 
 /// Chunk `index` of the adapter `adapter`, whose `count` chunk ids have the
-/// Merkle root `root` (from its signed manifest).
+/// Merkle root `root` (from its signed manifest); with `part`, only the
+/// bytes `start..start + len` of that chunk (proven under its id by a bao
+/// slice, so the rest of the chunk need not travel).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Piece {
     pub adapter: Digest,
     pub index: u32,
     pub root: Digest,
     pub count: usize,
+    pub part: Option<(u32, u32)>,
 }
+
+/// A piece fetch in progress: (adapter, index, part).
+type PieceKey = (Digest, u32, Option<(u32, u32)>);
 
 /// Cloneable access to the network task.
 #[derive(Clone)]
@@ -336,6 +342,7 @@ fn response_size(response: &ChunkResponse) -> usize {
         ChunkResponse::Chunk(bytes) | ChunkResponse::Manifest(bytes) | ChunkResponse::Certificate(bytes) => bytes.len(),
         ChunkResponse::Manifests(list) => list.iter().map(Vec::len).sum(),
         ChunkResponse::Piece(bytes, proof) => bytes.len() + 32 * proof.len(),
+        ChunkResponse::PieceRange(_, proof, slice) => 32 + 32 * proof.len() + slice.len(),
         ChunkResponse::NotFound => 0,
     }
 }
@@ -346,6 +353,7 @@ fn response_kind(response: &ChunkResponse) -> Option<PayloadKind> {
     match response {
         ChunkResponse::Chunk(_) => Some(PayloadKind::Chunks),
         ChunkResponse::Piece(..) => Some(PayloadKind::Pieces),
+        ChunkResponse::PieceRange(..) => Some(PayloadKind::AuditParts),
         ChunkResponse::Manifests(_) => Some(PayloadKind::RoundAnswers),
         ChunkResponse::Manifest(_) | ChunkResponse::Certificate(_) => Some(PayloadKind::Certificates),
         ChunkResponse::NotFound => None,
@@ -462,8 +470,8 @@ struct EventLoop {
     rooted: HashMap<Digest, (u64, Vec<Digest>)>,
     proven: HashMap<(Digest, u32), (u64, Digest, Vec<Digest>)>,
     /// `fetch_piece`s in progress, and the requests they have out.
-    piece_fetches: HashMap<(Digest, u32), PieceFetch>,
-    piece_requests: HashMap<request_response::OutboundRequestId, (Digest, u32)>,
+    piece_fetches: HashMap<PieceKey, PieceFetch>,
+    piece_requests: HashMap<request_response::OutboundRequestId, PieceKey>,
     /// Manifests verified and kept, by the hash of their signed bytes, with
     /// their round (at most `MAX_VERIFIED_MANIFESTS`).
     verified_manifests: HashMap<Digest, (u64, Manifest, PeerId)>,
@@ -1371,35 +1379,50 @@ impl EventLoop {
         }
     }
 
-    /// Chunk `index` of a rooted adapter with its proof, if this node holds
-    /// it: its own (it has every id) or one it fetched (it kept the proof).
-    fn piece(&mut self, adapter: Digest, index: u32) -> ChunkResponse {
+    /// Chunk `index` of a rooted adapter, its id and its proof, if this
+    /// node holds it: its own (it has every id) or one it fetched (it kept
+    /// the proof).
+    fn held_piece(&mut self, adapter: Digest, index: u32) -> Option<(Digest, Vec<u8>, Vec<Digest>)> {
         let (id, proof) = match self.rooted.get(&adapter) {
-            Some((_, ids)) => match (ids.get(index as usize), merkle::proof(ids, index as usize)) {
-                (Some(id), Some(proof)) => (*id, proof),
-                _ => return ChunkResponse::NotFound,
-            },
-            None => match self.proven.get(&(adapter, index)) {
-                Some((_, id, proof)) => (*id, proof.clone()),
-                None => return ChunkResponse::NotFound,
-            },
+            Some((_, ids)) => (*ids.get(index as usize)?, merkle::proof(ids, index as usize)?),
+            None => self.proven.get(&(adapter, index)).map(|(_, id, proof)| (*id, proof.clone()))?,
         };
-        match self.store.get_chunk(&id) {
-            Ok(Some(bytes)) => ChunkResponse::Piece(bytes, proof),
-            _ => ChunkResponse::NotFound,
+        let bytes = self.store.get_chunk(&id).ok()??;
+        Some((id, bytes, proof))
+    }
+
+    /// Chunk `index` of a rooted adapter with its proof, if this node holds it.
+    fn piece(&mut self, adapter: Digest, index: u32) -> ChunkResponse {
+        match self.held_piece(adapter, index) {
+            Some((_, bytes, proof)) => ChunkResponse::Piece(bytes, proof),
+            None => ChunkResponse::NotFound,
+        }
+    }
+
+    /// Bytes `start..start + len` of chunk `index` of a rooted adapter, if
+    /// this node holds the chunk: its id, its proof and a bao slice of them.
+    fn piece_range(&mut self, adapter: Digest, index: u32, start: u32, len: u32) -> ChunkResponse {
+        let held = self.held_piece(adapter, index);
+        match held.and_then(|(id, bytes, proof)| Some((id, proof, chunk_part::prove(&bytes, start, len)?))) {
+            Some((id, proof, slice)) => ChunkResponse::PieceRange(id, proof, slice),
+            None => ChunkResponse::NotFound,
         }
     }
 
     /// Starts a `fetch_piece`: answered at once if this node holds the
     /// piece, else by the peers in turn.
     fn fetch_piece(&mut self, piece: Piece, peers: Vec<PeerId>, reply: oneshot::Sender<Option<Vec<u8>>>) {
-        if let ChunkResponse::Piece(bytes, proof) = self.piece(piece.adapter, piece.index)
-            && merkle::verify(&piece.root, piece.count, piece.index as usize, &Digest::of(&bytes), &proof)
+        if let Some((id, bytes, proof)) = self.held_piece(piece.adapter, piece.index)
+            && merkle::verify(&piece.root, piece.count, piece.index as usize, &id, &proof)
         {
-            let _ = reply.send(Some(bytes));
+            let part = match piece.part {
+                None => Some(bytes),
+                Some((start, len)) => start.checked_add(len).and_then(|end| bytes.get(start as usize..end as usize)).map(<[u8]>::to_vec),
+            };
+            let _ = reply.send(part);
             return;
         }
-        let key = (piece.adapter, piece.index);
+        let key = (piece.adapter, piece.index, piece.part);
         let fetch = self.piece_fetches.entry(key).or_insert_with(|| PieceFetch {
             piece,
             fetch: DirectFetch::default(),
@@ -1410,11 +1433,15 @@ impl EventLoop {
     }
 
     /// Asks the next peer for a piece, or tells the waiters no peer had it.
-    fn ask_next_piece(&mut self, key: (Digest, u32)) {
+    fn ask_next_piece(&mut self, key: PieceKey) {
         let Some(fetch) = self.piece_fetches.get_mut(&key) else { return };
         match fetch.fetch.peers.pop_front() {
             Some(peer) => {
-                let request = self.send_request(peer, ChunkRequest::Piece(key.0, key.1));
+                let request = match key {
+                    (adapter, index, None) => ChunkRequest::Piece(adapter, index),
+                    (adapter, index, Some((start, len))) => ChunkRequest::PieceRange(adapter, index, start, len),
+                };
+                let request = self.send_request(peer, request);
                 self.piece_requests.insert(request, key);
             }
             None => {
@@ -1427,10 +1454,22 @@ impl EventLoop {
 
     /// A peer's answer to a piece request: kept (with its proof, to serve
     /// on) and handed to the waiters if the proof holds, else the next peer.
-    async fn on_piece(&mut self, peer: PeerId, key: (Digest, u32), response: ChunkResponse) {
+    /// A part of a piece is handed on, not kept.
+    async fn on_piece(&mut self, peer: PeerId, key: PieceKey, response: ChunkResponse) {
         let Some(piece) = self.piece_fetches.get(&key).map(|f| f.piece) else { return };
-        match response {
-            ChunkResponse::Piece(bytes, proof) => {
+        match (response, piece.part) {
+            (ChunkResponse::PieceRange(id, proof, slice), Some((start, len))) => {
+                let proven = merkle::verify(&piece.root, piece.count, piece.index as usize, &id, &proof).then(|| chunk_part::verify(&id, start, len, &slice));
+                let Some(Some(part)) = proven else {
+                    let reason = format!("sent part of piece {} of adapter {:?} that its proofs do not tie to the signed root", piece.index, piece.adapter);
+                    self.emit(NetworkEvent::Rejected { peer, reason });
+                    return self.ask_next_piece(key);
+                };
+                for waiter in self.piece_fetches.remove(&key).map(|f| f.fetch.waiting).unwrap_or_default() {
+                    let _ = waiter.send(Some(part.clone()));
+                }
+            }
+            (ChunkResponse::Piece(bytes, proof), None) => {
                 let id = Digest::of(&bytes);
                 if !merkle::verify(&piece.root, piece.count, piece.index as usize, &id, &proof) {
                     let reason = format!("sent a piece {} of adapter {:?} that its proof does not tie to the signed root", piece.index, piece.adapter);
@@ -1442,7 +1481,7 @@ impl EventLoop {
                 }
                 let round = self.known.get(&piece.adapter).map_or(0, |(r, _)| *r);
                 if self.proven.len() < MAX_PROVEN {
-                    self.proven.insert(key, (round, id, proof));
+                    self.proven.insert((piece.adapter, piece.index), (round, id, proof));
                 }
                 for waiter in self.piece_fetches.remove(&key).map(|f| f.fetch.waiting).unwrap_or_default() {
                     let _ = waiter.send(Some(bytes.clone()));
@@ -1519,6 +1558,7 @@ impl EventLoop {
                     },
                     ChunkRequest::Round(run_id, round, held) => self.round_manifests(run_id, round, &held),
                     ChunkRequest::Piece(adapter, index) => self.piece(adapter, index),
+                    ChunkRequest::PieceRange(adapter, index, start, len) => self.piece_range(adapter, index, start, len),
                 };
                 self.count_sent(response_size(&response));
                 let _ = self.swarm.behaviour_mut().chunks.send_response(channel, response);

@@ -24,6 +24,8 @@ pub enum PayloadKind {
     Evidence,
     /// Pieces fetched with their proofs: slice inputs and slice results.
     Pieces,
+    /// Parts of pieces with their proofs: what audits of part of a slice fetch.
+    AuditParts,
     /// Chunks fetched by hash: input lists, catch-up adapters.
     Chunks,
     /// A round's manifests asked of peers (`Round` answers).
@@ -33,7 +35,7 @@ pub enum PayloadKind {
 }
 
 impl PayloadKind {
-    pub const ALL: [PayloadKind; 10] = [
+    pub const ALL: [PayloadKind; 11] = [
         PayloadKind::Updates,
         PayloadKind::Claims,
         PayloadKind::Attestations,
@@ -41,6 +43,7 @@ impl PayloadKind {
         PayloadKind::GossipChunks,
         PayloadKind::Evidence,
         PayloadKind::Pieces,
+        PayloadKind::AuditParts,
         PayloadKind::Chunks,
         PayloadKind::RoundAnswers,
         PayloadKind::Certificates,
@@ -67,6 +70,7 @@ impl PayloadKind {
             PayloadKind::GossipChunks => "gossip_chunks",
             PayloadKind::Evidence => "evidence",
             PayloadKind::Pieces => "pieces",
+            PayloadKind::AuditParts => "audit_parts",
             PayloadKind::Chunks => "chunks",
             PayloadKind::RoundAnswers => "round_answers",
             PayloadKind::Certificates => "certificates",

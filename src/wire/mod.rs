@@ -11,11 +11,13 @@
 //!   of its contributors;
 //! - `evidence`: signed proof of misbehaviour (two updates for one round);
 //! - `merkle`: one root over an adapter's chunk ids, and per-chunk proofs;
+//! - `chunk_part`: part of a chunk proven under its id (a bao slice);
 //! - `tensors`: the averaging layer's float tensors to and from that
 //!   encoding, with the layout checks a received adapter must pass;
 //! - `slices`: that encoding cut into a round's slices (the reduce exchange).
 
 pub mod certificate;
+pub mod chunk_part;
 pub mod codec;
 pub mod evidence;
 pub mod inputs;
