@@ -70,6 +70,15 @@ async fn wait_for<T>(events: &mut Receiver<NetworkEvent>, mut pick: impl FnMut(N
     .expect("the event arrived in time")
 }
 
+/// The reason of the first rejection in `events` that contains `needle`.
+async fn rejection(events: &mut Receiver<NetworkEvent>, needle: &str) -> String {
+    wait_for(events, |e| match e {
+        NetworkEvent::Rejected { reason, .. } if reason.contains(needle) => Some(reason),
+        _ => None,
+    })
+    .await
+}
+
 fn adapter_bytes(megabytes: usize) -> Vec<u8> {
     let count = megabytes * 1024 * 1024 / 4;
     let data: Vec<u8> = (0..count).flat_map(|i| ((i % 1000) as f32 / 1000.0).to_le_bytes()).collect();
@@ -152,11 +161,7 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     let honest_manifest = Manifest { round: 2, ..make_manifest(run_id, &b_key, &real) };
     let signed = SignedManifest::sign(&honest_manifest, &b_key).unwrap();
     publish_when_meshed(&b, &signed, &honest_manifest, &wrong).await;
-    let reason = wait_for(&mut a_events, |e| match e {
-        NetworkEvent::Rejected { reason, .. } if reason.contains("does not match its manifest") => Some(reason),
-        _ => None,
-    })
-    .await;
+    let reason = rejection(&mut a_events, "does not match its manifest").await;
     assert!(reason.contains("chunk"), "{reason}");
 
     // C publishes a manifest signed by someone else in B's name: B, its
@@ -166,11 +171,7 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     let forged_manifest = make_manifest(run_id, &b_key, &small);
     let forged = SignedManifest::sign(&forged_manifest, &mallory).unwrap();
     publish_when_meshed(&c, &forged, &forged_manifest, &small).await;
-    let reason = wait_for(&mut b_events, |e| match e {
-        NetworkEvent::Rejected { reason, .. } if reason.contains("signature does not match the author's key") => Some(reason),
-        _ => None,
-    })
-    .await;
+    let reason = rejection(&mut b_events, "signature does not match the author's key").await;
     assert!(reason.contains("signature"), "{reason}");
     let score = a.peer_score(b.peer_id).await.unwrap().expect("A scores B");
     assert!(score < 0.0, "B's score after invalid messages is {score}");
@@ -210,11 +211,7 @@ async fn pieces_of_a_rooted_update_are_proven_and_served_on() {
     // A proof that does not reach the root it is checked against.
     let wrong = Piece { root: Digest::of(b"another root"), index: 4, ..piece };
     assert!(a.fetch_piece(wrong, vec![b.peer_id]).await.unwrap().is_none());
-    let reason = wait_for(&mut a_events, |e| match e {
-        NetworkEvent::Rejected { reason, .. } if reason.contains("proof") => Some(reason),
-        _ => None,
-    })
-    .await;
+    let reason = rejection(&mut a_events, "proof").await;
     assert!(reason.contains("signed root"), "{reason}");
 
     // C fetches the piece from A, which fetched it and kept its proof.
@@ -238,11 +235,7 @@ async fn pieces_of_a_rooted_update_are_proven_and_served_on() {
     assert!(a.fetch_piece(past_the_end, vec![b.peer_id]).await.unwrap().is_none());
     let wrong_part = Piece { root: Digest::of(b"another root"), index: 6, ..part };
     assert!(a.fetch_piece(wrong_part, vec![b.peer_id]).await.unwrap().is_none());
-    let reason = wait_for(&mut a_events, |e| match e {
-        NetworkEvent::Rejected { reason, .. } if reason.contains("part of piece 6") => Some(reason),
-        _ => None,
-    })
-    .await;
+    let reason = rejection(&mut a_events, "part of piece 6").await;
     assert!(reason.contains("signed root"), "{reason}");
 }
 

@@ -128,6 +128,9 @@ struct Simulation {
     traffic_seen: HashMap<u64, Traffic>,
     /// Payload bytes the stopped nodes received, by kind (`PayloadKind::ALL`'s order).
     payload_received: [u64; PayloadKind::ALL.len()],
+    /// Each stopped node's payload over the run: sent, received, and
+    /// received by kind (what tells the busiest node's bytes apart).
+    payload_by_node: BTreeMap<u64, (u64, u64, [u64; PayloadKind::ALL.len()])>,
     /// How many nodes finished the oldest round still open (a round's row
     /// is printed only once every node is past it: minutes at 128 nodes).
     /// Drawn on a terminal only; lines are printed through it.
@@ -238,8 +241,13 @@ impl Simulation {
         }
         running.task.abort();
         running.client.forget();
+        let (sent, received) = running.handle.payload_traffic();
+        let node_payload = self.payload_by_node.entry(node).or_insert((0, 0, [0; PayloadKind::ALL.len()]));
+        node_payload.0 += sent;
+        node_payload.1 += received;
         for (kind, bytes) in running.handle.payload_received_by_kind() {
             self.payload_received[kind as usize] += bytes;
+            node_payload.2[kind as usize] += bytes;
         }
         // Dropping the last handle stops the swarm and frees its address.
         drop(running.handle);
@@ -399,6 +407,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         seed: scenario.seed,
         traffic_seen: HashMap::new(),
         payload_received: [0; PayloadKind::ALL.len()],
+        payload_by_node: BTreeMap::new(),
         store_quota: config.network.store_quota_mb.saturating_mul(1 << 20),
         attack: args.attack,
         first_attacker: u64::from(nodes.saturating_sub(args.attackers)),
@@ -570,6 +579,11 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         "certified_nodes_by_round": certified.values().collect::<Vec<_>>(),
         "link_received_per_node_round": link_received,
         "payload_received_per_node_round": payload.iter().map(|(kind, bytes)| (kind.name().to_owned(), json!(bytes))).collect::<serde_json::Map<_, _>>(),
+        // Over the whole run, by node (a restarted node's lives added up).
+        "payload_by_node": sim.payload_by_node.iter().map(|(node, (sent, received, by_kind))| {
+            let kinds: serde_json::Map<_, _> = PayloadKind::ALL.iter().map(|kind| (kind.name().to_owned(), json!(by_kind[*kind as usize]))).collect();
+            (node.to_string(), json!({"sent": sent, "received": received, "received_by_kind": kinds}))
+        }).collect::<serde_json::Map<_, _>>(),
         "quarantined": quarantined.iter().map(|(accused, (by, reason))| json!({"node": accused, "by": by.len(), "kind": rejection_kind(reason)})).collect::<Vec<_>>(),
     });
     writeln!(metrics, "{summary}").map_err(|e| SimError::Run(format!("{}: {e}", metrics_path.display())))?;
