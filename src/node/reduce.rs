@@ -80,14 +80,15 @@ const MIN_AUDIT_PART: usize = 4096;
 /// The part of slice `s` an audit picked by `pick` checks (a byte range of
 /// the encoding inside the slice's values), or `None` where the whole
 /// slice is checked: other methods than the per-coordinate ones, and
-/// slices too small to cut. Parts start on 1 KiB from the slice's values
-/// and hold whole floats.
+/// slices smaller than two parts of `MIN_AUDIT_PART`. Parts start on 1 KiB
+/// from the slice's values and hold whole floats.
 pub fn audit_part(layout: &SliceLayout, s: usize, method: Method, pick: u64) -> Option<Range<usize>> {
     let values = layout.value_range(s);
-    let part_len = values.len().div_ceil(AUDIT_PARTS).max(MIN_AUDIT_PART).next_multiple_of(1024);
-    if !per_coordinate(method) || part_len >= values.len() {
+    let wanted = AUDIT_PARTS.min(values.len() / MIN_AUDIT_PART);
+    if !per_coordinate(method) || wanted < 2 {
         return None;
     }
+    let part_len = values.len().div_ceil(wanted).next_multiple_of(1024);
     let parts = values.len().div_ceil(part_len);
     let start = values.start + (pick % parts as u64) as usize * part_len;
     Some(start..(start + part_len).min(values.end))
@@ -316,6 +317,7 @@ mod tests {
                 for pick in 0..AUDIT_PARTS as u64 * 2 {
                     let part = audit_part(&layout, s, method, pick).expect("a slice of 25 KB is cut into parts");
                     assert!(part.start >= layout.value_range(s).start && part.end <= range.end && part.len() % 4 == 0);
+                    assert!(part.len() >= 2048, "a part of {} bytes is not worth its requests", part.len());
                     let got = compute_part(&layout, method, &part, &previous[part.clone()], &inputs_over(&part)).unwrap();
                     assert_eq!(got, &whole[part.start - range.start..part.end - range.start], "{method:?}, slice {s}, {part:?}");
                     covered.insert((part.start, part.end));
