@@ -126,10 +126,9 @@ struct Simulation {
     first_attacker: u64,
     /// Traffic counters at each node's last report.
     traffic_seen: HashMap<u64, Traffic>,
-    /// Payload bytes the stopped nodes received, by kind (`PayloadKind::ALL`'s order).
-    payload_received: [u64; PayloadKind::ALL.len()],
     /// Each stopped node's payload over the run: sent, received, and
-    /// received by kind (what tells the busiest node's bytes apart).
+    /// received by kind (`PayloadKind::ALL`'s order; what tells the busiest
+    /// node's bytes apart, and summed, the run's breakdown).
     payload_by_node: BTreeMap<u64, (u64, u64, [u64; PayloadKind::ALL.len()])>,
     /// How many nodes finished the oldest round still open (a round's row
     /// is printed only once every node is past it: minutes at 128 nodes).
@@ -246,7 +245,6 @@ impl Simulation {
         node_payload.0 += sent;
         node_payload.1 += received;
         for (kind, bytes) in running.handle.payload_received_by_kind() {
-            self.payload_received[kind as usize] += bytes;
             node_payload.2[kind as usize] += bytes;
         }
         // Dropping the last handle stops the swarm and frees its address.
@@ -406,7 +404,6 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         rng: SeededRng::new(scenario.seed ^ 0x5EED),
         seed: scenario.seed,
         traffic_seen: HashMap::new(),
-        payload_received: [0; PayloadKind::ALL.len()],
         payload_by_node: BTreeMap::new(),
         store_quota: config.network.store_quota_mb.saturating_mul(1 << 20),
         attack: args.attack,
@@ -562,7 +559,8 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let mean_traffic = rows.iter().map(|r| r.sent + r.received).sum::<f64>() / rows.len() as f64;
     let link_received = rows.iter().map(|r| r.received).sum::<f64>() / rows.len() as f64;
     let node_rounds = (f64::from(nodes) * rows.len() as f64).max(1.0);
-    let payload: Vec<(PayloadKind, f64)> = PayloadKind::ALL.iter().map(|kind| (*kind, sim.payload_received[*kind as usize] as f64 / node_rounds)).collect();
+    let received_of = |kind: PayloadKind| sim.payload_by_node.values().map(|(_, _, by_kind)| by_kind[kind as usize]).sum::<u64>();
+    let payload: Vec<(PayloadKind, f64)> = PayloadKind::ALL.iter().map(|kind| (*kind, received_of(*kind) as f64 / node_rounds)).collect();
     // The run in one record (what `bench traffic` reads): bytes per node
     // per round, the busiest node's and the mean, over the rounds.
     let summary = json!({
