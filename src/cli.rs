@@ -10,7 +10,7 @@ use std::process::ExitCode;
 
 use clap::{ArgAction, Args, Parser, Subcommand};
 
-use crate::commands::node::{RelayArgs, StartArgs};
+use crate::commands::node_args::{RelayArgs, StartArgs};
 use crate::commands::status::StatusArgs;
 use crate::config::{Config, ConfigError, Origin};
 use crate::logging::LogFormat;
@@ -61,6 +61,42 @@ impl GlobalArgs {
     pub fn verbosity(&self) -> i16 {
         i16::from(self.verbose) - i16::from(self.quiet)
     }
+}
+
+impl Cli {
+    /// Parses `args` (the program name first) as clap does, then takes
+    /// every `--set` in the order given, before and after the subcommand:
+    /// clap keeps only those after it for a global argument given on both
+    /// sides (clap-rs/clap#1570), and a run would silently use other
+    /// settings than the user typed.
+    pub fn parse_ordered<I, T>(args: I) -> Self
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let args: Vec<std::ffi::OsString> = args.into_iter().map(Into::into).collect();
+        let mut cli = Self::parse_from(&args);
+        cli.global.overrides = overrides_in_order(&args);
+        cli
+    }
+}
+
+/// Every `--set VALUE` and `--set=VALUE` of a command line, in order (none
+/// after `--`, where arguments stop being options).
+fn overrides_in_order(args: &[std::ffi::OsString]) -> Vec<String> {
+    let mut overrides = Vec::new();
+    let mut tokens = args.iter().skip(1).map(|a| a.to_string_lossy());
+    while let Some(token) = tokens.next() {
+        if token == "--" {
+            break;
+        }
+        if token == "--set" {
+            overrides.extend(tokens.next().map(|v| v.into_owned()));
+        } else if let Some(value) = token.strip_prefix("--set=") {
+            overrides.push(value.to_owned());
+        }
+    }
+    overrides
 }
 
 #[derive(Debug, Subcommand)]
@@ -157,6 +193,16 @@ impl Command {
         }
     }
 
+    /// Whether the command's terminal output is a report of its own, and
+    /// its logs go to a file unless `-v` is given (`logging`).
+    pub fn logs_to_file(&self) -> bool {
+        #[cfg(feature = "train")]
+        if matches!(self, Command::Simulate(_)) {
+            return true;
+        }
+        false
+    }
+
     fn name(&self) -> &'static str {
         match self {
             Command::Start(_) => "start",
@@ -245,6 +291,16 @@ pub fn run(cli: Cli) -> ExitCode {
 mod tests {
     use super::*;
     use clap::CommandFactory;
+
+    #[test]
+    fn set_before_and_after_the_subcommand_is_kept_in_order() {
+        let cli = Cli::parse_ordered(["blossom-p2p", "--set", "lora.rank=4", "--set=train.seed=1", "status", "--set", "lora.rank=16"]);
+        assert_eq!(cli.global.overrides, ["lora.rank=4", "train.seed=1", "lora.rank=16"]);
+        // After `--` nothing is an option.
+        let cli = Cli::parse_ordered(["blossom-p2p", "--set", "lora.rank=4", "status"]);
+        assert_eq!(overrides_in_order(&["b".into(), "--".into(), "--set".into(), "x=1".into()]), Vec::<String>::new());
+        assert_eq!(cli.global.overrides, ["lora.rank=4"]);
+    }
 
     #[test]
     fn clap_definition_is_consistent() {

@@ -96,6 +96,14 @@ fn status_of_a_directory_where_no_node_ran_is_a_clear_error() {
 }
 
 #[test]
+fn set_before_and_after_the_subcommand_both_apply() {
+    // The bad value before the subcommand is not dropped for the one after it.
+    let output = blossom(&["--set", "lora.rank=0", "status", "--set", "lora.num_layers=4"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("--set lora.rank=0: lora.rank: must be between 1 and 4096"), "{}", stderr(&output));
+}
+
+#[test]
 fn bad_config_is_reported_before_anything_runs() {
     let output = blossom(&["--set", "lora.rank=0", "doctor"]);
     assert_eq!(output.status.code(), Some(2));

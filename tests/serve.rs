@@ -138,13 +138,14 @@ fn the_openai_client_chats_and_follows_a_live_data_dir() {
         ]);
         assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     }
+    // The server starts before the node has made its data directory.
     let data_dir = dir.path().join("node");
+    let (_server, addr) = serve(&["--follow", data_dir.to_str().unwrap()]);
     std::fs::create_dir_all(data_dir.join("adapters/round-0000")).unwrap();
     for file in ["adapters.safetensors", "adapter_config.json"] {
         std::fs::copy(dir.path().join("trained/round-0000").join(file), data_dir.join("adapters/round-0000").join(file)).unwrap();
     }
     std::fs::write(data_dir.join("metrics.jsonl"), "{\"round\":1,\"average_hash\":\"00ff\"}\n").unwrap();
-    let (_server, addr) = serve(&["--follow", data_dir.to_str().unwrap()]);
     let output = Command::new("python3")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/openai_client_check.py"))
         .args([&format!("http://{addr}/v1"), data_dir.to_str().unwrap(), dir.path().join("trained/next").to_str().unwrap()])

@@ -15,7 +15,7 @@ fn simulate(dir: &Path, nodes: u32, rounds: u32, scenario: Option<&str>, setting
     let metrics = dir.join("metrics.jsonl");
     let (nodes, rounds) = (nodes.to_string(), rounds.to_string());
     let mut args = vec![
-        "-q", "--set", "model.source=tiny", "--set", "lora.num_layers=4", "--set", &data_dir, "--set", "train.local_steps=6",
+        "--set", "model.source=tiny", "--set", "lora.num_layers=4", "--set", &data_dir, "--set", "train.local_steps=6",
     ];
     for setting in settings {
         args.extend(["--set", setting]);
@@ -32,7 +32,10 @@ fn simulate(dir: &Path, nodes: u32, rounds: u32, scenario: Option<&str>, setting
     args.extend(extra);
     let output = common::blossom(&args);
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(output.status.success(), "simulate failed\nstdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&output.stderr));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "simulate failed\nstdout:\n{stdout}\nstderr:\n{stderr}");
+    // The terminal gets the table; the nodes' logs go to their file.
+    assert!(!stderr.contains(" INFO ") && !stderr.contains(" WARN "), "node logs on the terminal:\n{stderr}");
     let records = std::fs::read_to_string(&metrics)
         .unwrap()
         .lines()
@@ -67,6 +70,11 @@ fn ideal_network_loss_falls_and_every_node_agrees() {
     assert!(dir.path().join("simulate/adapter/adapters.safetensors").exists());
     assert!(dir.path().join("simulate/adapter/adapter_config.json").exists());
     assert!(stdout.contains("centralized eval loss"), "{stdout}");
+    // The table says where the nodes' logs went, and they are there.
+    let node_log = dir.path().join("simulate/nodes.log");
+    assert!(stdout.contains(&format!("node logs: {}", node_log.display())), "{stdout}");
+    let logs = std::fs::read_to_string(&node_log).unwrap();
+    assert!(logs.contains("round 0 members settled") && logs.contains("average certified"), "{logs}");
     // The breakdown of what a node received (the default, reduce exchange).
     assert!(stdout.contains("on the links; payload") && stdout.contains("pieces "), "{stdout}");
 }

@@ -2,6 +2,7 @@
 //! message on stderr and an exit code (see `cli`).
 
 pub mod node;
+pub mod node_args;
 pub mod status;
 #[cfg(feature = "train")]
 pub mod args;

@@ -46,11 +46,15 @@ pub fn run(config: &Config, args: &ServeArgs) -> ExitCode {
         );
         return ExitCode::from(2);
     }
-    if let Some(dir) = &args.follow
-        && !dir.is_dir()
-    {
-        eprintln!("error: --follow {}: no such directory; give the --data-dir of a training node", dir.display());
-        return ExitCode::from(2);
+    if let Some(dir) = &args.follow {
+        if dir.exists() && !dir.is_dir() {
+            eprintln!("error: --follow {}: not a directory; give the --data-dir of a training node", dir.display());
+            return ExitCode::from(2);
+        }
+        // Started before the node: its data directory comes when it starts.
+        if !dir.exists() {
+            println!("--follow {}: no such directory yet; waiting for the node to create it (its --data-dir)", dir.display());
+        }
     }
     let source = config.model.source.clone();
     let worker = match ModelWorker::spawn(source.clone(), args.quant.quant, args.adapter_path.clone(), args.queue as usize) {

@@ -22,7 +22,7 @@ use crate::node::status::{CertifiedRound, NodeStatus, rejection_kind};
 use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 use crate::wire::codec::Limits;
 
-use super::node::{NodeError, StartArgs, load_or_create_identity, network_options, with_peer_id};
+use super::node_args::{NodeError, StartArgs, load_or_create_identity, network_options, with_peer_id};
 
 /// Held-out rows each average is evaluated on.
 const EVAL_ROWS: usize = 50;
@@ -82,7 +82,7 @@ async fn run_node(
     let rounds = u64::from(config.federation.rounds);
     let local_steps = u64::from(config.train.local_steps);
     let run_id = match &args.run_id {
-        Some(hex) => super::node::run_id(config, Some(hex))?,
+        Some(hex) => super::node_args::run_id(config, Some(hex))?,
         None => crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config),
     };
     println!(

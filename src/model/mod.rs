@@ -19,6 +19,7 @@ pub mod linear;
 pub mod llama;
 pub mod load;
 pub mod softmax;
+pub mod sublayers;
 pub mod thread;
 pub mod tiny;
 pub mod tokenizer;
@@ -80,8 +81,8 @@ pub trait CausalLm {
     fn embed_tokens(&self) -> &layers::Embedding;
     fn embed_tokens_mut(&mut self) -> &mut layers::Embedding;
     /// The attention and MLP of each block, in order.
-    fn blocks(&self) -> Vec<(&llama::Attention, &llama::Mlp)>;
-    fn blocks_mut(&mut self) -> Vec<(&mut llama::Attention, &mut llama::Mlp)>;
+    fn blocks(&self) -> Vec<(&sublayers::Attention, &sublayers::Mlp)>;
+    fn blocks_mut(&mut self) -> Vec<(&mut sublayers::Attention, &mut sublayers::Mlp)>;
     /// The separate output head; `None` when tied to the embedding.
     fn lm_head(&self) -> Option<&linear::Linear>;
     fn lm_head_mut(&mut self) -> Option<&mut linear::Linear>;

@@ -10,7 +10,7 @@ use super::attention::{AttentionMask, Layout};
 use super::kv_cache::KvCache;
 use super::layers::{Embedding, RmsNorm};
 use super::linear::{Linear, ProjectionAdapter};
-use super::llama::{Attention, Mlp};
+use super::sublayers::{Attention, Mlp};
 use super::weights::WeightMap;
 use super::{CausalLm, ModelArgs, ModelError};
 

@@ -2,7 +2,7 @@
 //! "Layers"). `engine` runs rounds through two narrow seams, the
 //! `RoundTrainer` trait and the p2p `NetworkHandle`; `compute` puts an MLX
 //! trainer behind that trait on its own thread; `partition` decides who
-//! trains on which rows; `reduce` who owns which slice of an average and
+//! trains on which rows; `engine/slices.rs` who owns which slice of an average and
 //! how a slice is computed; `misbehaviour` what a simulated attacker does
 //! in the engine; `checkpoint` keeps what a node needs to resume
 //! after a crash.
@@ -14,7 +14,6 @@ pub mod engine;
 pub mod misbehaviour;
 pub mod partition;
 pub mod prometheus;
-pub mod reduce;
 pub mod status;
 
 use crate::aggregate::Method;

@@ -1,7 +1,8 @@
 //! `serve --follow DATA_DIR`: watches a training node's data directory and
 //! switches the server to each newly saved round average
 //! (`adapters/round-NNNN`), named by the hash the node logged for that round
-//! in `metrics.jsonl`.
+//! in `metrics.jsonl`. The directory may not exist yet (the server started
+//! before the node): it is looked for until it does.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -41,9 +42,14 @@ fn logged_hash(data_dir: &Path, round: u64) -> Option<String> {
 pub async fn follow(data_dir: PathBuf, worker: ModelWorker) {
     let mut current: Option<u64> = None;
     let mut interval = tokio::time::interval(POLL);
+    let mut seen = data_dir.is_dir();
     // Runs until the server stops (the task is dropped with the runtime).
     loop {
         interval.tick().await;
+        if !seen && data_dir.is_dir() {
+            seen = true;
+            tracing::info!(dir = %data_dir.display(), "the followed directory appeared");
+        }
         let Some((round, dir)) = newest_round(&data_dir) else { continue };
         if current.is_some_and(|c| c >= round) {
             continue;

@@ -334,10 +334,16 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let total_steps = u64::from(rounds) * local_steps;
     let compute = prepared.client.clone();
     let run_id = crate::node::run_id(&prepared.model_identity, &prepared.fingerprint, config);
+    // Each simulation starts from empty stores, once its model and data
+    // loaded (a run refused for bad input leaves the last one's folder).
     let work_dir = config.network.data_dir.join("simulate");
-    // Each simulation starts from empty stores.
     let _ = std::fs::remove_dir_all(&work_dir);
     std::fs::create_dir_all(&work_dir).map_err(|e| SimError::Input(format!("{}: {e}", work_dir.display())))?;
+    // The terminal shows the round table; the nodes' logs go to a file.
+    let node_log = work_dir.join("nodes.log");
+    if crate::logging::to_file_unless_verbose(&node_log).map_err(|e| SimError::Input(format!("{}: {e}", node_log.display())))? {
+        println!("node logs: {} (-v shows them here)", node_log.display());
+    }
     let metrics_path = args.metrics.clone().unwrap_or_else(|| work_dir.join("metrics.jsonl"));
     if let Some(parent) = metrics_path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|e| SimError::Input(format!("{}: {e}", parent.display())))?;

@@ -1,0 +1,111 @@
+//! Catching up (docs/SECURITY.md, "Round certificates"): a joiner or a
+//! node left two rounds behind takes the newest certified average its
+//! peers serve, never one peer's word.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::aggregate::Tensors;
+use crate::wire::codec::Digest;
+
+use super::Engine;
+use super::events::{EngineError, EngineEvent};
+use super::trainer::RoundTrainer;
+
+/// What catching up found so far.
+#[derive(Default)]
+pub(super) struct Offers {
+    /// The best certified average whose adapter arrived.
+    pub(super) candidate: Option<Candidate>,
+    /// Certificates peers served while catching up: (signers, round) by
+    /// average hash. Only these averages are taken.
+    pub(super) offered: HashMap<Digest, (usize, u64)>,
+}
+
+/// The best certified average seen while catching up.
+pub(super) struct Candidate {
+    /// (signers, round): how candidates rank (docs/SECURITY.md, "Round certificates").
+    pub(super) rank: (usize, u64),
+    pub(super) round: u64,
+    pub(super) hash: Digest,
+    pub(super) tensors: Tensors,
+}
+
+/// Certificates offered during one catch-up kept at most.
+pub(super) const MAX_OFFERED: usize = 256;
+
+impl<T: RoundTrainer> Engine<T> {
+    /// Asks peers for the newest average and waits for it: `Some((round to
+    /// train next, adapter))`, or `None` to start at round 0 (the run has
+    /// not finished a round yet), or when the average found is not past
+    /// round `past`: a node never goes back to a round it has averaged.
+    pub(super) async fn catch_up(&mut self, past: Option<u64>) -> Result<Option<(u64, Tensors)>, EngineError> {
+        self.offers.candidate = None;
+        self.offers.offered.clear();
+        // Bounded: about 20 s of asking.
+        for attempt in 0..10 {
+            let peers = self.net.connected_peers().await.map_err(|e| EngineError::Network(e.to_string()))?;
+            if !peers.is_empty() {
+                if let Err(e) = self.net.catch_up(self.settings.run_id).await {
+                    tracing::debug!(error = %e, "catch-up request");
+                }
+            }
+            // Answers need a fetch of the adapter's chunks: give them up to
+            // two seconds, looking every quarter.
+            for _ in 0..8 {
+                self.sleep_listening(Duration::from_millis(250), None).await?;
+                if self.offers.candidate.is_some() {
+                    break;
+                }
+            }
+            if let Some(candidate) = self.offers.candidate.take() {
+                // Below `rounds` (check_claims), so this cannot overflow.
+                let next = candidate.round.saturating_add(1);
+                if past.is_some_and(|round| next <= round) {
+                    return Ok(None);
+                }
+                self.report(EngineEvent::CaughtUp { round: next, from: candidate.hash });
+                tracing::info!(round = next, from = %candidate.hash, "caught up");
+                return Ok(Some((next, candidate.tensors)));
+            }
+            let newest_update = self.heard.buffered.keys().next_back().copied();
+            // Peers train round 0 and have no average yet: join them.
+            let in_round_zero = newest_update == Some(0);
+            // Peers were asked three times and nothing is moving: this run
+            // has not started yet.
+            let not_started = attempt >= 2 && !peers.is_empty() && newest_update.is_none();
+            if in_round_zero || not_started {
+                return Ok(None);
+            }
+        }
+        // Updates go round but no certified average came. A peer's update
+        // is one peer's word (it could be anything): start where this node
+        // is, and rejoin once a certificate can be had (`overtaken`).
+        tracing::warn!("no certified average came; peers' updates are not taken as a starting point");
+        Ok(None)
+    }
+
+    /// Once a round (`tried`): if this node is overtaken, the round to
+    /// train next and the newest average to train it from.
+    pub(super) async fn rejoin_if_overtaken(&mut self, round: u64, members: usize, tried: &mut bool) -> Result<Option<(u64, Tensors)>, EngineError> {
+        if *tried || !self.overtaken(round, members) {
+            return Ok(None);
+        }
+        *tried = true;
+        self.catch_up(Some(round)).await
+    }
+
+    /// Most of the round's other members published updates two rounds or
+    /// more after `round` (a majority, so that one peer's claim to be ahead
+    /// moves nobody): this node was cut off or slow, and rejoins from their
+    /// newest average instead of finishing a round they left behind.
+    /// The newest round each author signed counts, not only the updates
+    /// buffered: an update too far ahead of this node's round is not kept
+    /// (a partitioned node's peers may be three rounds on), yet it is what
+    /// shows that this node fell behind.
+    pub(super) fn overtaken(&self, round: u64, members: usize) -> bool {
+        let ahead = self.heard.recent_authors.values().filter(|newest| **newest >= round.saturating_add(2)).count();
+        let others = members.saturating_sub(1).max(1);
+        ahead.saturating_mul(2) >= others
+    }
+}
