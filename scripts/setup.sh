@@ -9,8 +9,9 @@
 #   3. the embedded default model (SmolLM2-135M-Instruct Q4_1 GGUF) in models/,
 #      checked against its blake3 hash,
 #   4. the Python `openai` and `gguf` packages the tests use, in .deps/python,
-#   5. with --tests, Debian's chromium (the dashboard test's headless browser)
-#      and Python mlx-lm (the export interop check), which CI must not skip,
+#   5. with --tests, Debian's chromium (the dashboard test's headless browser),
+#      iptables and iproute2 (the network lab) and Python mlx-lm (the export
+#      interop check), which CI must not skip,
 #   6. a build of the workspace (skip with --no-build).
 # Nothing outside the repository is written except system packages.
 set -euo pipefail
@@ -83,8 +84,9 @@ install_system_packages() {
   if [ "$OS" = Linux ]; then
     command -v dpkg >/dev/null || die "only Debian/Ubuntu are supported on Linux (no dpkg found)"
     local wanted=(cmake libclang-dev libopenblas0-pthread b3sum unzip g++ python3-pip) missing=()
-    # The dashboard test drives a headless browser.
-    [ "$TEST_TOOLS" = 1 ] && wanted+=(chromium)
+    # The dashboard test drives a headless browser; the network lab
+    # (tests/netlab.rs) makes namespaces, NAT routers and netem links.
+    [ "$TEST_TOOLS" = 1 ] && wanted+=(chromium iptables iproute2)
     for pkg in "${wanted[@]}"; do
       dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
     done

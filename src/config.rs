@@ -22,6 +22,7 @@ pub struct Config {
     pub data: DataConfig,
     pub federation: FederationConfig,
     pub network: NetworkConfig,
+    pub relay: RelayConfig,
 }
 
 /// Which base model to fine-tune.
@@ -298,6 +299,9 @@ pub struct NetworkConfig {
     pub allow_peers_file: Option<PathBuf>,
     /// Disk the content store may use, in MB.
     pub store_quota_mb: u64,
+    /// Try direct connections through NAT (DCUtR) to peers reached through
+    /// a relay; off, a relayed peer stays relayed.
+    pub hole_punching: bool,
 }
 
 impl Default for NetworkConfig {
@@ -313,6 +317,43 @@ impl Default for NetworkConfig {
             psk_file: None,
             allow_peers_file: None,
             store_quota_mb: 4096,
+            hole_punching: true,
+        }
+    }
+}
+
+/// What a `relay` lets peers behind NAT use (docs/PROTOCOL.md, "Homes
+/// behind NAT"). The defaults carry a run of the default model through the
+/// relay alone; libp2p's own (128 KiB or 2 minutes a circuit) do not carry
+/// one adapter slice.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Bytes one relayed connection may carry, both ways, before the relay ends it.
+    pub max_circuit_bytes: u64,
+    /// Seconds one relayed connection may last.
+    pub max_circuit_duration_secs: u64,
+    /// Slots (reservations) held at once, in all and per peer.
+    pub max_reservations: u32,
+    pub max_reservations_per_peer: u32,
+    /// Relayed connections at once, in all and per peer.
+    pub max_circuits: u32,
+    pub max_circuits_per_peer: u32,
+    /// New relayed connections, and slot requests, one peer may make a
+    /// minute (so a relay on a home uplink is not taken over by one peer).
+    pub per_peer_per_minute: u32,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        Self {
+            max_circuit_bytes: 4 << 30,
+            max_circuit_duration_secs: 24 * 3600,
+            max_reservations: 256,
+            max_reservations_per_peer: 4,
+            max_circuits: 256,
+            max_circuits_per_peer: 32,
+            per_peer_per_minute: 60,
         }
     }
 }
@@ -438,6 +479,7 @@ impl Config {
             data,
             federation,
             network,
+            relay,
         } = self;
         check(!model.source.trim().is_empty(), "model.source", "must name a model file, folder or hf:org/name")?;
 
@@ -492,6 +534,16 @@ impl Config {
 
         check(!network.data_dir.as_os_str().is_empty(), "network.data_dir", "must not be empty")?;
         check(network.store_quota_mb >= 1, "network.store_quota_mb", "must be at least 1 (MB)")?;
+        check(relay.max_circuit_bytes >= 1 << 20, "relay.max_circuit_bytes", format!("must be at least 1048576 (1 MiB: a circuit must carry an adapter slice), got {}", relay.max_circuit_bytes))?;
+        check(relay.max_circuit_duration_secs >= 60, "relay.max_circuit_duration_secs", format!("must be at least 60, got {}", relay.max_circuit_duration_secs))?;
+        for (key, value) in [
+            ("relay.max_reservations", relay.max_reservations),
+            ("relay.max_reservations_per_peer", relay.max_reservations_per_peer),
+            ("relay.max_circuits", relay.max_circuits),
+            ("relay.max_circuits_per_peer", relay.max_circuits_per_peer),
+        ] {
+            check(value >= 1, key, format!("must be at least 1, got {value}"))?;
+        }
         for (key, addrs) in [("network.listen", &network.listen), ("network.bootstrap", &network.bootstrap)] {
             if let Some(bad) = addrs.iter().find(|a| !a.starts_with('/')) {
                 return Err((key.to_owned(), format!("`{bad}` is not a multiaddr (they start with `/`, e.g. /ip4/1.2.3.4/tcp/4001)")));

@@ -311,7 +311,8 @@ async fn an_allowlist_keeps_other_peers_out() {
 async fn a_node_is_reachable_through_a_relay_circuit() {
     let dir = tempfile::tempdir().unwrap();
     let options = |name: &str, relay_server: bool, bootstrap: Vec<Multiaddr>| NetworkOptions {
-        relay_server,
+        relay_server: relay_server.then(|| blossom_p2p::commands::node_args::relay_limits(&Default::default())),
+        hole_punching: true,
         store_quota: 1 << 20,
         ..common::loopback_options(dir.path().join(name), bootstrap)
     };

@@ -5,13 +5,15 @@
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use clap::Args;
 use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use libp2p_identity::Keypair;
 
-use crate::config::{Config, ConfigError, Origin, Partitioning};
+use crate::config::{Config, ConfigError, Origin, Partitioning, RelayConfig};
+use crate::p2p::behaviour::RelayLimits;
 use crate::p2p::network::{NetworkHandle, NetworkOptions, TransportKind};
 use crate::wire::codec::{Digest, Limits};
 
@@ -222,7 +224,8 @@ pub(crate) fn network_options(config: &Config, network: &NetworkArgs, bootstrap:
         bootstrap: multiaddrs(bootstrap, "bootstrap address")?,
         external: multiaddrs(&network.external_address, "external address")?,
         mdns: config.network.mdns,
-        relay_server,
+        relay_server: relay_server.then(|| relay_limits(&config.relay)),
+        hole_punching: config.network.hole_punching,
         store_dir: config.network.data_dir.join("store"),
         store_quota: config.network.store_quota_mb.saturating_mul(1 << 20),
         limits: Limits::default(),
@@ -231,6 +234,19 @@ pub(crate) fn network_options(config: &Config, network: &NetworkArgs, bootstrap:
             None => None,
         },
     })
+}
+
+/// The relay's limits, from `[relay]`.
+pub fn relay_limits(relay: &RelayConfig) -> RelayLimits {
+    RelayLimits {
+        max_circuit_bytes: relay.max_circuit_bytes,
+        max_circuit_duration: Duration::from_secs(relay.max_circuit_duration_secs),
+        max_reservations: relay.max_reservations as usize,
+        max_reservations_per_peer: relay.max_reservations_per_peer as usize,
+        max_circuits: relay.max_circuits as usize,
+        max_circuits_per_peer: relay.max_circuits_per_peer as usize,
+        per_peer_per_minute: relay.per_peer_per_minute,
+    }
 }
 
 /// A closed run's peer ids: one per line; blank lines and `#` comments are

@@ -19,7 +19,7 @@ use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::prometheus;
 use crate::node::status::{CertifiedRound, NodeStatus, rejection_kind};
-use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
+use crate::p2p::network::{NetworkEvent, NetworkHandle, PeerPath, spawn};
 use crate::wire::codec::Limits;
 
 use super::node_args::{NodeError, StartArgs, load_or_create_identity, network_options, with_peer_id};
@@ -198,9 +198,7 @@ async fn run_node(
             EngineEvent::Listening(addr) => println!("listening on {}", with_peer_id(addr, &peer_handle)),
             EngineEvent::PeerConnected(peer) => {
                 tracing::info!(%peer, "connected");
-                if let Ok(peers) = peer_handle.connected_peers().await {
-                    status.connected_peers = peers.iter().map(ToString::to_string).collect();
-                }
+                refresh_peers(&peer_handle, &mut status).await;
                 publish_status(&mut status);
             }
             EngineEvent::Resumed { round } => {
@@ -263,9 +261,7 @@ async fn run_node(
                 status.last_average = Some(report.average_hash.to_hex());
                 status.agreement = agreement;
                 status.last_eval_loss = report.eval_loss;
-                if let Ok(peers) = peer_handle.connected_peers().await {
-                    status.connected_peers = peers.iter().map(ToString::to_string).collect();
-                }
+                refresh_peers(&peer_handle, &mut status).await;
                 publish_status(&mut status);
                 // The record first: a line on stdout announces a round already on disk.
                 let record = json!({
@@ -319,5 +315,22 @@ async fn run_node(
         Ok(Ok(())) => Ok(()),
         Ok(Err(e)) => Err(NodeError::Run(e.to_string())),
         Err(e) => Err(NodeError::Run(format!("the round engine stopped: {e}"))),
+    }
+}
+
+/// The connected peers, and how each is reached, into the status.
+async fn refresh_peers(handle: &NetworkHandle, status: &mut NodeStatus) {
+    if let Ok(paths) = handle.peer_paths().await {
+        status.connected_peers = paths.iter().map(|(peer, _)| peer.to_string()).collect();
+        status.peer_paths = paths
+            .iter()
+            .map(|(peer, path)| {
+                let path = match path {
+                    PeerPath::Direct => "direct".to_owned(),
+                    PeerPath::Relayed(relay) => format!("relayed via {relay}"),
+                };
+                (peer.to_string(), path)
+            })
+            .collect();
     }
 }

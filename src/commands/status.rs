@@ -104,7 +104,10 @@ pub fn run(config: &Config, args: &StatusArgs) -> ExitCode {
         println!("rejected  {} messages{}", status.rejected, rejection_detail(&status.rejected_by_reason));
         println!("peers     {}", status.connected_peers.len());
         for peer in &status.connected_peers {
-            println!("          {peer}");
+            match status.peer_paths.get(peer) {
+                Some(path) => println!("          {peer} ({path})"),
+                None => println!("          {peer}"),
+            }
         }
     }
     if state == "running" || status.finished { ExitCode::SUCCESS } else { ExitCode::FAILURE }

@@ -32,6 +32,11 @@ pub fn render(status: &NodeStatus) -> String {
     for (reason, count) in &status.rejected_by_reason {
         let _ = writeln!(page, "blossom_rejected_by_reason_total{{run=\"{}\",peer=\"{}\",reason=\"{reason}\"}} {count}", status.run_id, status.peer_id);
     }
+    let _ = writeln!(page, "# HELP blossom_peers_by_path Connected peers, by path: direct, or through a relay.\n# TYPE blossom_peers_by_path gauge");
+    for path in ["direct", "relayed"] {
+        let count = status.peer_paths.values().filter(|p| p.starts_with(path)).count();
+        let _ = writeln!(page, "blossom_peers_by_path{{run=\"{}\",peer=\"{}\",path=\"{path}\"}} {count}", status.run_id, status.peer_id);
+    }
     let _ = writeln!(page, "# HELP blossom_quarantined Peers proven to misbehave, with the proof's kind.\n# TYPE blossom_quarantined gauge");
     for (peer, reason) in &status.quarantined {
         let _ = writeln!(page, "blossom_quarantined{{run=\"{}\",peer=\"{}\",quarantined=\"{peer}\",reason=\"{}\"}} 1", status.run_id, status.peer_id, rejection_kind(reason));

@@ -15,6 +15,9 @@ pub struct NodeStatus {
     pub peer_id: String,
     pub run_id: String,
     pub connected_peers: Vec<String>,
+    /// How each connected peer is reached: `direct`, or `relayed via <relay>`.
+    #[serde(default)]
+    pub peer_paths: BTreeMap<String, String>,
     /// The round being trained or collected.
     pub round: u64,
     pub rounds: u64,

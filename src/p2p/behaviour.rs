@@ -11,6 +11,46 @@ use crate::wire::codec::{CHUNK_SIZE, Digest};
 
 pub const IDENTIFY_PROTOCOL: &str = "/blossom/id/1";
 
+/// What a relay lets peers behind NAT use (`[relay]` in the configuration,
+/// where the defaults are; docs/PROTOCOL.md, "Homes behind NAT").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RelayLimits {
+    /// Bytes one relayed connection may carry (both ways) before the relay ends it.
+    pub max_circuit_bytes: u64,
+    /// How long one relayed connection may last.
+    pub max_circuit_duration: Duration,
+    /// Slots held at once, in all and per peer.
+    pub max_reservations: usize,
+    pub max_reservations_per_peer: usize,
+    /// Relayed connections at once, in all and per peer.
+    pub max_circuits: usize,
+    pub max_circuits_per_peer: usize,
+    /// New relayed connections one peer may open a minute, and slots it may
+    /// ask for a minute: a relay on a home uplink is not taken over by one peer.
+    pub per_peer_per_minute: u32,
+}
+
+impl RelayLimits {
+    fn config(&self) -> relay::Config {
+        let config = relay::Config {
+            max_reservations: self.max_reservations,
+            max_reservations_per_peer: self.max_reservations_per_peer,
+            max_circuits: self.max_circuits,
+            max_circuits_per_peer: self.max_circuits_per_peer,
+            max_circuit_duration: self.max_circuit_duration,
+            max_circuit_bytes: self.max_circuit_bytes,
+            // libp2p's per-peer and per-IP rate limiters are replaced by ours.
+            reservation_rate_limiters: Vec::new(),
+            circuit_src_rate_limiters: Vec::new(),
+            ..relay::Config::default()
+        };
+        match std::num::NonZeroU32::new(self.per_peer_per_minute) {
+            Some(limit) => config.reservation_rate_per_peer(limit, Duration::from_secs(60)).circuit_src_per_peer(limit, Duration::from_secs(60)),
+            None => config,
+        }
+    }
+}
+
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
     /// A closed run's allowlist: other peers' connections are denied.
@@ -25,7 +65,7 @@ pub struct Behaviour {
     pub autonat: autonat::Behaviour,
     pub relay_client: relay::client::Behaviour,
     pub relay_server: Toggle<relay::Behaviour>,
-    pub dcutr: dcutr::Behaviour,
+    pub dcutr: Toggle<dcutr::Behaviour>,
     pub gossipsub: gossipsub::Behaviour,
     pub chunks: request_response::Behaviour<ChunkCodec>,
 }
@@ -116,7 +156,7 @@ pub fn build(
     key: &identity::Keypair,
     relay_client: relay::client::Behaviour,
     mdns_on: bool,
-    relay_server: bool,
+    (relay_server, hole_punching): (Option<&RelayLimits>, bool),
     mesh_n: Option<usize>,
     allowed: Option<&std::collections::HashSet<PeerId>>,
 ) -> Result<Behaviour, String> {
@@ -148,14 +188,16 @@ pub fn build(
         allowed: allowed.into(),
         blocked: allow_block_list::Behaviour::default(),
         limits: connection_limits::Behaviour::new(limits),
-        identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public())),
+        // A new listen address (a relay slot's circuit address) goes to
+        // every connected peer at once, so the relay's Kademlia has it.
+        identify: identify::Behaviour::new(identify::Config::new(IDENTIFY_PROTOCOL.into(), key.public()).with_push_listen_addr_updates(true)),
         ping: ping::Behaviour::default(),
         kad: kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config),
         mdns: mdns.into(),
         autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
         relay_client,
-        relay_server: relay_server.then(|| relay::Behaviour::new(peer_id, relay::Config::default())).into(),
-        dcutr: dcutr::Behaviour::new(peer_id),
+        relay_server: relay_server.map(|limits| relay::Behaviour::new(peer_id, limits.config())).into(),
+        dcutr: hole_punching.then(|| dcutr::Behaviour::new(peer_id)).into(),
         gossipsub,
         chunks: request_response::Behaviour::new(
             [(PROTOCOL, request_response::ProtocolSupport::Full)],

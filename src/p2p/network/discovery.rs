@@ -2,7 +2,7 @@
 //! and relays; which peers are a run's members, and where this node can
 //! be dialled.
 
-use libp2p::{Multiaddr, PeerId, gossipsub, identify, mdns};
+use libp2p::{Multiaddr, PeerId, autonat, dcutr, gossipsub, identify, mdns};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::SwarmEvent;
 
@@ -30,20 +30,31 @@ impl EventLoop {
                     error: error.to_string(),
                 })
             }
-            SwarmEvent::ConnectionEstablished { peer_id, endpoint, num_established, .. } => {
+            SwarmEvent::ConnectionEstablished { peer_id, connection_id, endpoint, num_established, .. } => {
                 self.swarm.behaviour_mut().kad.add_address(&peer_id, endpoint.get_remote_address().clone());
+                self.on_connection(peer_id, connection_id, &endpoint);
                 if num_established.get() == 1 {
                     self.emit(NetworkEvent::PeerConnected(peer_id));
                 }
             }
+            SwarmEvent::ConnectionClosed { peer_id, connection_id, .. } => self.on_connection_closed(peer_id, connection_id),
+            SwarmEvent::ListenerClosed { listener_id, reason, .. } => self.on_listener_closed(listener_id, reason),
+            SwarmEvent::ListenerError { listener_id, error } => tracing::debug!(?listener_id, %error, "a listener failed"),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. })) => {
-                if info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME) {
-                    self.relays.insert(peer_id);
-                }
                 for addr in info.listen_addrs {
                     self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
                 }
+                if info.protocols.contains(&libp2p::relay::HOP_PROTOCOL_NAME) {
+                    self.relays.insert(peer_id);
+                    self.on_relay_found(peer_id);
+                }
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(autonat::Event::StatusChanged { new, .. })) => self.on_nat_status(new),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(event)) => self.on_relay_client_event(event),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(dcutr::Event { remote_peer_id, result })) => match result {
+                Ok(_) => tracing::info!(peer = %remote_peer_id, "hole punched: a direct connection"),
+                Err(e) => tracing::info!(peer = %remote_peer_id, error = %e, "no hole punched: the connection stays relayed"),
+            },
             SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
                 for (peer, addr) in found {
                     self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());

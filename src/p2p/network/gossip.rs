@@ -135,6 +135,7 @@ impl EventLoop {
             self.remember_verified(digest, &manifest, author);
         }
         self.remember_addresses(author, &manifest.addresses);
+        self.reach_behind_nat(author);
         if manifest.kind == ManifestKind::Attestation {
             // Kept in the store: this node's own average of the round may
             // come later, and then counts it.

@@ -9,7 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::wire::codec::Digest;
 use crate::wire::manifest::{Manifest, SignedManifest};
 
-use super::{Average, Exchange, NetworkError, Piece};
+use super::{Average, Exchange, NetworkError, PeerPath, Piece};
 use crate::p2p::chunk_protocol::HeldManifest;
 use crate::p2p::payload::{PayloadKind, PayloadTraffic};
 
@@ -23,6 +23,7 @@ pub(super) enum Command {
     /// Listen addresses that name a host, and confirmed external ones.
     Reachable(oneshot::Sender<Vec<Multiaddr>>),
     ConnectedPeers(oneshot::Sender<Vec<PeerId>>),
+    PeerPaths(oneshot::Sender<Vec<(PeerId, PeerPath)>>),
     PeerScore(PeerId, oneshot::Sender<Option<f64>>),
     /// Quarantine a peer proven to misbehave (the round engine's proof).
     Ban(PeerId),
@@ -161,6 +162,11 @@ impl NetworkHandle {
 
     pub async fn connected_peers(&self) -> Result<Vec<PeerId>, NetworkError> {
         self.call(Command::ConnectedPeers).await
+    }
+
+    /// Each connected peer's path: direct, or through which relay.
+    pub async fn peer_paths(&self) -> Result<Vec<(PeerId, PeerPath)>, NetworkError> {
+        self.call(Command::PeerPaths).await
     }
 
     /// This node's gossipsub score of `peer` (negative after invalid messages).

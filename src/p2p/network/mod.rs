@@ -17,6 +17,7 @@ mod fetch;
 mod gossip;
 mod handle;
 mod publish;
+mod relays;
 mod serve;
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
@@ -36,16 +37,18 @@ use crate::store::Store;
 use crate::wire::codec::{Digest, Limits};
 use crate::wire::manifest::{Manifest, SignedManifest};
 
-use super::behaviour::{self, Behaviour};
+use super::behaviour::{self, Behaviour, RelayLimits};
 use super::certify::{CertificateNews, Certifier};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse};
 use super::payload::PayloadTraffic;
 use fetch::{DirectFetch, Pending, PieceFetch};
 use handle::Command;
 use publish::Latest;
+use relays::RelaySlots;
 use serve::response_size;
 
 pub use handle::NetworkHandle;
+pub use relays::PeerPath;
 
 #[derive(Debug, Clone)]
 pub struct NetworkOptions {
@@ -54,8 +57,10 @@ pub struct NetworkOptions {
     /// Addresses others can reach this node at.
     pub external: Vec<Multiaddr>,
     pub mdns: bool,
-    /// Run a circuit-relay server (the `relay` command).
-    pub relay_server: bool,
+    /// Run a circuit-relay server with these limits (the `relay` command).
+    pub relay_server: Option<RelayLimits>,
+    /// Try direct connections (DCUtR) to peers reached through a relay.
+    pub hole_punching: bool,
     pub store_dir: PathBuf,
     pub store_quota: u64,
     pub limits: Limits,
@@ -197,6 +202,8 @@ struct EventLoop {
     wanted: HashMap<Digest, VecDeque<PeerId>>,
     in_flight: HashMap<request_response::OutboundRequestId, (Digest, PeerId)>,
     relay_server: bool,
+    /// Slots on relays (a node behind NAT), and each connection's path.
+    relay_slots: RelaySlots,
     allowed_peers: Option<HashSet<PeerId>>,
     traffic: Arc<PayloadTraffic>,
     /// Peers that identified as relay servers: they may join a run's topics
@@ -237,11 +244,13 @@ struct EventLoop {
 pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(NetworkHandle, mpsc::Receiver<NetworkEvent>), NetworkError> {
     let setup = |e: &dyn std::fmt::Display| NetworkError::Setup(e.to_string());
     let store = Store::open(&options.store_dir, options.store_quota).map_err(|e| setup(&e))?;
-    let (mdns_on, relay_server, mesh_n) = (options.mdns, options.relay_server, options.mesh_n);
+    let (mdns_on, relay_limits, mesh_n) = (options.mdns, options.relay_server.clone(), options.mesh_n);
+    let relay_server = relay_limits.is_some();
+    let hole_punching = options.hole_punching;
     let allowed_peers = options.allowed_peers.clone();
     let allowed_for_behaviour = allowed_peers.clone();
     let build_behaviour =
-        move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, relay_server, mesh_n, allowed_for_behaviour.as_ref());
+        move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, (relay_limits.as_ref(), hole_punching), mesh_n, allowed_for_behaviour.as_ref());
     let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
     let mut swarm = match (options.transport, options.psk) {
         (TransportKind::Internet, None) => builder
@@ -267,7 +276,9 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     if relay_server {
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
     }
-    for addr in &options.listen {
+    // A relay slot (`--listen <relay>/p2p-circuit`) is asked for once the
+    // loop runs, and again until the relay grants it (`relays.rs`).
+    for addr in options.listen.iter().filter(|a| !relays::is_circuit(a)) {
         swarm.listen_on(addr.clone()).map_err(|e| {
             let why = with_sources(&e);
             let hint = if why.contains("in use") { "; another process has this port: pick another in --listen, or stop it" } else { "" };
@@ -302,6 +313,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         wanted: HashMap::new(),
         in_flight: HashMap::new(),
         relay_server,
+        relay_slots: RelaySlots::new(&options.listen),
         relays: HashSet::new(),
         allowed_peers,
         traffic: traffic.clone(),
@@ -363,7 +375,10 @@ impl EventLoop {
                     // Every handle is gone: shut down.
                     None => return,
                 },
-                _ = tick.tick() => self.fetch_missing(),
+                _ = tick.tick() => {
+                    self.fetch_missing();
+                    self.keep_relay_slots();
+                }
                 permit = self.events.clone().reserve_owned(), if !self.outbox.is_empty() => match permit {
                     Ok(permit) => self.deliver(permit),
                     Err(_) => self.outbox.clear(),
@@ -441,6 +456,9 @@ impl EventLoop {
             }
             Command::PeerScore(peer, reply) => {
                 let _ = reply.send(self.swarm.behaviour().gossipsub.peer_score(&peer));
+            }
+            Command::PeerPaths(reply) => {
+                let _ = reply.send(self.relay_slots.paths());
             }
             Command::ConnectedPeers(reply) => {
                 let _ = reply.send(self.swarm.connected_peers().copied().collect());
