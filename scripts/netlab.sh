@@ -7,7 +7,7 @@
 # have no link to the host's own network. Needs root (CAP_NET_ADMIN),
 # iproute2 and iptables (`bash scripts/setup.sh --tests` installs them).
 #
-#   netlab.sh up NAME [--homes N] [--nat port|random] [--public] [--netem "delay 40ms loss 1% rate 20mbit"]
+#   netlab.sh up NAME [--homes N] [--nat port|random] [--public] [--rate 20mbit] [--loss 1] [--delay 40ms]
 #   netlab.sh down NAME
 #   netlab.sh list
 #
@@ -19,8 +19,11 @@
 # --nat port: MASQUERADE keeps source ports where it can (endpoint-
 # independent mapping: hole punching can work); --nat random: MASQUERADE
 # --random-fully (a new random port for every connection: it cannot).
-# --netem: the conditions on each home's uplink (both ways), e.g. latency,
-# loss and rate.
+# --rate, --loss (percent), --delay: each home's uplink, both ways. Rate is
+# a token bucket (tc tbf), loss a random drop in the router (iptables
+# statistic); delay needs the kernel's netem (CONFIG_NET_SCH_NETEM), which
+# some kernels (this project's CI machines') leave out: then --delay stops
+# with an error, and rate and loss still work.
 set -euo pipefail
 
 die() { printf 'netlab: %s\n' "$*" >&2; exit 1; }
@@ -40,20 +43,25 @@ join_wan() {
 }
 
 up() {
-  local homes=2 nat=port public=0 netem=""
+  local homes=2 nat=port public=0 rate="" loss="" delay=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --homes) homes="$2"; shift 2 ;;
       --nat) nat="$2"; shift 2 ;;
       --public) public=1; shift ;;
-      --netem) netem="$2"; shift 2 ;;
-      *) die "unknown option '$1' (known: --homes N, --nat port|random, --public, --netem SPEC)" ;;
+      --rate) rate="$2"; shift 2 ;;
+      --loss) loss="$2"; shift 2 ;;
+      --delay) delay="$2"; shift 2 ;;
+      *) die "unknown option '$1' (known: --homes N, --nat port|random, --public, --rate R, --loss PERCENT, --delay D)" ;;
     esac
   done
   case "$nat" in port|random) ;; *) die "--nat takes port or random, not '$nat'" ;; esac
   [[ "$homes" =~ ^[1-9]$ ]] || die "--homes takes 1 to 9, not '$homes'"
   command -v iptables >/dev/null || die "iptables is missing: apt-get install iptables"
-  [ -n "$netem" ] && { command -v tc >/dev/null || die "tc is missing: apt-get install iproute2"; }
+  { [ -n "$rate" ] || [ -n "$delay" ]; } && { command -v tc >/dev/null || die "tc is missing: apt-get install iproute2"; }
+  [ -z "$rate" ] || [[ "$rate" =~ ^[0-9]+[kmg]bit$ ]] || die "--rate takes e.g. 20mbit, not '$rate'"
+  [ -z "$loss" ] || [[ "$loss" =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "--loss takes a percentage, e.g. 1, not '$loss'"
+  [ -z "$delay" ] || [[ "$delay" =~ ^[0-9]+ms$ ]] || die "--delay takes e.g. 40ms, not '$delay'"
   # A lab of this name left by a killed run goes first.
   down_quietly
   local all=(wan relay) i
@@ -87,17 +95,25 @@ up() {
     in_ns "$router" iptables -P INPUT DROP
     in_ns "$router" iptables -A INPUT -m conntrack --ctstate ESTABLISHED,RELATED -j ACCEPT
     in_ns "$router" iptables -A INPUT -i lan0 -j ACCEPT
-    if [ -n "$netem" ]; then
-      # Upload on the router's internet side, download on its LAN side.
-      # shellcheck disable=SC2086
-      in_ns "$router" tc qdisc add dev eth0 root netem $netem
-      # shellcheck disable=SC2086
-      in_ns "$router" tc qdisc add dev lan0 root netem $netem
+    # Upload leaves by the router's internet side, download by its LAN side.
+    local dev
+    for dev in eth0 lan0; do
+      if [ -n "$delay" ]; then
+        in_ns "$router" tc qdisc add dev "$dev" root netem delay "$delay" ${rate:+rate "$rate"} \
+          || die "no netem in this kernel (CONFIG_NET_SCH_NETEM): --delay cannot be emulated here"
+      elif [ -n "$rate" ]; then
+        in_ns "$router" tc qdisc add dev "$dev" root tbf rate "$rate" burst 64kb latency 400ms
+      fi
+    done
+    if [ -n "$loss" ]; then
+      local probability
+      probability="$(awk -v p="$loss" 'BEGIN { printf "%.4f", p / 100 }')"
+      in_ns "$router" iptables -I FORWARD 1 -m statistic --mode random --probability "$probability" -j DROP
     fi
   done
-  printf 'netlab %s: relay 198.51.100.1%s, %s homes behind %s NAT%s\n' "$LAB" \
+  printf 'netlab %s: relay 198.51.100.1%s, %s homes behind %s NAT%s%s%s\n' "$LAB" \
     "$([ "$public" = 1 ] && echo ', public node 198.51.100.2')" "$homes" \
-    "$([ "$nat" = port ] && echo port-preserving || echo random-port)" "${netem:+, uplinks: $netem}"
+    "$([ "$nat" = port ] && echo port-preserving || echo random-port)" "${rate:+, uplinks $rate}" "${loss:+, $loss% loss}" "${delay:+, $delay delay}"
 }
 
 # Removes every namespace of the lab (their veth pairs go with them).

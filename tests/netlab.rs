@@ -250,7 +250,9 @@ fn relay_link_bytes(lab: &Lab) -> u64 {
 /// uplinks; returns round 1's time on the first home and the bytes through
 /// the relay's link.
 fn four_homes_on_slow_uplinks(name: &str, hole_punching: bool) -> Option<(Duration, u64)> {
-    let lab = Lab::up(name, &["--homes", "4", "--nat", "port", "--netem", "delay 40ms loss 1% rate 20mbit"])?;
+    // No delay: the kernel of this project's CI machines has no netem
+    // (scripts/netlab.sh); rate and loss are the lab's own.
+    let lab = Lab::up(name, &["--homes", "4", "--nat", "port", "--rate", "20mbit", "--loss", "1"])?;
     let dir = tempfile::tempdir().unwrap();
     let (_relay, relay_addr) = start_relay(&lab, dir.path());
     let punching = format!("network.hole_punching={hole_punching}");
@@ -268,8 +270,8 @@ fn four_homes_on_slow_uplinks(name: &str, hole_punching: bool) -> Option<(Durati
     Some((round, relay_link_bytes(&lab)))
 }
 
-/// (d) Four homes on 40 ms / 1% loss / 20 Mbit/s uplinks at the default
-/// adapter size: every round agrees with hole punching on and off. Prints
+/// (d) Four homes on 20 Mbit/s uplinks losing 1% of packets, at the
+/// default adapter size: every round agrees with hole punching on and off. Prints
 /// round 1's time and the relay's bytes for each (README, "Homes behind
 /// NAT", has the figures).
 #[test]
