@@ -13,24 +13,39 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// A lab; removed when dropped.
+/// A lab; removed when dropped. One at a time in this process: each runs
+/// up to five nodes, and two at once on a 2-core machine made rounds slow
+/// enough to miss their waits.
 struct Lab {
     name: String,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
 
+static LABS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 impl Lab {
-    /// Makes lab `name` (`netlab.sh up NAME OPTIONS`), or `None` where this
-    /// machine cannot (not root, outside CI).
-    fn up(name: &str, options: &[&str]) -> Option<Lab> {
+    /// Makes lab `case` (`netlab.sh up NAME OPTIONS`, the name made unique
+    /// to this process), or `None` where this machine cannot (not root,
+    /// outside CI).
+    fn up(case: &str, options: &[&str]) -> Option<Lab> {
+        // Two test runs on one machine (a developer's and a rehearsal of CI)
+        // must not share namespaces: the name carries the process id.
+        let name = &format!("{case}{}", std::process::id() % 1_000_000);
         let root = Command::new("id").arg("-u").output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
         if !root {
             common::skip_unless_ci("the network lab needs root (network namespaces)");
             return None;
         }
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
+        // A test that failed while holding the lock leaves it poisoned; the
+        // lab it held is gone all the same (its Drop ran).
+        let guard = LABS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
         let output = Command::new("bash").arg(&script).args(["up", name]).args(options).output().expect("run netlab.sh");
         // Dropped even when `up` failed half way: it removes what was made.
-        let lab = Lab { name: name.to_owned() };
+        let lab = Lab {
+            name: name.to_owned(),
+            _one_at_a_time: guard,
+        };
         assert!(output.status.success(), "netlab.sh up {name}: {}", String::from_utf8_lossy(&output.stderr));
         Some(lab)
     }
@@ -55,6 +70,7 @@ impl Lab {
         forward(child.stdout.take().expect("stdout"), tx.clone());
         forward(child.stderr.take().expect("stderr"), tx);
         Proc {
+            host: host.to_owned(),
             child,
             lines,
             seen: Vec::new(),
@@ -81,6 +97,7 @@ fn forward(stream: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
 
 /// A process in the lab, killed when dropped; every line it printed is kept.
 struct Proc {
+    host: String,
     child: Child,
     lines: mpsc::Receiver<String>,
     seen: Vec<String>,
@@ -90,6 +107,14 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // A failed test shows what every node of its lab last said.
+        if std::thread::panicking() {
+            while let Ok(line) = self.lines.try_recv() {
+                self.seen.push(line);
+            }
+            let tail = self.seen.len().saturating_sub(60);
+            eprintln!("--- {} (its last lines):\n{}", self.host, self.seen[tail..].join("\n"));
+        }
     }
 }
 

@@ -254,6 +254,7 @@ async fn run_node(
                             round: m.newest_round,
                             rows: m.rows,
                             state: if m.peer == peer_handle.peer_id { "this node".into() } else { "member".into() },
+                            path: status.peer_paths.get(&m.peer.to_string()).cloned(),
                         })
                         .collect();
                 });

@@ -25,6 +25,9 @@ pub struct PeerRow {
     /// Its training rows in that round (its partition).
     pub rows: Option<usize>,
     pub state: String,
+    /// How this node reaches it: `direct`, or `relayed via <relay>`.
+    #[serde(default)]
+    pub path: Option<String>,
 }
 
 /// One finished round on the chart.

@@ -456,6 +456,8 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
                     round: Some(report.round),
                     rows: Some(report.rows),
                     state: String::new(),
+                    // In-memory links: every path is direct.
+                    path: None,
                 });
                 let seen = sim.traffic_seen.insert(node, now).unwrap_or_default();
                 let round = report.round;

@@ -46,7 +46,7 @@ function peers(rows) {
   body.innerHTML = "";
   for (const p of rows) {
     const tr = document.createElement("tr");
-    for (const value of [p.peer, p.round ?? "–", p.rows ?? "–", p.state]) {
+    for (const value of [p.peer, p.round ?? "–", p.rows ?? "–", p.state, p.path ?? "–"]) {
       const td = document.createElement("td");
       td.textContent = value;
       tr.appendChild(td);

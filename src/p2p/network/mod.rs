@@ -11,6 +11,7 @@
 //! | `fetch.rs` | missing chunks, pieces, a round's manifests, the newest certificate: asked of peers, checked |
 //! | `serve.rs` | answers to peers' requests; this node's certified averages; store clean-up |
 //! | `discovery.rs` | listen addresses, identify, mDNS, Kademlia, relays; a run's peers |
+//! | `relays.rs` | behind NAT: relay slots, dials through relays, each connection's path |
 
 mod discovery;
 mod fetch;
