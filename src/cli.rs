@@ -296,10 +296,10 @@ mod tests {
     fn set_before_and_after_the_subcommand_is_kept_in_order() {
         let cli = Cli::parse_ordered(["blossom-p2p", "--set", "lora.rank=4", "--set=train.seed=1", "status", "--set", "lora.rank=16"]);
         assert_eq!(cli.global.overrides, ["lora.rank=4", "train.seed=1", "lora.rank=16"]);
-        // After `--` nothing is an option.
         let cli = Cli::parse_ordered(["blossom-p2p", "--set", "lora.rank=4", "status"]);
-        assert_eq!(overrides_in_order(&["b".into(), "--".into(), "--set".into(), "x=1".into()]), Vec::<String>::new());
         assert_eq!(cli.global.overrides, ["lora.rank=4"]);
+        // After `--` nothing is an option.
+        assert_eq!(overrides_in_order(&["b".into(), "--".into(), "--set".into(), "x=1".into()]), Vec::<String>::new());
     }
 
     #[test]

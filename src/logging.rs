@@ -25,27 +25,21 @@ static DESTINATION: OnceLock<Destination> = OnceLock::new();
 static VERBOSE: AtomicBool = AtomicBool::new(false);
 
 /// One log line's writer: the file if one is set, else stderr.
-enum LineWriter {
-    Stderr(io::Stderr),
-    File(Arc<Mutex<Option<File>>>),
-}
+struct LineWriter(Arc<Mutex<Option<File>>>);
 
 impl Write for LineWriter {
     fn write(&mut self, bytes: &[u8]) -> io::Result<usize> {
-        match self {
-            LineWriter::Stderr(stderr) => stderr.write(bytes),
-            // A poisoned lock only means another thread panicked mid-line.
-            LineWriter::File(file) => match file.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
-                Some(file) => file.write(bytes),
-                None => io::stderr().write(bytes),
-            },
+        // A poisoned lock only means another thread panicked mid-line.
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(file) => file.write(bytes),
+            None => io::stderr().write(bytes),
         }
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        match self {
-            LineWriter::Stderr(stderr) => stderr.flush(),
-            LineWriter::File(file) => file.lock().unwrap_or_else(|e| e.into_inner()).as_mut().map_or(Ok(()), File::flush),
+        match self.0.lock().unwrap_or_else(|e| e.into_inner()).as_mut() {
+            Some(file) => file.flush(),
+            None => io::stderr().flush(),
         }
     }
 }
@@ -54,8 +48,7 @@ impl<'a> MakeWriter<'a> for Destination {
     type Writer = LineWriter;
 
     fn make_writer(&'a self) -> LineWriter {
-        let to_file = self.file.lock().unwrap_or_else(|e| e.into_inner()).is_some();
-        if to_file { LineWriter::File(self.file.clone()) } else { LineWriter::Stderr(io::stderr()) }
+        LineWriter(self.file.clone())
     }
 }
 

@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
@@ -67,8 +66,8 @@ impl Lab {
             .spawn()
             .expect("start a node in the lab");
         let (tx, lines) = mpsc::channel();
-        forward(child.stdout.take().expect("stdout"), tx.clone());
-        forward(child.stderr.take().expect("stderr"), tx);
+        common::forward_lines(child.stdout.take().expect("stdout"), tx.clone());
+        common::forward_lines(child.stderr.take().expect("stderr"), tx);
         Proc {
             host: host.to_owned(),
             child,
@@ -83,16 +82,6 @@ impl Drop for Lab {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/netlab.sh");
         let _ = Command::new("bash").arg(script).args(["down", &self.name]).status();
     }
-}
-
-fn forward(stream: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
-    std::thread::spawn(move || {
-        for line in BufReader::new(stream).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
 }
 
 /// A process in the lab, killed when dropped; every line it printed is kept.

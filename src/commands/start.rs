@@ -19,7 +19,7 @@ use crate::node::compute::{self, ComputeSettings};
 use crate::node::engine::{Engine, EngineEvent, EngineSettings, PartitionMode, RoundClock};
 use crate::node::prometheus;
 use crate::node::status::{CertifiedRound, NodeStatus, rejection_kind};
-use crate::p2p::network::{NetworkEvent, NetworkHandle, PeerPath, spawn};
+use crate::p2p::network::{NetworkEvent, NetworkHandle, spawn};
 use crate::wire::codec::Limits;
 
 use super::node_args::{NodeError, StartArgs, load_or_create_identity, network_options, with_peer_id};
@@ -323,15 +323,6 @@ async fn run_node(
 async fn refresh_peers(handle: &NetworkHandle, status: &mut NodeStatus) {
     if let Ok(paths) = handle.peer_paths().await {
         status.connected_peers = paths.iter().map(|(peer, _)| peer.to_string()).collect();
-        status.peer_paths = paths
-            .iter()
-            .map(|(peer, path)| {
-                let path = match path {
-                    PeerPath::Direct => "direct".to_owned(),
-                    PeerPath::Relayed(relay) => format!("relayed via {relay}"),
-                };
-                (peer.to_string(), path)
-            })
-            .collect();
+        status.peer_paths = paths.iter().map(|(peer, path)| (peer.to_string(), path.to_string())).collect();
     }
 }

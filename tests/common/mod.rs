@@ -99,7 +99,8 @@ impl Drop for Node {
     }
 }
 
-fn forward_lines(stream: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
+/// Sends each line `stream` gives to `tx`, on a thread of its own.
+pub fn forward_lines(stream: impl Read + Send + 'static, tx: mpsc::Sender<String>) {
     std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             if tx.send(line).is_err() {

@@ -54,20 +54,22 @@ impl<T: RoundTrainer> Engine<T> {
     /// joiners inside its certificate, never gossiped (nodes that agree
     /// already hold these chunks); its attestation is gossiped
     /// (docs/SECURITY.md, "Round certificates"). Then the store forgets
-    /// what is two rounds old.
-    pub(super) async fn keep_average(&mut self, round: u64, parent: Digest, examples: u64, eval_loss: Option<f32>, averaged: &Averaged) -> Result<(), EngineError> {
-        let inputs_list = inputs::encode_inputs(&averaged.inputs);
+    /// what is two rounds old. Its encoding goes to the network (no copy of
+    /// an adapter a round); the tensors come back for the report.
+    pub(super) async fn keep_average(&mut self, round: u64, parent: Digest, examples: u64, eval_loss: Option<f32>, averaged: Averaged) -> Result<Tensors, EngineError> {
+        let Averaged { average, bytes, inputs: used, .. } = averaged;
+        let inputs_list = inputs::encode_inputs(&used);
         let average_manifest = Manifest {
             kind: ManifestKind::Average,
             parent: Some(parent),
             examples,
             eval_loss,
             inputs: Some(Digest::of(&inputs_list)),
-            ..Manifest::describe(self.settings.run_id, round, &self.me(), &averaged.bytes)
+            ..Manifest::describe(self.settings.run_id, round, &self.me(), &bytes)
         };
         let kept = match self.settings.misbehaviour {
-            Some(Misbehaviour::FakeAverage) => self.fake_average(round, &averaged.average)?,
-            _ => self.attested(average_manifest, averaged.bytes.clone(), inputs_list)?,
+            Some(Misbehaviour::FakeAverage) => self.fake_average(round, &average)?,
+            _ => self.attested(average_manifest, bytes, inputs_list)?,
         };
         if self.settings.misbehaviour != Some(Misbehaviour::Silent) {
             self.net.keep_average(kept).await.map_err(|e| EngineError::Network(e.to_string()))?;
@@ -75,7 +77,7 @@ impl<T: RoundTrainer> Engine<T> {
         if let Err(e) = self.net.forget_before(round.saturating_sub(1)).await {
             tracing::warn!(error = %e, "store clean-up failed");
         }
-        Ok(())
+        Ok(average)
     }
 
     /// `simulate --attack fake-average`: in place of its real average, a

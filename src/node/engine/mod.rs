@@ -256,13 +256,14 @@ impl<T: RoundTrainer> Engine<T> {
         let eval_loss = self.evaluate(round, &averaged.average).await?;
         let average_hash = Digest::of(&averaged.bytes);
         let contributors = averaged.inputs.len();
-        self.keep_average(round, parent, examples, eval_loss, &averaged).await?;
-        self.save_average(round, &averaged.average).await?;
+        let (fedavg_drift, slices_computed) = (averaged.fedavg_drift, averaged.slices_computed);
+        let average = self.keep_average(round, parent, examples, eval_loss, averaged).await?;
+        self.save_average(round, &average).await?;
         tracing::debug!(round, contributors, expected = members.len(), timed_out, average = %average_hash, "round done");
         Ok(RoundEnd::Done(RoundReport {
             round,
             average_hash,
-            average: Arc::new(averaged.average),
+            average: Arc::new(average),
             parent,
             contributors,
             expected: members.len(),
@@ -271,10 +272,10 @@ impl<T: RoundTrainer> Engine<T> {
             local,
             eval_loss,
             agreement_before: same_parent as f64 / contributors.max(1) as f64,
-            fedavg_drift: averaged.fedavg_drift,
+            fedavg_drift,
             elapsed: started.elapsed(),
             members: self.member_views(members, round),
-            slices_computed: averaged.slices_computed,
+            slices_computed,
         }))
     }
 

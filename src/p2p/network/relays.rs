@@ -47,6 +47,15 @@ struct Slot {
     failures: u32,
 }
 
+/// One open connection.
+struct Connection {
+    id: ConnectionId,
+    path: PeerPath,
+    /// The address this node dialled, without `/p2p/…` (a relay's is where
+    /// a slot is asked for); none for an inbound connection.
+    dialled: Option<Multiaddr>,
+}
+
 /// How a connection to a peer runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PeerPath {
@@ -55,11 +64,18 @@ pub enum PeerPath {
     Relayed(PeerId),
 }
 
+impl std::fmt::Display for PeerPath {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PeerPath::Direct => write!(f, "direct"),
+            PeerPath::Relayed(relay) => write!(f, "relayed via {relay}"),
+        }
+    }
+}
+
 /// Relay slots, and the path of each connection.
 pub(super) struct RelaySlots {
     slots: HashMap<PeerId, Slot>,
-    /// Addresses this node dialled relays at (where a slot is asked for).
-    relay_addrs: HashMap<PeerId, Multiaddr>,
     /// AutoNAT's verdict, once it has one.
     nat: autonat::NatStatus,
     started: Instant,
@@ -68,8 +84,8 @@ pub(super) struct RelaySlots {
     discovery_wait: Duration,
     /// Peers dialled through relays, and when (once every `REDIAL_AFTER`).
     reaching: HashMap<PeerId, Instant>,
-    /// Open connections by peer, with their path.
-    connections: HashMap<PeerId, Vec<(ConnectionId, PeerPath)>>,
+    /// Open connections by peer.
+    connections: HashMap<PeerId, Vec<Connection>>,
 }
 
 impl RelaySlots {
@@ -78,7 +94,6 @@ impl RelaySlots {
     pub(super) fn new(listen: &[Multiaddr]) -> Self {
         let mut slots = RelaySlots {
             slots: HashMap::new(),
-            relay_addrs: HashMap::new(),
             nat: autonat::NatStatus::Unknown,
             started: Instant::now(),
             next_discovery: Instant::now(),
@@ -100,8 +115,8 @@ impl RelaySlots {
             .connections
             .iter()
             .filter_map(|(peer, conns)| {
-                let direct = conns.iter().any(|(_, path)| *path == PeerPath::Direct);
-                let path = if direct { Some(PeerPath::Direct) } else { conns.first().map(|(_, path)| *path) };
+                let direct = conns.iter().any(|c| c.path == PeerPath::Direct);
+                let path = if direct { Some(PeerPath::Direct) } else { conns.first().map(|c| c.path) };
                 path.map(|path| (*peer, path))
             })
             .collect();
@@ -120,6 +135,16 @@ impl Slot {
             next_try: Instant::now(),
             failures: 0,
         }
+    }
+
+    /// Records a failure; returns how long until the next try.
+    fn failed(&mut self) -> Duration {
+        self.listener = None;
+        self.reserved = false;
+        self.failures = self.failures.saturating_add(1);
+        let wait = Duration::from_secs(1u64 << self.failures.min(6).saturating_sub(1)).min(MAX_RETRY);
+        self.next_try = Instant::now() + wait;
+        wait
     }
 }
 
@@ -168,19 +193,20 @@ impl EventLoop {
             ConnectedPoint::Listener { local_addr, .. } if is_circuit(local_addr) => circuit_relay(local_addr).map_or(PeerPath::Direct, PeerPath::Relayed),
             _ => PeerPath::Direct,
         };
-        if let ConnectedPoint::Dialer { address, .. } = endpoint
-            && path == PeerPath::Direct
-        {
-            let mut base = address.clone();
-            if matches!(base.iter().last(), Some(Protocol::P2p(_))) {
-                base.pop();
+        let dialled = match endpoint {
+            ConnectedPoint::Dialer { address, .. } if path == PeerPath::Direct => {
+                let mut base = address.clone();
+                if matches!(base.iter().last(), Some(Protocol::P2p(_))) {
+                    base.pop();
+                }
+                Some(base)
             }
-            self.relay_slots.relay_addrs.insert(peer, base);
-        }
+            _ => None,
+        };
         let connections = self.relay_slots.connections.entry(peer).or_default();
-        connections.push((id, path));
+        connections.push(Connection { id, path, dialled });
         if path == PeerPath::Direct {
-            let relayed: Vec<ConnectionId> = connections.iter().filter(|(_, p)| *p != PeerPath::Direct).map(|(c, _)| *c).collect();
+            let relayed: Vec<ConnectionId> = connections.iter().filter(|c| c.path != PeerPath::Direct).map(|c| c.id).collect();
             if !relayed.is_empty() {
                 tracing::info!(%peer, "direct connection made; the relayed one is closed");
             }
@@ -194,7 +220,7 @@ impl EventLoop {
 
     pub(super) fn on_connection_closed(&mut self, peer: PeerId, id: ConnectionId) {
         if let Some(connections) = self.relay_slots.connections.get_mut(&peer) {
-            connections.retain(|(c, _)| *c != id);
+            connections.retain(|c| c.id != id);
             if connections.is_empty() {
                 self.relay_slots.connections.remove(&peer);
             }
@@ -207,7 +233,8 @@ impl EventLoop {
         if self.relay_server || self.relay_slots.slots.contains_key(&relay) || self.relay_slots.slots.len() >= MAX_SLOTS {
             return;
         }
-        let Some(base) = self.relay_slots.relay_addrs.get(&relay) else { return };
+        let dialled = self.relay_slots.connections.get(&relay).into_iter().flatten().find_map(|c| c.dialled.as_ref());
+        let Some(base) = dialled else { return };
         let addr = base.clone().with(Protocol::P2p(relay)).with(Protocol::P2pCircuit);
         self.relay_slots.slots.insert(relay, Slot::new(addr, false));
     }
@@ -315,18 +342,6 @@ impl EventLoop {
             relay::client::Event::OutboundCircuitEstablished { relay_peer_id, .. } => tracing::debug!(relay = %relay_peer_id, "circuit out through the relay"),
             relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => tracing::debug!(peer = %src_peer_id, "circuit in through a relay"),
         }
-    }
-}
-
-impl Slot {
-    /// Records a failure; returns how long until the next try.
-    fn failed(&mut self) -> Duration {
-        self.listener = None;
-        self.reserved = false;
-        self.failures = self.failures.saturating_add(1);
-        let wait = Duration::from_secs(1u64 << self.failures.min(6).saturating_sub(1)).min(MAX_RETRY);
-        self.next_try = Instant::now() + wait;
-        wait
     }
 }
 
