@@ -21,6 +21,9 @@ use super::node_args::{NodeError, RelayArgs, StartArgs, load_or_create_identity,
 
 /// How often a seeding relay asks its runs' nodes for their certified averages.
 const SEED_REFRESH: Duration = Duration::from_secs(15);
+/// How often a relay logs the bytes it carried for each peer (those that
+/// changed, and those gone since).
+const CARRIED_REPORT: Duration = Duration::from_secs(30);
 
 fn exit(err: NodeError) -> ExitCode {
     eprintln!("error: {err}");
@@ -167,6 +170,20 @@ async fn run_exchange(config: &Config, args: &StartArgs) -> Result<(), NodeError
     }
 }
 
+/// Logs each peer's bytes through this relay (its connection to the peer
+/// carries that peer's circuits), totals since it connected.
+fn report_carried(handle: &NetworkHandle) {
+    for traffic in handle.peer_bytes() {
+        let (peer, from_peer, to_peer) = (traffic.peer, traffic.received, traffic.sent);
+        let megabytes = from_peer.saturating_add(to_peer) as f64 / 1e6;
+        if traffic.gone {
+            tracing::info!(%peer, from_peer, to_peer, "bytes carried for {peer}: {megabytes:.2} MB in all; it has disconnected");
+        } else {
+            tracing::info!(%peer, from_peer, to_peer, "bytes carried for {peer}: {megabytes:.2} MB so far");
+        }
+    }
+}
+
 async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
     let seed_runs = args
         .seed_runs
@@ -186,9 +203,14 @@ async fn run_relay(config: &Config, args: &RelayArgs) -> Result<(), NodeError> {
         println!("seeding run {run_id}");
     }
     let mut ask = tokio::time::interval(SEED_REFRESH);
+    let mut carried = tokio::time::interval(CARRIED_REPORT);
     loop {
         let event = tokio::select! {
             event = next_or_ctrl_c(events.recv()) => event?,
+            _ = carried.tick() => {
+                report_carried(&handle);
+                continue;
+            }
             _ = ask.tick() => {
                 for run_id in &seed_runs {
                     // No peer yet is routine: the next tick asks again.

@@ -7,4 +7,5 @@ pub mod certify;
 pub mod chunk_protocol;
 pub mod network;
 pub mod payload;
+pub mod peer_bytes;
 pub mod sources;

@@ -12,6 +12,7 @@ use crate::wire::manifest::{Manifest, SignedManifest};
 use super::{Average, Exchange, NetworkError, PeerPath, Piece};
 use crate::p2p::chunk_protocol::HeldManifest;
 use crate::p2p::payload::{PayloadKind, PayloadTraffic};
+use crate::p2p::peer_bytes::{PeerBytes, PeerTraffic};
 
 pub(super) enum Command {
     Subscribe(Digest, Exchange, oneshot::Sender<Result<(), String>>),
@@ -53,9 +54,16 @@ pub struct NetworkHandle {
     pub(super) commands: mpsc::Sender<Command>,
     pub peer_id: PeerId,
     pub(super) traffic: Arc<PayloadTraffic>,
+    pub(super) peer_bytes: Arc<PeerBytes>,
 }
 
 impl NetworkHandle {
+    /// Each peer's bytes (received from it, sent to it) that changed since
+    /// the last call, and peers gone since, with their final totals.
+    pub fn peer_bytes(&self) -> Vec<PeerTraffic> {
+        self.peer_bytes.report()
+    }
+
     /// (sent, received) payload bytes so far.
     pub fn payload_traffic(&self) -> (u64, u64) {
         self.traffic.totals()

@@ -31,7 +31,7 @@ use libp2p::core::muxing::StreamMuxerBox;
 use libp2p::core::transport::Boxed;
 use libp2p::core::{Transport, upgrade};
 use libp2p::pnet::{PnetConfig, PreSharedKey};
-use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identity, kad, noise, request_response, tcp, yamux};
+use libp2p::{Multiaddr, PeerId, Swarm, gossipsub, identity, kad, noise, quic, request_response, tcp, yamux};
 use tokio::sync::mpsc;
 
 use crate::store::Store;
@@ -42,6 +42,7 @@ use super::behaviour::{self, Behaviour, RelayLimits};
 use super::certify::{CertificateNews, Certifier};
 use super::chunk_protocol::{ChunkRequest, ChunkResponse};
 use super::payload::PayloadTraffic;
+use super::peer_bytes::PeerBytes;
 use fetch::{DirectFetch, Pending, PieceFetch};
 use handle::Command;
 use publish::Latest;
@@ -252,28 +253,23 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     let allowed_for_behaviour = allowed_peers.clone();
     let build_behaviour =
         move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, (relay_limits.as_ref(), hole_punching), mesh_n, allowed_for_behaviour.as_ref());
-    let builder = libp2p::SwarmBuilder::with_existing_identity(keypair).with_tokio();
-    let mut swarm = match (options.transport, options.psk) {
-        (TransportKind::Internet, None) => builder
-            .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
-            .map_err(|e| setup(&e))?
-            .with_quic()
-            .with_relay_client(noise::Config::new, yamux::Config::default)
-            .map_err(|e| setup(&e))?
-            .with_behaviour(|key, relay_client| build_behaviour(key, relay_client).map_err(Into::into))
-            .map_err(|e| setup(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-            .build(),
-        (kind, psk) => builder
-            .with_other_transport(|key| other_transport(key, kind, psk))
-            .map_err(|e| setup(&e))?
-            .with_relay_client(noise::Config::new, yamux::Config::default)
-            .map_err(|e| setup(&e))?
-            .with_behaviour(|key, relay_client| build_behaviour(key, relay_client).map_err(Into::into))
-            .map_err(|e| setup(&e))?
-            .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
-            .build(),
-    };
+    // Every connection's streams are counted per peer (`peer_bytes.rs`).
+    let peer_bytes = Arc::new(PeerBytes::default());
+    let counted = peer_bytes.clone();
+    let (kind, psk) = (options.transport, options.psk);
+    let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(|key| {
+            let transport = other_transport(key, kind, psk)?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>(Transport::map(transport, move |(peer, muxer), _| (peer, counted.count(peer, muxer))).boxed())
+        })
+        .map_err(|e| setup(&e))?
+        .with_relay_client(noise::Config::new, yamux::Config::default)
+        .map_err(|e| setup(&e))?
+        .with_behaviour(|key, relay_client| build_behaviour(key, relay_client).map_err(Into::into))
+        .map_err(|e| setup(&e))?
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
+        .build();
     if relay_server {
         swarm.behaviour_mut().kad.set_mode(Some(kad::Mode::Server));
     }
@@ -332,17 +328,19 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         asked_rounds: HashMap::new(),
     };
     tokio::spawn(event_loop.run());
-    Ok((NetworkHandle { commands: command_tx, peer_id, traffic }, event_rx))
+    Ok((NetworkHandle { commands: command_tx, peer_id, traffic, peer_bytes }, event_rx))
 }
 
-/// A private network's TCP (wrapped in pnet), or the simulated network;
-/// either way noise-authenticated and yamux-multiplexed.
+/// TCP (wrapped in pnet in a private network) and QUIC (not in a private
+/// network: pnet has no QUIC), or the simulated network; noise-authenticated
+/// and yamux-multiplexed where the transport does not do both itself.
 fn other_transport(
     key: &identity::Keypair,
     kind: TransportKind,
     psk: Option<PreSharedKey>,
 ) -> Result<Boxed<(PeerId, StreamMuxerBox)>, Box<dyn std::error::Error + Send + Sync>> {
     let noise = noise::Config::new(key)?;
+    let tcp = || tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
     let boxed = match (kind, psk) {
         (TransportKind::Simulated { network, node }, _) => network
             .transport(node)
@@ -351,16 +349,21 @@ fn other_transport(
             .multiplex(yamux::Config::default())
             .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
             .boxed(),
-        (TransportKind::Internet, psk) => {
-            let psk = psk.ok_or("the internet transport without a pre-shared key is built by with_tcp")?;
-            tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
-                .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
-                .upgrade(upgrade::Version::V1)
-                .authenticate(noise)
-                .multiplex(yamux::Config::default())
-                .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
-                .boxed()
-        }
+        (TransportKind::Internet, Some(psk)) => tcp()
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(upgrade::Version::V1)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        (TransportKind::Internet, None) => tcp()
+            .upgrade(upgrade::Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .or_transport(quic::tokio::Transport::new(quic::Config::new(key)).map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer))))
+            .map(|either, _| either.into_inner())
+            .boxed(),
     };
     Ok(boxed)
 }

@@ -4,7 +4,8 @@
 //! address goes out in identify, Kademlia and its manifests. Peers find
 //! it through the relay's Kademlia and dial it through the circuit; DCUtR
 //! then tries a direct connection, and once one exists the relayed one is
-//! closed, so the round's traffic moves onto the direct path.
+//! closed (after a grace period), so the round's traffic moves onto the
+//! direct path.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -34,6 +35,12 @@ const DISCOVERY_EVERY: Duration = Duration::from_secs(30);
 const REDIAL_AFTER: Duration = Duration::from_secs(5);
 /// Peers remembered as dialled, at most (an older one is dialled again).
 const MAX_REACHING: usize = 4096;
+/// How long a relayed connection stays open beside a new direct one.
+/// Gossipsub sends a peer its subscriptions once, on the first connection,
+/// through a queue every connection's handler reads: closed at once, the
+/// relayed connection could take the subscriptions down with it, and the
+/// peer would never gossip to this node (CI saw a round stall so).
+const RELAYED_GRACE: Duration = Duration::from_secs(5);
 
 /// A slot on one relay: the circuit address this node listens on there.
 struct Slot {
@@ -86,6 +93,9 @@ pub(super) struct RelaySlots {
     reaching: HashMap<PeerId, Instant>,
     /// Open connections by peer.
     connections: HashMap<PeerId, Vec<Connection>>,
+    /// Peers with a direct connection beside relayed ones, and when the
+    /// relayed ones close.
+    closing_relayed: HashMap<PeerId, Instant>,
 }
 
 impl RelaySlots {
@@ -100,6 +110,7 @@ impl RelaySlots {
             discovery_wait: FIRST_DISCOVERY,
             reaching: HashMap::new(),
             connections: HashMap::new(),
+            closing_relayed: HashMap::new(),
         };
         for addr in listen.iter().filter(|a| is_circuit(a)) {
             if let Some(relay) = circuit_relay(addr) {
@@ -185,7 +196,7 @@ impl EventLoop {
 
     /// A connection opened: its path is recorded; a relay dialled directly
     /// is remembered where a slot can be asked for; a direct connection to
-    /// a peer that had only relayed ones closes those.
+    /// a peer that had only relayed ones closes those, after a grace.
     pub(super) fn on_connection(&mut self, peer: PeerId, id: ConnectionId, endpoint: &ConnectedPoint) {
         let path = match endpoint {
             ConnectedPoint::Dialer { address, .. } if is_circuit(address) => circuit_relay(address).map_or(PeerPath::Direct, PeerPath::Relayed),
@@ -206,6 +217,25 @@ impl EventLoop {
         let connections = self.relay_slots.connections.entry(peer).or_default();
         connections.push(Connection { id, path, dialled });
         if path == PeerPath::Direct {
+            if connections.iter().any(|c| c.path != PeerPath::Direct) {
+                self.relay_slots.closing_relayed.entry(peer).or_insert_with(|| Instant::now() + RELAYED_GRACE);
+            }
+        } else if let PeerPath::Relayed(relay) = path {
+            tracing::info!(%peer, %relay, "connected through relay");
+        }
+    }
+
+    /// Closes the relayed connections of peers that have had a direct one
+    /// for `RELAYED_GRACE`.
+    fn close_relayed_beside_direct(&mut self) {
+        let now = Instant::now();
+        let due: Vec<PeerId> = self.relay_slots.closing_relayed.iter().filter(|(_, at)| **at <= now).map(|(peer, _)| *peer).collect();
+        for peer in due {
+            self.relay_slots.closing_relayed.remove(&peer);
+            let connections = self.relay_slots.connections.get(&peer).map(Vec::as_slice).unwrap_or_default();
+            if !connections.iter().any(|c| c.path == PeerPath::Direct) {
+                continue;
+            }
             let relayed: Vec<ConnectionId> = connections.iter().filter(|c| c.path != PeerPath::Direct).map(|c| c.id).collect();
             if !relayed.is_empty() {
                 tracing::info!(%peer, "direct connection made; the relayed one is closed");
@@ -213,8 +243,6 @@ impl EventLoop {
             for connection in relayed {
                 self.swarm.close_connection(connection);
             }
-        } else if let PeerPath::Relayed(relay) = path {
-            tracing::info!(%peer, %relay, "connected through relay");
         }
     }
 
@@ -223,6 +251,7 @@ impl EventLoop {
             connections.retain(|c| c.id != id);
             if connections.is_empty() {
                 self.relay_slots.connections.remove(&peer);
+                self.relay_slots.closing_relayed.remove(&peer);
             }
         }
     }
@@ -274,10 +303,11 @@ impl EventLoop {
         self.relay_slots.nat = status;
     }
 
-    /// Every tick: asks for the slots due (those of `--listen`, and, behind
+    /// Every tick: closes relayed connections whose grace is over, asks for the slots due (those of `--listen`, and, behind
     /// NAT, one on each relay known), and now and then asks the relays'
     /// Kademlia for peers.
     pub(super) fn keep_relay_slots(&mut self) {
+        self.close_relayed_beside_direct();
         let behind_nat = self.behind_nat();
         let now = Instant::now();
         let due: Vec<PeerId> = self
