@@ -342,6 +342,10 @@ pub struct RelayConfig {
     /// New relayed connections, and slot requests, one peer may make a
     /// minute (so a relay on a home uplink is not taken over by one peer).
     pub per_peer_per_minute: u32,
+    /// Megabits a second the relay reads from one peer, all its circuits
+    /// together; 0: no cap. A relay on a home uplink sets it to a share of
+    /// the uplink.
+    pub max_peer_mbit_per_sec: f64,
 }
 
 impl Default for RelayConfig {
@@ -354,6 +358,7 @@ impl Default for RelayConfig {
             max_circuits: 256,
             max_circuits_per_peer: 32,
             per_peer_per_minute: 60,
+            max_peer_mbit_per_sec: 0.0,
         }
     }
 }
@@ -536,6 +541,11 @@ impl Config {
         check(network.store_quota_mb >= 1, "network.store_quota_mb", "must be at least 1 (MB)")?;
         check(relay.max_circuit_bytes >= 1 << 20, "relay.max_circuit_bytes", format!("must be at least 1048576 (1 MiB: a circuit must carry an adapter slice), got {}", relay.max_circuit_bytes))?;
         check(relay.max_circuit_duration_secs >= 60, "relay.max_circuit_duration_secs", format!("must be at least 60, got {}", relay.max_circuit_duration_secs))?;
+        check(
+            relay.max_peer_mbit_per_sec.is_finite() && relay.max_peer_mbit_per_sec >= 0.0,
+            "relay.max_peer_mbit_per_sec",
+            format!("must be a number of megabits a second, 0 or more (0: no cap), got {}", relay.max_peer_mbit_per_sec),
+        )?;
         for (key, value) in [
             ("relay.max_reservations", relay.max_reservations),
             ("relay.max_reservations_per_peer", relay.max_reservations_per_peer),

@@ -110,6 +110,11 @@ fn bad_config_is_reported_before_anything_runs() {
     let err = stderr(&output);
     assert!(err.contains("--set lora.rank=0: lora.rank: must be between 1 and 4096"), "{err}");
 
+    let output = blossom(&["--set", "relay.max_peer_mbit_per_sec=-5", "relay"]);
+    assert_eq!(output.status.code(), Some(2));
+    let err = stderr(&output);
+    assert!(err.contains("relay.max_peer_mbit_per_sec: must be a number of megabits a second, 0 or more (0: no cap), got -5"), "{err}");
+
     let output = blossom(&["--config", "configs/nope.toml", "status"]);
     assert_eq!(output.status.code(), Some(2));
     assert!(stderr(&output).contains("cannot read config file configs/nope.toml"), "{}", stderr(&output));

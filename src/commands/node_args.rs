@@ -246,6 +246,8 @@ pub fn relay_limits(relay: &RelayConfig) -> RelayLimits {
         max_circuits: relay.max_circuits as usize,
         max_circuits_per_peer: relay.max_circuits_per_peer as usize,
         per_peer_per_minute: relay.per_peer_per_minute,
+        // Validated finite and not negative; 0 is no cap.
+        max_peer_bytes_per_sec: Some((relay.max_peer_mbit_per_sec * 1e6 / 8.0) as u64).filter(|rate| *rate > 0),
     }
 }
 

@@ -28,6 +28,8 @@ pub struct RelayLimits {
     /// New relayed connections one peer may open a minute, and slots it may
     /// ask for a minute: a relay on a home uplink is not taken over by one peer.
     pub per_peer_per_minute: u32,
+    /// Bytes a second read from one peer, at most (none: no cap).
+    pub max_peer_bytes_per_sec: Option<u64>,
 }
 
 impl RelayLimits {

@@ -1,7 +1,11 @@
 //! Bytes moved with each peer, counted on the streams of every connection
 //! (after noise and the multiplexer: what the protocols wrote and read).
 //! A relay reports them: the circuits it carries run over its connections
-//! to both ends, so a peer's bytes are what the relay carried for it.
+//! to both ends, so a peer's bytes are what the relay carried for it. A
+//! relay may also cap the rate it reads from each peer (all its streams
+//! together), so that one peer cannot take a home uplink over: a stream
+//! that has used its share waits, and the sender is held back by the
+//! multiplexer's flow control.
 
 use std::collections::HashMap;
 use std::io;
@@ -9,7 +13,9 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
 
+use futures::Future;
 use futures::io::{AsyncRead, AsyncWrite, IoSlice, IoSliceMut};
 use libp2p::core::muxing::{StreamMuxer, StreamMuxerBox, StreamMuxerEvent, SubstreamBox};
 use libp2p::PeerId;
@@ -20,6 +26,8 @@ use libp2p::PeerId;
 #[derive(Default)]
 pub struct PeerBytes {
     peers: Mutex<HashMap<PeerId, Arc<Counters>>>,
+    /// Bytes a second read from one peer, at most; none: no cap.
+    read_limit: Option<u64>,
 }
 
 #[derive(Default)]
@@ -30,6 +38,46 @@ struct Counters {
     open: AtomicUsize,
     /// received + sent at the last report.
     reported: AtomicU64,
+    /// The peer's share of reading, where reads are capped.
+    bucket: Option<Mutex<Bucket>>,
+}
+
+/// A token bucket: bytes that may be read now; it refills at `rate` a
+/// second up to `capacity`, and goes below zero by the size of the read
+/// that emptied it (that read is paid for by waiting).
+struct Bucket {
+    rate: u64,
+    capacity: f64,
+    tokens: f64,
+    refilled: Instant,
+}
+
+impl Bucket {
+    /// The smallest burst: a few multiplexer frames, so a slow rate still
+    /// moves whole frames.
+    const MIN_CAPACITY: f64 = 64.0 * 1024.0;
+
+    fn new(rate: u64) -> Self {
+        let capacity = (rate as f64 / 4.0).max(Self::MIN_CAPACITY);
+        Bucket { rate, capacity, tokens: capacity, refilled: Instant::now() }
+    }
+
+    /// How long until reading may go on (zero: now).
+    fn wait(&mut self) -> Duration {
+        let now = Instant::now();
+        let earned = now.duration_since(self.refilled).as_secs_f64() * self.rate as f64;
+        self.tokens = (self.tokens + earned).min(self.capacity);
+        self.refilled = now;
+        if self.tokens > 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate as f64).max(Duration::from_millis(1))
+        }
+    }
+
+    fn spend(&mut self, bytes: usize) {
+        self.tokens -= bytes as f64;
+    }
 }
 
 /// One peer's totals since its first connection.
@@ -43,11 +91,21 @@ pub struct PeerTraffic {
 }
 
 impl PeerBytes {
+    /// Counts, and reads at most `read_limit` bytes a second from each peer
+    /// (none or zero: no cap).
+    pub fn new(read_limit: Option<u64>) -> Self {
+        PeerBytes {
+            peers: Mutex::default(),
+            read_limit: read_limit.filter(|rate| *rate > 0),
+        }
+    }
+
     /// `muxer`, a new connection to `peer`, with its streams counted.
     pub fn count(&self, peer: PeerId, muxer: StreamMuxerBox) -> StreamMuxerBox {
         let counters = {
             let mut peers = self.peers.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            peers.entry(peer).or_default().clone()
+            let bucket = self.read_limit.map(|rate| Mutex::new(Bucket::new(rate)));
+            peers.entry(peer).or_insert_with(|| Arc::new(Counters { bucket, ..Counters::default() })).clone()
         };
         counters.open.fetch_add(1, Ordering::Relaxed);
         StreamMuxerBox::new(CountedMuxer { inner: muxer, counters })
@@ -89,6 +147,7 @@ impl CountedMuxer {
         CountedStream {
             inner: stream,
             counters: self.counters.clone(),
+            waiting: None,
         }
     }
 }
@@ -119,6 +178,35 @@ impl StreamMuxer for CountedMuxer {
 struct CountedStream {
     inner: SubstreamBox,
     counters: Arc<Counters>,
+    /// Until the peer's bucket has bytes again (capped reads only).
+    waiting: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl CountedStream {
+    /// Ready when this peer's reads may go on; pending (woken by a timer)
+    /// while its bucket is empty.
+    fn poll_read_share(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let Some(bucket) = &self.counters.bucket else { return Poll::Ready(()) };
+        loop {
+            if let Some(sleep) = &mut self.waiting {
+                std::task::ready!(sleep.as_mut().poll(cx));
+                self.waiting = None;
+            }
+            let wait = bucket.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).wait();
+            if wait.is_zero() {
+                return Poll::Ready(());
+            }
+            self.waiting = Some(Box::pin(tokio::time::sleep(wait)));
+        }
+    }
+
+    /// Counts a finished read, and takes it from the peer's bucket.
+    fn received(&self, poll: Poll<io::Result<usize>>) -> Poll<io::Result<usize>> {
+        if let (Poll::Ready(Ok(n)), Some(bucket)) = (&poll, &self.counters.bucket) {
+            bucket.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).spend(*n);
+        }
+        add(&self.counters.received, poll)
+    }
 }
 
 /// Adds the byte count of a finished read or write to `counter`.
@@ -132,12 +220,16 @@ fn add(counter: &AtomicU64, poll: Poll<io::Result<usize>>) -> Poll<io::Result<us
 impl AsyncRead for CountedStream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        add(&this.counters.received, Pin::new(&mut this.inner).poll_read(cx, buf))
+        std::task::ready!(this.poll_read_share(cx));
+        let read = Pin::new(&mut this.inner).poll_read(cx, buf);
+        this.received(read)
     }
 
     fn poll_read_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &mut [IoSliceMut<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
-        add(&this.counters.received, Pin::new(&mut this.inner).poll_read_vectored(cx, bufs))
+        std::task::ready!(this.poll_read_share(cx));
+        let read = Pin::new(&mut this.inner).poll_read_vectored(cx, bufs);
+        this.received(read)
     }
 }
 
@@ -181,74 +273,99 @@ mod tests {
         .await
     }
 
-    /// A real connection over libp2p's memory transport (noise, yamux),
-    /// counted on both ends: what one side writes shows as sent there and
-    /// received on the other; a peer is reported while its totals change,
-    /// and once more when its connection has closed.
+    /// A real connection over libp2p's memory transport (noise, yamux) on
+    /// `port`, both ends counted; the client writes `payload` on a stream.
+    /// Returns what the server read, and the server's end of the connection.
+    async fn send(port: u64, server_bytes: Arc<PeerBytes>, client_bytes: Arc<PeerBytes>, payload: &[u8]) -> (Vec<u8>, StreamMuxerBox) {
+        let transport = |bytes: Arc<PeerBytes>| {
+            MemoryTransport::default()
+                .upgrade(upgrade::Version::V1)
+                .authenticate(noise::Config::new(&identity::Keypair::generate_ed25519()).unwrap())
+                .multiplex(yamux::Config::default())
+                .map(move |(peer, muxer), _| (peer, bytes.count(peer, StreamMuxerBox::new(muxer))))
+                .boxed()
+        };
+        let mut server = transport(server_bytes);
+        let mut client = transport(client_bytes);
+        let addr: libp2p::Multiaddr = format!("/memory/{port}").parse().unwrap();
+        server.listen_on(ListenerId::next(), addr.clone()).unwrap();
+        let dial = client.dial(addr, DialOpts { role: Endpoint::Dialer, port_use: PortUse::New }).unwrap();
+        let accept = async {
+            loop {
+                if let Some(TransportEvent::Incoming { upgrade, .. }) = server.next().await {
+                    return upgrade.await.unwrap();
+                }
+            }
+        };
+        let ((_, mut server_side), (_, mut client_side)) = futures::join!(accept, async { dial.await.unwrap() });
+        let writer = Box::pin(async {
+            let mut stream = poll_fn(|cx| Pin::new(&mut client_side).poll_outbound(cx)).await.unwrap();
+            let written = Box::pin(async {
+                stream.write_all(payload).await.unwrap();
+                stream.close().await.unwrap();
+            });
+            let _ = select(written, Box::pin(drive(&mut client_side))).await;
+            drive(&mut client_side).await
+        });
+        let reader = Box::pin(async {
+            let mut stream = poll_fn(|cx| Pin::new(&mut server_side).poll_inbound(cx)).await.unwrap();
+            let mut got = Vec::new();
+            let read = Box::pin(async {
+                stream.read_to_end(&mut got).await.unwrap();
+            });
+            let _ = select(read, Box::pin(drive(&mut server_side))).await;
+            got
+        });
+        let got = match select(reader, writer).await {
+            Either::Left((got, _)) => got,
+            Either::Right(_) => unreachable!("the writer never ends"),
+        };
+        (got, server_side)
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap()
+    }
+
+    /// What one side writes shows as sent there and received on the other;
+    /// a peer is reported while its totals change, and once more when its
+    /// connection has closed.
     #[test]
     fn a_connections_bytes_are_counted_for_its_peer_until_it_closes() {
-        futures::executor::block_on(async {
-            let (server_key, client_key) = (identity::Keypair::generate_ed25519(), identity::Keypair::generate_ed25519());
+        runtime().block_on(async {
             let (server_bytes, client_bytes) = (Arc::new(PeerBytes::default()), Arc::new(PeerBytes::default()));
-            let transport = |key: &identity::Keypair, bytes: Arc<PeerBytes>| {
-                MemoryTransport::default()
-                    .upgrade(upgrade::Version::V1)
-                    .authenticate(noise::Config::new(key).unwrap())
-                    .multiplex(yamux::Config::default())
-                    .map(move |(peer, muxer), _| (peer, bytes.count(peer, StreamMuxerBox::new(muxer))))
-                    .boxed()
-            };
-            let mut server = transport(&server_key, server_bytes.clone());
-            let mut client = transport(&client_key, client_bytes.clone());
-            let addr: libp2p::Multiaddr = "/memory/48111".parse().unwrap();
-            server.listen_on(ListenerId::next(), addr.clone()).unwrap();
-            let dial = client.dial(addr, DialOpts { role: Endpoint::Dialer, port_use: PortUse::New }).unwrap();
-            let accept = async {
-                loop {
-                    if let Some(TransportEvent::Incoming { upgrade, .. }) = server.next().await {
-                        return upgrade.await.unwrap();
-                    }
-                }
-            };
-            let ((_, mut server_side), (_, mut client_side)) = futures::join!(accept, async { dial.await.unwrap() });
             let payload = vec![7u8; 100_000];
-            let writer = Box::pin(async {
-                let mut stream = poll_fn(|cx| Pin::new(&mut client_side).poll_outbound(cx)).await.unwrap();
-                let written = Box::pin(async {
-                    stream.write_all(&payload).await.unwrap();
-                    stream.close().await.unwrap();
-                });
-                let _ = select(written, Box::pin(drive(&mut client_side))).await;
-                drive(&mut client_side).await
-            });
-            let reader = Box::pin(async {
-                let mut stream = poll_fn(|cx| Pin::new(&mut server_side).poll_inbound(cx)).await.unwrap();
-                let mut got = Vec::new();
-                let read = Box::pin(async {
-                    stream.read_to_end(&mut got).await.unwrap();
-                });
-                let _ = select(read, Box::pin(drive(&mut server_side))).await;
-                got
-            });
-            let got = match select(reader, writer).await {
-                Either::Left((got, _)) => got,
-                Either::Right(_) => unreachable!("the writer never ends"),
-            };
+            let (got, server_side) = send(48111, server_bytes.clone(), client_bytes.clone(), &payload).await;
             assert_eq!(got, payload);
-            let (server_peer, client_peer) = (server_key.public().to_peer_id(), client_key.public().to_peer_id());
+            // `send` has dropped the client's end: its final totals.
             let sent = client_bytes.report();
             assert_eq!(sent.len(), 1, "{sent:?}");
-            assert_eq!((sent[0].peer, sent[0].gone), (server_peer, false));
-            assert!(sent[0].sent >= 100_000 && sent[0].sent < 110_000, "{sent:?}");
+            assert!(sent[0].gone && sent[0].sent >= 100_000 && sent[0].sent < 110_000, "{sent:?}");
             let received = server_bytes.report();
-            assert_eq!((received[0].peer, received[0].gone), (client_peer, false));
-            assert!(received[0].received >= 100_000 && received[0].received < 110_000, "{received:?}");
+            assert_eq!(received.len(), 1, "{received:?}");
+            assert!(!received[0].gone && received[0].received >= 100_000 && received[0].received < 110_000, "{received:?}");
             // Nothing moved since: nothing to report; then the connection closes.
             assert!(server_bytes.report().is_empty());
             drop(server_side);
             let last = server_bytes.report();
             assert!(last.len() == 1 && last[0].gone && last[0].received == received[0].received, "{last:?}");
             assert!(server_bytes.report().is_empty(), "a gone peer is forgotten");
+        });
+    }
+
+    /// Reads capped at 100 kB/s (a 64 KiB burst): 300 kB cannot arrive in
+    /// less than (300 - 65.5) / 100 s. Only the lower bound is checked: a
+    /// loaded machine may take longer, never shorter.
+    #[test]
+    fn a_capped_peer_is_read_no_faster_than_its_rate() {
+        runtime().block_on(async {
+            let (server_bytes, client_bytes) = (Arc::new(PeerBytes::new(Some(100_000))), Arc::new(PeerBytes::default()));
+            let payload = vec![3u8; 300_000];
+            let started = Instant::now();
+            let (got, _server_side) = send(48112, server_bytes, client_bytes, &payload).await;
+            assert_eq!(got, payload);
+            let least = Duration::from_secs_f64((300_000.0 - Bucket::MIN_CAPACITY) / 100_000.0);
+            assert!(started.elapsed() >= least, "300 kB read in {:?} at 100 kB/s", started.elapsed());
         });
     }
 }

@@ -254,7 +254,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
     let build_behaviour =
         move |key: &identity::Keypair, relay_client| behaviour::build(key, relay_client, mdns_on, (relay_limits.as_ref(), hole_punching), mesh_n, allowed_for_behaviour.as_ref());
     // Every connection's streams are counted per peer (`peer_bytes.rs`).
-    let peer_bytes = Arc::new(PeerBytes::default());
+    let peer_bytes = Arc::new(PeerBytes::new(options.relay_server.as_ref().and_then(|limits| limits.max_peer_bytes_per_sec)));
     let counted = peer_bytes.clone();
     let (kind, psk) = (options.transport, options.psk);
     let mut swarm = libp2p::SwarmBuilder::with_existing_identity(keypair)
