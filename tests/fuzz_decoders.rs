@@ -113,7 +113,7 @@ proptest! {
     }
 
     #[test]
-    fn gguf_structure_check_on_arbitrary_files(
+    fn gguf_header_reader_on_arbitrary_files(
         body in prop::collection::vec(any::<u8>(), 0..2048),
         version in 0u32..5,
         counts in (0u64..8, 0u64..8),
@@ -125,6 +125,6 @@ proptest! {
         bytes.extend(&body);
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), &bytes).unwrap();
-        let _ = blossom_p2p::model::gguf_check::check(file.path());
+        let _ = blossom_p2p::model::gguf_header::read_header(file.path());
     }
 }

@@ -3,17 +3,23 @@
 //!
 //! MLX's loader returns Q4_0/Q4_1/Q8_0 tensors already as MLX affine triples
 //! (`weight`, `scales`, `biases`, group size 32), which is an exact mapping;
-//! they stay quantized here. F32 and F16 come as plain arrays.
+//! they stay quantized here. F32 and F16 come as plain arrays. A file with
+//! other types (llama.cpp's K-quant mixes, Q5_0, Q5_1, BF16) is read here
+//! instead and dequantized to float32 (`gguf_quants.rs`).
 //!
 //! llama.cpp's converter permutes the rows of Q and K of `llama` models for
 //! its interleaved RoPE. We undo the permutation at load time, so the weights
 //! are in the Hugging Face layout, RoPE is the usual half-rotation, and
 //! `export` writes a folder any mlx-lm or transformers user can read.
 
+use std::io::{Read, Seek, SeekFrom};
 use std::path::Path;
 
-use mlx_rs::io::{GgufFile, GgufMetadataValue};
+use mlx_rs::io::GgufFile;
 use mlx_rs::{Array, Dtype};
+
+use super::gguf_header::{GgufHeader, MetaValue};
+use super::gguf_quants::{GgmlType, dequantize};
 
 use super::args::ModelArgs;
 use super::tokenizer::GgufVocab;
@@ -31,9 +37,8 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
         path: path.display().to_string(),
         message,
     };
-    super::gguf_check::check(path).map_err(|e| load_err(format!("not a valid GGUF file: {e}")))?;
-    let file = GgufFile::load(path).map_err(|e| load_err(format!("not a readable GGUF file ({})", super::mlx_message(&e))))?;
-    let meta = Metadata { file: &file, path };
+    let header = super::gguf_header::read_header(path).map_err(|e| load_err(format!("not a valid GGUF file: {e}")))?;
+    let meta = Metadata { header: &header, path };
     let arch = meta.string("general.architecture")?;
     let tokens = meta.strings("tokenizer.ggml.tokens")?;
     let args = ModelArgs {
@@ -55,7 +60,7 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
         rope_theta: meta.float_optional(&format!("{arch}.rope.freq_base"))?.unwrap_or(10_000.0),
         rope_traditional: false,
         rope_scaling: None,
-        tie_word_embeddings: !file.array_keys().map_err(|e| load_err(e.to_string()))?.iter().any(|k| k == "output.weight"),
+        tie_word_embeddings: !header.tensors.iter().any(|t| t.name == "output.weight"),
         attention_bias: false,
         mlp_bias: false,
         max_position_embeddings: meta.int_optional(&format!("{arch}.context_length"))?,
@@ -68,12 +73,7 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
     args.validate()?;
 
     let mut weights = WeightMap::new();
-    let keys = file.array_keys().map_err(|e| load_err(e.to_string()))?;
-    for key in keys {
-        let array = file
-            .get_array(&key)
-            .map_err(|e| load_err(format!("tensor {key}: {e}")))?
-            .ok_or_else(|| load_err(format!("tensor {key} vanished")))?;
+    for (key, array) in read_tensors(path, &header)? {
         let name = hf_name(&key).ok_or_else(|| load_err(format!("unknown GGUF tensor `{key}` for a {arch} model")))?;
         let array = if arch == "llama" && (key.starts_with("blk.") && (key.contains(".attn_q.") || key.contains(".attn_k."))) {
             let heads = if key.contains(".attn_q.") { args.num_attention_heads } else { args.num_kv_heads() };
@@ -102,6 +102,52 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
         chat_template: meta.string_optional("tokenizer.chat_template")?,
     };
     Ok(GgufModel { args, weights, vocab })
+}
+
+/// The file's tensors by their GGUF names. Where MLX reads every type in
+/// the file, MLX loads them (Q4_0, Q4_1 and Q8_0 stay quantized, as MLX
+/// affine groups of 32: an exact mapping). Otherwise (K-quants, Q5_0,
+/// Q5_1, BF16) every tensor is read here and dequantized to float32,
+/// bit-exactly as llama.cpp's `gguf` does, and the log says so once.
+fn read_tensors(path: &Path, header: &GgufHeader) -> Result<Vec<(String, Array)>, ModelError> {
+    let load_err = |message: String| ModelError::Load {
+        path: path.display().to_string(),
+        message,
+    };
+    if let Some((tensor, why)) = header.tensors.iter().find_map(|t| t.kind.as_ref().err().map(|why| (t, why))) {
+        return Err(load_err(format!(
+            "tensor `{}` is {why}, a GGML type this loader cannot read; convert the model to a type it reads \
+             (Q4_K_M, Q5_K_M, Q6_K, Q8_0, F16 or BF16, e.g. with llama.cpp's `llama-quantize`), or load its Hugging Face folder",
+            tensor.name
+        )));
+    }
+    let kinds = || header.tensors.iter().filter_map(|t| t.kind.as_ref().ok().copied());
+    if kinds().all(GgmlType::read_by_mlx) {
+        let file = GgufFile::load(path).map_err(|e| load_err(format!("not a readable GGUF file ({})", super::mlx_message(&e))))?;
+        let mut tensors = Vec::new();
+        for key in file.array_keys().map_err(|e| load_err(e.to_string()))? {
+            let array = file
+                .get_array(&key)
+                .map_err(|e| load_err(format!("tensor {key}: {e}")))?
+                .ok_or_else(|| load_err(format!("tensor {key} vanished")))?;
+            tensors.push((key, array));
+        }
+        return Ok(tensors);
+    }
+    let mut names: Vec<&str> = kinds().filter(|k| !k.read_by_mlx()).map(GgmlType::name).collect();
+    names.sort_unstable();
+    names.dedup();
+    tracing::info!(path = %path.display(), types = names.join(", "), "dequantizing the model's tensors to float32 (MLX has no kernels for these types)");
+    let mut file = std::fs::File::open(path).map_err(|e| load_err(e.to_string()))?;
+    let mut tensors = Vec::with_capacity(header.tensors.len());
+    for tensor in &header.tensors {
+        let kind = tensor.kind.as_ref().map_err(|why| load_err(why.clone()))?;
+        let mut bytes = vec![0u8; usize::try_from(tensor.bytes).map_err(|_| load_err(format!("tensor `{}` is too large", tensor.name)))?];
+        file.seek(SeekFrom::Start(tensor.start)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| load_err(format!("tensor `{}`: {e}", tensor.name)))?;
+        let values = dequantize(*kind, &bytes).map_err(|e| load_err(format!("tensor `{}`: {e}", tensor.name)))?;
+        tensors.push((tensor.name.clone(), Array::from_slice(&values, &tensor.shape)));
+    }
+    Ok(tensors)
 }
 
 /// llama.cpp's names of a block's modules, with mlx-lm's.
@@ -190,7 +236,7 @@ fn unpermute_rows(array: &Array, heads: i32, name: &str) -> Result<Array, ModelE
 
 /// Typed access to GGUF metadata with errors that name the key.
 struct Metadata<'a> {
-    file: &'a GgufFile,
+    header: &'a GgufHeader,
     path: &'a Path,
 }
 
@@ -202,14 +248,14 @@ impl Metadata<'_> {
         }
     }
 
-    fn get(&self, key: &str) -> Result<Option<GgufMetadataValue>, ModelError> {
-        self.file.get_metadata(key).map_err(|e| self.err(key, &format!("cannot be read: {e}")))
+    fn get(&self, key: &str) -> Option<&MetaValue> {
+        self.header.metadata.get(key)
     }
 
     fn string_optional(&self, key: &str) -> Result<Option<String>, ModelError> {
-        match self.get(key)? {
+        match self.get(key) {
             None => Ok(None),
-            Some(GgufMetadataValue::String(s)) => Ok(Some(s)),
+            Some(MetaValue::Str(s)) => Ok(Some(s.clone())),
             Some(_) => Err(self.err(key, "is not a string")),
         }
     }
@@ -219,9 +265,16 @@ impl Metadata<'_> {
     }
 
     fn strings_optional(&self, key: &str) -> Result<Option<Vec<String>>, ModelError> {
-        match self.get(key)? {
+        match self.get(key) {
             None => Ok(None),
-            Some(GgufMetadataValue::Strings(s)) => Ok(Some(s)),
+            Some(MetaValue::Array(values)) => values
+                .iter()
+                .map(|v| match v {
+                    MetaValue::Str(s) => Ok(s.clone()),
+                    _ => Err(self.err(key, "is not a list of strings")),
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some),
             Some(_) => Err(self.err(key, "is not a list of strings")),
         }
     }
@@ -230,18 +283,16 @@ impl Metadata<'_> {
         self.strings_optional(key)?.ok_or_else(|| self.err(key, "is missing"))
     }
 
-    fn scalar(&self, key: &str) -> Result<Option<Array>, ModelError> {
-        match self.get(key)? {
-            None => Ok(None),
-            Some(GgufMetadataValue::Array(a)) if a.size() == 1 => Ok(Some(a)),
-            Some(_) => Err(self.err(key, "is not a number")),
+    /// An integer value as i32.
+    fn as_int(&self, key: &str, value: &MetaValue) -> Result<i32, ModelError> {
+        match value {
+            MetaValue::Int(v) => i32::try_from(*v).map_err(|_| self.err(key, &format!("= {v} is out of range"))),
+            _ => Err(self.err(key, "is not an integer")),
         }
     }
 
     fn int_optional(&self, key: &str) -> Result<Option<i32>, ModelError> {
-        let Some(a) = self.scalar(key)? else { return Ok(None) };
-        let value = a.try_item_cast::<i64>()?;
-        i32::try_from(value).map(Some).map_err(|_| self.err(key, &format!("= {value} is out of range")))
+        self.get(key).map(|v| self.as_int(key, v)).transpose()
     }
 
     fn int(&self, key: &str) -> Result<i32, ModelError> {
@@ -249,7 +300,12 @@ impl Metadata<'_> {
     }
 
     fn float_optional(&self, key: &str) -> Result<Option<f32>, ModelError> {
-        Ok(self.scalar(key)?.map(|a| a.try_item_cast::<f32>()).transpose()?)
+        match self.get(key) {
+            None => Ok(None),
+            Some(MetaValue::Float(v)) => Ok(Some(*v as f32)),
+            Some(MetaValue::Int(v)) => Ok(Some(*v as f32)),
+            Some(_) => Err(self.err(key, "is not a number")),
+        }
     }
 
     fn float(&self, key: &str) -> Result<f32, ModelError> {
@@ -257,13 +313,18 @@ impl Metadata<'_> {
     }
 
     fn bool_optional(&self, key: &str) -> Result<Option<bool>, ModelError> {
-        Ok(self.scalar(key)?.map(|a| a.try_item_cast::<bool>()).transpose()?)
+        match self.get(key) {
+            None => Ok(None),
+            Some(MetaValue::Bool(v)) => Ok(Some(*v)),
+            Some(MetaValue::Int(v)) => Ok(Some(*v != 0)),
+            Some(_) => Err(self.err(key, "is not a boolean")),
+        }
     }
 
     fn int_vec_optional(&self, key: &str) -> Result<Option<Vec<i32>>, ModelError> {
-        match self.get(key)? {
+        match self.get(key) {
             None => Ok(None),
-            Some(GgufMetadataValue::Array(a)) => Ok(Some(a.as_dtype(Dtype::Int32)?.as_slice::<i32>().to_vec())),
+            Some(MetaValue::Array(values)) => values.iter().map(|v| self.as_int(key, v)).collect::<Result<Vec<_>, _>>().map(Some),
             Some(_) => Err(self.err(key, "is not a number array")),
         }
     }
