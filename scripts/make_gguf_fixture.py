@@ -1,11 +1,16 @@
 #!/usr/bin/env python3
 """Writes tests/fixtures/gguf/tiny-mixed.gguf: a tiny llama model whose tensors
-use every GGUF type the loader supports (F32, F16, Q8_0, Q4_0, Q4_1), with Q
-and K rows permuted as llama.cpp's converter does, a byte-level BPE vocabulary
-and a chat template. Also writes reference.safetensors: the logits Python
-mlx-lm 0.32.2 computes for a fixed prompt from the weights as llama.cpp
-dequantizes them (gguf-py), so the test checks the type mapping and the RoPE
-permutation against an independent reference.
+use every GGUF type MLX loads (F32, F16, Q8_0, Q4_0, Q4_1), with Q and K rows
+permuted as llama.cpp's converter does, a byte-level BPE vocabulary and a
+chat template; and tiny-kquants.gguf, wider (K-quant rows are multiples of
+256), with the types this project dequantizes itself (Q2_K, Q3_K, Q4_K,
+Q5_K, Q6_K, Q5_0, Q5_1, BF16). Each comes with the logits Python mlx-lm
+0.32.2 computes for a fixed prompt from the weights as llama.cpp
+dequantizes them (gguf-py): reference.safetensors, reference-kquants.safetensors.
+So the tests check the type mapping and the RoPE permutation against an
+independent reference. gguf-py has no K-quant quantizer: those tensors are
+random blocks with scales sized so the weights are about 1/sqrt(dim), and
+their weights are what the blocks decode to.
 
 Needs mlx-lm 0.32.2, MLX 0.32.2 and gguf-py:
     .venv-mlx/bin/pip install "mlx-lm==0.32.2" "mlx[cpu]==0.32.2" gguf
@@ -20,8 +25,7 @@ from gguf import GGMLQuantizationType as T
 from mlx_lm.models import llama
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "gguf"
-DIM, LAYERS, HEADS, KV_HEADS, FF, VOCAB = 64, 2, 4, 2, 128, 288
-HEAD_DIM = DIM // HEADS
+LAYERS, HEADS, KV_HEADS, VOCAB = 2, 4, 2, 288
 TOKENS = [1, 40, 77, 100, 3, 250, 17, 9, 61, 200]
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 TEMPLATE = "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -45,8 +49,39 @@ def permute(w, heads):
     return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+# The largest |code| a block's scales multiply, per K-quant type (for the
+# scale of random blocks).
+K_CODES = {T.Q2_K: 45, T.Q3_K: 128, T.Q4_K: 945, T.Q5_K: 1953, T.Q6_K: 4096}
+# Byte offsets of the float16 scales in a block.
+K_SCALES = {T.Q2_K: [80, 82], T.Q3_K: [108], T.Q4_K: [0, 2], T.Q5_K: [0, 2], T.Q6_K: [208]}
+
+
+def random_k_blocks(rng, shape, ggml_type):
+    """Random blocks of a K-quant type whose weights are about 1/sqrt(row)."""
+    per_block, block_bytes = gguf.constants.GGML_QUANT_SIZES[ggml_type]
+    rows, cols = shape
+    blocks = rng.integers(0, 256, size=(rows * cols // per_block, block_bytes), dtype=np.uint8)
+    for offset in K_SCALES[ggml_type]:
+        scale = (rng.uniform(0.5, 1.0, len(blocks)) / np.sqrt(cols) / K_CODES[ggml_type]).astype(np.float16)
+        blocks[:, offset:offset + 2] = scale.view(np.uint8).reshape(-1, 2)
+    return blocks.reshape(rows, -1)
+
+
 def main():
-    rng = np.random.default_rng(1234)
+    build("tiny-mixed.gguf", "reference.safetensors", dim=64, ff=128, seed=1234,
+          top=dict(token_embd=T.Q8_0, output=T.Q8_0, output_norm=T.F32, attn_norm=T.F32, ffn_norm=T.F16),
+          layers={0: dict(attn_q=T.Q4_0, attn_k=T.Q4_1, attn_v=T.F16, attn_output=T.Q8_0, ffn_gate=T.Q4_0, ffn_up=T.Q4_1, ffn_down=T.Q8_0),
+                  1: dict(attn_q=T.F16, attn_k=T.F32, attn_v=T.Q4_1, attn_output=T.F32, ffn_gate=T.Q8_0, ffn_up=T.F16, ffn_down=T.Q4_0)})
+    build("tiny-kquants.gguf", "reference-kquants.safetensors", dim=256, ff=512, seed=4321,
+          top=dict(token_embd=T.Q6_K, output=T.Q4_K, output_norm=T.F32, attn_norm=T.BF16, ffn_norm=T.F32),
+          layers={0: dict(attn_q=T.Q4_K, attn_k=T.Q5_K, attn_v=T.Q6_K, attn_output=T.Q2_K, ffn_gate=T.Q3_K, ffn_up=T.Q5_0, ffn_down=T.Q5_1),
+                  1: dict(attn_q=T.BF16, attn_k=T.Q6_K, attn_v=T.Q4_K, attn_output=T.Q5_K, ffn_gate=T.Q2_K, ffn_up=T.Q3_K, ffn_down=T.Q4_K)})
+
+
+def build(file_name, reference_name, dim, ff, seed, top, layers):
+    DIM, FF = dim, ff
+    HEAD_DIM = DIM // HEADS
+    rng = np.random.default_rng(seed)
     uniform = lambda *shape: rng.uniform(-1, 1, shape).astype(np.float32) / np.sqrt(shape[-1])
     hf = {"model.embed_tokens.weight": uniform(VOCAB, DIM), "model.norm.weight": rng.uniform(0.5, 1.5, DIM).astype(np.float32), "lm_head.weight": uniform(VOCAB, DIM)}
     for i in range(LAYERS):
@@ -62,21 +97,20 @@ def main():
         hf[f"{p}.post_attention_layernorm.weight"] = rng.uniform(0.5, 1.5, DIM).astype(np.float32)
 
     # GGUF name, HF name, type, permute heads (Q/K of llama).
-    plan = [("token_embd.weight", "model.embed_tokens.weight", T.Q8_0, None),
-            ("output_norm.weight", "model.norm.weight", T.F32, None),
-            ("output.weight", "lm_head.weight", T.Q8_0, None)]
-    types = {0: dict(attn_q=T.Q4_0, attn_k=T.Q4_1, attn_v=T.F16, attn_output=T.Q8_0, ffn_gate=T.Q4_0, ffn_up=T.Q4_1, ffn_down=T.Q8_0),
-             1: dict(attn_q=T.F16, attn_k=T.F32, attn_v=T.Q4_1, attn_output=T.F32, ffn_gate=T.Q8_0, ffn_up=T.F16, ffn_down=T.Q4_0)}
+    plan = [("token_embd.weight", "model.embed_tokens.weight", top["token_embd"], None),
+            ("output_norm.weight", "model.norm.weight", top["output_norm"], None),
+            ("output.weight", "lm_head.weight", top["output"], None)]
+    types = layers
     names = dict(attn_q="self_attn.q_proj", attn_k="self_attn.k_proj", attn_v="self_attn.v_proj", attn_output="self_attn.o_proj",
                  ffn_gate="mlp.gate_proj", ffn_up="mlp.up_proj", ffn_down="mlp.down_proj")
     for i in range(LAYERS):
         for short, ggml_type in types[i].items():
             heads = HEADS if short == "attn_q" else KV_HEADS if short == "attn_k" else None
             plan.append((f"blk.{i}.{short}.weight", f"model.layers.{i}.{names[short]}.weight", ggml_type, heads))
-        plan.append((f"blk.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", T.F32, None))
-        plan.append((f"blk.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", T.F16, None))
+        plan.append((f"blk.{i}.attn_norm.weight", f"model.layers.{i}.input_layernorm.weight", top["attn_norm"], None))
+        plan.append((f"blk.{i}.ffn_norm.weight", f"model.layers.{i}.post_attention_layernorm.weight", top["ffn_norm"], None))
 
-    writer = gguf.GGUFWriter(str(OUT / "tiny-mixed.gguf"), "llama")
+    writer = gguf.GGUFWriter(str(OUT / file_name), "llama")
     writer.add_block_count(LAYERS)
     writer.add_context_length(2048)
     writer.add_embedding_length(DIM)
@@ -104,6 +138,10 @@ def main():
             data = stored.astype(np.float16 if ggml_type == T.F16 else np.float32)
             writer.add_tensor(gguf_name, data)
             restored = data.astype(np.float32)
+        elif ggml_type in K_CODES:
+            data = random_k_blocks(rng, stored.shape, ggml_type)
+            writer.add_tensor(gguf_name, data, raw_dtype=ggml_type)
+            restored = gguf.quants.dequantize(data, ggml_type).reshape(stored.shape).astype(np.float32)
         else:
             data = gguf.quants.quantize(stored, ggml_type)
             writer.add_tensor(gguf_name, data, raw_dtype=ggml_type)
@@ -122,9 +160,9 @@ def main():
     model = llama.Model(args)
     model.load_weights(list(reference.items()))
     logits = model(mx.array([TOKENS]))
-    mx.save_safetensors(str(OUT / "reference.safetensors"),
+    mx.save_safetensors(str(OUT / reference_name),
                         {"tokens": mx.array([TOKENS], dtype=mx.int32), "logits": logits.astype(mx.float32)})
-    print("wrote", OUT / "tiny-mixed.gguf", (OUT / "tiny-mixed.gguf").stat().st_size, "bytes")
+    print("wrote", OUT / file_name, (OUT / file_name).stat().st_size, "bytes")
 
 
 if __name__ == "__main__":

@@ -129,3 +129,25 @@ fn gguf_tensor_types_and_rope_permutation_match_the_reference() {
         assert_eq!(model.tokenizer.encode("hi <|im_end|>", false).unwrap().last(), Some(&2));
     }
 }
+
+/// A GGUF file with the types MLX cannot load (Q2_K to Q6_K, Q5_0, Q5_1,
+/// BF16; scripts/make_gguf_fixture.py): read and dequantized here to float32
+/// whatever `--quant` says, its logits are mlx-lm's from the weights as
+/// llama.cpp's `gguf` dequantizes them.
+#[test]
+fn gguf_k_quants_dequantize_to_the_reference() {
+    use blossom_p2p::model::{LoadOptions, QuantMode, load_model};
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf");
+    let reference = Array::load_safetensors(dir.join("reference-kquants.safetensors")).unwrap();
+    let (tokens, want) = (&reference["tokens"], &reference["logits"]);
+    let path = dir.join("tiny-kquants.gguf");
+    for quant in [QuantMode::Keep, QuantMode::Auto] {
+        let model = load_model(path.to_str().unwrap(), &LoadOptions { quant }).expect("the K-quant GGUF loads");
+        assert!(model.decoder.quantized_modules().is_empty());
+        let got = model.decoder.forward(tokens, None, None).unwrap();
+        let scale = want.abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+        assert!(scale > 0.1, "a degenerate reference: logits up to {scale}");
+        let diff = max_abs_diff(&got, want);
+        assert!(diff < 1e-5 * scale.max(1.0), "{quant:?}: logits differ from the reference by {diff} (scale {scale})");
+    }
+}
