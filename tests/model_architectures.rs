@@ -151,3 +151,28 @@ fn gguf_k_quants_dequantize_to_the_reference() {
         assert!(diff < 1e-5 * scale.max(1.0), "{quant:?}: logits differ from the reference by {diff} (scale {scale})");
     }
 }
+
+/// A bfloat16 checkpoint (most of the hub's): `--quant auto` on the CPU
+/// widens it to float32 (MLX's CPU bfloat16 matmul is slow), `keep` leaves
+/// it; both give the same logits up to bfloat16 arithmetic.
+#[test]
+fn bfloat16_weights_are_widened_to_float32_on_the_cpu() {
+    use blossom_p2p::model::QuantMode;
+    use blossom_p2p::model::load::hold_weights;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/models/qwen2");
+    let (args, weights, _) = load_hf_weights(&dir).unwrap();
+    let half: blossom_p2p::model::weights::WeightMap = weights.into_inner().into_iter().map(|(k, v)| (k, v.as_dtype(mlx_rs::Dtype::Bfloat16).unwrap())).collect();
+    let reference = Array::load_safetensors(dir.join("reference.safetensors")).unwrap();
+    let mut logits = Vec::new();
+    for quant in [QuantMode::Keep, QuantMode::Auto] {
+        let mut decoder = Decoder::from_weights(args.clone(), half.clone()).unwrap();
+        assert!(decoder.has_half_precision());
+        let widened = hold_weights(&mut decoder, quant).unwrap();
+        assert_eq!(widened, quant == QuantMode::Auto, "{quant:?}");
+        assert_eq!(decoder.has_half_precision(), !widened);
+        logits.push(decoder.forward(&reference["tokens"], None, None).unwrap().as_dtype(mlx_rs::Dtype::Float32).unwrap());
+    }
+    let scale = logits[1].abs().unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+    let diff = max_abs_diff(&logits[0], &logits[1]);
+    assert!(diff < 0.05 * scale, "bfloat16 and float32 logits differ by {diff} (scale {scale})");
+}

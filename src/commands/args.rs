@@ -28,11 +28,12 @@ pub struct DataArgs {
     pub data: Option<String>,
 }
 
-/// How to hold quantized weights.
+/// How to hold quantized and half-precision weights.
 #[derive(Debug, Args)]
 pub struct QuantArgs {
-    /// `auto` dequantizes to float32 on CPU when memory allows (much faster
-    /// there) and keeps them quantized on Metal/CUDA.
+    /// `auto` makes quantized, float16 and bfloat16 weights float32 on CPU
+    /// when memory allows (much faster there) and keeps them as they are on
+    /// Metal/CUDA.
     #[arg(long, value_enum, default_value_t = QuantMode::Auto)]
     pub quant: QuantMode,
 }

@@ -15,13 +15,14 @@ use crate::mlx_env::{Backend, backend};
 /// What to do with quantized weights at load time.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum QuantMode {
-    /// Dequantize to float32 on CPU when memory allows (MLX's quantized matmul
-    /// is slow there); keep quantized on Metal and CUDA.
+    /// Dequantize (and widen float16/bfloat16) to float32 on CPU when memory
+    /// allows (MLX's quantized and bfloat16 matmuls are slow there); keep
+    /// them as they are on Metal and CUDA.
     #[default]
     Auto,
-    /// Keep quantized weights quantized.
+    /// Keep quantized and half-precision weights as they are.
     Keep,
-    /// Always dequantize to float32.
+    /// Always make them float32.
     Dequantize,
 }
 
@@ -38,7 +39,8 @@ pub struct LoadedModel {
     pub identity: String,
     /// Where it came from, as given.
     pub source: String,
-    /// Whether the weights were dequantized at load.
+    /// Whether the weights were made float32 at load (from quantized or
+    /// half-precision ones).
     pub dequantized: bool,
 }
 
@@ -72,15 +74,7 @@ pub fn load_model(source: &str, options: &LoadOptions) -> Result<LoadedModel, Mo
             (Decoder::from_weights(gguf.args, gguf.weights)?, tokenizer, identity)
         }
     };
-    let dequantize = decoder.is_quantized()
-        && match options.quant {
-            QuantMode::Keep => false,
-            QuantMode::Dequantize => true,
-            QuantMode::Auto => backend() == Backend::Cpu && float32_fits(&decoder),
-        };
-    if dequantize {
-        decoder.dequantize(Dtype::Float32)?;
-    }
+    let dequantize = hold_weights(&mut decoder, options.quant)?;
     // MLX is lazy: materialize the weights now, so load errors surface here
     // and the first forward pass is not charged with the load.
     let weights = decoder.weights()?.into_inner();
@@ -92,6 +86,23 @@ pub fn load_model(source: &str, options: &LoadOptions) -> Result<LoadedModel, Mo
         source: source.to_owned(),
         dequantized: dequantize,
     })
+}
+
+/// Makes quantized and half-precision weights float32 where `quant` asks
+/// for it (`auto`: on the CPU, where MLX has neither a fast quantized
+/// matmul nor a fast bfloat16 one, when float32 fits in memory); returns
+/// whether it did.
+pub fn hold_weights(decoder: &mut Decoder, quant: QuantMode) -> Result<bool, ModelError> {
+    let widen = (decoder.is_quantized() || decoder.has_half_precision())
+        && match quant {
+            QuantMode::Keep => false,
+            QuantMode::Dequantize => true,
+            QuantMode::Auto => backend() == Backend::Cpu && float32_fits(decoder),
+        };
+    if widen {
+        decoder.dequantize(Dtype::Float32)?;
+    }
+    Ok(widen)
 }
 
 /// A Hugging Face / mlx-lm folder: config.json, model.safetensors or shards

@@ -240,6 +240,13 @@ impl Decoder {
         !self.quantized_modules().is_empty()
     }
 
+    /// Whether the embedding or a projection is stored in float16 or
+    /// bfloat16 (most Hugging Face checkpoints).
+    pub fn has_half_precision(&self) -> bool {
+        let half = |m: &linear::Matrix| matches!(m, linear::Matrix::Dense(w) if matches!(w.dtype(), mlx_rs::Dtype::Float16 | mlx_rs::Dtype::Bfloat16));
+        half(self.embed_matrix()) || self.linears().iter().any(|(_, l)| half(&l.weight))
+    }
+
     /// Weights under mlx-lm's parameter names (what `export` writes).
     pub fn weights(&self) -> Result<weights::WeightMap, ModelError> {
         let model = self.model();
