@@ -3,8 +3,9 @@
 //! It reports the MLX version and device (with the GPU's name and memory where
 //! MLX computes on one), the BLAS that serves CPU matmuls, measured matmul
 //! rates (float32 1024³ on a CPU; float32 and bfloat16 8192³ on a GPU), and
-//! whether the default model is present
-//! with the right hash. Each problem comes with the command that fixes it, and
+//! whether the default model is present with the right hash; or, given
+//! `--model` another model, whether it loads and runs here, in what
+//! precision, in how much memory and how fast. Each problem comes with the command that fixes it, and
 //! any problem makes the exit code 1. A slow matmul on a BLAS known to be fast
 //! is only a warning: the installation is right and the machine is busy, which
 //! no command fixes (the test suite runs doctor beside other processes).
@@ -20,8 +21,10 @@ use crate::mlx_env::{self, Backend, BlasKind, BlasLibrary, GpuInfo};
 
 #[derive(Debug, Args)]
 pub struct DoctorArgs {
-    /// The default model file to check.
-    #[arg(long, value_name = "FILE", default_value = crate::default_model::DEFAULT_MODEL_PATH)]
+    /// The model to check: the default model's file (its hash is checked),
+    /// or any other model `--model` takes elsewhere (a GGUF file, a Hugging
+    /// Face folder, `hf:org/name`): it is loaded and run.
+    #[arg(long, value_name = "PATH|hf:ORG/NAME", default_value = crate::default_model::DEFAULT_MODEL_PATH)]
     pub model: PathBuf,
     /// Print the report as JSON on stdout.
     #[arg(long)]
@@ -47,10 +50,30 @@ pub struct Report {
     pub matmul_bf16_gflops: Option<f64>,
     pub model_path: String,
     pub model_status: &'static str,
+    /// How another model runs here (`--model` not the default model).
+    pub model_run: Option<ModelRun>,
     pub problems: Vec<Problem>,
     /// Findings that do not fail the check.
     pub warnings: Vec<Problem>,
 }
+
+/// What loading and running a model here showed.
+#[derive(Debug, Serialize)]
+pub struct ModelRun {
+    pub architecture: String,
+    pub parameters: u64,
+    /// The precision its weights are held in on this device.
+    pub held_as: String,
+    /// The weights' bytes as held.
+    pub weights_bytes: u64,
+    /// Greedy decoding: a 64-token prompt, then 16 tokens (median of 3).
+    pub prompt_tokens_per_sec: f64,
+    pub generation_tokens_per_sec: f64,
+}
+
+/// Prompt and generated tokens of the speed check.
+const SPEED_PROMPT: u32 = 64;
+const SPEED_TOKENS: u32 = 16;
 
 #[derive(Debug, Serialize)]
 pub struct Problem {
@@ -94,6 +117,20 @@ pub fn diagnose(model: &Path) -> anyhow::Result<Report> {
         }
     }
 
+    if !checks_hash(model) {
+        let source = model.to_string_lossy();
+        let (model_status, model_run) = match run_model(&source) {
+            Ok(run) => ("loads and runs", Some(run)),
+            Err(err) => {
+                problems.push(Problem {
+                    what: format!("{source} does not load: {err}"),
+                    fix: "check the path; README's \"Models\" lists what loads (GGUF, Hugging Face and mlx-lm folders)".to_owned(),
+                });
+                ("does not load", None)
+            }
+        };
+        return Ok(report(backend, blas, bench, bf16, model, model_status, model_run, problems, warnings));
+    }
     let model_check = check_default_model(model);
     let model_status = match &model_check {
         ModelCheck::Verified { .. } => "present, blake3 matches",
@@ -120,7 +157,56 @@ pub fn diagnose(model: &Path) -> anyhow::Result<Report> {
         }),
     }
 
-    Ok(Report {
+    Ok(report(backend, blas, bench, bf16, model, model_status, None, problems, warnings))
+}
+
+/// Whether `model` is checked as the default model's file, by its hash:
+/// it has the default's name, or it is a missing file (reported missing,
+/// with the command that fetches the default). Any other model is loaded
+/// and run.
+fn checks_hash(model: &Path) -> bool {
+    let default = Path::new(crate::default_model::DEFAULT_MODEL_PATH);
+    model.file_name() == default.file_name() || (!model.exists() && !model.to_string_lossy().starts_with("hf:"))
+}
+
+/// Loads `source` as `--quant auto` would here and measures greedy decoding.
+fn run_model(source: &str) -> Result<ModelRun, crate::model::ModelError> {
+    use crate::model::{LoadOptions, load_model};
+    let loaded = load_model(source, &LoadOptions::default())?;
+    let decoder = &loaded.decoder;
+    let weights = decoder.weights()?.into_inner();
+    let weights_bytes = weights.values().map(|a| a.nbytes() as u64).sum();
+    let parameters = decoder.parameter_count();
+    let held_as = match decoder.quantized_modules().first() {
+        Some((_, group, bits)) => format!("{bits}-bit MLX affine groups of {group} (kept quantized)"),
+        None if decoder.has_half_precision() => "float16/bfloat16 (as stored)".to_owned(),
+        None if loaded.dequantized => "float32 (widened at load: faster on this device)".to_owned(),
+        None => "float32".to_owned(),
+    };
+    let (prompt_tokens_per_sec, generation_tokens_per_sec) = crate::model::generate::measure_speed(decoder, &loaded.tokenizer, SPEED_PROMPT, SPEED_TOKENS, 3)?;
+    Ok(ModelRun {
+        architecture: decoder.args().model_type.clone(),
+        parameters,
+        held_as,
+        weights_bytes,
+        prompt_tokens_per_sec,
+        generation_tokens_per_sec,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn report(
+    backend: Backend,
+    blas: Option<BlasLibrary>,
+    bench: mlx_env::MatmulBench,
+    bf16: Option<mlx_env::MatmulBench>,
+    model: &Path,
+    model_status: &'static str,
+    model_run: Option<ModelRun>,
+    problems: Vec<Problem>,
+    warnings: Vec<Problem>,
+) -> Report {
+    Report {
         mlx_version: mlx_env::mlx_version(),
         device: backend.name(),
         gpu: if backend == Backend::Cpu { None } else { mlx_env::gpu_info() },
@@ -132,9 +218,10 @@ pub fn diagnose(model: &Path) -> anyhow::Result<Report> {
         matmul_bf16_gflops: bf16.map(|b| b.gflops),
         model_path: model.display().to_string(),
         model_status,
+        model_run,
         problems,
         warnings,
-    })
+    }
 }
 
 /// A slow matmul on OpenBLAS or Accelerate means a loaded machine, not a bad
@@ -167,6 +254,19 @@ impl Report {
             out += &format!("  matmul   {bf16:.1} GFLOP/s (bfloat16 {n}x{n}x{n})\n", n = self.matmul_size);
         }
         out += &format!("  model    {}: {}\n", self.model_path, self.model_status);
+        if let Some(run) = &self.model_run {
+            out += &format!(
+                "           {}, {:.0}M parameters, held as {}, {:.0} MB of weights\n",
+                run.architecture,
+                run.parameters as f64 / 1e6,
+                run.held_as,
+                run.weights_bytes as f64 / 1e6
+            );
+            out += &format!(
+                "           prompt {:.1} tokens/s, generation {:.1} tokens/s (greedy, {SPEED_PROMPT}-token prompt, {SPEED_TOKENS} tokens)\n",
+                run.prompt_tokens_per_sec, run.generation_tokens_per_sec
+            );
+        }
         for warning in &self.warnings {
             out += &format!("warning: {}\n    fix: {}\n", warning.what, warning.fix);
         }

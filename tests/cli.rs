@@ -62,6 +62,28 @@ fn doctor_fails_when_the_model_hash_is_wrong() {
     assert!(text.contains("expected 5f4fa13b"), "{text}");
 }
 
+#[test]
+fn doctor_loads_and_runs_another_model() {
+    let output = blossom(&["doctor", "--json", "--model", "tests/fixtures/gguf/tiny-kquants.gguf"]);
+    let report: serde_json::Value = serde_json::from_slice(&output.stdout).expect("doctor --json prints JSON");
+    assert_eq!(report["model_status"], "loads and runs", "{report}");
+    let run = &report["model_run"];
+    assert_eq!(run["architecture"], "llama", "{report}");
+    // 2 layers of q, o (256x256), k, v (128x256) and 3 256x512 projections,
+    // and the 288x256 embedding and output head.
+    assert_eq!(run["parameters"], 2 * (2 * 256 * 256 + 2 * 128 * 256 + 3 * 256 * 512) + 2 * 288 * 256, "{report}");
+    assert!(run["generation_tokens_per_sec"].as_f64().is_some_and(|t| t > 0.0), "{report}");
+    assert!(run["held_as"].as_str().is_some_and(|h| h.starts_with("float32")), "{report}");
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let broken = dir.path().join("broken.gguf");
+    std::fs::write(&broken, b"GGUF but not a model").expect("write");
+    let output = blossom(&["doctor", "--model", broken.to_str().expect("utf-8 path")]);
+    assert_eq!(output.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&output.stdout);
+    assert!(text.contains("broken.gguf does not load: ") && text.contains("not a valid GGUF file"), "{text}");
+}
+
 /// Forcing the wheel's reference BLAS in front of OpenBLAS must be caught.
 #[cfg(target_os = "linux")]
 #[test]

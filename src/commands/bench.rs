@@ -7,8 +7,8 @@ use clap::{Args, Subcommand};
 
 use crate::config::{Config, TrainConfig};
 use crate::data::{Row, Sample};
-use crate::model::generate::{GenerationStats, SamplingParams, generate};
-use crate::model::{LoadOptions, LoadedModel, QuantMode, load_model};
+use crate::model::generate::measure_speed;
+use crate::model::{LoadOptions, QuantMode, load_model};
 use crate::train::lora::LoraSettings;
 use crate::train::{LocalTrainer, MlxTrainer, TrainError, TrainReport};
 
@@ -105,18 +105,18 @@ struct Figures {
 pub fn bench_generate(config: &Config, args: &BenchGenerateArgs) -> ExitCode {
     let source = &config.model.source;
     let mut rows = Vec::new();
-    for (label, quant) in [("quantized", QuantMode::Keep), ("float32 (dequantized)", QuantMode::Dequantize)] {
+    for (label, quant) in [("as stored", QuantMode::Keep), ("float32", QuantMode::Dequantize)] {
         let _ = mlx_rs::memory::clear_cache();
         let _ = mlx_rs::memory::reset_peak_memory();
         let loaded = match load_model(source, &LoadOptions { quant }) {
             Ok(loaded) => loaded,
             Err(err) => return model_error_exit(&format!("cannot load model {source}"), &err),
         };
-        if quant == QuantMode::Keep && !loaded.decoder.is_quantized() {
-            eprintln!("note: {source} has float weights; only the float32 row is measured");
+        if quant == QuantMode::Keep && !loaded.decoder.is_quantized() && !loaded.decoder.has_half_precision() {
+            eprintln!("note: {source} has float32 weights; only the float32 row is measured");
             continue;
         }
-        match measure(&loaded, args) {
+        match measure_speed(&loaded.decoder, &loaded.tokenizer, args.prompt_tokens, args.max_tokens, args.repeats) {
             Ok((prompt_tps, generation_tps)) => rows.push(Figures {
                 label,
                 prompt_tps,
@@ -143,44 +143,18 @@ pub fn bench_generate(config: &Config, args: &BenchGenerateArgs) -> ExitCode {
             row.peak_bytes as f64 / 1e6
         );
     }
-    if let [quantized, float] = rows.as_slice() {
+    if let [stored, float] = rows.as_slice() {
         println!(
-            "float32 / quantized: prompt {:.2}x, generation {:.2}x, peak memory {:.2}x",
-            float.prompt_tps / quantized.prompt_tps,
-            float.generation_tps / quantized.generation_tps,
-            float.peak_bytes as f64 / quantized.peak_bytes.max(1) as f64
+            "float32 / as stored: prompt {:.2}x, generation {:.2}x, peak memory {:.2}x",
+            float.prompt_tps / stored.prompt_tps,
+            float.generation_tps / stored.generation_tps,
+            float.peak_bytes as f64 / stored.peak_bytes.max(1) as f64
         );
     }
     if let Some(rss) = max_rss_bytes() {
         println!("process peak RSS: {:.1} MB", rss as f64 / 1e6);
     }
     ExitCode::SUCCESS
-}
-
-/// Median prompt and generation tokens/s over `repeats` runs after a warm-up.
-fn measure(loaded: &LoadedModel, args: &BenchGenerateArgs) -> Result<(f64, f64), crate::model::ModelError> {
-    // A prompt of exactly the requested length: text tokens, cycled.
-    let text = loaded.tokenizer.encode("The quick brown fox jumps over the lazy dog while the sun sets over the hills. ", false)?;
-    let prompt: Vec<u32> = text.iter().copied().cycle().take(args.prompt_tokens as usize).collect();
-    // Never stop early: the run must generate exactly max_tokens.
-    let params = SamplingParams {
-        max_tokens: args.max_tokens,
-        ..Default::default()
-    };
-    let warmup = SamplingParams { max_tokens: 2, ..params.clone() };
-    generate(&loaded.decoder, None, &prompt, &warmup, &[], true, |_| Ok(true))?;
-    let mut runs: Vec<GenerationStats> = Vec::new();
-    for _ in 0..args.repeats {
-        runs.push(generate(&loaded.decoder, None, &prompt, &params, &[], true, |_| Ok(true))?.1);
-    }
-    let median = |mut values: Vec<f64>| {
-        values.sort_by(f64::total_cmp);
-        values[values.len() / 2]
-    };
-    Ok((
-        median(runs.iter().map(GenerationStats::prompt_tokens_per_sec).collect()),
-        median(runs.iter().map(GenerationStats::generation_tokens_per_sec).collect()),
-    ))
 }
 
 /// The process's peak resident set (Linux `VmHWM`).

@@ -165,6 +165,32 @@ pub fn sample(logits: &[f32], params: &SamplingParams, rng: &mut SeededRng) -> u
     probs.last().map_or_else(argmax, |p| p.0)
 }
 
+/// Median prompt and generation tokens/s of greedy decoding over `repeats`
+/// runs after a warm-up: a prompt of exactly `prompt_tokens` (a sentence's
+/// tokens, cycled) and exactly `max_tokens` generated (never stopping early).
+pub fn measure_speed(decoder: &Decoder, tokenizer: &super::Tokenizer, prompt_tokens: u32, max_tokens: u32, repeats: u32) -> Result<(f64, f64), ModelError> {
+    let text = tokenizer.encode("The quick brown fox jumps over the lazy dog while the sun sets over the hills. ", false)?;
+    let prompt: Vec<u32> = text.iter().copied().cycle().take(prompt_tokens as usize).collect();
+    let params = SamplingParams {
+        max_tokens,
+        ..Default::default()
+    };
+    let warmup = SamplingParams { max_tokens: 2, ..params.clone() };
+    generate(decoder, None, &prompt, &warmup, &[], true, |_| Ok(true))?;
+    let mut runs: Vec<GenerationStats> = Vec::new();
+    for _ in 0..repeats.max(1) {
+        runs.push(generate(decoder, None, &prompt, &params, &[], true, |_| Ok(true))?.1);
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    Ok((
+        median(runs.iter().map(GenerationStats::prompt_tokens_per_sec).collect()),
+        median(runs.iter().map(GenerationStats::generation_tokens_per_sec).collect()),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -179,16 +179,7 @@ fn hash_files(files: &[PathBuf]) -> Result<String, ModelError> {
 
 /// Whether float32 weights fit comfortably: at most half the available memory.
 fn float32_fits(decoder: &Decoder) -> bool {
-    // Counted from the matrices themselves, so every architecture is right.
-    let (vocab, dims) = decoder.embed_matrix().shape();
-    let params: u64 = decoder
-        .linears()
-        .iter()
-        .map(|(_, linear)| linear.weight.shape())
-        .chain(std::iter::once((vocab, dims)))
-        .map(|(rows, cols)| rows as u64 * cols as u64)
-        .sum();
-    let bytes = params * 4;
+    let bytes = decoder.parameter_count() * 4;
     match available_memory() {
         Some(available) => bytes <= available / 2,
         None => true,

@@ -240,6 +240,18 @@ impl Decoder {
         !self.quantized_modules().is_empty()
     }
 
+    /// Parameters of the embedding and the projections (norms aside),
+    /// counted from the matrices' shapes, so every architecture is right.
+    pub fn parameter_count(&self) -> u64 {
+        let (vocab, dims) = self.embed_matrix().shape();
+        self.linears()
+            .iter()
+            .map(|(_, linear)| linear.weight.shape())
+            .chain(std::iter::once((vocab, dims)))
+            .map(|(rows, cols)| rows as u64 * cols as u64)
+            .sum()
+    }
+
     /// Whether the embedding or a projection is stored in float16 or
     /// bfloat16 (most Hugging Face checkpoints).
     pub fn has_half_precision(&self) -> bool {
