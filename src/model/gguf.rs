@@ -19,7 +19,7 @@ use mlx_rs::io::GgufFile;
 use mlx_rs::{Array, Dtype};
 
 use super::gguf_header::{GgufHeader, MetaValue};
-use super::gguf_quants::{GgmlType, dequantize};
+use super::gguf_quants::{GgmlType, dequantize, q4_k_as_affine};
 
 use super::args::ModelArgs;
 use super::tokenizer::GgufVocab;
@@ -107,8 +107,10 @@ pub fn load_gguf(path: &Path) -> Result<GgufModel, ModelError> {
 /// The file's tensors by their GGUF names. Where MLX reads every type in
 /// the file, MLX loads them (Q4_0, Q4_1 and Q8_0 stay quantized, as MLX
 /// affine groups of 32: an exact mapping). Otherwise (K-quants, Q5_0,
-/// Q5_1, BF16) every tensor is read here and dequantized to float32,
-/// bit-exactly as llama.cpp's `gguf` does, and the log says so once.
+/// Q5_1, BF16) every tensor is read here: Q4_K as MLX affine groups of 32
+/// (also exact), the rest dequantized to float32, bit-exactly as llama.cpp's
+/// `gguf` does; the log says so once. `--quant` then decides, as for any
+/// quantized model, whether the Q4_K ones stay quantized.
 fn read_tensors(path: &Path, header: &GgufHeader) -> Result<Vec<(String, Array)>, ModelError> {
     let load_err = |message: String| ModelError::Load {
         path: path.display().to_string(),
@@ -134,18 +136,33 @@ fn read_tensors(path: &Path, header: &GgufHeader) -> Result<Vec<(String, Array)>
         }
         return Ok(tensors);
     }
-    let mut names: Vec<&str> = kinds().filter(|k| !k.read_by_mlx()).map(GgmlType::name).collect();
+    let mut names: Vec<&str> = kinds().filter(|k| !k.read_by_mlx() && *k != GgmlType::Q4K).map(GgmlType::name).collect();
     names.sort_unstable();
     names.dedup();
-    tracing::info!(path = %path.display(), types = names.join(", "), "dequantizing the model's tensors to float32 (MLX has no kernels for these types)");
+    tracing::info!(
+        path = %path.display(),
+        dequantized = names.join(", "),
+        "reading the model's tensors: Q4_K as MLX 4-bit groups of 32 (exact), other quantized types dequantized to float32 (MLX has no kernels for them)"
+    );
     let mut file = std::fs::File::open(path).map_err(|e| load_err(e.to_string()))?;
     let mut tensors = Vec::with_capacity(header.tensors.len());
     for tensor in &header.tensors {
         let kind = tensor.kind.as_ref().map_err(|why| load_err(why.clone()))?;
-        let mut bytes = vec![0u8; usize::try_from(tensor.bytes).map_err(|_| load_err(format!("tensor `{}` is too large", tensor.name)))?];
-        file.seek(SeekFrom::Start(tensor.start)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| load_err(format!("tensor `{}`: {e}", tensor.name)))?;
-        let values = dequantize(*kind, &bytes).map_err(|e| load_err(format!("tensor `{}`: {e}", tensor.name)))?;
-        tensors.push((tensor.name.clone(), Array::from_slice(&values, &tensor.shape)));
+        let tensor_err = |e: String| load_err(format!("tensor `{}`: {e}", tensor.name));
+        let mut bytes = vec![0u8; usize::try_from(tensor.bytes).map_err(|_| tensor_err("too large".into()))?];
+        file.seek(SeekFrom::Start(tensor.start)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| tensor_err(e.to_string()))?;
+        match (kind, tensor.shape.as_slice(), tensor.name.strip_suffix(".weight")) {
+            (GgmlType::Q4K, &[rows, cols], Some(stem)) => {
+                let (packed, scales, biases) = q4_k_as_affine(&bytes).map_err(tensor_err)?;
+                tensors.push((tensor.name.clone(), Array::from_slice(&packed, &[rows, cols / 8])));
+                tensors.push((format!("{stem}.scales"), Array::from_slice(&scales, &[rows, cols / 32])));
+                tensors.push((format!("{stem}.biases"), Array::from_slice(&biases, &[rows, cols / 32])));
+            }
+            _ => {
+                let values = dequantize(*kind, &bytes).map_err(tensor_err)?;
+                tensors.push((tensor.name.clone(), Array::from_slice(&values, &tensor.shape)));
+            }
+        }
     }
     Ok(tensors)
 }

@@ -273,6 +273,33 @@ fn q6_k(b: &[u8], out: &mut Vec<f32>) {
     }
 }
 
+/// Q4_K blocks as MLX affine 4-bit groups of 32, an exact mapping: each
+/// 32-value sub-block has one scale (`d · sc`) and one offset (`dmin · m`),
+/// so `scale · q + bias` with `bias = -(dmin · m)` is the dequantized value
+/// bit for bit. Returns the packed words (eight values a word, the first in
+/// the low bits), the scales and the biases, a group at a time.
+pub fn q4_k_as_affine(bytes: &[u8]) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>), String> {
+    let (_, block_bytes) = GgmlType::Q4K.block();
+    if bytes.len() % block_bytes != 0 {
+        return Err(format!("{} bytes are not whole Q4_K blocks of {block_bytes} bytes", bytes.len()));
+    }
+    let blocks = bytes.len() / block_bytes;
+    let (mut packed, mut scales, mut biases) = (Vec::with_capacity(blocks * 32), Vec::with_capacity(blocks * 8), Vec::with_capacity(blocks * 8));
+    for b in bytes.chunks_exact(block_bytes) {
+        let (d, dmin, scale_bytes, qs) = (half16(b), half16(&b[2..]), &b[4..16], &b[16..]);
+        for j in 0..8 {
+            let (sc, m) = scale_min_k4(scale_bytes, j);
+            scales.push(d * sc as f32);
+            biases.push(-(dmin * m as f32));
+            let (c, t) = (j / 2, j % 2);
+            for word in qs[c * 32..c * 32 + 32].chunks_exact(8) {
+                packed.push(word.iter().enumerate().fold(0u32, |acc, (k, q)| acc | (((q >> (4 * t)) & 0x0F) as u32) << (4 * k)));
+            }
+        }
+    }
+    Ok((packed, scales, biases))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -307,6 +334,21 @@ mod tests {
             let first: Vec<usize> = mismatches.map(|(i, _)| i).take(5).collect();
             assert!(first.is_empty(), "{}: values {first:?} differ from gguf-py's", kind.name());
         }
+    }
+
+    /// The affine form of the Q4_K fixture, dequantized as MLX does
+    /// (`scale · q + bias`), is gguf-py's values bit for bit.
+    #[test]
+    fn q4_k_maps_exactly_onto_affine_groups_of_32() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_quants");
+        let raw = std::fs::read(dir.join("Q4_K.bin")).unwrap();
+        let expected = dequantize(GgmlType::Q4K, &raw).unwrap();
+        let (packed, scales, biases) = q4_k_as_affine(&raw).unwrap();
+        let values: Vec<f32> = (0..expected.len()).map(|i| {
+            let q = (packed[i / 8] >> (4 * (i % 8))) & 0x0F;
+            scales[i / 32] * q as f32 + biases[i / 32]
+        }).collect();
+        assert!(values.iter().zip(&expected).all(|(a, b)| a.to_bits() == b.to_bits()));
     }
 
     #[test]
