@@ -19,7 +19,7 @@ use mlx_rs::io::GgufFile;
 use mlx_rs::{Array, Dtype};
 
 use super::gguf_header::{GgufHeader, MetaValue};
-use super::gguf_quants::{GgmlType, dequantize, q4_k_as_affine};
+use super::gguf_quants::{Affine4, GgmlType, dequantize, q4_k_as_affine};
 
 use super::args::ModelArgs;
 use super::tokenizer::GgufVocab;
@@ -153,7 +153,7 @@ fn read_tensors(path: &Path, header: &GgufHeader) -> Result<Vec<(String, Array)>
         file.seek(SeekFrom::Start(tensor.start)).and_then(|_| file.read_exact(&mut bytes)).map_err(|e| tensor_err(e.to_string()))?;
         match (kind, tensor.shape.as_slice(), tensor.name.strip_suffix(".weight")) {
             (GgmlType::Q4K, &[rows, cols], Some(stem)) => {
-                let (packed, scales, biases) = q4_k_as_affine(&bytes).map_err(tensor_err)?;
+                let Affine4 { packed, scales, biases } = q4_k_as_affine(&bytes).map_err(tensor_err)?;
                 tensors.push((tensor.name.clone(), Array::from_slice(&packed, &[rows, cols / 8])));
                 tensors.push((format!("{stem}.scales"), Array::from_slice(&scales, &[rows, cols / 32])));
                 tensors.push((format!("{stem}.biases"), Array::from_slice(&biases, &[rows, cols / 32])));

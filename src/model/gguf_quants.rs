@@ -276,9 +276,8 @@ fn q6_k(b: &[u8], out: &mut Vec<f32>) {
 /// Q4_K blocks as MLX affine 4-bit groups of 32, an exact mapping: each
 /// 32-value sub-block has one scale (`d · sc`) and one offset (`dmin · m`),
 /// so `scale · q + bias` with `bias = -(dmin · m)` is the dequantized value
-/// bit for bit. Returns the packed words (eight values a word, the first in
-/// the low bits), the scales and the biases, a group at a time.
-pub fn q4_k_as_affine(bytes: &[u8]) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>), String> {
+/// bit for bit.
+pub fn q4_k_as_affine(bytes: &[u8]) -> Result<Affine4, String> {
     let (_, block_bytes) = GgmlType::Q4K.block();
     if bytes.len() % block_bytes != 0 {
         return Err(format!("{} bytes are not whole Q4_K blocks of {block_bytes} bytes", bytes.len()));
@@ -297,7 +296,16 @@ pub fn q4_k_as_affine(bytes: &[u8]) -> Result<(Vec<u32>, Vec<f32>, Vec<f32>), St
             }
         }
     }
-    Ok((packed, scales, biases))
+    Ok(Affine4 { packed, scales, biases })
+}
+
+/// MLX's affine 4-bit form of a matrix, in row-major order.
+pub struct Affine4 {
+    /// Eight values a word, the first in the low bits.
+    pub packed: Vec<u32>,
+    /// One scale and one bias for each group of 32 values.
+    pub scales: Vec<f32>,
+    pub biases: Vec<f32>,
 }
 
 #[cfg(test)]
@@ -343,7 +351,7 @@ mod tests {
         let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/gguf_quants");
         let raw = std::fs::read(dir.join("Q4_K.bin")).unwrap();
         let expected = dequantize(GgmlType::Q4K, &raw).unwrap();
-        let (packed, scales, biases) = q4_k_as_affine(&raw).unwrap();
+        let Affine4 { packed, scales, biases } = q4_k_as_affine(&raw).unwrap();
         let values: Vec<f32> = (0..expected.len()).map(|i| {
             let q = (packed[i / 8] >> (4 * (i % 8))) & 0x0F;
             scales[i / 32] * q as f32 + biases[i / 32]
