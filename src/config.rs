@@ -231,6 +231,18 @@ pub enum ExchangeMode {
     Reduce,
 }
 
+/// How a round's average moves the adapter the next round trains from
+/// (docs/PROTOCOL.md, "The outer step").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OuterOptimizerKind {
+    /// The next round starts from the average (FedAvg, the Flower baseline).
+    Average,
+    /// DiLoCo's outer Nesterov step on the averaged pseudo-gradient, with
+    /// `outer_lr` and `outer_momentum`.
+    Nesterov,
+}
+
 /// Rounds and averaging. Defaults: 10 rounds, 10 nodes (in simulation),
 /// FedAvg, adapters saved every 5 rounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -260,6 +272,12 @@ pub struct FederationConfig {
     /// eight times it where the method is per coordinate), to catch owners
     /// who agree on a wrong result.
     pub audit: f64,
+    /// The outer step from a round's average to the next round's start.
+    pub outer_optimizer: OuterOptimizerKind,
+    /// The outer step's learning rate (`nesterov`).
+    pub outer_lr: f64,
+    /// The outer step's momentum (`nesterov`).
+    pub outer_momentum: f64,
 }
 
 impl Default for FederationConfig {
@@ -277,6 +295,9 @@ impl Default for FederationConfig {
             exchange: ExchangeMode::Reduce,
             replicas: 2,
             audit: 0.1,
+            outer_optimizer: OuterOptimizerKind::Average,
+            outer_lr: 0.7,
+            outer_momentum: 0.9,
         }
     }
 }
@@ -530,6 +551,16 @@ impl Config {
             (0.0..=1.0).contains(&federation.audit),
             "federation.audit",
             "must be a probability in [0, 1]",
+        )?;
+        check(
+            federation.outer_lr.is_finite() && federation.outer_lr > 0.0 && federation.outer_lr <= 10.0,
+            "federation.outer_lr",
+            format!("must be in (0, 10] (DiLoCo uses 0.7; 1 with outer_momentum = 0 is plain averaging), got {}", federation.outer_lr),
+        )?;
+        check(
+            federation.outer_momentum.is_finite() && (0.0..1.0).contains(&federation.outer_momentum),
+            "federation.outer_momentum",
+            format!("must be in [0, 1) (DiLoCo uses 0.9), got {}", federation.outer_momentum),
         )?;
         check(
             federation.min_members >= 1,

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use blossom_p2p::aggregate::{Method, Tensor, Tensors};
+use blossom_p2p::aggregate::outer::OuterOptimizer;
 use blossom_p2p::node::engine::{Engine, EngineEvent, EngineSettings, LocalResult, PartitionMode, RoundClock, RoundTrainer};
 use blossom_p2p::p2p::network::{Average, Exchange, NetworkEvent, NetworkHandle, spawn};
 use blossom_p2p::wire::codec::{Digest, Limits};
@@ -72,6 +73,7 @@ fn settings(run_id: Digest, rounds: u64) -> EngineSettings {
         run_id,
         rounds,
         method: Method::FedAvg,
+        outer: OuterOptimizer::Average,
         partition: PartitionMode::Hash { buckets: 16 },
         fingerprint: "test rows".into(),
         train_rows: Arc::new((0..64).collect()),

@@ -1,5 +1,6 @@
 //! Averaging the adapters of a round (docs/PROTOCOL.md, "Averaging"): pure
 //! functions, tensors in, tensors out, nothing of MLX or the network.
+//! `outer` is the step from a round's average to the next round's start.
 //!
 //! Determinism is the point: nodes that average the same inputs must hold
 //! byte-identical results (and so the same adapter hash). Inputs are sorted
@@ -8,6 +9,7 @@
 
 mod exact;
 mod linalg;
+pub mod outer;
 mod robust;
 
 use std::collections::BTreeMap;

@@ -110,6 +110,7 @@ async fn run_node(
         run_id,
         rounds,
         method: crate::node::method(config),
+        outer: crate::node::outer(config),
         partition,
         fingerprint: prepared.fingerprint.clone(),
         train_rows: Arc::new(prepared.train_rows.clone()),

@@ -1,6 +1,7 @@
-//! Round checkpoints of a training node: after each round, the average it
-//! will train from next, its optimizer state, the round and the RNG state,
-//! in one file per run written atomically (`crate::durable`). The previous
+//! Round checkpoints of a training node: after each round, the outer state
+//! (the adapter it will train from next, and the outer momentum if any),
+//! its optimizer state, the round and the RNG state, in one file per run
+//! written atomically (`crate::durable`). The previous
 //! checkpoint is kept beside it until the new one is in place, so a crash at
 //! any moment leaves at least one whole checkpoint.
 //!
@@ -17,6 +18,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Tensors;
+use crate::aggregate::outer::adapter_of;
 use crate::wire::codec::{Digest, Limits};
 use crate::wire::tensors::{decode_checked, encode};
 
@@ -128,8 +130,9 @@ impl CheckpointFile {
         Ok(())
     }
 
-    /// The newest whole checkpoint, checked against the adapter `layout`
-    /// and the node's seed; `None` if this run has none. A leftover
+    /// The newest whole checkpoint, checked against the outer state's
+    /// `layout` (the optimizer's moments follow its adapter tensors) and
+    /// the node's seed; `None` if this run has none. A leftover
     /// temporary file (a crash during a write) is removed; a damaged
     /// checkpoint falls back to the previous one.
     pub fn load(&self, layout: &Tensors, limits: &Limits) -> Result<Option<RoundCheckpoint>, CheckpointError> {
@@ -239,7 +242,7 @@ fn from_bytes(bytes: &[u8], layout: &Tensors, limits: &Limits) -> Result<RoundCh
             max_adapter_bytes: limits.max_adapter_bytes * 2,
             max_tensors: limits.max_tensors * 2,
         };
-        decode_checked(optimizer_bytes, &moment_layout(layout), &limits).map_err(|e| format!("optimizer state: {e}"))?
+        decode_checked(optimizer_bytes, &moment_layout(&adapter_of(layout)), &limits).map_err(|e| format!("optimizer state: {e}"))?
     };
     Ok(RoundCheckpoint {
         run_id: header.run_id,

@@ -17,7 +17,8 @@ pub mod prometheus;
 pub mod status;
 
 use crate::aggregate::Method;
-use crate::config::{Aggregation, Config, ExchangeMode};
+use crate::aggregate::outer::OuterOptimizer;
+use crate::config::{Aggregation, Config, ExchangeMode, OuterOptimizerKind};
 use crate::p2p::network::Exchange;
 use crate::wire::codec::Digest;
 
@@ -34,9 +35,10 @@ pub fn examples_per_round(config: &Config) -> u64 {
 /// The run id: blake3 of everything nodes must share to average each
 /// other's adapters (docs/ARCHITECTURE.md, "Protocol, in short"): the base model's files, the
 /// data set, the LoRA shape, the template, and the round's length and count
-/// (the learning-rate schedule spans the run).
+/// (the learning-rate schedule spans the run), and the outer step where it
+/// is not plain averaging (so that runs averaging plainly keep their ids).
 pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> Digest {
-    let canonical = serde_json::json!({
+    let mut canonical = serde_json::json!({
         "model": model_identity,
         "data": data_fingerprint,
         "lora": &config.lora,
@@ -46,7 +48,22 @@ pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> 
         "rounds": config.federation.rounds,
         "exchange": config.federation.exchange,
     });
+    if let OuterOptimizer::Nesterov { lr, momentum } = outer(config) {
+        canonical["outer"] = serde_json::json!({"nesterov": [lr, momentum]});
+    }
     Digest::of(canonical.to_string().as_bytes())
+}
+
+/// The outer step the config asks for (every node of a run must take the
+/// same: it is part of the run id).
+pub fn outer(config: &Config) -> OuterOptimizer {
+    match config.federation.outer_optimizer {
+        OuterOptimizerKind::Average => OuterOptimizer::Average,
+        OuterOptimizerKind::Nesterov => OuterOptimizer::Nesterov {
+            lr: config.federation.outer_lr as f32,
+            momentum: config.federation.outer_momentum as f32,
+        },
+    }
 }
 
 /// Bytes of an adapter's canonical encoding: what one upload moves.

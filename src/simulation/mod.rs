@@ -360,6 +360,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         run_id,
         rounds: u64::from(rounds),
         method: crate::node::method(config),
+        outer: crate::node::outer(config),
         partition: PartitionMode::Hash {
             buckets: config.federation.num_buckets,
         },

@@ -36,7 +36,7 @@ pub(super) const MAX_OFFERED: usize = 256;
 
 impl<T: RoundTrainer> Engine<T> {
     /// Asks peers for the newest average and waits for it: `Some((round to
-    /// train next, adapter))`, or `None` to start at round 0 (the run has
+    /// train next, its certified outer state))`, or `None` to start at round 0 (the run has
     /// not finished a round yet), or when the average found is not past
     /// round `past`: a node never goes back to a round it has averaged.
     pub(super) async fn catch_up(&mut self, past: Option<u64>) -> Result<Option<(u64, Tensors)>, EngineError> {

@@ -91,7 +91,10 @@ impl<T: RoundTrainer> Engine<T> {
             }
             return;
         }
-        let tensors = match bytes.map(|b| decode_checked(&b, &self.layout, &self.settings.limits)).transpose() {
+        // An average is a whole outer state (the adapter, and its momentum
+        // where the outer step keeps one); an update is an adapter.
+        let layout = if manifest.kind == ManifestKind::Average { &self.state_layout } else { &self.layout };
+        let tensors = match bytes.map(|b| decode_checked(&b, layout, &self.settings.limits)).transpose() {
             Ok(t) => t,
             Err(reason) => {
                 tracing::warn!(peer = %author, round = manifest.round, %reason, "rejected an adapter");

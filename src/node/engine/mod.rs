@@ -1,5 +1,5 @@
 //! The round engine (docs/PROTOCOL.md, "A round"): train → publish →
-//! collect → average → certify → next round. It sees the trainer only
+//! collect → average → outer step → certify → next round. It sees the trainer only
 //! through [`RoundTrainer`] and the network only through its handle and
 //! events. `round()` below reads as the protocol's steps; each phase lives
 //! in a file of its own:
@@ -49,6 +49,7 @@ use libp2p_identity::Keypair;
 use tokio::sync::mpsc;
 
 use crate::aggregate::Tensors;
+use crate::aggregate::outer;
 use crate::p2p::network::{Exchange, NetworkEvent, NetworkHandle};
 use crate::wire::codec::Digest;
 use crate::wire::manifest::Manifest;
@@ -97,6 +98,9 @@ pub struct Engine<T: RoundTrainer> {
     own_update: Option<Arc<Vec<u8>>>,
     /// The layout every adapter must have (the node's own initial adapter).
     layout: Tensors,
+    /// The layout of an outer state (an average, a checkpoint): the adapter,
+    /// and its momentum where the outer step keeps one.
+    state_layout: Tensors,
 }
 
 impl<T: RoundTrainer> Engine<T> {
@@ -122,6 +126,7 @@ impl<T: RoundTrainer> Engine<T> {
             certified_round: None,
             own_update: None,
             layout: Tensors::new(),
+            state_layout: Tensors::new(),
         }
     }
 
@@ -145,10 +150,13 @@ impl<T: RoundTrainer> Engine<T> {
         let run_id = self.settings.run_id;
         self.net.subscribe(run_id, self.settings.exchange).await.map_err(|e| EngineError::Network(e.to_string()))?;
         let initial = self.trainer.initial().await.map_err(EngineError::Trainer)?;
-        self.layout = initial.clone();
-        let (mut round, mut current) = (0, initial);
+        self.state_layout = outer::initial_state(self.settings.outer, &initial);
+        self.layout = initial;
+        // `current` is the outer state: the adapter the next round trains
+        // from (and the outer momentum, where there is one).
+        let (mut round, mut current) = (0, self.state_layout.clone());
         if let Some(file) = &self.settings.checkpoint
-            && let Some(checkpoint) = file.load(&self.layout, &self.settings.limits)?
+            && let Some(checkpoint) = file.load(&self.state_layout, &self.settings.limits)?
         {
             self.trainer.restore_optimizer_state(checkpoint.optimizer).await.map_err(EngineError::Trainer)?;
             (round, current) = (checkpoint.round, checkpoint.adapter);
@@ -177,14 +185,16 @@ impl<T: RoundTrainer> Engine<T> {
                 rejoined = false;
             }
             let report = match tracing::Instrument::instrument(self.round(round, &current, &members), tracing::info_span!("round", round)).await? {
-                RoundEnd::Done(report) => report,
-                RoundEnd::Rejoin { round: next, adapter } => {
+                RoundEnd::Done { report, state } => {
+                    current = state;
+                    report
+                }
+                RoundEnd::Rejoin { round: next, state } => {
                     self.heard.buffered.retain(|r, _| *r >= next);
-                    (round, current, rejoined) = (next, adapter, true);
+                    (round, current, rejoined) = (next, state, true);
                     continue;
                 }
             };
-            current = (*report.average).clone();
             self.checkpoint(round + 1, &current).await?;
             let lagging = self.overtaken(round, members.len());
             self.report(EngineEvent::Round(report));
@@ -205,12 +215,12 @@ impl<T: RoundTrainer> Engine<T> {
         Ok(())
     }
 
-    /// Writes the checkpoint of a node about to train `round` from `adapter`
-    /// (on a blocking thread: it fsyncs), listening meanwhile.
-    async fn checkpoint(&mut self, round: u64, adapter: &Tensors) -> Result<(), EngineError> {
+    /// Writes the checkpoint of a node about to train `round` from the
+    /// outer `state` (on a blocking thread: it fsyncs), listening meanwhile.
+    async fn checkpoint(&mut self, round: u64, state: &Tensors) -> Result<(), EngineError> {
         let Some(file) = self.settings.checkpoint.clone() else { return Ok(()) };
         let optimizer = self.trainer.optimizer_state().await.map_err(EngineError::Trainer)?;
-        let checkpoint = file.at(round, adapter.clone(), optimizer);
+        let checkpoint = file.at(round, state.clone(), optimizer);
         let path = file.path().display().to_string();
         let writing = tokio::task::spawn_blocking(move || file.save(&checkpoint));
         match self.while_listening(writing, Some(round)).await? {
@@ -223,10 +233,11 @@ impl<T: RoundTrainer> Engine<T> {
         }
     }
 
-    /// One round from `current`, as docs/PROTOCOL.md ("A round") walks it;
-    /// the quorum is every one of `members`.
-    async fn round(&mut self, round: u64, current: &Tensors, members: &[PeerId]) -> Result<RoundEnd, EngineError> {
+    /// One round from the outer `state`, as docs/PROTOCOL.md ("A round")
+    /// walks it; the quorum is every one of `members`.
+    async fn round(&mut self, round: u64, state: &Tensors, members: &[PeerId]) -> Result<RoundEnd, EngineError> {
         let started = Instant::now();
+        let current = &outer::adapter_of(state);
         let parent = Digest::of(&encode(current).map_err(EngineError::Aggregate)?);
         let member = members.contains(&self.me()) && self.settings.misbehaviour != Some(Misbehaviour::Silent);
         let rows = self.rows(members);
@@ -244,26 +255,34 @@ impl<T: RoundTrainer> Engine<T> {
         // is bounded by members × that; saturate rather than trust it.
         let examples: u64 = updates.values().fold(0u64, |sum, u| sum.saturating_add(u.manifest.examples));
         // 4. Average: every update here (gossip), or by slice (reduce).
-        let averaged = match self.settings.exchange {
+        let mut averaged = match self.settings.exchange {
             Exchange::Gossip => self.average_all(current, updates)?,
             Exchange::Reduce => match self.reduce_round(round, current, updates).await? {
                 Reduced::Average(averaged) => averaged,
-                Reduced::Rejoin { round, adapter } => return Ok(RoundEnd::Rejoin { round, adapter }),
+                Reduced::Rejoin { round, state } => return Ok(RoundEnd::Rejoin { round, state }),
             },
         };
         self.claims.forget_through(round);
-        // 5. Evaluate, certify and keep the average, save it.
-        let eval_loss = self.evaluate(round, &averaged.average).await?;
+        // 5. The outer step: the next state is what every node certifies
+        //    and a joiner takes (the average itself under `average`).
+        if self.settings.outer.has_momentum() {
+            averaged.average = outer::step(self.settings.outer, state, &averaged.average).map_err(|e| EngineError::Aggregate(e.to_string()))?;
+            averaged.bytes = encode(&averaged.average).map_err(EngineError::Aggregate)?;
+        }
+        let next = outer::adapter_of(&averaged.average);
+        // 6. Evaluate, certify and keep the state, save its adapter.
+        let eval_loss = self.evaluate(round, &next).await?;
         let average_hash = Digest::of(&averaged.bytes);
         let contributors = averaged.inputs.len();
         let (fedavg_drift, slices_computed) = (averaged.fedavg_drift, averaged.slices_computed);
-        let average = self.keep_average(round, parent, examples, eval_loss, averaged).await?;
-        self.save_average(round, &average).await?;
+        let state = self.keep_average(round, parent, examples, eval_loss, averaged).await?;
+        self.save_average(round, &next).await?;
         tracing::debug!(round, contributors, expected = members.len(), timed_out, average = %average_hash, "round done");
-        Ok(RoundEnd::Done(RoundReport {
+        Ok(RoundEnd::Done {
+            report: RoundReport {
             round,
             average_hash,
-            average: Arc::new(average),
+            average: Arc::new(next),
             parent,
             contributors,
             expected: members.len(),
@@ -276,7 +295,9 @@ impl<T: RoundTrainer> Engine<T> {
             elapsed: started.elapsed(),
             members: self.member_views(members, round),
             slices_computed,
-        }))
+            },
+            state,
+        })
     }
 
     /// Step 1: `round`'s local training on `rows` from `current`, listening
@@ -319,7 +340,9 @@ impl<T: RoundTrainer> Engine<T> {
 
 /// How a round ended.
 enum RoundEnd {
-    Done(RoundReport),
-    /// Peers went on meanwhile: train `round` next, from `adapter`.
-    Rejoin { round: u64, adapter: Tensors },
+    /// The round's report, and the outer state the next round starts from.
+    Done { report: RoundReport, state: Tensors },
+    /// Peers went on meanwhile: train `round` next, from the certified
+    /// outer `state`.
+    Rejoin { round: u64, state: Tensors },
 }

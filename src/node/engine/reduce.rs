@@ -63,8 +63,9 @@ pub(super) const REDUCE_PASSES: usize = 4;
 /// What the reduce exchange of a round gave.
 pub(super) enum Reduced {
     Average(Averaged),
-    /// Most peers went two rounds on meanwhile: train `round` next, from `adapter`.
-    Rejoin { round: u64, adapter: Tensors },
+    /// Most peers went two rounds on meanwhile: train `round` next, from
+    /// the certified outer `state`.
+    Rejoin { round: u64, state: Tensors },
 }
 
 impl<T: RoundTrainer> Engine<T> {
@@ -109,8 +110,8 @@ impl<T: RoundTrainer> Engine<T> {
                 // Every input's author is gone for this node (it came too
                 // late to fetch them): peers that finished the round have
                 // an average to rejoin from.
-                if let Some((round, adapter)) = self.catch_up(Some(round)).await? {
-                    return Ok(Reduced::Rejoin { round, adapter });
+                if let Some((round, state)) = self.catch_up(Some(round)).await? {
+                    return Ok(Reduced::Rejoin { round, state });
                 }
                 return Err(EngineError::Aggregate("no update of this round could be fetched".into()));
             }
@@ -225,8 +226,8 @@ impl<T: RoundTrainer> Engine<T> {
                 }
                 // Peers that went two rounds on forget this round's blobs
                 // soon: what this node still waits for may never come.
-                if let Some((round, adapter)) = self.rejoin_if_overtaken(round, updates.len(), &mut rejoin_tried).await? {
-                    return Ok(Reduced::Rejoin { round, adapter });
+                if let Some((round, state)) = self.rejoin_if_overtaken(round, updates.len(), &mut rejoin_tried).await? {
+                    return Ok(Reduced::Rejoin { round, state });
                 }
                 tokio::select! {
                     _ = &mut deadline => deadline_passed = true,

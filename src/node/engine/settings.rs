@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::aggregate::Method;
+use crate::aggregate::outer::OuterOptimizer;
 use crate::p2p::network::Exchange;
 use crate::wire::codec::{Digest, Limits};
 
@@ -26,6 +27,8 @@ pub struct EngineSettings {
     /// Rounds of the whole run (the node stops after the last).
     pub rounds: u64,
     pub method: Method,
+    /// How a round's average moves the next round's start.
+    pub outer: OuterOptimizer,
     pub partition: PartitionMode,
     pub fingerprint: String,
     /// Indices of the training rows.
