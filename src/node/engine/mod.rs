@@ -187,7 +187,7 @@ impl<T: RoundTrainer> Engine<T> {
             let report = match tracing::Instrument::instrument(self.round(round, &current, &members), tracing::info_span!("round", round)).await? {
                 RoundEnd::Done { report, state } => {
                     current = state;
-                    report
+                    *report
                 }
                 RoundEnd::Rejoin { round: next, state } => {
                     self.heard.buffered.retain(|r, _| *r >= next);
@@ -279,23 +279,23 @@ impl<T: RoundTrainer> Engine<T> {
         self.save_average(round, &next).await?;
         tracing::debug!(round, contributors, expected = members.len(), timed_out, average = %average_hash, "round done");
         Ok(RoundEnd::Done {
-            report: RoundReport {
-            round,
-            average_hash,
-            average: Arc::new(next),
-            parent,
-            contributors,
-            expected: members.len(),
-            timed_out,
-            rows: rows.len(),
-            local,
-            eval_loss,
-            agreement_before: same_parent as f64 / contributors.max(1) as f64,
-            fedavg_drift,
-            elapsed: started.elapsed(),
-            members: self.member_views(members, round),
-            slices_computed,
-            },
+            report: Box::new(RoundReport {
+                round,
+                average_hash,
+                average: Arc::new(next),
+                parent,
+                contributors,
+                expected: members.len(),
+                timed_out,
+                rows: rows.len(),
+                local,
+                eval_loss,
+                agreement_before: same_parent as f64 / contributors.max(1) as f64,
+                fedavg_drift,
+                elapsed: started.elapsed(),
+                members: self.member_views(members, round),
+                slices_computed,
+            }),
             state,
         })
     }
@@ -341,7 +341,7 @@ impl<T: RoundTrainer> Engine<T> {
 /// How a round ended.
 enum RoundEnd {
     /// The round's report, and the outer state the next round starts from.
-    Done { report: RoundReport, state: Tensors },
+    Done { report: Box<RoundReport>, state: Tensors },
     /// Peers went on meanwhile: train `round` next, from the certified
     /// outer `state`.
     Rejoin { round: u64, state: Tensors },
