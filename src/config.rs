@@ -243,6 +243,19 @@ pub enum OuterOptimizerKind {
     Nesterov,
 }
 
+/// How updates travel (docs/PROTOCOL.md, "Compressed updates").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CompressionKind {
+    /// Adapters in float32.
+    None,
+    /// Each round's change in float16, with error feedback.
+    Fp16,
+    /// Each round's change in int8 blocks of six with a bfloat16 scale,
+    /// with error feedback.
+    Int8,
+}
+
 /// Rounds and averaging. Defaults: 10 rounds, 10 nodes (in simulation),
 /// FedAvg, adapters saved every 5 rounds.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,6 +285,8 @@ pub struct FederationConfig {
     /// eight times it where the method is per coordinate), to catch owners
     /// who agree on a wrong result.
     pub audit: f64,
+    /// How updates travel: adapters, or each round's change compressed.
+    pub compression: CompressionKind,
     /// The outer step from a round's average to the next round's start.
     pub outer_optimizer: OuterOptimizerKind,
     /// The outer step's learning rate (`nesterov`).
@@ -295,6 +310,7 @@ impl Default for FederationConfig {
             exchange: ExchangeMode::Reduce,
             replicas: 2,
             audit: 0.1,
+            compression: CompressionKind::None,
             outer_optimizer: OuterOptimizerKind::Average,
             outer_lr: 0.7,
             outer_momentum: 0.9,
@@ -551,6 +567,14 @@ impl Config {
             (0.0..=1.0).contains(&federation.audit),
             "federation.audit",
             "must be a probability in [0, 1]",
+        )?;
+        check(
+            federation.compression == CompressionKind::None || matches!(federation.aggregation, Aggregation::Fedavg | Aggregation::Median | Aggregation::TrimmedMean),
+            "federation.compression",
+            format!(
+                "compresses each round's change, which fedavg, median and trimmed-mean average coordinate by coordinate; {} needs whole adapters: set federation.compression = \"none\" or another aggregation",
+                serde_json::to_value(federation.aggregation).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
+            ),
         )?;
         check(
             federation.outer_lr.is_finite() && federation.outer_lr > 0.0 && federation.outer_lr <= 10.0,

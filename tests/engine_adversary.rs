@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use blossom_p2p::aggregate::{Method, Tensor, Tensors};
 use blossom_p2p::aggregate::outer::OuterOptimizer;
+use blossom_p2p::wire::compression::Compression;
 use blossom_p2p::node::engine::{Engine, EngineEvent, EngineSettings, LocalResult, PartitionMode, RoundClock, RoundTrainer};
 use blossom_p2p::p2p::network::{Average, Exchange, NetworkEvent, NetworkHandle, spawn};
 use blossom_p2p::wire::codec::{Digest, Limits};
@@ -74,6 +75,7 @@ fn settings(run_id: Digest, rounds: u64) -> EngineSettings {
         rounds,
         method: Method::FedAvg,
         outer: OuterOptimizer::Average,
+        compression: Compression::None,
         partition: PartitionMode::Hash { buckets: 16 },
         fingerprint: "test rows".into(),
         train_rows: Arc::new((0..64).collect()),

@@ -5,14 +5,20 @@
 //! latency. Loss is modelled as TCP and QUIC experience it on a stream: a
 //! lost segment is retransmitted after a timeout, delaying it and
 //! everything behind it, so nothing arrives out of order or not at all.
+//!
+//! Each direction holds at most [`WINDOW`] bytes written and not yet read
+//! by the other end: a writer past it waits, as a TCP sender waits for the
+//! receiver's window, so a slow reader holds its peers back instead of
+//! making the process buffer without bound (128 nodes in one process).
 
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use futures::task::AtomicWaker;
 use futures::{AsyncRead, AsyncWrite, Future};
 use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
@@ -42,6 +48,36 @@ impl LinkParams {
     /// The retransmission timeout: at least 200 ms, as Linux TCP's minimum.
     fn retransmission_timeout(&self) -> Duration {
         (self.latency * 3).max(Duration::from_millis(200))
+    }
+}
+
+/// Bytes one direction of a link holds written and not yet read: about
+/// what Linux's TCP buffers hold on a LAN (rmem default 128 KiB, tcp_wmem
+/// 16 KiB to 4 MiB), enough for 10 MB/s at 100 ms round trips.
+pub const WINDOW: usize = 1 << 20;
+
+/// One direction's bytes in flight, and its writer waiting for room.
+#[derive(Debug, Default)]
+pub(crate) struct Window {
+    queued: AtomicUsize,
+    writer: AtomicWaker,
+}
+
+impl Window {
+    /// Room again (bytes read, or the reader gone: its writes then fail).
+    fn release(&self, bytes: usize) {
+        let _ = self.queued.fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| Some(q.saturating_sub(bytes)));
+        self.writer.wake();
+    }
+
+    /// Wakes a waiting writer (the link was cut: its next write fails).
+    pub(crate) fn wake(&self) {
+        self.writer.wake();
+    }
+
+    /// Bytes written and not read yet.
+    pub fn queued(&self) -> usize {
+        self.queued.load(Ordering::Acquire)
     }
 }
 
@@ -98,19 +134,31 @@ pub struct SimStream {
     cut: Arc<AtomicBool>,
     local: Arc<Counters>,
     remote: Arc<Counters>,
+    /// This end's writes not yet read by the other end.
+    sending: Arc<Window>,
+    /// The other end's writes not yet read here.
+    receiving: Arc<Window>,
 }
 
+/// Both directions of a link: (dialer to listener, listener to dialer).
+pub(crate) type Windows = (Arc<Window>, Arc<Window>);
+
 impl SimStream {
+    /// The dialer's end (`dialer` true) or the listener's of a link whose
+    /// directions' windows are `windows`.
     pub(crate) fn new(
-        incoming: mpsc::UnboundedReceiver<Message>,
-        outgoing: mpsc::UnboundedSender<Message>,
+        (incoming, outgoing): (mpsc::UnboundedReceiver<Message>, mpsc::UnboundedSender<Message>),
         params: LinkParams,
         seed: u64,
         cut: Arc<AtomicBool>,
         (local, remote): (Arc<Counters>, Arc<Counters>),
+        (windows, dialer): (&Windows, bool),
     ) -> Self {
         let now = Instant::now();
+        let (sending, receiving) = if dialer { (windows.0.clone(), windows.1.clone()) } else { (windows.1.clone(), windows.0.clone()) };
         Self {
+            sending,
+            receiving,
             incoming,
             outgoing: Some(outgoing),
             reading: None,
@@ -125,6 +173,13 @@ impl SimStream {
             local,
             remote,
         }
+    }
+}
+
+impl SimStream {
+    /// Bytes this end wrote that the other end has not read yet.
+    pub fn unread(&self) -> usize {
+        self.sending.queued()
     }
 }
 
@@ -148,6 +203,7 @@ impl AsyncRead for SimStream {
                 if *position == frame.len() {
                     this.reading = None;
                 }
+                this.receiving.release(n);
                 return Poll::Ready(Ok(n));
             }
             if let Some((sleep, _)) = &mut this.waiting {
@@ -174,10 +230,20 @@ impl AsyncRead for SimStream {
 }
 
 impl AsyncWrite for SimStream {
-    fn poll_write(mut self: Pin<&mut Self>, _cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = &mut *self;
         if this.cut.load(Ordering::Relaxed) {
             return Poll::Ready(Err(reset()));
+        }
+        if this.sending.queued() >= WINDOW {
+            this.sending.writer.register(cx.waker());
+            // Read meanwhile, or cut: look again after registering.
+            if this.sending.queued() >= WINDOW && !this.cut.load(Ordering::Relaxed) {
+                return Poll::Pending;
+            }
+            if this.cut.load(Ordering::Relaxed) {
+                return Poll::Ready(Err(reset()));
+            }
         }
         let Some(outgoing) = &this.outgoing else {
             return Poll::Ready(Err(io::Error::new(io::ErrorKind::BrokenPipe, "write after close")));
@@ -186,6 +252,7 @@ impl AsyncWrite for SimStream {
             return Poll::Ready(Ok(0));
         }
         let at = this.shaper.delivery_time(buf.len());
+        this.sending.queued.fetch_add(buf.len(), Ordering::AcqRel);
         outgoing.send(Message::Data(at, buf.to_vec())).map_err(|_| reset())?;
         this.local.sent.fetch_add(buf.len() as u64, Ordering::Relaxed);
         this.remote.received.fetch_add(buf.len() as u64, Ordering::Relaxed);
@@ -201,5 +268,13 @@ impl AsyncWrite for SimStream {
         // everything in flight.
         self.outgoing = None;
         Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for SimStream {
+    /// Nothing here will read again: the other end's writer must not wait
+    /// for room (its writes now fail: the channel is closed).
+    fn drop(&mut self) {
+        self.receiving.release(usize::MAX);
     }
 }

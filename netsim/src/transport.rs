@@ -14,7 +14,7 @@ use rand_chacha::ChaCha8Rng;
 use rand_chacha::rand_core::{RngCore, SeedableRng};
 use tokio::sync::mpsc;
 
-use crate::link::{Counters, LinkParams, Message, SimStream};
+use crate::link::{Counters, LinkParams, Message, SimStream, Windows};
 
 /// Bytes one node's links have carried so far.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -28,6 +28,7 @@ struct Link {
     to_first: mpsc::UnboundedSender<Message>,
     to_second: mpsc::UnboundedSender<Message>,
     cut: Arc<AtomicBool>,
+    windows: Windows,
 }
 
 impl Link {
@@ -35,6 +36,9 @@ impl Link {
         self.cut.store(true, Ordering::Relaxed);
         let _ = self.to_first.send(Message::Cut);
         let _ = self.to_second.send(Message::Cut);
+        // A writer waiting for room finds the cut.
+        self.windows.0.wake();
+        self.windows.1.wake();
     }
 
     fn closed(&self) -> bool {
@@ -74,8 +78,9 @@ impl Hub {
         let (to_listener, listener_in) = mpsc::unbounded_channel();
         let cut = Arc::new(AtomicBool::new(false));
         let (dialer_counters, listener_counters) = (self.counters(from), self.counters(to));
-        let dialer = SimStream::new(dialer_in, to_listener.clone(), self.params, self.rng.next_u64(), cut.clone(), (dialer_counters.clone(), listener_counters.clone()));
-        let accepted = SimStream::new(listener_in, to_dialer.clone(), self.params, self.rng.next_u64(), cut.clone(), (listener_counters, dialer_counters));
+        let windows: Windows = Default::default();
+        let dialer = SimStream::new((dialer_in, to_listener.clone()), self.params, self.rng.next_u64(), cut.clone(), (dialer_counters.clone(), listener_counters.clone()), (&windows, true));
+        let accepted = SimStream::new((listener_in, to_dialer.clone()), self.params, self.rng.next_u64(), cut.clone(), (listener_counters, dialer_counters), (&windows, false));
         listener.send((accepted, from)).map_err(|_| refused("the listener stopped"))?;
         self.links.retain(|l| !l.closed());
         self.links.push(Link {
@@ -83,6 +88,7 @@ impl Hub {
             to_first: to_dialer,
             to_second: to_listener,
             cut,
+            windows,
         });
         Ok(dialer)
     }
@@ -318,6 +324,71 @@ mod tests {
         assert!(dialer.dial(SimNetwork::address(1), opts).unwrap().await.is_err());
         network.heal();
         assert!(dialer.dial(SimNetwork::address(1), opts).unwrap().await.is_ok());
+    }
+
+    #[tokio::test]
+    async fn a_writer_waits_while_the_reader_holds_a_full_window() {
+        use crate::link::WINDOW;
+        let network = SimNetwork::new(LinkParams::IDEAL, 1);
+        let (mut a, mut b, _listener) = pair(&network).await;
+        let sent: Vec<u8> = (0..3 * WINDOW).map(|i| (i % 251) as u8).collect();
+        let writing = tokio::spawn(async move {
+            for piece in sent.chunks(64 * 1024) {
+                a.write_all(piece).await?;
+            }
+            Ok::<_, io::Error>(a)
+        });
+        // Bounded: the writer fills the window and stops there.
+        let mut filled = false;
+        for _ in 0..200 {
+            if network.traffic(0).sent >= WINDOW as u64 {
+                filled = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(filled, "the writer never filled the window");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let held = network.traffic(0).sent;
+        assert!(held <= WINDOW as u64, "{held} bytes queued past the window");
+        assert!(!writing.is_finished(), "the writer went on while nobody read");
+        // Reading lets it finish, every byte in order.
+        let mut got = vec![0u8; 3 * WINDOW];
+        b.read_exact(&mut got).await.unwrap();
+        assert!(got.iter().enumerate().all(|(i, v)| *v == (i % 251) as u8));
+        let a = writing.await.unwrap().unwrap();
+        assert_eq!(a.unread(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_writer_waiting_for_room_fails_when_the_link_is_cut_or_the_reader_goes() {
+        use crate::link::WINDOW;
+        let network = SimNetwork::new(LinkParams::IDEAL, 1);
+        for reader_goes in [false, true] {
+            let (mut a, b, listener) = pair(&network).await;
+            let before = network.traffic(0).sent;
+            let writing = tokio::spawn(async move {
+                for _ in 0..32 {
+                    a.write_all(&[1u8; 64 * 1024]).await?;
+                }
+                Ok::<_, io::Error>(())
+            });
+            for _ in 0..200 {
+                if network.traffic(0).sent >= before + WINDOW as u64 {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            if reader_goes {
+                drop(b);
+            } else {
+                network.cut_off(1);
+            }
+            let result = tokio::time::timeout(Duration::from_secs(5), writing).await.expect("the writer woke").unwrap();
+            assert!(result.is_err(), "reader_goes {reader_goes}");
+            drop(listener);
+            network.heal();
+        }
     }
 
     #[tokio::test]

@@ -111,6 +111,7 @@ async fn run_node(
         rounds,
         method: crate::node::method(config),
         outer: crate::node::outer(config),
+        compression: crate::node::compression(config),
         partition,
         fingerprint: prepared.fingerprint.clone(),
         train_rows: Arc::new(prepared.train_rows.clone()),

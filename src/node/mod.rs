@@ -18,7 +18,8 @@ pub mod status;
 
 use crate::aggregate::Method;
 use crate::aggregate::outer::OuterOptimizer;
-use crate::config::{Aggregation, Config, ExchangeMode, OuterOptimizerKind};
+use crate::config::{Aggregation, CompressionKind, Config, ExchangeMode, OuterOptimizerKind};
+use crate::wire::compression::Compression;
 use crate::p2p::network::Exchange;
 use crate::wire::codec::Digest;
 
@@ -35,8 +36,9 @@ pub fn examples_per_round(config: &Config) -> u64 {
 /// The run id: blake3 of everything nodes must share to average each
 /// other's adapters (docs/ARCHITECTURE.md, "Protocol, in short"): the base model's files, the
 /// data set, the LoRA shape, the template, and the round's length and count
-/// (the learning-rate schedule spans the run), and the outer step where it
-/// is not plain averaging (so that runs averaging plainly keep their ids).
+/// (the learning-rate schedule spans the run), and the outer step and the
+/// compression where they are not plain averaging of float32 adapters (so
+/// that such runs keep their ids).
 pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> Digest {
     let mut canonical = serde_json::json!({
         "model": model_identity,
@@ -51,7 +53,20 @@ pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> 
     if let OuterOptimizer::Nesterov { lr, momentum } = outer(config) {
         canonical["outer"] = serde_json::json!({"nesterov": [lr, momentum]});
     }
+    if config.federation.compression != CompressionKind::None {
+        canonical["compression"] = serde_json::json!(config.federation.compression);
+    }
     Digest::of(canonical.to_string().as_bytes())
+}
+
+/// How the config's updates travel (every node of a run must agree: it is
+/// part of the run id).
+pub fn compression(config: &Config) -> Compression {
+    match config.federation.compression {
+        CompressionKind::None => Compression::None,
+        CompressionKind::Fp16 => Compression::Fp16,
+        CompressionKind::Int8 => Compression::Int8,
+    }
 }
 
 /// The outer step the config asks for (every node of a run must take the

@@ -361,6 +361,7 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         rounds: u64::from(rounds),
         method: crate::node::method(config),
         outer: crate::node::outer(config),
+        compression: crate::node::compression(config),
         partition: PartitionMode::Hash {
             buckets: config.federation.num_buckets,
         },
@@ -555,6 +556,12 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
     let last = rows.last().ok_or_else(|| SimError::Run("no round completed".into()))?;
     println!("done in {:.1} s; {} messages rejected{}", wall.as_secs_f64(), rejected.values().sum::<u64>(), rejection_detail(&rejected));
     println!("final agreement {:.2}, eval loss {:.4} (round 0: {:.4})", last.agreement, last.eval_loss, rows[0].eval_loss);
+    // The model and the compute thread are shared: a node's own share is
+    // its swarm, store, links and adapters.
+    let peak_mb = table::memory_mb().1;
+    if let Some(peak) = peak_mb {
+        println!("memory: peak {peak:.0} MB in one process, {:.1} MB per simulated node", peak / f64::from(nodes.max(1)));
+    }
     for (accused, (by, reason)) in &quarantined {
         println!("quarantined: node {accused} by {} nodes ({})", by.len(), rejection_kind(reason));
     }
@@ -583,7 +590,8 @@ async fn run_simulation(config: &Config, args: &Options, scenario: &Scenario, pr
         "agreement": last.agreement,
         "eval_loss": last.eval_loss,
         "wall_seconds": wall.as_secs_f64(),
-        "peak_rss_mb": table::memory_mb().1,
+        "peak_rss_mb": peak_mb,
+        "peak_rss_mb_per_node": peak_mb.map(|peak| peak / f64::from(nodes.max(1))),
         "certified_nodes_by_round": certified.values().collect::<Vec<_>>(),
         "link_received_per_node_round": link_received,
         "payload_received_per_node_round": payload.iter().map(|(kind, bytes)| (kind.name().to_owned(), json!(bytes))).collect::<serde_json::Map<_, _>>(),

@@ -10,6 +10,8 @@ use std::fmt;
 
 use safetensors::tensor::{Dtype, SafeTensors, TensorView};
 
+use super::compression::{Compression, INT8_BLOCK_BYTES};
+
 /// Chunks are at most this many bytes (docs/ARCHITECTURE.md: ≤ 256 KiB).
 pub const CHUNK_SIZE: usize = 256 * 1024;
 /// Fixed safetensors metadata: part of the canonical encoding.
@@ -75,6 +77,9 @@ pub enum TensorDtype {
     F32,
     F16,
     Bf16,
+    /// int8 blocks with a float16 scale (`wire::compression`), as bytes
+    /// (safetensors `U8`, shape `[bytes]`).
+    Int8Blocks,
 }
 
 impl TensorDtype {
@@ -83,6 +88,7 @@ impl TensorDtype {
             TensorDtype::F32 => Dtype::F32,
             TensorDtype::F16 => Dtype::F16,
             TensorDtype::Bf16 => Dtype::BF16,
+            TensorDtype::Int8Blocks => Dtype::U8,
         }
     }
 
@@ -90,6 +96,7 @@ impl TensorDtype {
         match self {
             TensorDtype::F32 => 4,
             TensorDtype::F16 | TensorDtype::Bf16 => 2,
+            TensorDtype::Int8Blocks => 1,
         }
     }
 }
@@ -173,11 +180,16 @@ pub fn decode_adapter(bytes: &[u8], limits: &Limits) -> Result<Vec<TensorBytes>,
             Dtype::F32 => TensorDtype::F32,
             Dtype::F16 => TensorDtype::F16,
             Dtype::BF16 => TensorDtype::Bf16,
+            Dtype::U8 => TensorDtype::Int8Blocks,
             other => return Err(bad(format!("dtype {other:?} is not an adapter dtype"))),
         };
         let data = view.data();
         if !all_finite(dtype, data) {
-            return Err(bad("holds NaN or infinity".into()));
+            return Err(bad(match (dtype, Compression::Int8.bad_scale(data)) {
+                (TensorDtype::Int8Blocks, Some((block, scale))) => format!("int8 block {block} has scale {scale}; a block's scale is a finite bfloat16, never negative"),
+                (TensorDtype::Int8Blocks, None) => format!("{} bytes are not whole {INT8_BLOCK_BYTES}-byte int8 blocks", data.len()),
+                _ => "holds NaN or infinity".into(),
+            }));
         }
         tensors.push(TensorBytes {
             name,
@@ -196,6 +208,7 @@ fn all_finite(dtype: TensorDtype, data: &[u8]) -> bool {
         // Exponent bits all ones means NaN or infinity.
         TensorDtype::F16 => data.chunks_exact(2).all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 != 0x7C00),
         TensorDtype::Bf16 => data.chunks_exact(2).all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7F80 != 0x7F80),
+        TensorDtype::Int8Blocks => data.len() % INT8_BLOCK_BYTES == 0 && Compression::Int8.bad_scale(data).is_none(),
     }
 }
 

@@ -5,6 +5,8 @@
 //! - `codec`: digests, the canonical adapter encoding (safetensors with a
 //!   fixed layout, so equal tensors hash equal everywhere), content-addressed
 //!   chunks and their reassembly, each bounded before it allocates;
+//! - `compression`: how an update's values travel (float32, float16, or
+//!   int8 blocks with a scale), decoded the same way everywhere;
 //! - `manifest`: the signed description of one published adapter;
 //! - `inputs`: the list of (author, update hash) an average is computed over;
 //! - `certificate`: a round's average with the attestations of two thirds
@@ -19,6 +21,7 @@
 pub mod certificate;
 pub mod chunk_part;
 pub mod codec;
+pub mod compression;
 pub mod evidence;
 pub mod inputs;
 pub mod manifest;

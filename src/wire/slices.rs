@@ -10,9 +10,10 @@ use std::ops::Range;
 use crate::aggregate::{Tensor, Tensors};
 
 use super::codec::{CHUNK_SIZE, Limits, decode_adapter};
-use super::tensors::encode;
+use super::compression::Compression;
+use super::tensors::encode_as;
 
-/// Where one tensor's float32 values lie in the canonical encoding.
+/// Where one tensor's values lie in the canonical encoding.
 #[derive(Debug, Clone, PartialEq)]
 pub struct TensorPlace {
     pub name: String,
@@ -30,25 +31,29 @@ pub struct SliceLayout {
     pub chunk_size: usize,
     /// Tensors in encoding order (the data follows the header in this order).
     pub tensors: Vec<TensorPlace>,
+    /// How the values are written (int8 tensors are whole 8-byte blocks,
+    /// so every slice and part on the 8-byte grid holds whole blocks).
+    pub compression: Compression,
 }
 
 impl SliceLayout {
-    /// The layout of `layout`'s encoding cut into at least `slices` slices
-    /// (more if a slice would exceed the chunk protocol's 256 KiB), each a
-    /// multiple of 8 bytes, so no float is ever split between slices.
-    pub fn new(layout: &Tensors, slices: usize) -> Result<Self, String> {
-        let len = encode(layout)?.len();
+    /// The layout of `layout`'s encoding (values as `compression` writes
+    /// them) cut into at least `slices` slices (more if a slice would
+    /// exceed the chunk protocol's 256 KiB), each a multiple of 8 bytes,
+    /// so no value or int8 block is ever split between slices.
+    pub fn new(layout: &Tensors, slices: usize, compression: Compression) -> Result<Self, String> {
+        let len = encode_as(layout, compression)?.len();
         let count = slices.max(1).max(len.div_ceil(CHUNK_SIZE));
-        Self::with_chunk_size(layout, len.div_ceil(count).next_multiple_of(8).min(CHUNK_SIZE))
+        Self::with_chunk_size(layout, len.div_ceil(count).next_multiple_of(8).min(CHUNK_SIZE), compression)
     }
 
     /// The layout of `layout`'s encoding cut into slices of `chunk_size`
     /// bytes (a multiple of 8, at most 256 KiB: what peers' manifests say).
-    pub fn with_chunk_size(layout: &Tensors, chunk_size: usize) -> Result<Self, String> {
+    pub fn with_chunk_size(layout: &Tensors, chunk_size: usize, compression: Compression) -> Result<Self, String> {
         if chunk_size % 8 != 0 || !(8..=CHUNK_SIZE).contains(&chunk_size) {
             return Err(format!("slices of {chunk_size} bytes: a slice is a multiple of 8 bytes, at most {CHUNK_SIZE}"));
         }
-        let bytes = encode(layout)?;
+        let bytes = encode_as(layout, compression)?;
         let limits = Limits {
             max_adapter_bytes: bytes.len(),
             ..Limits::default()
@@ -68,9 +73,10 @@ impl SliceLayout {
             if bytes.get(offset..end) != Some(t.data.as_slice()) {
                 return Err(format!("tensor {} is not where the canonical encoding puts it", t.name));
             }
+            let shape = layout.get(&t.name).map_or(t.shape, |tensor| tensor.shape.clone());
             tensors.push(TensorPlace {
                 name: t.name,
-                shape: t.shape,
+                shape,
                 bytes: offset..end,
             });
             offset = end;
@@ -80,6 +86,7 @@ impl SliceLayout {
             total_len: bytes.len(),
             chunk_size,
             tensors,
+            compression,
         })
     }
 
@@ -101,11 +108,18 @@ impl SliceLayout {
         range.start.max(self.header.len())..range.end.max(self.header.len())
     }
 
-    /// The float values at `bytes` of an encoding of which `buffer` holds
-    /// the bytes from offset `start` on; `None` if it does not cover them.
+    /// The values at `bytes` of an encoding of which `buffer` holds the
+    /// bytes from offset `start` on (int8 padding included, as zeros);
+    /// `None` if it does not cover them.
     pub fn values(&self, buffer: &[u8], start: usize, bytes: &Range<usize>) -> Option<Vec<f32>> {
         let part = buffer.get(bytes.start.checked_sub(start)?..bytes.end.checked_sub(start)?)?;
-        Some(part.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect())
+        self.compression.decode(part)
+    }
+
+    /// The bytes of `values` as this layout writes them (a slice's or a
+    /// part's values, which start on the 8-byte grid).
+    pub fn encode_values(&self, values: &[f32]) -> Vec<u8> {
+        self.compression.encode(values)
     }
 
     /// The tensors that hold any value in `bytes`.
@@ -130,7 +144,8 @@ impl SliceLayout {
         places
             .iter()
             .map(|place| {
-                let values = self.values(buffer, start, &place.bytes)?;
+                let mut values = self.values(buffer, start, &place.bytes)?;
+                values.truncate(place.shape.iter().product());
                 Some((place.name.clone(), Tensor { shape: place.shape.clone(), values }))
             })
             .collect()
@@ -140,6 +155,7 @@ impl SliceLayout {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::tensors::encode;
 
     fn adapter() -> Tensors {
         let mut t = Tensors::new();
@@ -154,7 +170,7 @@ mod tests {
         let tensors = adapter();
         let bytes = encode(&tensors).unwrap();
         for wanted in [1, 2, 3, 7, 40] {
-            let layout = SliceLayout::new(&tensors, wanted).unwrap();
+            let layout = SliceLayout::new(&tensors, wanted, Compression::None).unwrap();
             assert_eq!(layout.total_len, bytes.len());
             assert!(layout.count() >= 1 && layout.count() <= wanted.max(1));
             assert_eq!(layout.chunk_size % 8, 0);
@@ -165,6 +181,29 @@ mod tests {
                 let read = layout.values(&bytes, 0, &place.bytes).unwrap();
                 assert_eq!(layout.tensors_in(&place.bytes).count(), 1);
                 assert_eq!(read, tensors[&place.name].values, "{}", place.name);
+            }
+        }
+    }
+
+    /// Compressed encodings keep the grid: every slice holds whole values
+    /// (whole int8 blocks), and reading a tensor's place gives what
+    /// decoding the whole update gives.
+    #[test]
+    fn compressed_slices_hold_whole_values() {
+        let tensors = adapter();
+        for compression in [Compression::Fp16, Compression::Int8] {
+            let bytes = encode_as(&tensors, compression).unwrap();
+            let whole = crate::wire::tensors::decode_checked_as(&bytes, &tensors, compression, &Limits::default()).unwrap();
+            for wanted in [1, 3, 7] {
+                let layout = SliceLayout::new(&tensors, wanted, compression).unwrap();
+                assert_eq!(layout.total_len, bytes.len());
+                for s in 0..layout.count() {
+                    let values = layout.value_range(s);
+                    assert_eq!(values.start % 8, 0);
+                    assert!(layout.values(&bytes, 0, &values).is_some(), "{compression:?} slice {s} {values:?}");
+                }
+                let places: Vec<&TensorPlace> = layout.tensors.iter().collect();
+                assert_eq!(layout.read(&bytes, 0, &places).unwrap(), whole, "{compression:?}");
             }
         }
     }

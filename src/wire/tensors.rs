@@ -3,16 +3,26 @@
 
 use crate::aggregate::{Tensor, Tensors};
 use crate::wire::codec::{Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter};
+use crate::wire::compression::Compression;
 
 /// The canonical safetensors bytes of an adapter (equal tensors, equal bytes).
 pub fn encode(tensors: &Tensors) -> Result<Vec<u8>, String> {
+    encode_as(tensors, Compression::None)
+}
+
+/// The canonical bytes of `tensors` with their values as `compression`
+/// writes them (an int8 tensor is a byte tensor of whole blocks).
+pub fn encode_as(tensors: &Tensors, compression: Compression) -> Result<Vec<u8>, String> {
     let list: Vec<TensorBytes> = tensors
         .iter()
-        .map(|(name, t)| TensorBytes {
-            name: name.clone(),
-            dtype: TensorDtype::F32,
-            shape: t.shape.clone(),
-            data: t.values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        .map(|(name, t)| {
+            let data = compression.encode(&t.values);
+            let (dtype, shape) = match compression {
+                Compression::None => (TensorDtype::F32, t.shape.clone()),
+                Compression::Fp16 => (TensorDtype::F16, t.shape.clone()),
+                Compression::Int8 => (TensorDtype::Int8Blocks, vec![data.len()]),
+            };
+            TensorBytes { name: name.clone(), dtype, shape, data }
         })
         .collect();
     encode_adapter(&list).map_err(|e| e.to_string())
@@ -21,21 +31,38 @@ pub fn encode(tensors: &Tensors) -> Result<Vec<u8>, String> {
 /// Decodes a peer's adapter and checks it against this node's own adapter
 /// layout: the same tensor names and shapes, float32, finite values.
 pub fn decode_checked(bytes: &[u8], layout: &Tensors, limits: &Limits) -> Result<Tensors, String> {
+    decode_checked_as(bytes, layout, Compression::None, limits)
+}
+
+/// [`decode_checked`] for values written as `compression` writes them.
+pub fn decode_checked_as(bytes: &[u8], layout: &Tensors, compression: Compression, limits: &Limits) -> Result<Tensors, String> {
     let list = decode_adapter(bytes, limits).map_err(|e| e.to_string())?;
+    let (dtype, what) = match compression {
+        Compression::None => (TensorDtype::F32, "adapters travel as float32"),
+        Compression::Fp16 => (TensorDtype::F16, "this run's updates travel as float16"),
+        Compression::Int8 => (TensorDtype::Int8Blocks, "this run's updates travel as int8 blocks"),
+    };
     let mut tensors = Tensors::new();
     for t in list {
         let expected = layout.get(&t.name).ok_or_else(|| format!("unexpected tensor {}", t.name))?;
-        if t.shape != expected.shape {
+        if t.dtype != dtype {
+            return Err(format!("{} is {:?}; {what}", t.name, t.dtype));
+        }
+        let count = expected.values.len();
+        let shape_ok = match compression {
+            Compression::Int8 => t.shape == [compression.encoded_len(count)],
+            _ => t.shape == expected.shape,
+        };
+        if !shape_ok {
             return Err(format!("{} has shape {:?}, expected {:?}", t.name, t.shape, expected.shape));
         }
-        if t.dtype != TensorDtype::F32 {
-            return Err(format!("{} is {:?}; adapters travel as float32", t.name, t.dtype));
-        }
-        let values: Vec<f32> = t.data.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+        let mut values = compression.decode(&t.data).ok_or_else(|| format!("{} has {} bytes, not whole values", t.name, t.data.len()))?;
+        // Int8 pads a tensor to whole blocks; the padding carries nothing.
+        values.truncate(count);
         if values.iter().any(|v| !v.is_finite()) {
             return Err(format!("{} has NaN or infinite values", t.name));
         }
-        let tensor = Tensor::new(t.shape, values).map_err(|e| e.to_string())?;
+        let tensor = Tensor::new(expected.shape.clone(), values).map_err(|e| e.to_string())?;
         tensors.insert(t.name, tensor);
     }
     if tensors.len() != layout.len() {
@@ -43,4 +70,50 @@ pub fn decode_checked(bytes: &[u8], layout: &Tensors, limits: &Limits) -> Result
         return Err(format!("{} of {} tensors, missing e.g. {missing:?}", tensors.len(), layout.len()));
     }
     Ok(tensors)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::codec::Limits;
+
+    fn adapter() -> Tensors {
+        [("a.lora_a", vec![2, 7]), ("a.lora_b", vec![7, 1])]
+            .into_iter()
+            .map(|(name, shape): (&str, Vec<usize>)| {
+                let n = shape.iter().product::<usize>();
+                (name.to_owned(), Tensor::new(shape, (0..n).map(|i| i as f32 * 0.01 - 0.05).collect()).unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn every_compression_round_trips_against_the_layout() {
+        let tensors = adapter();
+        for compression in [Compression::None, Compression::Fp16, Compression::Int8] {
+            let bytes = encode_as(&tensors, compression).unwrap();
+            let back = decode_checked_as(&bytes, &tensors, compression, &Limits::default()).unwrap();
+            for (name, t) in &tensors {
+                assert_eq!(back[name].shape, t.shape);
+                for (a, b) in t.values.iter().zip(&back[name].values) {
+                    assert!((a - b).abs() < 1e-3, "{compression:?} {name}: {a} → {b}");
+                }
+            }
+            // Another run's compression is refused with what it should be.
+            let other = if compression == Compression::None { Compression::Fp16 } else { Compression::None };
+            let err = decode_checked_as(&bytes, &tensors, other, &Limits::default()).unwrap_err();
+            assert!(err.contains("travel as"), "{err}");
+        }
+    }
+
+    #[test]
+    fn a_corrupt_block_scale_is_refused() {
+        let tensors = adapter();
+        let mut bytes = encode_as(&tensors, Compression::Int8).unwrap();
+        // The first tensor's data starts right after the header.
+        let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        bytes[header + 8..header + 10].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+        let err = decode_checked_as(&bytes, &tensors, Compression::Int8, &Limits::default()).unwrap_err();
+        assert!(err.contains("int8 block 1 has scale NaN"), "{err}");
+    }
 }

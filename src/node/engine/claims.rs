@@ -43,7 +43,7 @@ impl<T: RoundTrainer> Engine<T> {
     /// whether they are believed is for `reduce_round`.
     pub(super) fn keep_slice_results(&mut self, manifest: &Manifest, bytes: &[u8]) {
         let Some(claim) = &manifest.slice else { return };
-        let Ok(layout) = SliceLayout::with_chunk_size(&self.layout, manifest.chunk_size as usize) else { return };
+        let Ok(layout) = SliceLayout::with_chunk_size(&self.layout, manifest.chunk_size as usize, self.settings.compression) else { return };
         let mut held: usize = self.claims.results.values().map(|(_, b)| b.len()).sum();
         let mut rest = bytes;
         for (index, id) in claim.indices.iter().zip(&manifest.chunk_ids) {

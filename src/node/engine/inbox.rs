@@ -12,7 +12,8 @@ use libp2p::PeerId;
 use crate::p2p::chunk_protocol::{HeldManifest, held_key};
 use crate::p2p::network::{Exchange, NetworkEvent};
 use crate::wire::manifest::{Manifest, ManifestKind};
-use crate::wire::tensors::decode_checked;
+use crate::wire::compression::Compression;
+use crate::wire::tensors::decode_checked_as;
 
 use super::{Engine, Update};
 use super::catch_up::Candidate;
@@ -93,8 +94,8 @@ impl<T: RoundTrainer> Engine<T> {
         }
         // An average is a whole outer state (the adapter, and its momentum
         // where the outer step keeps one); an update is an adapter.
-        let layout = if manifest.kind == ManifestKind::Average { &self.state_layout } else { &self.layout };
-        let tensors = match bytes.map(|b| decode_checked(&b, layout, &self.settings.limits)).transpose() {
+        let (layout, compression) = if manifest.kind == ManifestKind::Average { (&self.state_layout, Compression::None) } else { (&self.layout, self.settings.compression) };
+        let tensors = match bytes.map(|b| decode_checked_as(&b, layout, compression, &self.settings.limits)).transpose() {
             Ok(t) => t,
             Err(reason) => {
                 tracing::warn!(peer = %author, round = manifest.round, %reason, "rejected an adapter");

@@ -9,6 +9,7 @@
 //! | `inbox.rs` | network events in: updates, claims, announcements, certificates, each checked and kept ([`Heard`](inbox::Heard)) |
 //! | `members.rs` | round 0's settled member list, later rounds' members, who trains on which rows, who is behind |
 //! | `publish.rs` | step 2: this node's update, signed and gossiped |
+//! | `feedback.rs` | a compressed update: the round's change and the error feedback's residual |
 //! | `collect.rs` | step 3: the members' updates until the quorum or the deadline |
 //! | `average.rs` | step 4 in the gossip exchange: every update averaged here |
 //! | `reduce.rs` | step 4 in the reduce exchange: owned slices computed and claimed, the others taken from their owners |
@@ -31,6 +32,7 @@ mod claims;
 mod clock;
 mod collect;
 mod events;
+mod feedback;
 mod inbox;
 mod members;
 mod publish;
@@ -52,6 +54,7 @@ use crate::aggregate::Tensors;
 use crate::aggregate::outer;
 use crate::p2p::network::{Exchange, NetworkEvent, NetworkHandle};
 use crate::wire::codec::Digest;
+use crate::wire::compression::Compression;
 use crate::wire::manifest::Manifest;
 use crate::wire::tensors::encode;
 
@@ -101,6 +104,9 @@ pub struct Engine<T: RoundTrainer> {
     /// The layout of an outer state (an average, a checkpoint): the adapter,
     /// and its momentum where the outer step keeps one.
     state_layout: Tensors,
+    /// What compression left out of this node's updates so far (error
+    /// feedback; empty when updates are not compressed).
+    residual: Tensors,
 }
 
 impl<T: RoundTrainer> Engine<T> {
@@ -127,11 +133,17 @@ impl<T: RoundTrainer> Engine<T> {
             own_update: None,
             layout: Tensors::new(),
             state_layout: Tensors::new(),
+            residual: Tensors::new(),
         }
     }
 
     fn me(&self) -> PeerId {
         self.net.peer_id
+    }
+
+    /// Whether updates are compressed changes rather than adapters.
+    fn compressed(&self) -> bool {
+        self.settings.compression != Compression::None
     }
 
     fn report(&self, event: EngineEvent) {
@@ -151,15 +163,19 @@ impl<T: RoundTrainer> Engine<T> {
         self.net.subscribe(run_id, self.settings.exchange).await.map_err(|e| EngineError::Network(e.to_string()))?;
         let initial = self.trainer.initial().await.map_err(EngineError::Trainer)?;
         self.state_layout = outer::initial_state(self.settings.outer, &initial);
+        if self.compressed() {
+            self.residual = feedback::zeros_like(&initial);
+        }
         self.layout = initial;
         // `current` is the outer state: the adapter the next round trains
         // from (and the outer momentum, where there is one).
         let (mut round, mut current) = (0, self.state_layout.clone());
         if let Some(file) = &self.settings.checkpoint
-            && let Some(checkpoint) = file.load(&self.state_layout, &self.settings.limits)?
+            && let Some(checkpoint) = file.load(&feedback::with_residual(&self.state_layout, &self.residual), &self.settings.limits)?
         {
             self.trainer.restore_optimizer_state(checkpoint.optimizer).await.map_err(EngineError::Trainer)?;
-            (round, current) = (checkpoint.round, checkpoint.adapter);
+            let (state, residual) = feedback::split_residual(checkpoint.adapter);
+            (round, current, self.residual) = (checkpoint.round, state, residual);
             tracing::info!(round, "resumed from the checkpoint");
             self.report(EngineEvent::Resumed { round });
         }
@@ -220,7 +236,7 @@ impl<T: RoundTrainer> Engine<T> {
     async fn checkpoint(&mut self, round: u64, state: &Tensors) -> Result<(), EngineError> {
         let Some(file) = self.settings.checkpoint.clone() else { return Ok(()) };
         let optimizer = self.trainer.optimizer_state().await.map_err(EngineError::Trainer)?;
-        let checkpoint = file.at(round, state.clone(), optimizer);
+        let checkpoint = file.at(round, feedback::with_residual(state, &self.residual), optimizer);
         let path = file.path().display().to_string();
         let writing = tokio::task::spawn_blocking(move || file.save(&checkpoint));
         match self.while_listening(writing, Some(round)).await? {
@@ -246,7 +262,7 @@ impl<T: RoundTrainer> Engine<T> {
         let (update, local) = self.train(round, current, &rows, member).await?;
         // 2. Publish.
         if member {
-            self.publish_update(round, parent, update, &local, members).await?;
+            self.publish_update(round, parent, (current, update), &local, members).await?;
         }
         // 3. Collect until every member's update is in, or the deadline.
         let Collected { updates, timed_out } = self.collect(round, members, member).await?;
@@ -255,9 +271,11 @@ impl<T: RoundTrainer> Engine<T> {
         // is bounded by members × that; saturate rather than trust it.
         let examples: u64 = updates.values().fold(0u64, |sum, u| sum.saturating_add(u.manifest.examples));
         // 4. Average: every update here (gossip), or by slice (reduce).
+        //    Compressed updates are changes: they move from zero.
+        let base = if self.compressed() { feedback::zeros_like(current) } else { current.clone() };
         let mut averaged = match self.settings.exchange {
-            Exchange::Gossip => self.average_all(current, updates)?,
-            Exchange::Reduce => match self.reduce_round(round, current, updates).await? {
+            Exchange::Gossip => self.average_all(&base, updates)?,
+            Exchange::Reduce => match self.reduce_round(round, &base, updates).await? {
                 Reduced::Average(averaged) => averaged,
                 Reduced::Rejoin { round, state } => return Ok(RoundEnd::Rejoin { round, state }),
             },
@@ -265,8 +283,9 @@ impl<T: RoundTrainer> Engine<T> {
         self.claims.forget_through(round);
         // 5. The outer step: the next state is what every node certifies
         //    and a joiner takes (the average itself under `average`).
-        if self.settings.outer.has_momentum() {
-            averaged.average = outer::step(self.settings.outer, state, &averaged.average).map_err(|e| EngineError::Aggregate(e.to_string()))?;
+        if self.compressed() || self.settings.outer.has_momentum() {
+            let average = if self.compressed() { feedback::add(current, &averaged.average).map_err(EngineError::Aggregate)? } else { averaged.average };
+            averaged.average = outer::step(self.settings.outer, state, &average).map_err(|e| EngineError::Aggregate(e.to_string()))?;
             averaged.bytes = encode(&averaged.average).map_err(EngineError::Aggregate)?;
         }
         let next = outer::adapter_of(&averaged.average);

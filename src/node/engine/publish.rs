@@ -10,9 +10,9 @@ use crate::p2p::network::{Exchange, NetworkError};
 use crate::wire::codec::{CHUNK_SIZE, Digest};
 use crate::wire::manifest::{MAX_ADDRESSES, MAX_ADDRESS_LEN, Manifest, SignedManifest};
 use crate::wire::slices::SliceLayout;
-use crate::wire::tensors::encode;
+use crate::wire::tensors::{encode, encode_as};
 
-use super::{Engine, Update, slices};
+use super::{Engine, Update, feedback, slices};
 use super::events::EngineError;
 use super::members::members_digest;
 use crate::node::misbehaviour::{Misbehaviour, scaled};
@@ -23,17 +23,25 @@ impl<T: RoundTrainer> Engine<T> {
         SignedManifest::sign(manifest, &self.keypair).map_err(|e| EngineError::Network(e.to_string()))
     }
 
-    /// Signs and gossips this node's update of `round`, and keeps it for the
-    /// round's average. Its chunks are the round's slices in the reduce
-    /// exchange (as many as `members` make); a round-0 update names the
-    /// member list it trained with.
-    pub(super) async fn publish_update(&mut self, round: u64, parent: Digest, update: Tensors, local: &LocalResult, members: &[PeerId]) -> Result<(), EngineError> {
+    /// Signs and gossips this node's update of `round` (the adapter it
+    /// trained from `start`, or under compression its change with the
+    /// error feedback's residual), and keeps it for the round's average.
+    /// Its chunks are the round's slices in the reduce exchange (as many as
+    /// `members` make); a round-0 update names the member list it trained
+    /// with.
+    pub(super) async fn publish_update(&mut self, round: u64, parent: Digest, (start, trained): (&Tensors, Tensors), local: &LocalResult, members: &[PeerId]) -> Result<(), EngineError> {
         let chunk_size = match self.settings.exchange {
             Exchange::Gossip => CHUNK_SIZE,
-            Exchange::Reduce => SliceLayout::new(&self.layout, slices::slice_count(members.len())).map_err(EngineError::Aggregate)?.chunk_size,
+            Exchange::Reduce => SliceLayout::new(&self.layout, slices::slice_count(members.len()), self.settings.compression).map_err(EngineError::Aggregate)?.chunk_size,
         };
         let members = (round == 0).then(|| members_digest(members));
-        let bytes = encode(&update).map_err(EngineError::Aggregate)?;
+        let (bytes, update) = if self.compressed() {
+            let (bytes, sent, residual) = feedback::compress(start, &trained, &self.residual, self.settings.compression).map_err(EngineError::Aggregate)?;
+            self.residual = residual;
+            (bytes, sent)
+        } else {
+            (encode(&trained).map_err(EngineError::Aggregate)?, trained)
+        };
         let described = Manifest::describe_chunked(self.settings.run_id, round, &self.me(), &bytes, chunk_size);
         // In the reduce exchange owners fetch slices with proofs: one root
         // instead of S chunk ids in a manifest every node receives.
@@ -71,7 +79,7 @@ impl<T: RoundTrainer> Engine<T> {
     pub(super) async fn misbehave_with(&mut self, manifest: &Manifest, update: &Tensors) -> Result<(), EngineError> {
         let forgeries: Vec<(Manifest, Vec<u8>)> = match self.settings.misbehaviour {
             Some(Misbehaviour::Equivocate) => {
-                let bytes = encode(&scaled(update, 100.0)).map_err(EngineError::Aggregate)?;
+                let bytes = encode_as(&scaled(update, 100.0), self.settings.compression).map_err(EngineError::Aggregate)?;
                 let described = Manifest::describe_chunked(manifest.run_id, manifest.round, &self.me(), &bytes, manifest.chunk_size as usize);
                 let described = if manifest.chunk_root.is_some() { described.rooted() } else { described };
                 let other = Manifest {
@@ -83,7 +91,7 @@ impl<T: RoundTrainer> Engine<T> {
                 vec![(other, bytes)]
             }
             Some(Misbehaviour::FutureRound) => {
-                let bytes = encode(update).map_err(EngineError::Aggregate)?;
+                let bytes = encode_as(update, self.settings.compression).map_err(EngineError::Aggregate)?;
                 [manifest.round.saturating_add(1000), u64::MAX].into_iter().map(|round| (Manifest { round, ..manifest.clone() }, bytes.clone())).collect()
             }
             _ => Vec::new(),

@@ -16,7 +16,7 @@ use crate::wire::{inputs, merkle};
 use crate::wire::codec::Digest;
 use crate::wire::manifest::{Manifest, ManifestKind, SliceClaim};
 use crate::wire::slices::SliceLayout;
-use crate::wire::tensors::{decode_checked, encode};
+use crate::wire::tensors::{decode_checked_as, encode_as};
 
 use super::{Engine, Update, slices};
 use super::adopt::Adoption;
@@ -80,7 +80,7 @@ impl<T: RoundTrainer> Engine<T> {
     /// over the rest. Returns the average, its encoding and the inputs count,
     /// or where to rejoin when most peers went two rounds on meanwhile.
     pub(super) async fn reduce_round(&mut self, round: u64, current: &Tensors, mut updates: BTreeMap<PeerId, Update>) -> Result<Reduced, EngineError> {
-        let previous = Arc::new(encode(current).map_err(EngineError::Aggregate)?);
+        let previous = Arc::new(encode_as(current, self.settings.compression).map_err(EngineError::Aggregate)?);
         // An adapter of another length cannot have the run's layout.
         for (author, update) in &updates {
             if update.manifest.adapter_len != previous.len() as u64 {
@@ -284,7 +284,7 @@ impl<T: RoundTrainer> Engine<T> {
                 return Err(EngineError::Aggregate(format!("slice {s} of round {round} could not be computed")));
             }
             let bytes: Vec<u8> = resolved.into_iter().flatten().flatten().collect();
-            let average = decode_checked(&bytes, &self.layout, &self.settings.limits).map_err(|e| EngineError::Aggregate(format!("the assembled average: {e}")))?;
+            let average = decode_checked_as(&bytes, &self.layout, self.settings.compression, &self.settings.limits).map_err(|e| EngineError::Aggregate(format!("the assembled average: {e}")))?;
             tracing::debug!(
                 round,
                 passes = pass + 1,
@@ -316,8 +316,8 @@ impl<T: RoundTrainer> Engine<T> {
     pub(super) fn slice_owners(&self, round: u64, updates: &BTreeMap<PeerId, Update>) -> Result<(SliceLayout, Vec<Vec<PeerId>>, Standbys), EngineError> {
         let sizes: BTreeSet<u32> = updates.values().map(|u| u.manifest.chunk_size).collect();
         let layout = match sizes.iter().next() {
-            Some(size) if sizes.len() == 1 => SliceLayout::with_chunk_size(&self.layout, *size as usize),
-            _ => SliceLayout::new(&self.layout, slices::slice_count(updates.len())),
+            Some(size) if sizes.len() == 1 => SliceLayout::with_chunk_size(&self.layout, *size as usize, self.settings.compression),
+            _ => SliceLayout::new(&self.layout, slices::slice_count(updates.len()), self.settings.compression),
         }
         .map_err(EngineError::Aggregate)?;
         let authors: Vec<PeerId> = updates.keys().copied().collect();

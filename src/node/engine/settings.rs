@@ -8,6 +8,7 @@ use crate::aggregate::Method;
 use crate::aggregate::outer::OuterOptimizer;
 use crate::p2p::network::Exchange;
 use crate::wire::codec::{Digest, Limits};
+use crate::wire::compression::Compression;
 
 use crate::node::checkpoint::CheckpointFile;
 use crate::node::misbehaviour::Misbehaviour;
@@ -29,6 +30,9 @@ pub struct EngineSettings {
     pub method: Method,
     /// How a round's average moves the next round's start.
     pub outer: OuterOptimizer,
+    /// How updates travel: adapters in float32 (`None`), or each round's
+    /// change compressed, with error feedback (`feedback.rs`).
+    pub compression: Compression,
     pub partition: PartitionMode,
     pub fingerprint: String,
     /// Indices of the training rows.

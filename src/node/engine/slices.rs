@@ -131,10 +131,10 @@ fn finite_values<'a>(layout: &SliceLayout, inputs: &'a [SliceInput], base: &[f32
     Ok((contributions, bad))
 }
 
-/// A per-coordinate method's average of flat values, as little-endian
-/// bytes: a slice's values as one flat tensor give the same numbers,
+/// A per-coordinate method's average of flat values, as `layout` writes
+/// them: a slice's values as one flat tensor give the same numbers,
 /// coordinate for coordinate, as the whole tensors.
-fn average_coordinates(method: Method, contributions: Vec<Valued<'_>>) -> Result<Vec<u8>, String> {
+fn average_coordinates(layout: &SliceLayout, method: Method, contributions: Vec<Valued<'_>>) -> Result<Vec<u8>, String> {
     let as_flat = |values: Vec<f32>| Tensors::from([("slice".to_owned(), Tensor { shape: vec![values.len()], values })]);
     let contributions = contributions
         .into_iter()
@@ -145,7 +145,7 @@ fn average_coordinates(method: Method, contributions: Vec<Valued<'_>>) -> Result
         })
         .collect();
     let result = aggregate(method, contributions, None).map_err(|e| e.to_string())?;
-    Ok(result.get("slice").map(|t| t.values.iter().flat_map(|v| v.to_le_bytes()).collect()).unwrap_or_default())
+    Ok(result.get("slice").map(|t| layout.encode_values(&t.values)).unwrap_or_default())
 }
 
 /// Part `part` of the average (`audit_part`) for a per-coordinate method:
@@ -157,7 +157,7 @@ pub fn compute_part(layout: &SliceLayout, method: Method, part: &Range<usize>, p
     }
     let base = layout.values(previous, part.start, part).ok_or("the previous average does not cover the part")?;
     let (contributions, _) = finite_values(layout, inputs, &base, part)?;
-    average_coordinates(method, contributions)
+    average_coordinates(layout, method, contributions)
 }
 
 /// Slice `s` of the average: the bytes at `layout.range(s)` of the
@@ -178,12 +178,11 @@ pub fn compute_slice(layout: &SliceLayout, s: usize, method: Method, previous: &
         return Ok((out, bad));
     }
     let averaged: Vec<u8> = match method {
-        Method::FedAvg | Method::Median | Method::TrimmedMean { .. } => average_coordinates(method, contributions)?,
+        Method::FedAvg | Method::Median | Method::TrimmedMean { .. } => average_coordinates(layout, method, contributions)?,
         Method::Exact | Method::NormClip => {
             let places: Vec<_> = layout.tensors_in(&needed).collect();
             let as_tensors = |values: &[f32]| -> Result<Tensors, String> {
-                let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
-                layout.read(&bytes, needed.start, &places).ok_or_else(|| "the slice's tensors are not whole".to_owned())
+                layout.read(&layout.encode_values(values), needed.start, &places).ok_or_else(|| "the slice's tensors are not whole".to_owned())
             };
             let previous = as_tensors(&base)?;
             let contributions = contributions
@@ -202,7 +201,7 @@ pub fn compute_slice(layout: &SliceLayout, s: usize, method: Method, previous: &
             let mut bytes = Vec::with_capacity(needed.len());
             for place in &places {
                 let tensor = result.get(&place.name).ok_or_else(|| format!("the average has no {}", place.name))?;
-                bytes.extend(tensor.values.iter().flat_map(|v| v.to_le_bytes()));
+                bytes.extend(layout.encode_values(&tensor.values));
             }
             bytes.get(values.start - needed.start..values.end - needed.start).ok_or("the slice is outside its tensors")?.to_vec()
         }
@@ -217,6 +216,7 @@ mod tests {
 
     use super::*;
     use crate::rng::SeededRng;
+    use crate::wire::compression::Compression;
     use crate::wire::tensors::encode;
 
     fn adapter(rng: &mut SeededRng, scale: f32) -> Tensors {
@@ -255,7 +255,7 @@ mod tests {
                 .collect();
             let whole = encode(&aggregate(method, contributions, Some(&previous)).unwrap()).unwrap();
             for slices in [1, 2, 3, 5, 16, 64] {
-                let layout = SliceLayout::new(&previous, slices).unwrap();
+                let layout = SliceLayout::new(&previous, slices, Compression::None).unwrap();
                 let mut joined = Vec::new();
                 for s in 0..layout.count() {
                     let needed = needed(&layout, s, method);
@@ -279,6 +279,36 @@ mod tests {
         }
     }
 
+    /// Compressed updates: the slices put together are the compressed
+    /// encoding of averaging the decoded updates whole, byte for byte, so
+    /// the gossip and reduce exchanges and every owner agree.
+    #[test]
+    fn compressed_slices_put_together_are_the_whole_compressed_average() {
+        let mut rng = SeededRng::new(13);
+        let layout_tensors = adapter(&mut rng, 1.0);
+        let zeros: Tensors = layout_tensors.iter().map(|(n, t)| (n.clone(), Tensor { shape: t.shape.clone(), values: vec![0.0; t.values.len()] })).collect();
+        for compression in [Compression::Fp16, Compression::Int8] {
+            let encoded: Vec<Vec<u8>> = (0..4).map(|i| crate::wire::tensors::encode_as(&adapter(&mut rng, 0.01 * (1 + i) as f32), compression).unwrap()).collect();
+            let limits = crate::wire::codec::Limits::default();
+            let decoded: Vec<Tensors> = encoded.iter().map(|b| crate::wire::tensors::decode_checked_as(b, &layout_tensors, compression, &limits).unwrap()).collect();
+            let previous = crate::wire::tensors::encode_as(&zeros, compression).unwrap();
+            for method in [Method::FedAvg, Method::Median, Method::TrimmedMean { fraction: 0.25 }] {
+                let contributions = decoded.iter().enumerate().map(|(i, t)| Contribution { author: vec![i as u8], examples: 5, tensors: t.clone() }).collect();
+                let whole = crate::wire::tensors::encode_as(&aggregate(method, contributions, None).unwrap(), compression).unwrap();
+                for slices in [1, 3, 7] {
+                    let layout = SliceLayout::new(&layout_tensors, slices, compression).unwrap();
+                    let mut joined = Vec::new();
+                    for s in 0..layout.count() {
+                        let needed = needed(&layout, s, method);
+                        let inputs: Vec<SliceInput> = encoded.iter().enumerate().map(|(i, b)| SliceInput { author: vec![i as u8], examples: 5, bytes: b[needed.clone()].to_vec() }).collect();
+                        joined.extend(compute_slice(&layout, s, method, &previous, &inputs).unwrap().0);
+                    }
+                    assert_eq!(joined, whole, "{compression:?} {method:?} with {slices} slices");
+                }
+            }
+        }
+    }
+
     /// An audited part of a slice, computed from the same part of every
     /// input, is that part of the whole slice's result, byte for byte; the
     /// parts cover the slice's values.
@@ -297,7 +327,7 @@ mod tests {
         // A non-finite value is the previous average's in a part as in a slice.
         let at = encoded[2].len() - 400;
         encoded[2][at..at + 4].copy_from_slice(&f32::NAN.to_le_bytes());
-        let layout = SliceLayout::new(&big(&mut rng, 1.0), 2).unwrap();
+        let layout = SliceLayout::new(&big(&mut rng, 1.0), 2, Compression::None).unwrap();
         let inputs_over = |range: &Range<usize>| -> Vec<SliceInput> {
             encoded
                 .iter()
@@ -331,7 +361,7 @@ mod tests {
         assert_eq!(audit_part(&layout, 0, Method::Exact, 3), None);
         assert_eq!(audit_part(&layout, 0, Method::NormClip, 3), None);
         // Too small to cut.
-        let small = SliceLayout::new(&big(&mut rng, 1.0), 16).unwrap();
+        let small = SliceLayout::new(&big(&mut rng, 1.0), 16, Compression::None).unwrap();
         assert_eq!(audit_part(&small, 1, Method::FedAvg, 3), None);
     }
 
