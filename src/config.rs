@@ -244,7 +244,7 @@ pub enum OuterOptimizerKind {
 }
 
 /// How updates travel (docs/PROTOCOL.md, "Compressed updates").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum CompressionKind {
     /// Adapters in float32.

@@ -17,7 +17,13 @@ const ROUNDS: &str = "4";
 
 /// `start` for a node with data dir `dir`, bootstrapping from `bootstrap`.
 fn start_args(dir: &Path, bootstrap: Option<&str>) -> Vec<String> {
-    let mut args: Vec<String> = [
+    start_args_with(dir, bootstrap, &[])
+}
+
+/// `start_args` with more `--set` settings.
+fn start_args_with(dir: &Path, bootstrap: Option<&str>, settings: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = settings.iter().flat_map(|s| ["--set".to_owned(), s.to_string()]).collect();
+    args.extend([
         "--set", "model.source=tiny", "--set", "lora.num_layers=4", "--set", "train.local_steps=20",
         "--set", &format!("federation.rounds={ROUNDS}"), "--set", "federation.save_every_rounds=1",
         // A deadline may end a round the restarted node missed; the run goes on.
@@ -25,8 +31,7 @@ fn start_args(dir: &Path, bootstrap: Option<&str>) -> Vec<String> {
         "--listen", "/ip4/127.0.0.1/tcp/0",
     ]
     .iter()
-    .map(|s| s.to_string())
-    .collect();
+    .map(|s| s.to_string()));
     if let Some(addr) = bootstrap {
         args.extend(["--bootstrap".to_owned(), addr.to_owned()]);
     }
@@ -39,7 +44,11 @@ fn spawn(args: &[String], env: &[(&str, &str)]) -> Node {
 
 /// Node A, and its address for B's bootstrap.
 fn first_node(dir: &Path) -> (Node, String) {
-    let a = spawn(&start_args(&dir.join("a"), None), &[]);
+    first_node_with(dir, &[])
+}
+
+fn first_node_with(dir: &Path, settings: &[&str]) -> (Node, String) {
+    let a = spawn(&start_args_with(&dir.join("a"), None, settings), &[]);
     let addr = a.wait_for("listening on /ip4/127.0.0.1/tcp/").trim_start_matches("listening on ").to_owned();
     (a, addr)
 }
@@ -89,6 +98,24 @@ fn kill_9_during_training_resumes_from_the_checkpoint() {
     let records: Vec<serde_json::Value> = metrics.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     let rounds: Vec<u64> = records.iter().filter_map(|r| r.get("round")?.as_u64()).collect();
     assert_eq!(rounds, [0, 1, 2, 3]);
+}
+
+/// With int8 updates and the Nesterov outer step, B's checkpoint holds the
+/// outer momentum (and its error feedback's residual): resumed, it takes the
+/// same outer steps as A, so both end on the same state. Without the
+/// momentum B's states would differ from A's from its first round back.
+#[test]
+fn kill_9_with_int8_updates_and_nesterov_resumes_with_the_momentum() {
+    let settings = ["federation.compression=\"int8\"", "federation.outer_optimizer=\"nesterov\""];
+    let dir = tempfile::tempdir().unwrap();
+    let (a, addr) = first_node_with(dir.path(), &settings);
+    let b_args = start_args_with(&dir.path().join("b"), Some(&addr), &settings);
+    let b = spawn(&b_args, &[]);
+    b.wait_for("round 1:");
+    b.kill_9();
+    let b = spawn(&b_args, &[]);
+    b.wait_for("resumed from the checkpoint: training round 2");
+    finish_together(a, b);
 }
 
 #[test]

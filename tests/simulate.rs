@@ -124,6 +124,54 @@ fn churn_in(mode: &str) {
     assert_eq!(field(&records[6], "nodes"), 4.0, "{stdout}");
 }
 
+/// int8 updates with the Nesterov outer step through crashes and restarts
+/// in the reduce exchange: restarted nodes take the certified state (the
+/// momentum with it) and everyone agrees again.
+#[test]
+fn int8_updates_with_nesterov_agree_again_after_churn() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = ["federation.compression=\"int8\"", "federation.outer_optimizer=\"nesterov\""];
+    let (stdout, records) = simulate(dir.path(), 4, 7, Some("churn"), &settings, &[]);
+    assert_eq!(records.len(), 7, "{stdout}");
+    assert!(stdout.contains("node 1 caught up") && stdout.contains("node 2 caught up"), "{stdout}");
+    assert_eq!(field(&records[6], "agreement"), 1.0, "{stdout}");
+    assert_eq!(field(&records[6], "nodes"), 4.0, "{stdout}");
+}
+
+/// Late joiners under each compression, in both exchanges: a joiner's
+/// state is the certified one, momentum included.
+#[test]
+fn late_joiners_agree_under_fp16_and_int8() {
+    for (compression, mode) in [("fp16", "gossip"), ("int8", "reduce")] {
+        let dir = tempfile::tempdir().unwrap();
+        let settings = [format!("federation.compression=\"{compression}\""), "federation.outer_optimizer=\"nesterov\"".to_owned(), exchange(mode)];
+        let settings: Vec<&str> = settings.iter().map(String::as_str).collect();
+        let (stdout, records) = simulate(dir.path(), 4, 5, Some("late-joiners"), &settings, &[]);
+        assert!(stdout.contains("node 3 caught up: trains from round"), "{compression}: {stdout}");
+        let last = records.last().unwrap();
+        assert_eq!(field(last, "nodes"), 4.0, "{compression}: {stdout}");
+        assert_eq!(field(last, "agreement"), 1.0, "{compression}: {stdout}");
+    }
+}
+
+/// int8 moves under half of float32's bytes and learns as much: the eval
+/// loss within 1% after the same rounds.
+#[test]
+fn int8_updates_move_under_half_the_bytes_and_learn_as_much() {
+    let run = |compression: &str| {
+        let dir = tempfile::tempdir().unwrap();
+        let setting = format!("federation.compression=\"{compression}\"");
+        let (stdout, records) = simulate(dir.path(), 4, 3, Some("ideal"), &[&setting], &[]);
+        assert_eq!(agreements(&records), [1.0; 3], "{stdout}");
+        let bytes: f64 = records.iter().map(|r| field(r, "bytes_sent_per_node") + field(r, "bytes_received_per_node")).sum();
+        (bytes, field(&records[2], "eval_loss"))
+    };
+    let (plain_bytes, plain_loss) = run("none");
+    let (int8_bytes, int8_loss) = run("int8");
+    assert!(int8_bytes < plain_bytes * 0.5, "int8 {int8_bytes} B against float32 {plain_bytes} B");
+    assert!((int8_loss - plain_loss).abs() <= plain_loss * 0.01, "eval loss {int8_loss} against {plain_loss}");
+}
+
 /// The CI version of the churn soak (the full one: README, `churn-soak`):
 /// a third of six nodes churning over lossy links, then quiet rounds.
 #[test]
@@ -348,14 +396,19 @@ fn bench_traffic_measures_each_size_and_exchange() {
     let output = dir.path().join("traffic.jsonl");
     let data_dir = format!("network.data_dir=\"{}\"", dir.path().display());
     let out = common::blossom(&[
-        "-q", "--set", &data_dir, "--set", "train.local_steps=2", "bench", "traffic", "--model", "tiny", "--nodes", "2,3", "--gossip-max-nodes", "2", "--rounds", "1", "--output",
-        output.to_str().unwrap(),
+        "-q", "--set", &data_dir, "--set", "train.local_steps=2", "bench", "traffic", "--model", "tiny", "--nodes", "2,3", "--gossip-max-nodes", "2", "--rounds", "1",
+        "--compression", "none,int8", "--output", output.to_str().unwrap(),
     ]);
     let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     let records: Vec<Value> = std::fs::read_to_string(&output).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
-    let runs: Vec<(String, u64)> = records.iter().map(|r| (r["exchange"].as_str().unwrap().to_owned(), r["nodes"].as_u64().unwrap())).collect();
-    assert_eq!(runs, [("gossip".into(), 2), ("reduce".into(), 2), ("reduce".into(), 3)]);
+    let runs: Vec<(&str, &str, u64)> = records.iter().map(|r| (r["exchange"].as_str().unwrap(), r["compression"].as_str().unwrap(), r["nodes"].as_u64().unwrap())).collect();
+    assert_eq!(runs, [("gossip", "none", 2), ("gossip", "int8", 2), ("reduce", "none", 2), ("reduce", "none", 3), ("reduce", "int8", 2), ("reduce", "int8", 3)]);
+    // int8 moves each run's payload in well under half the bytes.
+    for (plain, int8) in [(0, 1), (2, 4), (3, 5)] {
+        let mean = |i: usize| field(&records[i], "mean_node_bytes_per_round");
+        assert!(mean(int8) < 0.5 * mean(plain), "{:?}: {} against {}", runs[int8], mean(int8), mean(plain));
+    }
     assert!(stdout.contains("the gossip exchange ran up to 2 nodes"), "{stdout}");
     for record in &records {
         assert!(field(record, "largest_node_bytes_per_round") >= field(record, "mean_node_bytes_per_round"), "{record}");
@@ -378,7 +431,7 @@ fn bench_traffic_measures_each_size_and_exchange() {
     let replot = common::blossom(&["-q", "bench", "traffic", "--replot", "--output", output.to_str().unwrap()]);
     let table = String::from_utf8_lossy(&replot.stdout).into_owned();
     assert!(replot.status.success(), "{table}");
-    assert_eq!(table.lines().filter(|l| l.starts_with("reduce") || l.starts_with("gossip")).count(), 3, "{table}");
+    assert_eq!(table.lines().filter(|l| l.starts_with("reduce") || l.starts_with("gossip")).count(), 6, "{table}");
     assert!(std::fs::read_to_string(output.with_extension("svg")).unwrap().contains("<svg"));
     // A file that is not a bench traffic table is a clear error.
     let other = dir.path().join("other.jsonl");

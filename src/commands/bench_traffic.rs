@@ -1,5 +1,5 @@
 //! `blossom-p2p bench traffic`: bytes a node moves per round as the network
-//! grows, for each exchange, next to a Flower client's (its adapter up, the
+//! grows, for each exchange and compression, next to a Flower client's (its adapter up, the
 //! average down), measured on the simulated links of whole simulations, each
 //! in its own process.
 
@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use clap::Args;
 use serde_json::json;
 
-use crate::config::{Config, ExchangeMode};
+use crate::config::{CompressionKind, Config, ExchangeMode};
 use crate::plot::{Series, plot_scaling};
 
 use super::args::ModelArgs;
@@ -26,6 +26,9 @@ pub struct BenchTrafficArgs {
     /// Exchanges to compare (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![ExchangeMode::Gossip, ExchangeMode::Reduce])]
     pub exchange: Vec<ExchangeMode>,
+    /// Compressions to compare (comma-separated: none, fp16, int8).
+    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![CompressionKind::None])]
+    pub compression: Vec<CompressionKind>,
     /// Largest network the gossip exchange runs at (every node receives every
     /// update: above a few tens of nodes it outgrows one machine); larger
     /// sizes run the other exchanges only.
@@ -65,9 +68,18 @@ fn name(exchange: ExchangeMode) -> &'static str {
     }
 }
 
+fn compression_name(compression: CompressionKind) -> &'static str {
+    match compression {
+        CompressionKind::None => "none",
+        CompressionKind::Fp16 => "fp16",
+        CompressionKind::Int8 => "int8",
+    }
+}
+
 /// One simulation's figures, from its summary record.
 struct Run {
     exchange: ExchangeMode,
+    compression: CompressionKind,
     nodes: u32,
     summary: serde_json::Value,
 }
@@ -81,12 +93,13 @@ impl Run {
 /// Runs one simulation as a child process (each gets a fresh process, so
 /// its peak memory is its own and nothing of the previous one lingers) and
 /// returns its summary record.
-fn simulate_in_child(config: &Config, args: &BenchTrafficArgs, exchange: ExchangeMode, nodes: u32, dir: &Path) -> Result<serde_json::Value, String> {
+fn simulate_in_child(config: &Config, args: &BenchTrafficArgs, (exchange, compression): (ExchangeMode, CompressionKind), nodes: u32, dir: &Path) -> Result<serde_json::Value, String> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let mut config = config.clone();
     config.federation.nodes = nodes;
     config.federation.exchange = exchange;
+    config.federation.compression = compression;
     config.network.data_dir = dir.to_path_buf();
     let config_path = dir.join("config.toml");
     let text = toml::to_string(&config).map_err(|e| format!("the configuration: {e}"))?;
@@ -129,12 +142,16 @@ pub fn bench_traffic(config: &Config, args: &BenchTrafficArgs) -> ExitCode {
         println!("the gossip exchange ran up to {} nodes (--gossip-max-nodes)", args.gossip_max_nodes);
     }
     let plot = args.output.with_extension("svg");
-    let mut series: Vec<Series> = [ExchangeMode::Gossip, ExchangeMode::Reduce]
+    let mut kinds: Vec<(ExchangeMode, CompressionKind)> = runs.iter().map(|r| (r.exchange, r.compression)).collect();
+    kinds.dedup();
+    let mut series: Vec<Series> = kinds
         .into_iter()
-        .filter(|&exchange| runs.iter().any(|r| r.exchange == exchange))
-        .map(|exchange| Series {
-            name: format!("{} (largest node)", name(exchange)),
-            points: runs.iter().filter(|r| r.exchange == exchange).map(|r| (f64::from(r.nodes), r.figure("largest_node_bytes_per_round") / 1e6)).collect(),
+        .map(|(exchange, compression)| Series {
+            name: match compression {
+                CompressionKind::None => format!("{} (largest node)", name(exchange)),
+                other => format!("{}, {} (largest node)", name(exchange), compression_name(other)),
+            },
+            points: runs.iter().filter(|r| r.exchange == exchange && r.compression == compression).map(|r| (f64::from(r.nodes), r.figure("largest_node_bytes_per_round") / 1e6)).collect(),
         })
         .collect();
     if let Some(first) = runs.first() {
@@ -159,27 +176,31 @@ fn measure(config: &Config, args: &BenchTrafficArgs) -> Result<(Vec<Run>, String
     let mut output = std::fs::File::create(&args.output).map_err(|e| format!("--output {}: {e}", args.output.display()))?;
     let work = config.network.data_dir.join("bench-traffic");
     let runs_of = |exchange: ExchangeMode| args.nodes.iter().copied().filter(move |&nodes| exchange != ExchangeMode::Gossip || nodes <= args.gossip_max_nodes);
-    let total: usize = args.exchange.iter().map(|&exchange| runs_of(exchange).count()).sum();
+    let total: usize = args.exchange.iter().map(|&exchange| runs_of(exchange).count()).sum::<usize>() * args.compression.len();
     let progress = indicatif::ProgressBar::new(total as u64);
     progress.suspend(|| println!("{HEADER}"));
     let mut runs: Vec<Run> = Vec::new();
     for &exchange in &args.exchange {
-        for nodes in runs_of(exchange) {
-            progress.set_message(format!("{} exchange, {nodes} nodes", name(exchange)));
-            let dir = work.join(format!("{}-{nodes}", name(exchange)));
-            let summary = simulate_in_child(config, args, exchange, nodes, &dir).map_err(|e| {
-                progress.abandon();
-                format!("{} exchange with {nodes} nodes: {e}", name(exchange))
-            })?;
-            let mut record = summary.clone();
-            record["exchange"] = json!(name(exchange));
-            record["model"] = json!(config.model.source);
-            record["flower_client_bytes"] = json!(2.0 * summary["adapter_bytes"].as_f64().unwrap_or(0.0));
-            writeln!(output, "{record}").map_err(|e| format!("{}: {e}", args.output.display()))?;
-            let run = Run { exchange, nodes, summary };
-            progress.suspend(|| println!("{}", row(&run)));
-            runs.push(run);
-            progress.inc(1);
+        for &compression in &args.compression {
+            for nodes in runs_of(exchange) {
+                let what = format!("{} exchange, {} compression, {nodes} nodes", name(exchange), compression_name(compression));
+                progress.set_message(what.clone());
+                let dir = work.join(format!("{}-{}-{nodes}", name(exchange), compression_name(compression)));
+                let summary = simulate_in_child(config, args, (exchange, compression), nodes, &dir).map_err(|e| {
+                    progress.abandon();
+                    format!("{what}: {e}")
+                })?;
+                let mut record = summary.clone();
+                record["exchange"] = json!(name(exchange));
+                record["compression"] = json!(compression_name(compression));
+                record["model"] = json!(config.model.source);
+                record["flower_client_bytes"] = json!(2.0 * summary["adapter_bytes"].as_f64().unwrap_or(0.0));
+                writeln!(output, "{record}").map_err(|e| format!("{}: {e}", args.output.display()))?;
+                let run = Run { exchange, compression, nodes, summary };
+                progress.suspend(|| println!("{}", row(&run)));
+                runs.push(run);
+                progress.inc(1);
+            }
         }
     }
     progress.finish_and_clear();
@@ -199,7 +220,14 @@ fn read_runs(path: &Path) -> Result<(Vec<Run>, String), String> {
             _ => return Err(format!("{}: no \"exchange\" of gossip or reduce: not a bench traffic record", at())),
         };
         let nodes = summary["nodes"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| format!("{}: no node count", at()))?;
-        runs.push(Run { exchange, nodes, summary });
+        // Records from before compressions were compared moved float32.
+        let compression = match summary["compression"].as_str() {
+            None | Some("none") => CompressionKind::None,
+            Some("fp16") => CompressionKind::Fp16,
+            Some("int8") => CompressionKind::Int8,
+            Some(other) => return Err(format!("{}: compression {other:?} is none of none, fp16, int8", at())),
+        };
+        runs.push(Run { exchange, compression, nodes, summary });
     }
     if runs.is_empty() {
         return Err(format!("{} holds no records to plot", path.display()));
@@ -208,13 +236,14 @@ fn read_runs(path: &Path) -> Result<(Vec<Run>, String), String> {
     Ok((runs, model))
 }
 
-const HEADER: &str = "exchange  nodes   largest node      mean node   x Flower  agreement    wall s  peak MB";
+const HEADER: &str = "exchange  compression  nodes   largest node      mean node   x Flower  agreement    wall s  peak MB";
 
 fn row(run: &Run) -> String {
     let flower = 2.0 * run.figure("adapter_bytes");
     format!(
-        "{:<8} {:>6} {:>11.3} MB {:>11.3} MB {:>10.2} {:>10.2} {:>9.1} {:>8.0}",
+        "{:<8}  {:<11} {:>6} {:>11.3} MB {:>11.3} MB {:>10.2} {:>10.2} {:>9.1} {:>8.0}",
         name(run.exchange),
+        compression_name(run.compression),
         run.nodes,
         run.figure("largest_node_bytes_per_round") / 1e6,
         run.figure("mean_node_bytes_per_round") / 1e6,

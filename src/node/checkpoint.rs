@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::aggregate::Tensors;
-use crate::aggregate::outer::adapter_of;
 use crate::wire::codec::{Digest, Limits};
 use crate::wire::tensors::{decode_checked, encode};
 
@@ -130,12 +129,13 @@ impl CheckpointFile {
         Ok(())
     }
 
-    /// The newest whole checkpoint, checked against the outer state's
-    /// `layout` (the optimizer's moments follow its adapter tensors) and
-    /// the node's seed; `None` if this run has none. A leftover
+    /// The newest whole checkpoint, checked against the layout of what the
+    /// node saves (its outer state, and its error feedback's residual) and
+    /// of its adapter (the optimizer keeps moments of each adapter tensor),
+    /// and the node's seed; `None` if this run has none. A leftover
     /// temporary file (a crash during a write) is removed; a damaged
     /// checkpoint falls back to the previous one.
-    pub fn load(&self, layout: &Tensors, limits: &Limits) -> Result<Option<RoundCheckpoint>, CheckpointError> {
+    pub fn load(&self, layout: (&Tensors, &Tensors), limits: &Limits) -> Result<Option<RoundCheckpoint>, CheckpointError> {
         let temp = self.temp();
         if temp.exists() {
             tracing::warn!(path = %temp.display(), "removed a checkpoint a crash left half written");
@@ -209,7 +209,7 @@ fn take<'a>(bytes: &'a [u8], at: &mut usize, n: usize) -> Result<&'a [u8], Strin
     Ok(part)
 }
 
-fn from_bytes(bytes: &[u8], layout: &Tensors, limits: &Limits) -> Result<RoundCheckpoint, String> {
+fn from_bytes(bytes: &[u8], (layout, adapter_layout): (&Tensors, &Tensors), limits: &Limits) -> Result<RoundCheckpoint, String> {
     let body_len = bytes.len().checked_sub(32).ok_or("truncated")?;
     let (body, sum) = bytes.split_at(body_len);
     if Digest::of(body).0 != sum {
@@ -242,7 +242,7 @@ fn from_bytes(bytes: &[u8], layout: &Tensors, limits: &Limits) -> Result<RoundCh
             max_adapter_bytes: limits.max_adapter_bytes * 2,
             max_tensors: limits.max_tensors * 2,
         };
-        decode_checked(optimizer_bytes, &moment_layout(&adapter_of(layout)), &limits).map_err(|e| format!("optimizer state: {e}"))?
+        decode_checked(optimizer_bytes, &moment_layout(adapter_layout), &limits).map_err(|e| format!("optimizer state: {e}"))?
     };
     Ok(RoundCheckpoint {
         run_id: header.run_id,
@@ -282,23 +282,40 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let file = file(dir.path(), 7);
         let layout = checkpoint(0).adapter;
-        assert_eq!(file.load(&layout, &Limits::default()).unwrap(), None);
+        assert_eq!(file.load((&layout, &layout), &Limits::default()).unwrap(), None);
         file.save(&checkpoint(1)).unwrap();
         file.save(&checkpoint(2)).unwrap();
-        assert_eq!(file.load(&layout, &Limits::default()).unwrap(), Some(checkpoint(2)));
+        assert_eq!(file.load((&layout, &layout), &Limits::default()).unwrap(), Some(checkpoint(2)));
         // A half-written temporary file is removed; a truncated current
         // checkpoint gives way to the previous one.
         std::fs::write(file.temp(), b"BLSMCKP1 half").unwrap();
         let bytes = std::fs::read(file.path()).unwrap();
         std::fs::write(file.path(), &bytes[..bytes.len() - 5]).unwrap();
-        assert_eq!(file.load(&layout, &Limits::default()).unwrap(), Some(checkpoint(1)));
+        assert_eq!(file.load((&layout, &layout), &Limits::default()).unwrap(), Some(checkpoint(1)));
         assert!(!file.temp().exists());
         // Another seed is a clear error; so is damage to both.
         let other_seed = CheckpointFile::new(dir.path(), Digest::of(b"run"), 8, 10);
-        assert!(matches!(other_seed.load(&layout, &Limits::default()), Err(CheckpointError::Seed { found: 7, expected: 8, .. })));
+        assert!(matches!(other_seed.load((&layout, &layout), &Limits::default()), Err(CheckpointError::Seed { found: 7, expected: 8, .. })));
         std::fs::write(file.previous(), b"garbage").unwrap();
-        let error = file.load(&layout, &Limits::default()).unwrap_err().to_string();
+        let error = file.load((&layout, &layout), &Limits::default()).unwrap_err().to_string();
         assert!(error.contains("damaged") && error.contains("remove"), "{error}");
+    }
+
+    /// A state with the outer momentum and the error feedback's residual
+    /// beside the adapter comes back whole; the optimizer's moments follow
+    /// the adapter's tensors only.
+    #[test]
+    fn a_state_with_momentum_and_residual_comes_back() {
+        use crate::aggregate::outer::{MOMENTUM_SUFFIX, OuterOptimizer, initial_state};
+        let dir = tempfile::tempdir().unwrap();
+        let file = file(dir.path(), 7);
+        let adapter = checkpoint(0).adapter;
+        let mut state = initial_state(OuterOptimizer::Nesterov { lr: 0.7, momentum: 0.9 }, &adapter);
+        state.get_mut(&format!("a{MOMENTUM_SUFFIX}")).unwrap().values = vec![0.25, -1.0, 3.5, 1e-7];
+        state.insert("a.residual".to_owned(), Tensor::new(vec![2, 2], vec![1e-6, 0.0, -2e-6, 5e-7]).unwrap());
+        let saved = file.at(4, state.clone(), moment_layout(&adapter));
+        file.save(&saved).unwrap();
+        assert_eq!(file.load((&state, &adapter), &Limits::default()).unwrap(), Some(saved));
     }
 
     #[test]
@@ -306,11 +323,11 @@ mod tests {
         let layout = checkpoint(0).adapter;
         let bytes = to_bytes(&checkpoint(3)).unwrap();
         for cut in 0..bytes.len() {
-            assert!(from_bytes(&bytes[..cut], &layout, &Limits::default()).is_err(), "cut at {cut}");
+            assert!(from_bytes(&bytes[..cut], (&layout, &layout), &Limits::default()).is_err(), "cut at {cut}");
         }
         let mut flipped = bytes.clone();
         flipped[20] ^= 1;
-        assert!(from_bytes(&flipped, &layout, &Limits::default()).is_err());
-        assert_eq!(from_bytes(&bytes, &layout, &Limits::default()).unwrap(), checkpoint(3));
+        assert!(from_bytes(&flipped, (&layout, &layout), &Limits::default()).is_err());
+        assert_eq!(from_bytes(&bytes, (&layout, &layout), &Limits::default()).unwrap(), checkpoint(3));
     }
 }

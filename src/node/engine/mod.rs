@@ -171,7 +171,7 @@ impl<T: RoundTrainer> Engine<T> {
         // from (and the outer momentum, where there is one).
         let (mut round, mut current) = (0, self.state_layout.clone());
         if let Some(file) = &self.settings.checkpoint
-            && let Some(checkpoint) = file.load(&feedback::with_residual(&self.state_layout, &self.residual), &self.settings.limits)?
+            && let Some(checkpoint) = file.load((&feedback::with_residual(&self.state_layout, &self.residual), &self.layout), &self.settings.limits)?
         {
             self.trainer.restore_optimizer_state(checkpoint.optimizer).await.map_err(EngineError::Trainer)?;
             let (state, residual) = feedback::split_residual(checkpoint.adapter);
