@@ -143,6 +143,9 @@ fn each_range_check_fires() {
         ("federation.replicas=0", "federation.replicas"),
         ("federation.replicas=9", "federation.replicas"),
         ("federation.audit=1.5", "federation.audit"),
+        ("federation.outer_lr=0.0", "federation.outer_lr"),
+        ("federation.outer_lr=11.0", "federation.outer_lr"),
+        ("federation.outer_momentum=1.0", "federation.outer_momentum"),
         ("network.listen=[\"0.0.0.0:4001\"]", "network.listen"),
         ("model.source=\"\"", "model.source"),
         ("data.dataset=\" \"", "data.dataset"),
@@ -158,6 +161,19 @@ fn each_range_check_fires() {
         }
         assert!(err.to_string().contains(&format!("--set {arg}")), "{err}");
     }
+}
+
+/// Compressed changes are averaged coordinate by coordinate: the methods
+/// that need whole adapters are refused with what to do.
+#[test]
+fn compression_with_a_whole_adapter_method_is_refused() {
+    for method in ["exact", "norm-clip"] {
+        let aggregation = format!("federation.aggregation=\"{method}\"");
+        let err = load_err(None, &[&aggregation, "federation.compression=\"int8\""]).to_string();
+        assert!(err.contains("federation.compression") && err.contains(method) && err.contains("\"none\""), "{err}");
+    }
+    let aggregation = "federation.aggregation=\"median\"";
+    assert!(Config::load(None, &[aggregation.to_owned(), "federation.compression=\"fp16\"".to_owned()]).is_ok());
 }
 
 #[test]
