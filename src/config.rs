@@ -310,7 +310,7 @@ impl Default for FederationConfig {
             exchange: ExchangeMode::Reduce,
             replicas: 2,
             audit: 0.1,
-            compression: CompressionKind::None,
+            compression: CompressionKind::Int8,
             outer_optimizer: OuterOptimizerKind::Average,
             outer_lr: 0.7,
             outer_momentum: 0.9,
@@ -569,12 +569,9 @@ impl Config {
             "must be a probability in [0, 1]",
         )?;
         check(
-            federation.compression == CompressionKind::None || matches!(federation.aggregation, Aggregation::Fedavg | Aggregation::Median | Aggregation::TrimmedMean),
+            federation.compression == CompressionKind::None || federation.aggregation != Aggregation::Exact,
             "federation.compression",
-            format!(
-                "compresses each round's change, which fedavg, median and trimmed-mean average coordinate by coordinate; {} needs whole adapters: set federation.compression = \"none\" or another aggregation",
-                serde_json::to_value(federation.aggregation).ok().and_then(|v| v.as_str().map(str::to_owned)).unwrap_or_default()
-            ),
+            "compresses each round's change, and exact averaging multiplies whole adapters' A and B: set federation.compression = \"none\" with it, or another aggregation",
         )?;
         check(
             federation.outer_lr.is_finite() && federation.outer_lr > 0.0 && federation.outer_lr <= 10.0,

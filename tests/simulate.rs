@@ -247,12 +247,18 @@ fn partition_heal_in(mode: &str) {
     assert_eq!(agreement[4], 1.0, "healed at round 3: {stdout}");
 }
 
+/// Exact averaging multiplies whole adapters: it runs without compression;
+/// the other methods with the default (int8 changes).
+fn compression_for(method: &str) -> &'static str {
+    if method == "exact" { "federation.compression=\"none\"" } else { "federation.compression=\"int8\"" }
+}
+
 #[test]
 fn exact_and_robust_averaging_run_end_to_end() {
     for method in ["exact", "median", "trimmed-mean", "norm-clip"] {
         let dir = tempfile::tempdir().unwrap();
         let set = format!("federation.aggregation=\"{method}\"");
-        let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set], &[]);
+        let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set, compression_for(method)], &[]);
         assert!(stdout.contains(&format!("`{method}` averaging")), "{stdout}");
         assert_eq!(agreements(&records)[1], 1.0, "{method}: {stdout}");
     }
@@ -267,7 +273,7 @@ fn the_reduce_exchange_gives_the_gossip_exchanges_averages_for_every_method() {
         let hashes = |mode: &str| {
             let dir = tempfile::tempdir().unwrap();
             let set = format!("federation.aggregation=\"{method}\"");
-            let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set, &exchange(mode)], &[]);
+            let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set, &exchange(mode), compression_for(method)], &[]);
             assert_eq!(records.len(), 2, "{method} {mode}: {stdout}");
             let hashes: Vec<String> = records.iter().map(|r| r["average_hash"].as_str().unwrap().to_owned()).collect();
             assert!(agreements(&records).iter().all(|a| *a == 1.0), "{method} {mode}: {stdout}");

@@ -26,8 +26,9 @@ pub struct BenchTrafficArgs {
     /// Exchanges to compare (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![ExchangeMode::Gossip, ExchangeMode::Reduce])]
     pub exchange: Vec<ExchangeMode>,
-    /// Compressions to compare (comma-separated: none, fp16, int8).
-    #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![CompressionKind::None])]
+    /// Compressions to compare (comma-separated: none, fp16, int8; default:
+    /// the configured `federation.compression`).
+    #[arg(long, value_enum, value_delimiter = ',')]
     pub compression: Vec<CompressionKind>,
     /// Largest network the gossip exchange runs at (every node receives every
     /// update: above a few tens of nodes it outgrows one machine); larger
@@ -176,12 +177,13 @@ fn measure(config: &Config, args: &BenchTrafficArgs) -> Result<(Vec<Run>, String
     let mut output = std::fs::File::create(&args.output).map_err(|e| format!("--output {}: {e}", args.output.display()))?;
     let work = config.network.data_dir.join("bench-traffic");
     let runs_of = |exchange: ExchangeMode| args.nodes.iter().copied().filter(move |&nodes| exchange != ExchangeMode::Gossip || nodes <= args.gossip_max_nodes);
-    let total: usize = args.exchange.iter().map(|&exchange| runs_of(exchange).count()).sum::<usize>() * args.compression.len();
+    let compressions = if args.compression.is_empty() { vec![config.federation.compression] } else { args.compression.clone() };
+    let total: usize = args.exchange.iter().map(|&exchange| runs_of(exchange).count()).sum::<usize>() * compressions.len();
     let progress = indicatif::ProgressBar::new(total as u64);
     progress.suspend(|| println!("{HEADER}"));
     let mut runs: Vec<Run> = Vec::new();
     for &exchange in &args.exchange {
-        for &compression in &args.compression {
+        for &compression in &compressions {
             for nodes in runs_of(exchange) {
                 let what = format!("{} exchange, {} compression, {nodes} nodes", name(exchange), compression_name(compression));
                 progress.set_message(what.clone());

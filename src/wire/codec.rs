@@ -129,6 +129,14 @@ pub enum CodecError {
 /// The canonical encoding: safetensors with tensors by name and one fixed
 /// metadata entry, so equal tensors give byte-identical output.
 pub fn encode_adapter(tensors: &[TensorBytes]) -> Result<Vec<u8>, CodecError> {
+    encode_adapter_aligned(tensors, 8)
+}
+
+/// [`encode_adapter`] with the tensor data starting at a multiple of `align`
+/// bytes (a multiple of 8: safetensors pads its header to 8): the metadata
+/// entry's value is padded with spaces, the one thing in the header that
+/// has no meaning, so the encoding stays canonical.
+pub fn encode_adapter_aligned(tensors: &[TensorBytes], align: usize) -> Result<Vec<u8>, CodecError> {
     let mut sorted: BTreeMap<&str, &TensorBytes> = BTreeMap::new();
     for tensor in tensors {
         let expected = tensor.shape.iter().product::<usize>() * tensor.dtype.size();
@@ -145,19 +153,29 @@ pub fn encode_adapter(tensors: &[TensorBytes]) -> Result<Vec<u8>, CodecError> {
             });
         }
     }
-    let views = sorted
-        .iter()
-        .map(|(name, t)| {
-            TensorView::new(t.dtype.safetensors(), t.shape.clone(), &t.data)
-                .map(|view| (*name, view))
-                .map_err(|e| CodecError::BadTensor {
-                    name: name.to_string(),
-                    message: e.to_string(),
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let metadata = Some(std::collections::HashMap::from([(FORMAT_METADATA.0.to_owned(), FORMAT_METADATA.1.to_owned())]));
-    safetensors::serialize(views, metadata).map_err(|e| CodecError::Malformed(e.to_string()))
+    let serialize = |padding: usize| -> Result<Vec<u8>, CodecError> {
+        let views = sorted
+            .iter()
+            .map(|(name, t)| {
+                TensorView::new(t.dtype.safetensors(), t.shape.clone(), &t.data)
+                    .map(|view| (*name, view))
+                    .map_err(|e| CodecError::BadTensor {
+                        name: name.to_string(),
+                        message: e.to_string(),
+                    })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let value = format!("{}{}", FORMAT_METADATA.1, " ".repeat(padding));
+        let metadata = Some(std::collections::HashMap::from([(FORMAT_METADATA.0.to_owned(), value)]));
+        safetensors::serialize(views, metadata).map_err(|e| CodecError::Malformed(e.to_string()))
+    };
+    let bytes = serialize(0)?;
+    let header = bytes.get(..8).and_then(|b| b.try_into().ok()).map(u64::from_le_bytes).ok_or_else(|| CodecError::Malformed("safetensors wrote no header".into()))?;
+    // Data starts at 8 + header (a multiple of 8): `padding` more spaces,
+    // a multiple of 8 too, move it there exactly.
+    let start = 8 + header as usize;
+    let padding = (align - start % align) % align;
+    if padding == 0 { Ok(bytes) } else { serialize(padding) }
 }
 
 /// Decodes and checks an adapter: size limits first, then the safetensors

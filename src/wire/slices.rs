@@ -39,19 +39,22 @@ pub struct SliceLayout {
 impl SliceLayout {
     /// The layout of `layout`'s encoding (values as `compression` writes
     /// them) cut into at least `slices` slices (more if a slice would
-    /// exceed the chunk protocol's 256 KiB), each a multiple of 8 bytes,
-    /// so no value or int8 block is ever split between slices.
+    /// exceed the chunk protocol's 256 KiB), each a multiple of the
+    /// compression's alignment (8 bytes, or an int8 block), so no value or
+    /// block is ever split between slices.
     pub fn new(layout: &Tensors, slices: usize, compression: Compression) -> Result<Self, String> {
         let len = encode_as(layout, compression)?.len();
         let count = slices.max(1).max(len.div_ceil(CHUNK_SIZE));
-        Self::with_chunk_size(layout, len.div_ceil(count).next_multiple_of(8).min(CHUNK_SIZE), compression)
+        Self::with_chunk_size(layout, len.div_ceil(count).next_multiple_of(compression.alignment()).min(CHUNK_SIZE), compression)
     }
 
     /// The layout of `layout`'s encoding cut into slices of `chunk_size`
-    /// bytes (a multiple of 8, at most 256 KiB: what peers' manifests say).
+    /// bytes (a multiple of the alignment, at most 256 KiB: what peers'
+    /// manifests say).
     pub fn with_chunk_size(layout: &Tensors, chunk_size: usize, compression: Compression) -> Result<Self, String> {
-        if chunk_size % 8 != 0 || !(8..=CHUNK_SIZE).contains(&chunk_size) {
-            return Err(format!("slices of {chunk_size} bytes: a slice is a multiple of 8 bytes, at most {CHUNK_SIZE}"));
+        let align = compression.alignment();
+        if chunk_size % align != 0 || !(align..=CHUNK_SIZE).contains(&chunk_size) {
+            return Err(format!("slices of {chunk_size} bytes: a slice is a multiple of {align} bytes, at most {CHUNK_SIZE}"));
         }
         let bytes = encode_as(layout, compression)?;
         let limits = Limits {
@@ -60,8 +63,8 @@ impl SliceLayout {
         };
         let mut decoded = decode_adapter(&bytes, &limits).map_err(|e| e.to_string())?;
         let header_len = bytes.len() - decoded.iter().map(|t| t.data.len()).sum::<usize>();
-        if header_len % 8 != 0 {
-            return Err(format!("the encoding's header is {header_len} bytes, not a multiple of 8"));
+        if header_len % align != 0 {
+            return Err(format!("the encoding's header is {header_len} bytes, not a multiple of {align}"));
         }
         // The canonical encoding puts the data in name order after the
         // header (`wire::codec::encode_adapter`); checked here.
@@ -138,6 +141,21 @@ impl SliceLayout {
         }
     }
 
+    /// The tensors in `places`, taken from `values`, the decoded values of
+    /// the encoding from offset `start` on (what [`values`](Self::values)
+    /// gives there); `None` if they do not cover them.
+    pub fn read_values(&self, values: &[f32], start: usize, places: &[&TensorPlace]) -> Option<Tensors> {
+        places
+            .iter()
+            .map(|place| {
+                let first = self.compression.values_in(place.bytes.start.checked_sub(start)?);
+                let count = place.shape.iter().product::<usize>();
+                let values = values.get(first..first.checked_add(count)?)?.to_vec();
+                Some((place.name.clone(), Tensor { shape: place.shape.clone(), values }))
+            })
+            .collect()
+    }
+
     /// The tensors in `places`, read from `buffer` (the encoding's bytes from
     /// offset `start` on); `None` if it does not cover them.
     pub fn read(&self, buffer: &[u8], start: usize, places: &[&TensorPlace]) -> Option<Tensors> {
@@ -199,7 +217,7 @@ mod tests {
                 assert_eq!(layout.total_len, bytes.len());
                 for s in 0..layout.count() {
                     let values = layout.value_range(s);
-                    assert_eq!(values.start % 8, 0);
+                    assert_eq!(values.start % compression.alignment(), 0);
                     assert!(layout.values(&bytes, 0, &values).is_some(), "{compression:?} slice {s} {values:?}");
                 }
                 let places: Vec<&TensorPlace> = layout.tensors.iter().collect();

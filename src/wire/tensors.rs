@@ -2,7 +2,7 @@
 //! canonical bytes, with the checks a received adapter must pass.
 
 use crate::aggregate::{Tensor, Tensors};
-use crate::wire::codec::{Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter};
+use crate::wire::codec::{Limits, TensorBytes, TensorDtype, decode_adapter, encode_adapter_aligned};
 use crate::wire::compression::Compression;
 
 /// The canonical safetensors bytes of an adapter (equal tensors, equal bytes).
@@ -25,7 +25,7 @@ pub fn encode_as(tensors: &Tensors, compression: Compression) -> Result<Vec<u8>,
             TensorBytes { name: name.clone(), dtype, shape, data }
         })
         .collect();
-    encode_adapter(&list).map_err(|e| e.to_string())
+    encode_adapter_aligned(&list, compression.alignment()).map_err(|e| e.to_string())
 }
 
 /// Decodes a peer's adapter and checks it against this node's own adapter
@@ -112,8 +112,9 @@ mod tests {
         let mut bytes = encode_as(&tensors, Compression::Int8).unwrap();
         // The first tensor's data starts right after the header.
         let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        bytes[header + 8..header + 10].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+        assert_eq!(header % crate::wire::compression::INT8_BLOCK_BYTES, 0, "the data starts on the block grid");
+        bytes[header..header + 2].copy_from_slice(&half::bf16::NAN.to_le_bytes());
         let err = decode_checked_as(&bytes, &tensors, Compression::Int8, &Limits::default()).unwrap_err();
-        assert!(err.contains("int8 block 1 has scale NaN"), "{err}");
+        assert!(err.contains("int8 block 0 has scale NaN"), "{err}");
     }
 }

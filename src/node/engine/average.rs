@@ -8,7 +8,7 @@ use libp2p::PeerId;
 
 use crate::aggregate::{Contribution, Tensors, aggregate, fedavg_drift};
 use crate::wire::codec::Digest;
-use crate::wire::tensors::encode;
+use crate::wire::tensors::{decode_checked_as, encode_as};
 
 use super::events::EngineError;
 use super::trainer::RoundTrainer;
@@ -45,7 +45,11 @@ impl<T: RoundTrainer> Engine<T> {
             .collect();
         let fedavg_drift = if self.settings.measure_drift { fedavg_drift(inputs.clone()).ok() } else { None };
         let average = aggregate(self.settings.method, inputs, Some(current)).map_err(|e| EngineError::Aggregate(e.to_string()))?;
-        let bytes = encode(&average).map_err(EngineError::Aggregate)?;
+        // Compressed changes: the average in the same compression, as the
+        // reduce exchange's slices write it, so that both exchanges (and
+        // every node) take the same numbers from the same inputs.
+        let bytes = encode_as(&average, self.settings.compression).map_err(EngineError::Aggregate)?;
+        let average = if self.compressed() { decode_checked_as(&bytes, &average, self.settings.compression, &self.settings.limits).map_err(EngineError::Aggregate)? } else { average };
         Ok(Averaged {
             average,
             bytes,

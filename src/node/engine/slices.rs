@@ -182,7 +182,7 @@ pub fn compute_slice(layout: &SliceLayout, s: usize, method: Method, previous: &
         Method::Exact | Method::NormClip => {
             let places: Vec<_> = layout.tensors_in(&needed).collect();
             let as_tensors = |values: &[f32]| -> Result<Tensors, String> {
-                layout.read(&layout.encode_values(values), needed.start, &places).ok_or_else(|| "the slice's tensors are not whole".to_owned())
+                layout.read_values(values, needed.start, &places).ok_or_else(|| "the slice's tensors are not whole".to_owned())
             };
             let previous = as_tensors(&base)?;
             let contributions = contributions
@@ -292,9 +292,9 @@ mod tests {
             let limits = crate::wire::codec::Limits::default();
             let decoded: Vec<Tensors> = encoded.iter().map(|b| crate::wire::tensors::decode_checked_as(b, &layout_tensors, compression, &limits).unwrap()).collect();
             let previous = crate::wire::tensors::encode_as(&zeros, compression).unwrap();
-            for method in [Method::FedAvg, Method::Median, Method::TrimmedMean { fraction: 0.25 }] {
+            for method in [Method::FedAvg, Method::Median, Method::TrimmedMean { fraction: 0.25 }, Method::NormClip] {
                 let contributions = decoded.iter().enumerate().map(|(i, t)| Contribution { author: vec![i as u8], examples: 5, tensors: t.clone() }).collect();
-                let whole = crate::wire::tensors::encode_as(&aggregate(method, contributions, None).unwrap(), compression).unwrap();
+                let whole = crate::wire::tensors::encode_as(&aggregate(method, contributions, Some(&zeros)).unwrap(), compression).unwrap();
                 for slices in [1, 3, 7] {
                     let layout = SliceLayout::new(&layout_tensors, slices, compression).unwrap();
                     let mut joined = Vec::new();
