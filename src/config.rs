@@ -310,7 +310,7 @@ impl Default for FederationConfig {
             exchange: ExchangeMode::Reduce,
             replicas: 2,
             audit: 0.1,
-            compression: CompressionKind::Int8,
+            compression: CompressionKind::None,
             outer_optimizer: OuterOptimizerKind::Average,
             outer_lr: 0.7,
             outer_momentum: 0.9,

@@ -215,8 +215,8 @@ fn homes_behind_random_port_nat_train_through_the_relay() {
     every_round_agrees(&mut homes, 2);
     assert!(!homes.iter_mut().any(|h| h.said("hole punched: a direct connection")), "a hole through random-port NATs?");
     // The relay reports what it carried for each home: more than 40 kB
-    // each way (2 rounds of tiny int8 updates and claims; 0.3 MB measured
-    // with float32 adapters, about a third of it with int8).
+    // each way (2 rounds of tiny adapters and claims: 0.3 MB measured with
+    // float32 adapters; int8 changes measured about a third of that).
     for home in &mut homes {
         let peer = home.wait_for("peer id: ", MINUTES).trim_start_matches("peer id: ").to_owned();
         let line = relay.wait_for(&format!("bytes carried for {peer}"), 2 * MINUTES);

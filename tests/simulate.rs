@@ -247,18 +247,12 @@ fn partition_heal_in(mode: &str) {
     assert_eq!(agreement[4], 1.0, "healed at round 3: {stdout}");
 }
 
-/// Exact averaging multiplies whole adapters: it runs without compression;
-/// the other methods with the default (int8 changes).
-fn compression_for(method: &str) -> &'static str {
-    if method == "exact" { "federation.compression=\"none\"" } else { "federation.compression=\"int8\"" }
-}
-
 #[test]
 fn exact_and_robust_averaging_run_end_to_end() {
     for method in ["exact", "median", "trimmed-mean", "norm-clip"] {
         let dir = tempfile::tempdir().unwrap();
         let set = format!("federation.aggregation=\"{method}\"");
-        let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set, compression_for(method)], &[]);
+        let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set], &[]);
         assert!(stdout.contains(&format!("`{method}` averaging")), "{stdout}");
         assert_eq!(agreements(&records)[1], 1.0, "{method}: {stdout}");
     }
@@ -266,20 +260,26 @@ fn exact_and_robust_averaging_run_end_to_end() {
 
 /// The reduce exchange averages slice by slice at the slices' owners; put
 /// together, the slices are the gossip exchange's average, hash for hash,
-/// for every method.
+/// for every method, and for int8 changes too (owners and the gossip
+/// exchange write the average in the same compression).
 #[test]
 fn the_reduce_exchange_gives_the_gossip_exchanges_averages_for_every_method() {
-    for method in ["fedavg", "exact", "median", "trimmed-mean", "norm-clip"] {
+    let runs = [
+        ("fedavg", "none"), ("exact", "none"), ("median", "none"), ("trimmed-mean", "none"), ("norm-clip", "none"),
+        ("fedavg", "int8"), ("median", "int8"), ("norm-clip", "int8"),
+    ];
+    for (method, compression) in runs {
         let hashes = |mode: &str| {
             let dir = tempfile::tempdir().unwrap();
             let set = format!("federation.aggregation=\"{method}\"");
-            let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set, &exchange(mode), compression_for(method)], &[]);
+            let compressed = format!("federation.compression=\"{compression}\"");
+            let (stdout, records) = simulate(dir.path(), 3, 2, None, &[&set, &exchange(mode), &compressed], &[]);
             assert_eq!(records.len(), 2, "{method} {mode}: {stdout}");
             let hashes: Vec<String> = records.iter().map(|r| r["average_hash"].as_str().unwrap().to_owned()).collect();
             assert!(agreements(&records).iter().all(|a| *a == 1.0), "{method} {mode}: {stdout}");
             hashes
         };
-        assert_eq!(hashes("gossip"), hashes("reduce"), "{method}");
+        assert_eq!(hashes("gossip"), hashes("reduce"), "{method}, {compression}");
     }
 }
 
