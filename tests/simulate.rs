@@ -235,9 +235,23 @@ fn a_partitioned_network_converges_after_healing_in_the_reduce_exchange() {
     partition_heal_in("reduce");
 }
 
+/// Compressed updates are changes: after the heal the halves' changes go
+/// onto one start (the certified state most inputs trained from), so they
+/// agree again as float32 adapters do.
+#[test]
+fn a_partitioned_network_converges_after_healing_with_int8_changes() {
+    partition_heal_with("reduce", &["federation.compression=\"int8\""]);
+}
+
 fn partition_heal_in(mode: &str) {
+    partition_heal_with(mode, &[]);
+}
+
+fn partition_heal_with(mode: &str, settings: &[&str]) {
     let dir = tempfile::tempdir().unwrap();
-    let (stdout, records) = simulate(dir.path(), 4, 5, Some("partition-heal"), &[&exchange(mode)], &[]);
+    let mode = exchange(mode);
+    let settings: Vec<&str> = settings.iter().copied().chain([mode.as_str()]).collect();
+    let (stdout, records) = simulate(dir.path(), 4, 5, Some("partition-heal"), &settings, &[]);
     let agreement = agreements(&records);
     // Split at round 1 into halves: each half averages on its own. (The
     // split comes as the first node starts round 1, so a node still in

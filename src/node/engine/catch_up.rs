@@ -2,7 +2,9 @@
 //! node left two rounds behind takes the newest certified average its
 //! peers serve, never one peer's word.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+
+use libp2p::PeerId;
 use std::time::Duration;
 
 use crate::aggregate::Tensors;
@@ -20,6 +22,9 @@ pub(super) struct Offers {
     /// Certificates peers served while catching up: (signers, round) by
     /// average hash. Only these averages are taken.
     pub(super) offered: HashMap<Digest, (usize, u64)>,
+    /// While taking one certified state (`take_state`): only it is a
+    /// candidate.
+    pub(super) wanted: Option<Digest>,
 }
 
 /// The best certified average seen while catching up.
@@ -42,6 +47,7 @@ impl<T: RoundTrainer> Engine<T> {
     pub(super) async fn catch_up(&mut self, past: Option<u64>) -> Result<Option<(u64, Tensors)>, EngineError> {
         self.offers.candidate = None;
         self.offers.offered.clear();
+        self.offers.wanted = None;
         // Bounded: about 20 s of asking.
         for attempt in 0..10 {
             let peers = self.net.connected_peers().await.map_err(|e| EngineError::Network(e.to_string()))?;
@@ -83,6 +89,60 @@ impl<T: RoundTrainer> Engine<T> {
         // is, and rejoin once a certificate can be had (`overtaken`).
         tracing::warn!("no certified average came; peers' updates are not taken as a starting point");
         Ok(None)
+    }
+
+    /// The certified state `hash`, from peers that serve it (about 10 s of
+    /// asking at most); `None` if none did. Compressed updates are changes:
+    /// a node whose start is not the one most of a round's inputs trained
+    /// from takes that start before adding their average change to it, so
+    /// nodes that diverged (a healed partition) agree again.
+    pub(super) async fn take_state(&mut self, hash: Digest) -> Result<Option<Tensors>, EngineError> {
+        self.offers.candidate = None;
+        self.offers.offered.clear();
+        self.offers.wanted = Some(hash);
+        let mut found = None;
+        for _ in 0..5 {
+            if let Err(e) = self.net.catch_up(self.settings.run_id).await {
+                tracing::debug!(error = %e, "asking for a certified state");
+            }
+            for _ in 0..8 {
+                self.sleep_listening(Duration::from_millis(250), None).await?;
+                if self.offers.candidate.is_some() {
+                    break;
+                }
+            }
+            if let Some(candidate) = self.offers.candidate.take() {
+                found = Some(candidate.tensors);
+                break;
+            }
+        }
+        self.offers.wanted = None;
+        Ok(found)
+    }
+
+    /// With compressed updates: the certified state most of `round`'s
+    /// `inputs` trained from (`parents` by author; a tie goes to the
+    /// smaller hash, the same choice on every node), taken from peers when
+    /// it is not this node's own start `mine`; `None` when it is, or when
+    /// no peer served it (the node then stays on its own start).
+    pub(super) async fn common_start(&mut self, round: u64, mine: Digest, inputs: &[(PeerId, Digest)], parents: &BTreeMap<PeerId, Option<Digest>>) -> Result<Option<Tensors>, EngineError> {
+        let mut counts: BTreeMap<Digest, usize> = BTreeMap::new();
+        for (author, _) in inputs {
+            let buffered = || self.heard.buffered.get(&round).and_then(|b| b.get(author)).and_then(|u| u.manifest.parent);
+            if let Some(parent) = parents.get(author).copied().flatten().or_else(buffered) {
+                *counts.entry(parent).or_default() += 1;
+            }
+        }
+        let Some((&most, _)) = counts.iter().max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0))) else { return Ok(None) };
+        if most == mine {
+            return Ok(None);
+        }
+        tracing::info!(round, start = %most, "most of the round's inputs trained from another start: taking it");
+        let taken = self.take_state(most).await?;
+        if taken.is_none() {
+            tracing::warn!(round, start = %most, "no peer served the start most inputs trained from; staying on this node's own");
+        }
+        Ok(taken)
     }
 
     /// Once a round (`tried`): if this node is overtaken, the round to

@@ -110,6 +110,7 @@ impl<T: RoundTrainer> Engine<T> {
                 && let Some(&(signers, round)) = self.offers.offered.get(&manifest.adapter_hash)
                 && round == manifest.round
                 && self.offers.candidate.as_ref().is_none_or(|c| (signers, round) > c.rank)
+                && self.offers.wanted.is_none_or(|wanted| wanted == manifest.adapter_hash)
             {
                 self.offers.candidate = Some(Candidate {
                     rank: (signers, round),

@@ -43,6 +43,7 @@ mod slice_reads;
 mod slices;
 mod trainer;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -254,7 +255,9 @@ impl<T: RoundTrainer> Engine<T> {
     async fn round(&mut self, round: u64, state: &Tensors, members: &[PeerId]) -> Result<RoundEnd, EngineError> {
         let started = Instant::now();
         let current = &outer::adapter_of(state);
-        let parent = Digest::of(&encode(current).map_err(EngineError::Aggregate)?);
+        // The start's hash: the certified state's (the adapter's, when the
+        // state is just the adapter).
+        let parent = Digest::of(&encode(state).map_err(EngineError::Aggregate)?);
         let member = members.contains(&self.me()) && self.settings.misbehaviour != Some(Misbehaviour::Silent);
         let rows = self.rows(members);
         // 1. Train (a node with no rows this round contributes its start
@@ -266,6 +269,7 @@ impl<T: RoundTrainer> Engine<T> {
         }
         // 3. Collect until every member's update is in, or the deadline.
         let Collected { updates, timed_out } = self.collect(round, members, member).await?;
+        let parents: BTreeMap<PeerId, Option<Digest>> = updates.iter().map(|(author, u)| (*author, u.manifest.parent)).collect();
         let same_parent = updates.values().filter(|u| u.manifest.parent == Some(parent)).count();
         // Each count is 0 or examples_per_round (check_claims), so the sum
         // is bounded by members × that; saturate rather than trust it.
@@ -283,9 +287,12 @@ impl<T: RoundTrainer> Engine<T> {
         self.claims.forget_through(round);
         // 5. The outer step: the next state is what every node certifies
         //    and a joiner takes (the average itself under `average`).
+        //    Compressed changes go onto the start most inputs trained from.
         if self.compressed() || self.settings.outer.has_momentum() {
-            let average = if self.compressed() { feedback::add(current, &averaged.average).map_err(EngineError::Aggregate)? } else { averaged.average };
-            averaged.average = outer::step(self.settings.outer, state, &average).map_err(|e| EngineError::Aggregate(e.to_string()))?;
+            let taken = if self.compressed() { self.common_start(round, parent, &averaged.inputs, &parents).await? } else { None };
+            let start = taken.as_ref().unwrap_or(state);
+            let average = if self.compressed() { feedback::add(&outer::adapter_of(start), &averaged.average).map_err(EngineError::Aggregate)? } else { averaged.average };
+            averaged.average = outer::step(self.settings.outer, start, &average).map_err(|e| EngineError::Aggregate(e.to_string()))?;
             averaged.bytes = encode(&averaged.average).map_err(EngineError::Aggregate)?;
         }
         let next = outer::adapter_of(&averaged.average);
