@@ -45,26 +45,11 @@ impl<T: RoundTrainer> Engine<T> {
     /// not finished a round yet), or when the average found is not past
     /// round `past`: a node never goes back to a round it has averaged.
     pub(super) async fn catch_up(&mut self, past: Option<u64>) -> Result<Option<(u64, Tensors)>, EngineError> {
-        self.offers.candidate = None;
-        self.offers.offered.clear();
-        self.offers.wanted = None;
+        self.start_asking(None);
         // Bounded: about 20 s of asking.
         for attempt in 0..10 {
             let peers = self.net.connected_peers().await.map_err(|e| EngineError::Network(e.to_string()))?;
-            if !peers.is_empty() {
-                if let Err(e) = self.net.catch_up(self.settings.run_id).await {
-                    tracing::debug!(error = %e, "catch-up request");
-                }
-            }
-            // Answers need a fetch of the adapter's chunks: give them up to
-            // two seconds, looking every quarter.
-            for _ in 0..8 {
-                self.sleep_listening(Duration::from_millis(250), None).await?;
-                if self.offers.candidate.is_some() {
-                    break;
-                }
-            }
-            if let Some(candidate) = self.offers.candidate.take() {
+            if let Some(candidate) = self.ask_once(!peers.is_empty()).await? {
                 // Below `rounds` (check_claims), so this cannot overflow.
                 let next = candidate.round.saturating_add(1);
                 if past.is_some_and(|round| next <= round) {
@@ -97,27 +82,39 @@ impl<T: RoundTrainer> Engine<T> {
     /// from takes that start before adding their average change to it, so
     /// nodes that diverged (a healed partition) agree again.
     pub(super) async fn take_state(&mut self, hash: Digest) -> Result<Option<Tensors>, EngineError> {
-        self.offers.candidate = None;
-        self.offers.offered.clear();
-        self.offers.wanted = Some(hash);
+        self.start_asking(Some(hash));
         let mut found = None;
         for _ in 0..5 {
-            if let Err(e) = self.net.catch_up(self.settings.run_id).await {
-                tracing::debug!(error = %e, "asking for a certified state");
-            }
-            for _ in 0..8 {
-                self.sleep_listening(Duration::from_millis(250), None).await?;
-                if self.offers.candidate.is_some() {
-                    break;
-                }
-            }
-            if let Some(candidate) = self.offers.candidate.take() {
+            if let Some(candidate) = self.ask_once(true).await? {
                 found = Some(candidate.tensors);
                 break;
             }
         }
         self.offers.wanted = None;
         Ok(found)
+    }
+
+    /// Forgets earlier offers; only `wanted` is taken, if given.
+    fn start_asking(&mut self, wanted: Option<Digest>) {
+        self.offers.candidate = None;
+        self.offers.offered.clear();
+        self.offers.wanted = wanted;
+    }
+
+    /// Asks peers (if `ask`) for their newest certificate and waits for a
+    /// candidate: answers need a fetch of the state's chunks, so up to two
+    /// seconds, looking every quarter.
+    async fn ask_once(&mut self, ask: bool) -> Result<Option<Candidate>, EngineError> {
+        if ask && let Err(e) = self.net.catch_up(self.settings.run_id).await {
+            tracing::debug!(error = %e, "catch-up request");
+        }
+        for _ in 0..8 {
+            self.sleep_listening(Duration::from_millis(250), None).await?;
+            if self.offers.candidate.is_some() {
+                break;
+            }
+        }
+        Ok(self.offers.candidate.take())
     }
 
     /// With compressed updates: the certified state most of `round`'s
