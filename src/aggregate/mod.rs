@@ -36,6 +36,14 @@ impl Tensor {
 /// An adapter: tensors by their mlx-lm names (`….lora_a`, `….lora_b`, `….m`).
 pub type Tensors = BTreeMap<String, Tensor>;
 
+/// Zeros in `layout`'s names and shapes.
+pub fn zeros_like(layout: &Tensors) -> Tensors {
+    layout
+        .iter()
+        .map(|(name, t)| (name.clone(), Tensor { shape: t.shape.clone(), values: vec![0.0; t.values.len()] }))
+        .collect()
+}
+
 /// One peer's adapter for the round.
 #[derive(Debug, Clone)]
 pub struct Contribution {

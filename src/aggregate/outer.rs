@@ -14,7 +14,7 @@
 //! [`MOMENTUM_SUFFIX`], so a joiner or a restarted node takes it with the
 //! certified state and a checkpoint holds it.
 
-use super::{AggregateError, Tensor, Tensors};
+use super::{AggregateError, Tensor, Tensors, zeros_like};
 
 /// Names the momentum of adapter tensor `<name>` inside a state.
 pub const MOMENTUM_SUFFIX: &str = ".outer_momentum";
@@ -39,13 +39,7 @@ impl OuterOptimizer {
 pub fn initial_state(optimizer: OuterOptimizer, adapter: &Tensors) -> Tensors {
     let mut state = adapter.clone();
     if optimizer.has_momentum() {
-        for (name, tensor) in adapter {
-            let zeros = Tensor {
-                shape: tensor.shape.clone(),
-                values: vec![0.0; tensor.values.len()],
-            };
-            state.insert(format!("{name}{MOMENTUM_SUFFIX}"), zeros);
-        }
+        state.extend(zeros_like(adapter).into_iter().map(|(name, zeros)| (format!("{name}{MOMENTUM_SUFFIX}"), zeros)));
     }
     state
 }

@@ -31,14 +31,6 @@ pub(super) fn add(a: &Tensors, b: &Tensors) -> Result<Tensors, String> {
     combine(a, b, 1.0)
 }
 
-/// Zeros in `layout`'s names and shapes.
-pub(super) fn zeros_like(layout: &Tensors) -> Tensors {
-    layout
-        .iter()
-        .map(|(name, t)| (name.clone(), Tensor { shape: t.shape.clone(), values: vec![0.0; t.values.len()] }))
-        .collect()
-}
-
 /// What a node sends for a round that moved `start` to `trained`: the
 /// change plus `residual`, compressed. Returns the encoding, the values it
 /// decodes to (what peers average: the node averages the same), and the new
@@ -72,6 +64,7 @@ pub(super) fn split_residual(packed: Tensors) -> (Tensors, Tensors) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::aggregate::zeros_like;
     use crate::rng::SeededRng;
 
     fn tensors(rng: &mut SeededRng, spread: f32) -> Tensors {

@@ -51,8 +51,7 @@ use libp2p::PeerId;
 use libp2p_identity::Keypair;
 use tokio::sync::mpsc;
 
-use crate::aggregate::Tensors;
-use crate::aggregate::outer;
+use crate::aggregate::{Tensors, outer, zeros_like};
 use crate::p2p::network::{Exchange, NetworkEvent, NetworkHandle};
 use crate::wire::codec::Digest;
 use crate::wire::compression::Compression;
@@ -165,7 +164,7 @@ impl<T: RoundTrainer> Engine<T> {
         let initial = self.trainer.initial().await.map_err(EngineError::Trainer)?;
         self.state_layout = outer::initial_state(self.settings.outer, &initial);
         if self.compressed() {
-            self.residual = feedback::zeros_like(&initial);
+            self.residual = zeros_like(&initial);
         }
         self.layout = initial;
         // `current` is the outer state: the adapter the next round trains
@@ -276,10 +275,11 @@ impl<T: RoundTrainer> Engine<T> {
         let examples: u64 = updates.values().fold(0u64, |sum, u| sum.saturating_add(u.manifest.examples));
         // 4. Average: every update here (gossip), or by slice (reduce).
         //    Compressed updates are changes: they move from zero.
-        let base = if self.compressed() { feedback::zeros_like(current) } else { current.clone() };
+        let zeros = self.compressed().then(|| zeros_like(current));
+        let base = zeros.as_ref().unwrap_or(current);
         let mut averaged = match self.settings.exchange {
-            Exchange::Gossip => self.average_all(&base, updates)?,
-            Exchange::Reduce => match self.reduce_round(round, &base, updates).await? {
+            Exchange::Gossip => self.average_all(base, updates)?,
+            Exchange::Reduce => match self.reduce_round(round, base, updates).await? {
                 Reduced::Average(averaged) => averaged,
                 Reduced::Rejoin { round, state } => return Ok(RoundEnd::Rejoin { round, state }),
             },

@@ -286,7 +286,7 @@ mod tests {
     fn compressed_slices_put_together_are_the_whole_compressed_average() {
         let mut rng = SeededRng::new(13);
         let layout_tensors = adapter(&mut rng, 1.0);
-        let zeros: Tensors = layout_tensors.iter().map(|(n, t)| (n.clone(), Tensor { shape: t.shape.clone(), values: vec![0.0; t.values.len()] })).collect();
+        let zeros = crate::aggregate::zeros_like(&layout_tensors);
         for compression in [Compression::Fp16, Compression::Int8] {
             let encoded: Vec<Vec<u8>> = (0..4).map(|i| crate::wire::tensors::encode_as(&adapter(&mut rng, 0.01 * (1 + i) as f32), compression).unwrap()).collect();
             let limits = crate::wire::codec::Limits::default();
