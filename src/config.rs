@@ -151,6 +151,11 @@ pub struct TrainConfig {
     /// compute too. None: one stream per core, at most one per row; 1 turns
     /// it off. GPUs run one stream.
     pub cpu_streams: Option<u32>,
+    /// Queue each compiled step before the one before it has finished, so
+    /// the host builds step n + 1 while the device computes step n (a
+    /// step's loss is read once the next is queued). None: on a GPU, not on
+    /// a CPU (where the host's cores compute the step).
+    pub pipeline: Option<bool>,
     pub seed: u64,
 }
 
@@ -172,6 +177,7 @@ impl Default for TrainConfig {
             compile: true,
             pad_to: None,
             cpu_streams: None,
+            pipeline: None,
             seed: 0,
         }
     }

@@ -150,6 +150,47 @@ fn the_compiled_step_gives_the_losses_of_the_uncompiled_one() {
     }
 }
 
+/// A compiled step queued before the one before it has finished
+/// (`train.pipeline`, the GPU's default) computes what a step evaluated
+/// at once does, bit for bit; and when the loss stops being finite the
+/// run stops naming that step, with the adapter from before it, both ways
+/// (the pipelined run has by then queued the next step).
+#[test]
+fn pipelined_steps_train_as_steps_evaluated_one_by_one() {
+    let data = builtin();
+    let mut config = config(true);
+    config.lora.dropout = 0.1;
+    config.train.batch_size = 1;
+    let run = |pipeline: bool, learning_rate: f64| {
+        let mut config = config.clone();
+        config.train.pipeline = Some(pipeline);
+        config.train.learning_rate = learning_rate;
+        config.train.learning_rate_min = learning_rate;
+        let mut trainer = trainer(&config, 12);
+        let result = trainer.train_steps(&data.train, 12, 0);
+        (result, trainer.adapter().clone())
+    };
+    let (pipelined, pipelined_adapter) = run(true, 1e-3);
+    let (one_by_one, one_by_one_adapter) = run(false, 1e-3);
+    let (pipelined, one_by_one) = (pipelined.unwrap(), one_by_one.unwrap());
+    assert_eq!(pipelined.steps, 12);
+    assert_eq!(pipelined.loss.to_bits(), one_by_one.loss.to_bits(), "{} against {}", pipelined.loss, one_by_one.loss);
+    assert!(same(&pipelined_adapter, &one_by_one_adapter));
+
+    // A learning rate this large makes the loss infinite or NaN within a few steps.
+    let (pipelined, pipelined_adapter) = run(true, 1e4);
+    let (one_by_one, one_by_one_adapter) = run(false, 1e4);
+    let (Err(TrainError::Data(pipelined)), Err(TrainError::Data(one_by_one))) = (pipelined, one_by_one) else {
+        panic!("a learning rate of 1e4 trained without a non-finite loss");
+    };
+    assert!(pipelined.contains("the loss became") && pipelined.contains("lower train.learning_rate"), "{pipelined}");
+    assert_eq!(pipelined, one_by_one);
+    assert!(same(&pipelined_adapter, &one_by_one_adapter), "the pipelined run kept another adapter after {pipelined}");
+    for (name, tensor) in &pipelined_adapter {
+        assert!(tensor.as_slice::<f32>().iter().all(|v| v.is_finite()), "{name} is not finite after {pipelined}");
+    }
+}
+
 /// A batch's rows split over CPU streams computed at once (`train.cpu_streams`,
 /// with the compiled step) train as the whole batch does: the same losses
 /// step by step, the same adapter, the same evaluation, the same rows and

@@ -87,37 +87,102 @@ pub fn generate(
     };
 
     let started = Instant::now();
-    let mut input: Vec<u32> = prompt.to_vec();
-    while generated.len() < params.max_tokens as usize {
-        let window = if use_cache { &input[..] } else { &sequence[..] };
-        let tokens = Array::from_slice(&window.iter().map(|&t| t as i32).collect::<Vec<_>>(), &[1, window.len() as i32]);
-        let logits = model.forward_adapted(&tokens, use_cache.then_some(&mut caches[..]), Layout::ROWS, adapter)?;
-        let last = logits
-            .take_axis(Array::from_int(window.len() as i32 - 1), 1)?
-            .as_dtype(Dtype::Float32)?;
-        last.eval()?;
-        let row: &[f32] = last.as_slice();
-        if row.len() != vocab {
-            return Err(ModelError::BadInput(format!("logits have {} entries, expected {vocab}", row.len())));
-        }
-        let token = sample(row, params, &mut rng);
-        if generated.is_empty() {
-            stats.prompt_time = started.elapsed();
-        }
-        if stop_ids.contains(&token) {
-            stats.stopped_at_eos = true;
-            break;
-        }
-        generated.push(token);
-        sequence.push(token);
-        input = vec![token];
-        if !on_token(token)? {
-            break;
+    if use_cache && params.temperature == 0.0 {
+        greedy_pipelined(model, adapter, prompt, params.max_tokens as usize, stop_ids, &mut caches, &mut generated, &mut stats, started, &mut on_token)?;
+    } else {
+        let mut input: Vec<u32> = prompt.to_vec();
+        while generated.len() < params.max_tokens as usize {
+            let window = if use_cache { &input[..] } else { &sequence[..] };
+            let tokens = Array::from_slice(&window.iter().map(|&t| t as i32).collect::<Vec<_>>(), &[1, window.len() as i32]);
+            let logits = model.forward_adapted(&tokens, use_cache.then_some(&mut caches[..]), Layout::ROWS, adapter)?;
+            check_vocab(&logits, vocab)?;
+            let last = logits
+                .take_axis(Array::from_int(window.len() as i32 - 1), 1)?
+                .as_dtype(Dtype::Float32)?;
+            last.eval()?;
+            let token = sample(last.as_slice(), params, &mut rng);
+            if generated.is_empty() {
+                stats.prompt_time = started.elapsed();
+            }
+            if stop_ids.contains(&token) {
+                stats.stopped_at_eos = true;
+                break;
+            }
+            generated.push(token);
+            sequence.push(token);
+            input = vec![token];
+            if !on_token(token)? {
+                break;
+            }
         }
     }
     stats.generated_tokens = generated.len();
     stats.generation_time = started.elapsed().saturating_sub(stats.prompt_time);
     Ok((generated, stats))
+}
+
+/// Greedy decoding with the cache, as mlx-lm decodes: the next token is the
+/// argmax on the device, fed to the next forward pass without a trip to the
+/// host, and token n + 1 is queued (`async_eval`) before token n is read,
+/// so the host builds one step while the device computes the other.
+#[allow(clippy::too_many_arguments)]
+fn greedy_pipelined(
+    model: &Decoder,
+    adapter: Option<&dyn ProjectionAdapter>,
+    prompt: &[u32],
+    max_tokens: usize,
+    stop_ids: &[u32],
+    caches: &mut [KvCache],
+    generated: &mut Vec<u32>,
+    stats: &mut GenerationStats,
+    started: Instant,
+    on_token: &mut impl FnMut(u32) -> Result<bool, ModelError>,
+) -> Result<(), ModelError> {
+    let vocab = model.args().vocab_size as usize;
+    // The argmax of the last position's logits, as a [1, 1] token array.
+    let next_after = |tokens: &Array, caches: &mut [KvCache]| -> Result<Array, ModelError> {
+        let logits = model.forward_adapted(tokens, Some(caches), Layout::ROWS, adapter)?;
+        check_vocab(&logits, vocab)?;
+        let positions = tokens.shape()[1];
+        let last = logits.take_axis(Array::from_int(positions - 1), 1)?;
+        let token = mlx_rs::ops::indexing::argmax_axis(&last, -1, true)?.as_dtype(Dtype::Int32)?;
+        mlx_rs::transforms::async_eval([&token])?;
+        Ok(token)
+    };
+    if max_tokens == 0 {
+        return Ok(());
+    }
+    let prompt = Array::from_slice(&prompt.iter().map(|&t| t as i32).collect::<Vec<_>>(), &[1, prompt.len() as i32]);
+    let mut next = next_after(&prompt, caches)?;
+    loop {
+        // Queue the token after `next` unless `next` is the last one asked for.
+        let following = if generated.len() + 1 < max_tokens { Some(next_after(&next, caches)?) } else { None };
+        let token = next.try_item_cast::<i32>()?;
+        let token = u32::try_from(token).map_err(|_| ModelError::BadInput(format!("the argmax gave token {token}")))?;
+        if generated.is_empty() {
+            stats.prompt_time = started.elapsed();
+        }
+        if stop_ids.contains(&token) {
+            stats.stopped_at_eos = true;
+            return Ok(());
+        }
+        generated.push(token);
+        if !on_token(token)? {
+            return Ok(());
+        }
+        match following {
+            Some(following) => next = following,
+            None => return Ok(()),
+        }
+    }
+}
+
+/// Logits must have one entry a vocabulary token.
+fn check_vocab(logits: &Array, vocab: usize) -> Result<(), ModelError> {
+    match logits.shape().last() {
+        Some(&entries) if entries as usize == vocab => Ok(()),
+        entries => Err(ModelError::BadInput(format!("logits have {entries:?} entries, expected {vocab}"))),
+    }
 }
 
 /// Picks the next token from one row of logits.

@@ -404,6 +404,57 @@ impl MlxTrainer {
         Ok(total)
     }
 
+    /// Queues step `step` on `parts` as one compiled function (loss,
+    /// gradients and update; `CompiledStep::train_step`) where the step is
+    /// one micro-batch on one stream, unchunked: the adapter and the
+    /// optimizer's moments become the step's (unevaluated) results and its
+    /// loss is returned. `None`: this step takes the path of parts (split
+    /// batches, chunked rows, op by op).
+    fn whole_step(&mut self, parts: &[Batch], step: u64, learning_rate: f32) -> Result<Option<Array>, TrainError> {
+        let [batch] = parts else { return Ok(None) };
+        if !self.config.compile || chunk_count(batch, self.part_count(usize::MAX)) > 1 {
+            return Ok(None);
+        }
+        let dropout = Dropout::for_step(self.settings.dropout, self.config.seed, step, 0, self.projections.iter().map(String::as_str))?;
+        let compiled = match &mut self.compiled {
+            Some(compiled) => compiled,
+            None => self.compiled.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params, self.optimizer.kind)),
+        };
+        match compiled.train_step(&mut self.optimizer, &mut self.params, batch, &dropout, learning_rate) {
+            Ok(loss) => Ok(Some(loss)),
+            // As in `loss_and_grads`: the adapter is untouched, go on op by op.
+            Err(err) => {
+                tracing::warn!(error = %err, "the compiled training step failed; training op by op from here (set train.compile = false to skip it)");
+                self.config.compile = false;
+                self.compiled = None;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Whether whole steps are queued without waiting for the one before
+    /// (`async_eval`), so the host builds step n + 1 while the device
+    /// computes step n; a step's loss is read once the next is queued, and
+    /// a non-finite one puts back the state before it (`InFlightStep`).
+    /// `train.pipeline`; by default only off the CPU: there MLX computes on
+    /// the host's cores, and an evaluation of a split batch must hold BLAS's
+    /// thread count (`BlasHold`) until it is done.
+    fn pipelined(&self) -> bool {
+        self.config.pipeline.unwrap_or(crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu)
+    }
+
+    /// Waits for a queued step's loss. A non-finite loss puts the adapter
+    /// and moments back as they were before that step (as the path of parts
+    /// never updates after one) and names the step.
+    fn finish(&mut self, queued: InFlightStep) -> Result<f32, TrainError> {
+        let loss = queued.loss.try_item_cast::<f32>()?;
+        if !loss.is_finite() {
+            (self.params, self.optimizer.state) = queued.before;
+            return Err(non_finite_loss(loss, queued.step));
+        }
+        Ok(loss)
+    }
+
     /// Loss and gradients of one micro-batch (its parts), compiled or op by op.
     /// Also returns the streams it computed on.
     fn loss_and_grads(&mut self, parts: &[Batch], micro: u64) -> Result<(f32, Grads, usize), TrainError> {
@@ -490,6 +541,18 @@ impl MlxTrainer {
     }
 }
 
+/// A whole step queued with its loss not yet read.
+struct InFlightStep {
+    step: u64,
+    loss: Array,
+    /// The adapter and optimizer moments before the step.
+    before: (AdapterParams, HashMap<Rc<str>, Array>),
+}
+
+fn non_finite_loss(loss: f32, step: u64) -> TrainError {
+    TrainError::Data(format!("the loss became {loss} at step {step}; lower train.learning_rate"))
+}
+
 /// Runs `build` with `stream` as the default stream for the operations it
 /// makes (`None`: the default stream stays).
 pub(crate) fn on_stream<T>(stream: Option<Stream>, build: impl FnOnce() -> T) -> T {
@@ -564,7 +627,10 @@ impl LocalTrainer for MlxTrainer {
         let mut report = TrainReport::default();
         let mut loss_sum = 0.0f64;
         let order = self.batch_order(rows)?;
+        // A whole step queued on a GPU while the host builds the next one.
+        let mut in_flight: Option<InFlightStep> = None;
         for step in step_offset..step_offset + steps {
+            let learning_rate = self.schedule.learning_rate(step);
             let mut summed: Option<HashMap<Rc<str>, Array>> = None;
             for k in 0..accumulation {
                 let micro = step * accumulation + k;
@@ -572,21 +638,46 @@ impl LocalTrainer for MlxTrainer {
                 let batch_rows = self.batch_rows(&order, rows, micro);
                 let parts = self.make_parts(&batch_rows)?;
                 report.phases.data += phase.elapsed();
-                let phase = Instant::now();
-                let (loss, grads, streams) = self.loss_and_grads(&parts, micro)?;
-                report.phases.forward_backward += phase.elapsed();
-                let phase = Instant::now();
-                if !loss.is_finite() {
-                    return Err(TrainError::Data(format!("the loss became {loss} at step {step}; lower train.learning_rate")));
-                }
-                loss_sum += f64::from(loss) / accumulation as f64;
                 report.examples += batch_rows.len() as u64;
-                report.streams = report.streams.max(streams as u32);
                 for batch in &parts {
                     report.tokens += batch.target_tokens as u64;
                     report.processed_tokens += batch.real_tokens as u64;
                     report.computed_tokens += batch.tokens.shape().iter().map(|&d| d as u64).product::<u64>();
                 }
+                let phase = Instant::now();
+                let before = (self.params.clone(), self.optimizer.state.clone());
+                if accumulation == 1
+                    && let Some(loss) = self.whole_step(&parts, step, learning_rate)?
+                {
+                    report.streams = report.streams.max(1);
+                    let queued = InFlightStep { step, loss, before };
+                    let outputs = self.params.values().chain(self.optimizer.state.values()).chain(std::iter::once(&queued.loss));
+                    if self.pipelined() {
+                        mlx_rs::transforms::async_eval(outputs)?;
+                        if let Some(previous) = in_flight.replace(queued) {
+                            loss_sum += f64::from(self.finish(previous)?);
+                        }
+                    } else {
+                        {
+                            let _blas = crate::mlx_env::BlasHold::new(false);
+                            mlx_rs::transforms::eval(outputs)?;
+                        }
+                        loss_sum += f64::from(self.finish(queued)?);
+                    }
+                    report.phases.forward_backward += phase.elapsed();
+                    continue;
+                }
+                if let Some(previous) = in_flight.take() {
+                    loss_sum += f64::from(self.finish(previous)?);
+                }
+                let (loss, grads, streams) = self.loss_and_grads(&parts, micro)?;
+                report.phases.forward_backward += phase.elapsed();
+                let phase = Instant::now();
+                if !loss.is_finite() {
+                    return Err(non_finite_loss(loss, step));
+                }
+                loss_sum += f64::from(loss) / accumulation as f64;
+                report.streams = report.streams.max(streams as u32);
                 summed = Some(match summed {
                     None => grads,
                     Some(mut total) => {
@@ -596,23 +687,27 @@ impl LocalTrainer for MlxTrainer {
                 });
                 report.phases.optimizer += phase.elapsed();
             }
+            report.last_learning_rate = learning_rate;
+            report.steps += 1;
+            let Some(mut grads) = summed else { continue };
             let phase = Instant::now();
-            let mut grads = summed.unwrap_or_default();
             if accumulation > 1 {
                 let scale = Array::from_f32(1.0 / accumulation as f32);
                 for grad in grads.values_mut() {
                     *grad = grad.multiply(&scale)?;
                 }
             }
-            let learning_rate = self.schedule.learning_rate(step);
             match self.compiled.as_mut().or(self.row_compiled.as_mut()) {
                 Some(compiled) => compiled.apply_update(&mut self.optimizer, &mut self.params, &grads, learning_rate)?,
                 None => self.optimizer.step(&mut self.params, &grads, learning_rate)?,
             }
             mlx_rs::transforms::eval(self.params.values().chain(self.optimizer.state.values()))?;
             report.phases.optimizer += phase.elapsed();
-            report.last_learning_rate = learning_rate;
-            report.steps += 1;
+        }
+        if let Some(last) = in_flight.take() {
+            let phase = Instant::now();
+            loss_sum += f64::from(self.finish(last)?);
+            report.phases.forward_backward += phase.elapsed();
         }
         report.loss = (loss_sum / report.steps.max(1) as f64) as f32;
         report.elapsed = started.elapsed();

@@ -1,7 +1,10 @@
 //! The compiled training step (`train.compile`): the loss and gradients of a
 //! micro-batch as one MLX function of arrays, traced once per batch shape,
 //! simplified and fused by `mlx_compile` (what mlx-lm gets from `mx.compile`
-//! over its step). The uncompiled path in `MlxTrainer` computes the same
+//! over its step). Where a step is one micro-batch on one stream, the
+//! optimizer's update joins the same function (`train_step`): one graph a
+//! step, as mlx-lm's, so nothing waits on the host between the gradients
+//! and the update. The uncompiled path in `MlxTrainer` computes the same
 //! thing op by op.
 //!
 //! MLX traces a compiled function again for every new set of input shapes
@@ -30,6 +33,10 @@ const MAX_TRACED_SHAPES: usize = 256;
 
 type StepFunction = Box<dyn for<'a> FnMut(&'a [Array]) -> Result<Vec<Array>, Exception>>;
 
+/// The loss and gradients as a plain (uncompiled) function of arrays: what
+/// both compiled functions trace.
+type LossGraph = Rc<dyn Fn(&[Array]) -> Result<Vec<Array>, Exception>>;
+
 /// What decides a trace: the shapes of the inputs, whether the targets
 /// are weighted (one more input) and whether the batch is packed (two more).
 type ShapeKey = (Vec<i32>, i32, bool, bool);
@@ -51,6 +58,7 @@ pub struct CompiledStep {
     /// Streams for chunks 1.. of a one-row batch (`chunked_token_losses`);
     /// empty: rows are never chunked.
     chunk_streams: Rc<[Stream]>,
+    graph: LossGraph,
     function: StepFunction,
     traced: HashSet<ShapeKey>,
     /// `MAX_TRACED_SHAPES` (smaller in a test).
@@ -58,6 +66,10 @@ pub struct CompiledStep {
     /// The optimizer's update of every adapter tensor, for `update_kind`.
     update: StepFunction,
     update_kind: OptimizerKind,
+    /// Loss, gradients and update in one function (`train_step`), built at
+    /// its first use, with the shapes it traced.
+    whole_step: Option<(OptimizerKind, StepFunction)>,
+    whole_step_traced: HashSet<ShapeKey>,
 }
 
 impl CompiledStep {
@@ -72,9 +84,18 @@ impl CompiledStep {
     /// on the default stream and `chunk_streams` at once (`chunk_count`).
     pub fn chunking_rows(mut self, chunk_streams: Vec<Stream>) -> Self {
         self.chunk_streams = chunk_streams.into();
-        self.function = build(&self.decoder, &self.settings, &self.names, &self.paths, &self.chunk_streams);
-        self.traced.clear();
+        self.rebuild();
         self
+    }
+
+    /// New functions (dropping the old ones erases their traces from MLX's
+    /// cache).
+    fn rebuild(&mut self) {
+        self.graph = loss_graph(&self.decoder, &self.settings, &self.names, &self.paths, &self.chunk_streams);
+        self.function = compiled(&self.graph);
+        self.traced.clear();
+        self.whole_step = None;
+        self.whole_step_traced.clear();
     }
 
     fn with_trace_limit(decoder: &Decoder, settings: &LoraSettings, params: &AdapterParams, optimizer: OptimizerKind, max_traced: usize) -> Self {
@@ -85,18 +106,21 @@ impl CompiledStep {
         let names: Rc<[Rc<str>]> = names.into();
         let paths: Rc<[String]> = super::lora::adapted_paths(params).into();
         let chunk_streams: Rc<[Stream]> = Rc::new([]);
-        let function = build(&decoder, &settings, &names, &paths, &chunk_streams);
+        let graph = loss_graph(&decoder, &settings, &names, &paths, &chunk_streams);
         Self {
             decoder,
             settings,
             names,
             paths,
             chunk_streams,
-            function,
+            function: compiled(&graph),
+            graph,
             traced: HashSet::new(),
             max_traced,
             update: build_update(optimizer),
             update_kind: optimizer,
+            whole_step: None,
+            whole_step_traced: HashSet::new(),
         }
     }
 
@@ -135,13 +159,80 @@ impl CompiledStep {
     /// The loss (a scalar array, not yet evaluated) and the gradient of
     /// every adapter tensor for `batch`.
     pub fn loss_and_grads(&mut self, params: &AdapterParams, batch: &Batch, dropout: &Dropout) -> Result<(Array, HashMap<Rc<str>, Array>), TrainError> {
-        let mut inputs = Vec::with_capacity(self.names.len() + self.paths.len() + 5);
-        for name in self.names.iter() {
-            let param = params
-                .get(name)
-                .ok_or_else(|| TrainError::Adapter(format!("the adapter has no tensor {name}")))?;
-            inputs.push(param.clone());
+        let mut inputs = self.param_inputs(params)?;
+        self.extend_with_batch(&mut inputs, batch, dropout)?;
+        if note_shape(&mut self.traced, batch, self.max_traced) {
+            self.rebuild();
+            note_shape(&mut self.traced, batch, self.max_traced);
         }
+        let mut outputs = (self.function)(&inputs)?.into_iter();
+        let loss = outputs.next().ok_or_else(|| TrainError::Adapter("the compiled step returned nothing".into()))?;
+        let grads: HashMap<Rc<str>, Array> = self.names.iter().cloned().zip(outputs).collect();
+        if grads.len() != self.names.len() {
+            return Err(TrainError::Adapter(format!("the compiled step returned {} gradients for {} tensors", grads.len(), self.names.len())));
+        }
+        Ok((loss, grads))
+    }
+
+    /// One whole optimizer step on `batch` as one compiled function: the
+    /// loss and gradients, then `optimizer`'s update at `learning_rate`.
+    /// `params` and `optimizer`'s moments become the updated (not yet
+    /// evaluated) arrays; returns the loss, not yet evaluated either, so
+    /// the caller evaluates everything once.
+    pub fn train_step(&mut self, optimizer: &mut Optimizer, params: &mut AdapterParams, batch: &Batch, dropout: &Dropout, learning_rate: f32) -> Result<Array, TrainError> {
+        let param_inputs = self.param_inputs(params)?;
+        let moments_per_tensor = if optimizer.kind == OptimizerKind::Sgd { 0 } else { 2 };
+        let mut inputs = Vec::with_capacity(1 + param_inputs.len() * (1 + moments_per_tensor) + self.paths.len() + 5);
+        inputs.push(Array::from_f32(learning_rate));
+        for (name, param) in self.names.iter().zip(&param_inputs) {
+            if let Some((m1, m2)) = optimizer.moments(name, param)? {
+                inputs.extend([m1, m2]);
+            }
+        }
+        inputs.splice(1..1, param_inputs);
+        self.extend_with_batch(&mut inputs, batch, dropout)?;
+        let stale = self.whole_step.as_ref().is_some_and(|(kind, _)| *kind != optimizer.kind);
+        if stale || note_shape(&mut self.whole_step_traced, batch, self.max_traced) {
+            self.whole_step = None;
+            self.whole_step_traced.clear();
+            note_shape(&mut self.whole_step_traced, batch, self.max_traced);
+        }
+        let (_, function) = self
+            .whole_step
+            .get_or_insert_with(|| (optimizer.kind, compiled_whole_step(&self.graph, optimizer.kind, self.names.len())));
+        let outputs = function(&inputs)?;
+        let per_tensor = 1 + moments_per_tensor;
+        let [loss, updated @ ..] = outputs.as_slice() else {
+            return Err(TrainError::Adapter("the compiled step returned nothing".into()));
+        };
+        if updated.len() != self.names.len() * per_tensor {
+            return Err(TrainError::Adapter(format!("the compiled step returned {} arrays for {} tensors", updated.len(), self.names.len())));
+        }
+        for (name, updated) in self.names.iter().zip(updated.chunks(per_tensor)) {
+            params.insert(name.clone(), updated[0].clone());
+            if let [_, m1, m2] = updated {
+                optimizer.set_moments(name, Some((m1.clone(), m2.clone())));
+            }
+        }
+        Ok(loss.clone())
+    }
+
+    /// The adapter tensors, sorted by name: the functions' first inputs.
+    fn param_inputs(&self, params: &AdapterParams) -> Result<Vec<Array>, TrainError> {
+        self.names
+            .iter()
+            .map(|name| {
+                params
+                    .get(name)
+                    .cloned()
+                    .ok_or_else(|| TrainError::Adapter(format!("the adapter has no tensor {name}")))
+            })
+            .collect()
+    }
+
+    /// The batch's inputs after the adapter's: tokens, target positions and
+    /// ids, the dropout keys, the target weights, the packing.
+    fn extend_with_batch(&self, inputs: &mut Vec<Array>, batch: &Batch, dropout: &Dropout) -> Result<(), TrainError> {
         inputs.extend([batch.tokens.clone(), batch.target_positions.clone(), batch.target_ids.clone()]);
         if self.settings.dropout > 0.0 {
             for path in self.paths.iter() {
@@ -156,29 +247,30 @@ impl CompiledStep {
         if let Some(rows) = &batch.packing {
             inputs.extend([rows.segments.clone(), rows.positions.clone()]);
         }
-        let targets = batch.target_positions.shape().first().copied().unwrap_or(0);
-        let key: ShapeKey = (batch.tokens.shape().to_vec(), targets, batch.target_weights.is_some(), batch.packing.is_some());
-        if !self.traced.contains(&key) {
-            if self.traced.len() >= self.max_traced {
-                // Dropping the old function erases its traces from MLX's cache.
-                self.function = build(&self.decoder, &self.settings, &self.names, &self.paths, &self.chunk_streams);
-                self.traced.clear();
-            }
-            self.traced.insert(key);
-        }
-        let mut outputs = (self.function)(&inputs)?.into_iter();
-        let loss = outputs.next().ok_or_else(|| TrainError::Adapter("the compiled step returned nothing".into()))?;
-        let grads: HashMap<Rc<str>, Array> = self.names.iter().cloned().zip(outputs).collect();
-        if grads.len() != self.names.len() {
-            return Err(TrainError::Adapter(format!("the compiled step returned {} gradients for {} tensors", grads.len(), self.names.len())));
-        }
-        Ok((loss, grads))
+        Ok(())
     }
 }
 
-/// Traces `batch_loss` under `value_and_grad` as a function of arrays only:
-/// MLX calls it again for each new input shape, never for a shape it has seen.
-fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>]>, paths: &Rc<[String]>, chunk_streams: &Rc<[Stream]>) -> StepFunction {
+/// Records `batch`'s shape among a function's traces; true when the
+/// function already holds `max_traced` other shapes and must be rebuilt
+/// (the caller then clears `traced` and notes the shape again).
+fn note_shape(traced: &mut HashSet<ShapeKey>, batch: &Batch, max_traced: usize) -> bool {
+    let targets = batch.target_positions.shape().first().copied().unwrap_or(0);
+    let key: ShapeKey = (batch.tokens.shape().to_vec(), targets, batch.target_weights.is_some(), batch.packing.is_some());
+    if traced.contains(&key) {
+        return false;
+    }
+    if traced.len() >= max_traced {
+        return true;
+    }
+    traced.insert(key);
+    false
+}
+
+/// `batch_loss` under `value_and_grad` as a function of arrays only, to be
+/// traced: MLX calls it again for each new input shape, never for a shape
+/// it has seen.
+fn loss_graph(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>]>, paths: &Rc<[String]>, chunk_streams: &Rc<[Stream]>) -> LossGraph {
     let (decoder, settings, names, paths, chunk_streams) = (decoder.clone(), settings.clone(), names.clone(), paths.clone(), chunk_streams.clone());
     let argnums: Vec<i32> = (0..names.len() as i32).collect();
     let step = move |inputs: &[Array]| -> Result<Vec<Array>, Exception> {
@@ -245,6 +337,48 @@ fn build(decoder: &Rc<Decoder>, settings: &Rc<LoraSettings>, names: &Rc<[Rc<str>
         };
         let (values, grads) = mlx_rs::transforms::value_and_grad_with_argnums(loss, argnums.as_slice())(params)?;
         Ok(values.into_iter().chain(grads).collect())
+    };
+    Rc::new(step)
+}
+
+/// The loss and gradients, compiled.
+fn compiled(graph: &LossGraph) -> StepFunction {
+    let graph = graph.clone();
+    Box::new(mlx_rs::transforms::compile::compile(move |inputs: &[Array]| graph(inputs), None))
+}
+
+/// Loss, gradients and `kind`'s update of `tensors` adapter tensors as one
+/// compiled function over `[learning rate, params…, (m1, m2)…, batch…]`
+/// (the batch as the loss graph takes it), returning `[loss, (param[, m1,
+/// m2])…]`.
+fn compiled_whole_step(graph: &LossGraph, kind: OptimizerKind, tensors: usize) -> StepFunction {
+    let graph = graph.clone();
+    let moments_per_tensor = if kind == OptimizerKind::Sgd { 0 } else { 2 };
+    let step = move |inputs: &[Array]| -> Result<Vec<Array>, Exception> {
+        let [lr, rest @ ..] = inputs else {
+            return Err(Exception::custom("the compiled step needs a learning rate"));
+        };
+        if rest.len() < tensors * (1 + moments_per_tensor) {
+            return Err(Exception::custom("the compiled step got too few inputs"));
+        }
+        let (params, rest) = rest.split_at(tensors);
+        let (moments, batch) = rest.split_at(tensors * moments_per_tensor);
+        let graph_inputs: Vec<Array> = params.iter().chain(batch).cloned().collect();
+        let outputs = graph(&graph_inputs)?;
+        let [loss, grads @ ..] = outputs.as_slice() else {
+            return Err(Exception::custom("the loss graph returned nothing"));
+        };
+        let mut updated = Vec::with_capacity(1 + tensors * (1 + moments_per_tensor));
+        updated.push(loss.clone());
+        for (index, (param, grad)) in params.iter().zip(grads).enumerate() {
+            let tensor_moments = (moments_per_tensor > 0).then(|| (&moments[2 * index], &moments[2 * index + 1]));
+            let (param, tensor_moments) = update(kind, param, grad, tensor_moments, lr)?;
+            updated.push(param);
+            if let Some((m1, m2)) = tensor_moments {
+                updated.extend([m1, m2]);
+            }
+        }
+        Ok(updated)
     };
     Box::new(mlx_rs::transforms::compile::compile(step, None))
 }
