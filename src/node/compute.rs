@@ -95,7 +95,8 @@ pub fn spawn(
         .name("mlx-compute".into())
         .spawn(move || {
             let mut worker = match load() {
-                Ok((trainer, dataset, identity)) => {
+                Ok((mut trainer, dataset, identity)) => {
+                    warm_up(&mut trainer, &dataset, &settings);
                     let rows = dataset.train.iter().map(|r| r.index).collect::<Vec<_>>();
                     let _ = ready_tx.send(Ok((identity, dataset.fingerprint.clone(), rows)));
                     Worker::new(trainer, dataset, settings)
@@ -128,6 +129,18 @@ pub fn spawn(
         fingerprint,
         train_rows,
     })
+}
+
+/// Builds the kernels a round uses before the first round starts
+/// (`MlxTrainer::warm_up`), saying how long it took. A failure is only
+/// logged: the same work fails again in the round, with the round's error.
+fn warm_up(trainer: &mut MlxTrainer, dataset: &Dataset, settings: &ComputeSettings) {
+    let started = std::time::Instant::now();
+    let generate_rows = if settings.exact_match_rows > 0 { &dataset.test[..] } else { &[] };
+    match trainer.warm_up(&dataset.train, &dataset.valid, generate_rows) {
+        Ok(()) => tracing::info!(seconds = started.elapsed().as_secs_f64(), "warmed up: the training step, evaluation and decoding are compiled"),
+        Err(e) => tracing::warn!(error = %e, "the warm-up failed"),
+    }
 }
 
 /// The compute thread for the configured model, data and LoRA settings;

@@ -404,6 +404,35 @@ impl MlxTrainer {
         Ok(total)
     }
 
+    /// Runs what a round runs once, on throwaway state, so that MLX traces
+    /// the compiled step and builds its kernels (on a GPU, minutes of NVRTC
+    /// on a fresh machine; kept on disk afterwards) before the first
+    /// round's clock starts, not inside it: one training step on the
+    /// first batch of `train_rows` (with the run's step function, learning
+    /// rate and all, its result dropped), the eval loss of one row of
+    /// `eval_rows`, and two greedy tokens of a row of `generate_rows` (the
+    /// decoding exact match uses). The adapter, the optimizer's state and
+    /// the schedule are as they were.
+    pub fn warm_up(&mut self, train_rows: &[Row], eval_rows: &[Row], generate_rows: &[Row]) -> Result<(), TrainError> {
+        let saved = (self.params.clone(), std::mem::replace(&mut self.optimizer, Optimizer::new(self.config.optimizer)));
+        let trained = self.train_steps(train_rows, 1, 0).map(|_| ());
+        (self.params, self.optimizer) = saved;
+        trained?;
+        if let Some(row) = eval_rows.first() {
+            self.evaluate(std::slice::from_ref(row))?;
+        }
+        let prompt = generate_rows.iter().find_map(|row| match &row.sample {
+            crate::data::Sample::PromptCompletion { prompt, .. } => Some(prompt.clone()),
+            _ => None,
+        });
+        if let Some(prompt) = prompt {
+            let ids = self.tokenizer.encode_chat(&[crate::model::chat::ChatMessage::user(prompt)])?;
+            let params = crate::model::generate::SamplingParams { max_tokens: 2, ..Default::default() };
+            crate::model::generate::generate(&self.decoder, Some(&self.evaluation_applier()), &ids, &params, &[], true, |_| Ok(true))?;
+        }
+        Ok(())
+    }
+
     /// Queues step `step` on `parts` as one compiled function (loss,
     /// gradients and update; `CompiledStep::train_step`) where the step is
     /// one micro-batch on one stream, unchunked: the adapter and the
