@@ -511,6 +511,22 @@ impl Config {
         Ok(config)
     }
 
+    /// This config with one more `section.key=value` override (as `--set`
+    /// takes it), checked as `load` checks: for a variant beside the
+    /// configured one (`bench train --against`).
+    pub fn with_override(&self, arg: &str) -> Result<Config, ConfigError> {
+        let origin = Origin::Override(arg.to_owned());
+        let mut table = toml::Table::try_from(self).map_err(|err| ConfigError::BadOverride {
+            arg: arg.to_owned(),
+            reason: format!("the configuration does not convert to TOML: {err}"),
+        })?;
+        let (key, value) = parse_override(arg)?;
+        set_key(&mut table, &key, value).map_err(|reason| ConfigError::BadOverride { arg: arg.to_owned(), reason })?;
+        let config = decode(table, &origin)?;
+        config.validate().map_err(|(key, message)| ConfigError::Invalid { origin, key, message })?;
+        Ok(config)
+    }
+
     /// Range checks that types alone cannot express. Returns the first bad key
     /// and what is wrong with it.
     pub fn validate(&self) -> Result<(), (String, String)> {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
 
-use crate::config::{Config, TrainConfig};
+use crate::config::Config;
 use crate::data::{Row, Sample};
 use crate::model::generate::measure_speed;
 use crate::model::{LoadOptions, QuantMode, load_model};
@@ -51,9 +51,19 @@ pub struct BenchTrainArgs {
     /// Also run the steps op by op (`train.compile = false`), alternating
     /// step by step with the configured trainer on the same batches, and
     /// print the ratio of the two: measured side by side, so a busy
-    /// machine slows both alike.
-    #[arg(long)]
+    /// machine slows both alike. Short for `--against train.compile=false`.
+    #[arg(long, conflicts_with = "against")]
     pub against_uncompiled: bool,
+    /// Also run the steps with this one setting changed (`SECTION.KEY=VALUE`,
+    /// as `--set` takes it, e.g. `train.pipeline=false`), alternating with
+    /// the configured trainer in blocks of `--block` steps on the same
+    /// batches, and print the ratio of the two.
+    #[arg(long, value_name = "SECTION.KEY=VALUE")]
+    pub against: Option<String>,
+    /// Steps a block when alternating (`--against`): 1 interleaves step by
+    /// step; more lets a pipelined trainer queue steps ahead.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
+    pub block: u64,
 }
 
 #[derive(Debug, Args)]
@@ -201,35 +211,43 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
         train_config.max_seq_length = args.seq_len;
     }
     let settings = LoraSettings::from_config(&config.lora);
-    let mut other = match args.against_uncompiled {
-        true => Some(MlxTrainer::new(
-            loaded.decoder.clone(),
-            loaded.tokenizer.clone(),
-            settings.clone(),
-            TrainConfig {
-                compile: false,
-                ..train_config.clone()
-            },
-            args.steps + 2,
-        )?),
-        false => None,
+    let against = match (&args.against, args.against_uncompiled) {
+        (Some(setting), _) => Some(setting.as_str()),
+        (None, true) => Some("train.compile=false"),
+        (None, false) => None,
+    };
+    let mut other = match against {
+        Some(setting) => {
+            let changed = config.with_override(setting).map_err(|err| TrainError::Settings(format!("--against {setting}: {err}")))?;
+            if changed.lora != config.lora {
+                return Err(TrainError::Settings(format!("--against {setting}: only settings outside [lora] can change (both trainers train the same adapter shape)")));
+            }
+            let mut changed_train = changed.train;
+            changed_train.max_seq_length = train_config.max_seq_length;
+            Some((setting, MlxTrainer::new(loaded.decoder.clone(), loaded.tokenizer.clone(), settings.clone(), changed_train, args.steps + 2)?))
+        }
+        None => None,
     };
     let mut trainer = MlxTrainer::new(loaded.decoder, loaded.tokenizer, settings.clone(), train_config.clone(), args.steps + 2)?;
     trainer.train_steps(&rows, 2, 0)?;
     let report = match &mut other {
         None => trainer.train_steps(&rows, args.steps, 2)?,
-        Some(other) => {
+        Some((setting, other)) => {
             other.train_steps(&rows, 2, 0)?;
             let (mut ours, mut theirs) = (TrainReport::default(), TrainReport::default());
-            for step in 2..2 + args.steps {
-                ours.absorb(trainer.train_steps(&rows, 1, step)?);
-                theirs.absorb(other.train_steps(&rows, 1, step)?);
+            let mut step = 2;
+            while step < 2 + args.steps {
+                let block = args.block.min(2 + args.steps - step);
+                ours.absorb(trainer.train_steps(&rows, block, step)?);
+                theirs.absorb(other.train_steps(&rows, block, step)?);
+                step += block;
             }
             let rate = |r: &TrainReport| r.processed_tokens as f64 / r.elapsed.as_secs_f64().max(1e-9);
             println!(
-                "compiled {:.1} tok/s, op by op {:.1} tok/s, alternating step by step: {:.2}x (loss {:.4} vs {:.4})",
+                "configured {:.1} tok/s, with {setting} {:.1} tok/s, alternating in blocks of {} steps: {:.2}x (loss {:.4} vs {:.4})",
                 rate(&ours),
                 rate(&theirs),
+                args.block,
                 rate(&ours) / rate(&theirs).max(1e-9),
                 ours.loss,
                 theirs.loss
