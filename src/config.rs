@@ -151,10 +151,13 @@ pub struct TrainConfig {
     /// compute too. None: one stream per core, at most one per row; 1 turns
     /// it off. GPUs run one stream.
     pub cpu_streams: Option<u32>,
-    /// Queue each compiled step before the one before it has finished, so
-    /// the host builds step n + 1 while the device computes step n (a
-    /// step's loss is read once the next is queued). None: on a GPU, not on
-    /// a CPU (where the host's cores compute the step).
+    /// With `compile`, make each step (loss, gradients and the optimizer's
+    /// update) one compiled function and queue it before the one before it
+    /// has finished, so the host builds step n + 1 while the device
+    /// computes step n (a step's loss is read once the next is queued).
+    /// Off: loss and gradients, then the update, each evaluated in turn.
+    /// None: on a GPU, not on a CPU (where the host's cores compute the
+    /// step, and the two functions in turn measured faster).
     pub pipeline: Option<bool>,
     pub seed: u64,
 }

@@ -435,7 +435,7 @@ impl MlxTrainer {
 
     /// Queues step `step` on `parts` as one compiled function (loss,
     /// gradients and update; `CompiledStep::train_step`) where the step is
-    /// one micro-batch on one stream, unchunked: the adapter and the
+    /// one micro-batch on one stream, unchunked (with `pipelined`): the adapter and the
     /// optimizer's moments become the step's (unevaluated) results and its
     /// loss is returned. `None`: this step takes the path of parts (split
     /// batches, chunked rows, op by op).
@@ -461,12 +461,14 @@ impl MlxTrainer {
         }
     }
 
-    /// Whether whole steps are queued without waiting for the one before
-    /// (`async_eval`), so the host builds step n + 1 while the device
-    /// computes step n; a step's loss is read once the next is queued, and
-    /// a non-finite one puts back the state before it (`InFlightStep`).
-    /// `train.pipeline`; by default only off the CPU: there MLX computes on
-    /// the host's cores, and an evaluation of a split batch must hold BLAS's
+    /// Whether steps are whole compiled functions (`whole_step`) queued
+    /// without waiting for the one before (`async_eval`), so the host
+    /// builds step n + 1 while the device computes step n; a step's loss is
+    /// read once the next is queued, and a non-finite one puts back the
+    /// state before it (`InFlightStep`). `train.pipeline`; by default only
+    /// off the CPU: there MLX computes on the host's cores, where the two
+    /// functions evaluated in turn measured 6% faster than one (DoRA,
+    /// 40-token rows), and an evaluation of a split batch must hold BLAS's
     /// thread count (`BlasHold`) until it is done.
     fn pipelined(&self) -> bool {
         self.config.pipeline.unwrap_or(crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu)
@@ -676,22 +678,14 @@ impl LocalTrainer for MlxTrainer {
                 let phase = Instant::now();
                 let before = (self.params.clone(), self.optimizer.state.clone());
                 if accumulation == 1
+                    && self.pipelined()
                     && let Some(loss) = self.whole_step(&parts, step, learning_rate)?
                 {
                     report.streams = report.streams.max(1);
                     let queued = InFlightStep { step, loss, before };
-                    let outputs = self.params.values().chain(self.optimizer.state.values()).chain(std::iter::once(&queued.loss));
-                    if self.pipelined() {
-                        mlx_rs::transforms::async_eval(outputs)?;
-                        if let Some(previous) = in_flight.replace(queued) {
-                            loss_sum += f64::from(self.finish(previous)?);
-                        }
-                    } else {
-                        {
-                            let _blas = crate::mlx_env::BlasHold::new(false);
-                            mlx_rs::transforms::eval(outputs)?;
-                        }
-                        loss_sum += f64::from(self.finish(queued)?);
+                    mlx_rs::transforms::async_eval(self.params.values().chain(self.optimizer.state.values()).chain(std::iter::once(&queued.loss)))?;
+                    if let Some(previous) = in_flight.replace(queued) {
+                        loss_sum += f64::from(self.finish(previous)?);
                     }
                     report.phases.forward_backward += phase.elapsed();
                     continue;
