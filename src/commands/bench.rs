@@ -2,6 +2,7 @@
 //! ratios hold even on a noisy shared machine.
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Subcommand};
 
@@ -275,6 +276,9 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     println!("train tok/s: {:.1}", report.processed_tokens as f64 / seconds);
     let padding = 1.0 - report.processed_tokens as f64 / report.computed_tokens.max(1) as f64;
     println!("padding: {:.1}% of the positions computed", 100.0 * padding);
+    if train_config.compile {
+        println!("traced shapes: {} (the compiled step traces each batch shape once: train.pad_to)", trainer.traced_shapes());
+    }
     if report.streams > 1 {
         println!("cpu streams: {} (a batch's rows, or a long row's positions, split over them: train.cpu_streams)", report.streams);
     }
@@ -303,6 +307,17 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
                 time.as_secs_f64() / report.steps as f64,
                 100.0 * time.as_secs_f64() / seconds
             );
+        }
+        if phases.queuing > Duration::ZERO {
+            // Pipelined steps (train.pipeline): the host builds and queues
+            // step n + 1 while the device computes step n.
+            for (name, time) in [("host queuing steps", phases.queuing), ("waiting for the device", phases.waiting)] {
+                println!(
+                    "profile {name}: {:.3} s a step, {:.1}% (of forward and backward)",
+                    time.as_secs_f64() / report.steps as f64,
+                    100.0 * time.as_secs_f64() / phases.forward_backward.as_secs_f64().max(1e-9)
+                );
+            }
         }
     }
     Ok(())

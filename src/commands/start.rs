@@ -66,6 +66,10 @@ pub(crate) async fn run(config: &Config, args: &StartArgs) -> Result<(), NodeErr
         exact_match_rows: 0,
     };
     let prepared = compute::spawn_for_config(config, args.quant.quant, settings, rounds * local_steps).map_err(NodeError::Input)?;
+    match &prepared.warm_up {
+        Ok(took) => tracing::info!(seconds = took.as_secs_f64(), "warmed up: the training step, evaluation and decoding built before round 0"),
+        Err(e) => tracing::warn!(error = %e, "the warm-up failed; round 0 builds what it needs"),
+    }
     let result = run_node(config, args, keypair, options, &prepared).await;
     // MLX must let go of everything before the process exits.
     tokio::task::block_in_place(|| prepared.client.shutdown());

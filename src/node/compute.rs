@@ -9,6 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::mpsc as std_mpsc;
+use std::time::Duration;
 
 use mlx_rs::Array;
 use tokio::sync::{oneshot, watch};
@@ -60,6 +61,10 @@ pub struct Prepared {
     pub model_identity: String,
     pub fingerprint: String,
     pub train_rows: Vec<u64>,
+    /// How long the warm-up before round 0 took (`MlxTrainer::warm_up`),
+    /// or why it failed (the same work then fails in the round, with the
+    /// round's error).
+    pub warm_up: Result<Duration, String>,
 }
 
 /// What the thread evaluates on, and how long a round is.
@@ -96,9 +101,9 @@ pub fn spawn(
         .spawn(move || {
             let mut worker = match load() {
                 Ok((mut trainer, dataset, identity)) => {
-                    warm_up(&mut trainer, &dataset, &settings);
+                    let warmed = warm_up(&mut trainer, &dataset, &settings);
                     let rows = dataset.train.iter().map(|r| r.index).collect::<Vec<_>>();
-                    let _ = ready_tx.send(Ok((identity, dataset.fingerprint.clone(), rows)));
+                    let _ = ready_tx.send(Ok((identity, dataset.fingerprint.clone(), rows, warmed)));
                     Worker::new(trainer, dataset, settings)
                 }
                 Err(e) => {
@@ -117,7 +122,7 @@ pub fn spawn(
             drop(worker);
         })
         .map_err(|e| format!("cannot start the compute thread: {e}"))?;
-    let (model_identity, fingerprint, train_rows) = ready_rx.recv().map_err(|_| "the compute thread stopped while loading".to_owned())??;
+    let (model_identity, fingerprint, train_rows, warm_up) = ready_rx.recv().map_err(|_| "the compute thread stopped while loading".to_owned())??;
     Ok(Prepared {
         client: ComputeClient {
             slot: 0,
@@ -128,19 +133,17 @@ pub fn spawn(
         model_identity,
         fingerprint,
         train_rows,
+        warm_up,
     })
 }
 
 /// Builds the kernels a round uses before the first round starts
-/// (`MlxTrainer::warm_up`), saying how long it took. A failure is only
-/// logged: the same work fails again in the round, with the round's error.
-fn warm_up(trainer: &mut MlxTrainer, dataset: &Dataset, settings: &ComputeSettings) {
+/// (`MlxTrainer::warm_up`): how long it took, or why it failed.
+fn warm_up(trainer: &mut MlxTrainer, dataset: &Dataset, settings: &ComputeSettings) -> Result<Duration, String> {
     let started = std::time::Instant::now();
     let generate_rows = if settings.exact_match_rows > 0 { &dataset.test[..] } else { &[] };
-    match trainer.warm_up(&dataset.train, &dataset.valid, generate_rows) {
-        Ok(()) => tracing::info!(seconds = started.elapsed().as_secs_f64(), "warmed up: the training step, evaluation and decoding are compiled"),
-        Err(e) => tracing::warn!(error = %e, "the warm-up failed"),
-    }
+    trainer.warm_up(&dataset.train, &dataset.valid, generate_rows).map_err(|e| e.to_string())?;
+    Ok(started.elapsed())
 }
 
 /// The compute thread for the configured model, data and LoRA settings;

@@ -323,6 +323,10 @@ pub async fn simulate(config: &Config, args: &Options, quant: QuantMode) -> Resu
         exact_match_rows: args.exact_match_rows,
     };
     let prepared = compute::spawn_for_config(config, quant, compute_settings, total_steps).map_err(SimError::Input)?;
+    match &prepared.warm_up {
+        Ok(took) => println!("warmed up in {:.1} s (the training step, evaluation and decoding built before round 0)", took.as_secs_f64()),
+        Err(e) => println!("the warm-up failed ({e}); round 0 builds what it needs"),
+    }
     let result = run_simulation(config, args, &scenario, &prepared).await;
     // MLX must let go of everything before the process exits.
     tokio::task::block_in_place(|| prepared.client.shutdown());

@@ -90,6 +90,8 @@ impl TrainReport {
         self.phases.data += later.phases.data;
         self.phases.forward_backward += later.phases.forward_backward;
         self.phases.optimizer += later.phases.optimizer;
+        self.phases.queuing += later.phases.queuing;
+        self.phases.waiting += later.phases.waiting;
     }
 }
 
@@ -102,6 +104,13 @@ pub struct PhaseTimes {
     pub forward_backward: Duration,
     /// Summing accumulated gradients and the optimizer update, evaluated.
     pub optimizer: Duration,
+    /// Of `forward_backward`, with `train.pipeline`: the host building and
+    /// queuing whole steps (tracing a new shape included) ...
+    pub queuing: Duration,
+    /// ... and waiting for the device to finish the step queued before.
+    /// Mostly queuing: the host bounds the step (kernel launches, graph
+    /// building); mostly waiting: the device does.
+    pub waiting: Duration,
 }
 
 /// Loss on a set of rows.
@@ -404,6 +413,12 @@ impl MlxTrainer {
         Ok(total)
     }
 
+    /// The batch shapes the compiled steps hold traces of.
+    pub fn traced_shapes(&self) -> usize {
+        let lanes = self.lanes.iter().filter_map(|lane| lane.compiled.as_ref());
+        self.compiled.iter().chain(self.row_compiled.iter()).chain(lanes).map(CompiledStep::traced_shapes).sum()
+    }
+
     /// Runs what a round runs once, on throwaway state, so that MLX traces
     /// the compiled step and builds its kernels (on a GPU, minutes of NVRTC
     /// on a fresh machine; kept on disk afterwards) before the first
@@ -660,6 +675,10 @@ impl LocalTrainer for MlxTrainer {
         let order = self.batch_order(rows)?;
         // A whole step queued on a GPU while the host builds the next one.
         let mut in_flight: Option<InFlightStep> = None;
+        // On the CPU (`train.pipeline` asked for there), BLAS's thread count
+        // is held while steps compute after their `async_eval` returned
+        // (`BlasHold`): until the last one queued has finished.
+        let mut blas_held: Option<crate::mlx_env::BlasHold> = None;
         for step in step_offset..step_offset + steps {
             let learning_rate = self.schedule.learning_rate(step);
             let mut summed: Option<HashMap<Rc<str>, Array>> = None;
@@ -683,16 +702,25 @@ impl LocalTrainer for MlxTrainer {
                 {
                     report.streams = report.streams.max(1);
                     let queued = InFlightStep { step, loss, before };
+                    if blas_held.is_none() && crate::mlx_env::backend() == crate::mlx_env::Backend::Cpu {
+                        blas_held = Some(crate::mlx_env::BlasHold::new(false));
+                    }
                     mlx_rs::transforms::async_eval(self.params.values().chain(self.optimizer.state.values()).chain(std::iter::once(&queued.loss)))?;
+                    report.phases.queuing += phase.elapsed();
+                    let wait = Instant::now();
                     if let Some(previous) = in_flight.replace(queued) {
                         loss_sum += f64::from(self.finish(previous)?);
                     }
+                    report.phases.waiting += wait.elapsed();
                     report.phases.forward_backward += phase.elapsed();
                     continue;
                 }
                 if let Some(previous) = in_flight.take() {
                     loss_sum += f64::from(self.finish(previous)?);
+                    report.phases.waiting += phase.elapsed();
                 }
+                // The step in turn holds BLAS for its own evaluation.
+                blas_held = None;
                 let (loss, grads, streams) = self.loss_and_grads(&parts, micro)?;
                 report.phases.forward_backward += phase.elapsed();
                 let phase = Instant::now();
@@ -730,8 +758,10 @@ impl LocalTrainer for MlxTrainer {
         if let Some(last) = in_flight.take() {
             let phase = Instant::now();
             loss_sum += f64::from(self.finish(last)?);
+            report.phases.waiting += phase.elapsed();
             report.phases.forward_backward += phase.elapsed();
         }
+        drop(blas_held);
         report.loss = (loss_sum / report.steps.max(1) as f64) as f32;
         report.elapsed = started.elapsed();
         Ok(report)

@@ -217,6 +217,12 @@ impl CompiledStep {
         Ok(loss.clone())
     }
 
+    /// The batch shapes its functions hold traces of (each was traced, and
+    /// on a GPU its kernels looked up or built, once).
+    pub fn traced_shapes(&self) -> usize {
+        self.traced.len() + self.whole_step_traced.len()
+    }
+
     /// The adapter tensors, sorted by name: the functions' first inputs.
     fn param_inputs(&self, params: &AdapterParams) -> Result<Vec<Array>, TrainError> {
         self.names
