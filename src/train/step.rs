@@ -143,17 +143,7 @@ impl CompiledStep {
             }
         }
         let outputs = (self.update)(&inputs)?;
-        let per_tensor = if optimizer.kind == OptimizerKind::Sgd { 1 } else { 3 };
-        if outputs.len() != self.names.len() * per_tensor {
-            return Err(TrainError::Adapter(format!("the compiled update returned {} arrays for {} tensors", outputs.len(), self.names.len())));
-        }
-        for (name, updated) in self.names.iter().zip(outputs.chunks(per_tensor)) {
-            params.insert(name.clone(), updated[0].clone());
-            if let [_, m1, m2] = updated {
-                optimizer.set_moments(name, Some((m1.clone(), m2.clone())));
-            }
-        }
-        Ok(())
+        self.take_updated(optimizer, params, &outputs)
     }
 
     /// The loss (a scalar array, not yet evaluated) and the gradient of
@@ -201,12 +191,19 @@ impl CompiledStep {
             .whole_step
             .get_or_insert_with(|| (optimizer.kind, compiled_whole_step(&self.graph, optimizer.kind, self.names.len())));
         let outputs = function(&inputs)?;
-        let per_tensor = 1 + moments_per_tensor;
         let [loss, updated @ ..] = outputs.as_slice() else {
             return Err(TrainError::Adapter("the compiled step returned nothing".into()));
         };
+        self.take_updated(optimizer, params, updated)?;
+        Ok(loss.clone())
+    }
+
+    /// Puts a compiled update's outputs, `[(param[, m1, m2])…]` by sorted
+    /// name, into `params` and `optimizer`'s moments.
+    fn take_updated(&self, optimizer: &mut Optimizer, params: &mut AdapterParams, updated: &[Array]) -> Result<(), TrainError> {
+        let per_tensor = if optimizer.kind == OptimizerKind::Sgd { 1 } else { 3 };
         if updated.len() != self.names.len() * per_tensor {
-            return Err(TrainError::Adapter(format!("the compiled step returned {} arrays for {} tensors", updated.len(), self.names.len())));
+            return Err(TrainError::Adapter(format!("the compiled update returned {} arrays for {} tensors", updated.len(), self.names.len())));
         }
         for (name, updated) in self.names.iter().zip(updated.chunks(per_tensor)) {
             params.insert(name.clone(), updated[0].clone());
@@ -214,7 +211,7 @@ impl CompiledStep {
                 optimizer.set_moments(name, Some((m1.clone(), m2.clone())));
             }
         }
-        Ok(loss.clone())
+        Ok(())
     }
 
     /// The batch shapes its functions hold traces of (each was traced, and
