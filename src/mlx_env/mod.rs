@@ -86,3 +86,15 @@ pub fn backend() -> Backend {
         _ => Backend::Cpu,
     }
 }
+
+/// Waits until the default stream has computed everything queued on it
+/// (`async_eval`). Nothing may still compute when a process exits: an
+/// evaluation in flight then can hang OpenBLAS's shutdown (seen: `generate`
+/// stopping at its end token with the next token queued).
+pub fn wait_for_queued_work() -> Result<(), String> {
+    // SAFETY: takes no arguments; MLX returns a status.
+    match unsafe { mlx_sys::mlx_synchronize_default() } {
+        0 => Ok(()),
+        status => Err(format!("MLX could not synchronize its default stream (status {status})")),
+    }
+}

@@ -157,24 +157,41 @@ fn greedy_pipelined(
     loop {
         // Queue the token after `next` unless `next` is the last one asked for.
         let following = if generated.len() + 1 < max_tokens { Some(next_after(&next, caches)?) } else { None };
-        let token = next.try_item_cast::<i32>()?;
-        let token = u32::try_from(token).map_err(|_| ModelError::BadInput(format!("the argmax gave token {token}")))?;
-        if generated.is_empty() {
-            stats.prompt_time = started.elapsed();
-        }
-        if stop_ids.contains(&token) {
-            stats.stopped_at_eos = true;
-            return Ok(());
-        }
-        generated.push(token);
-        if !on_token(token)? {
-            return Ok(());
-        }
-        match following {
-            Some(following) => next = following,
-            None => return Ok(()),
+        let go_on = take_token(&next, stop_ids, generated, stats, started, on_token);
+        match (go_on, following) {
+            (Ok(true), Some(following)) => next = following,
+            (go_on, following) => {
+                // Nothing may still compute once this returns.
+                if following.is_some() {
+                    crate::mlx_env::wait_for_queued_work().map_err(ModelError::BadInput)?;
+                }
+                return go_on.map(|_| ());
+            }
         }
     }
+}
+
+/// Reads the token `next` (waiting for it), records it and passes it on;
+/// false once generation ends (an end token, or `on_token` said stop).
+fn take_token(
+    next: &Array,
+    stop_ids: &[u32],
+    generated: &mut Vec<u32>,
+    stats: &mut GenerationStats,
+    started: Instant,
+    on_token: &mut impl FnMut(u32) -> Result<bool, ModelError>,
+) -> Result<bool, ModelError> {
+    let token = next.try_item_cast::<i32>()?;
+    let token = u32::try_from(token).map_err(|_| ModelError::BadInput(format!("the argmax gave token {token}")))?;
+    if generated.is_empty() {
+        stats.prompt_time = started.elapsed();
+    }
+    if stop_ids.contains(&token) {
+        stats.stopped_at_eos = true;
+        return Ok(false);
+    }
+    generated.push(token);
+    on_token(token)
 }
 
 /// Logits must have one entry a vocabulary token.

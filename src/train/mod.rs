@@ -11,6 +11,7 @@ pub mod lora;
 pub mod metrics;
 pub mod optim;
 pub mod order;
+mod pipeline;
 pub mod schedule;
 pub mod step;
 
@@ -24,6 +25,7 @@ use mlx_rs::error::Exception;
 use mlx_rs::{Array, Device, Stream};
 use optim::Optimizer;
 use order::BatchOrder;
+use pipeline::InFlightStep;
 use schedule::Schedule;
 use step::CompiledStep;
 
@@ -448,59 +450,6 @@ impl MlxTrainer {
         Ok(())
     }
 
-    /// Queues step `step` on `parts` as one compiled function (loss,
-    /// gradients and update; `CompiledStep::train_step`) where the step is
-    /// one micro-batch on one stream, unchunked (with `pipelined`): the adapter and the
-    /// optimizer's moments become the step's (unevaluated) results and its
-    /// loss is returned. `None`: this step takes the path of parts (split
-    /// batches, chunked rows, op by op).
-    fn whole_step(&mut self, parts: &[Batch], step: u64, learning_rate: f32) -> Result<Option<Array>, TrainError> {
-        let [batch] = parts else { return Ok(None) };
-        if !self.config.compile || chunk_count(batch, self.part_count(usize::MAX)) > 1 {
-            return Ok(None);
-        }
-        let dropout = Dropout::for_step(self.settings.dropout, self.config.seed, step, 0, self.projections.iter().map(String::as_str))?;
-        let compiled = match &mut self.compiled {
-            Some(compiled) => compiled,
-            None => self.compiled.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params, self.optimizer.kind)),
-        };
-        match compiled.train_step(&mut self.optimizer, &mut self.params, batch, &dropout, learning_rate) {
-            Ok(loss) => Ok(Some(loss)),
-            // As in `loss_and_grads`: the adapter is untouched, go on op by op.
-            Err(err) => {
-                tracing::warn!(error = %err, "the compiled training step failed; training op by op from here (set train.compile = false to skip it)");
-                self.config.compile = false;
-                self.compiled = None;
-                Ok(None)
-            }
-        }
-    }
-
-    /// Whether steps are whole compiled functions (`whole_step`) queued
-    /// without waiting for the one before (`async_eval`), so the host
-    /// builds step n + 1 while the device computes step n; a step's loss is
-    /// read once the next is queued, and a non-finite one puts back the
-    /// state before it (`InFlightStep`). `train.pipeline`; by default only
-    /// off the CPU: there MLX computes on the host's cores, where the two
-    /// functions evaluated in turn measured 6% faster than one (DoRA,
-    /// 40-token rows), and an evaluation of a split batch must hold BLAS's
-    /// thread count (`BlasHold`) until it is done.
-    fn pipelined(&self) -> bool {
-        self.config.pipeline.unwrap_or(crate::mlx_env::backend() != crate::mlx_env::Backend::Cpu)
-    }
-
-    /// Waits for a queued step's loss. A non-finite loss puts the adapter
-    /// and moments back as they were before that step (as the path of parts
-    /// never updates after one) and names the step.
-    fn finish(&mut self, queued: InFlightStep) -> Result<f32, TrainError> {
-        let loss = queued.loss.try_item_cast::<f32>()?;
-        if !loss.is_finite() {
-            (self.params, self.optimizer.state) = queued.before;
-            return Err(non_finite_loss(loss, queued.step));
-        }
-        Ok(loss)
-    }
-
     /// Loss and gradients of one micro-batch (its parts), compiled or op by op.
     /// Also returns the streams it computed on.
     fn loss_and_grads(&mut self, parts: &[Batch], micro: u64) -> Result<(f32, Grads, usize), TrainError> {
@@ -587,14 +536,6 @@ impl MlxTrainer {
     }
 }
 
-/// A whole step queued with its loss not yet read.
-struct InFlightStep {
-    step: u64,
-    loss: Array,
-    /// The adapter and optimizer moments before the step.
-    before: (AdapterParams, HashMap<Rc<str>, Array>),
-}
-
 fn non_finite_loss(loss: f32, step: u64) -> TrainError {
     TrainError::Data(format!("the loss became {loss} at step {step}; lower train.learning_rate"))
 }
@@ -653,18 +594,9 @@ fn add_grads(total: &mut Grads, grads: Grads) -> Result<(), Exception> {
     Ok(())
 }
 
-impl LocalTrainer for MlxTrainer {
-    fn adapter(&self) -> &AdapterParams {
-        &self.params
-    }
-
-    fn set_adapter(&mut self, params: AdapterParams) -> Result<(), TrainError> {
-        adapters::check_compatible(&self.params, &params)?;
-        self.params = params;
-        Ok(())
-    }
-
-    fn train_steps(&mut self, rows: &[Row], steps: u64, step_offset: u64) -> Result<TrainReport, TrainError> {
+impl MlxTrainer {
+    /// `train_steps`, which waits for what is still queued when this fails.
+    fn run_steps(&mut self, rows: &[Row], steps: u64, step_offset: u64) -> Result<TrainReport, TrainError> {
         if rows.is_empty() {
             return Err(TrainError::Data("no rows to train on".into()));
         }
@@ -765,6 +697,28 @@ impl LocalTrainer for MlxTrainer {
         report.loss = (loss_sum / report.steps.max(1) as f64) as f32;
         report.elapsed = started.elapsed();
         Ok(report)
+    }
+}
+
+impl LocalTrainer for MlxTrainer {
+    fn adapter(&self) -> &AdapterParams {
+        &self.params
+    }
+
+    fn set_adapter(&mut self, params: AdapterParams) -> Result<(), TrainError> {
+        adapters::check_compatible(&self.params, &params)?;
+        self.params = params;
+        Ok(())
+    }
+
+    fn train_steps(&mut self, rows: &[Row], steps: u64, step_offset: u64) -> Result<TrainReport, TrainError> {
+        let trained = self.run_steps(rows, steps, step_offset);
+        if trained.is_err() && self.pipelined() {
+            // Nothing may still compute once this returns: a step queued
+            // after the one that failed may be (`mlx_env::wait_for_queued_work`).
+            crate::mlx_env::wait_for_queued_work().map_err(TrainError::Io)?;
+        }
+        trained
     }
 
     fn evaluate(&mut self, rows: &[Row]) -> Result<EvalReport, TrainError> {
