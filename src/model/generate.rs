@@ -101,19 +101,11 @@ pub fn generate(
                 .as_dtype(Dtype::Float32)?;
             last.eval()?;
             let token = sample(last.as_slice(), params, &mut rng);
-            if generated.is_empty() {
-                stats.prompt_time = started.elapsed();
-            }
-            if stop_ids.contains(&token) {
-                stats.stopped_at_eos = true;
+            if !take_token(token, stop_ids, &mut generated, &mut stats, started, &mut on_token)? {
                 break;
             }
-            generated.push(token);
             sequence.push(token);
             input = vec![token];
-            if !on_token(token)? {
-                break;
-            }
         }
     }
     stats.generated_tokens = generated.len();
@@ -157,7 +149,7 @@ fn greedy_pipelined(
     loop {
         // Queue the token after `next` unless `next` is the last one asked for.
         let following = if generated.len() + 1 < max_tokens { Some(next_after(&next, caches)?) } else { None };
-        let go_on = take_token(&next, stop_ids, generated, stats, started, on_token);
+        let go_on = read_token(&next).and_then(|token| take_token(token, stop_ids, generated, stats, started, on_token));
         match (go_on, following) {
             (Ok(true), Some(following)) => next = following,
             (go_on, following) => {
@@ -171,18 +163,22 @@ fn greedy_pipelined(
     }
 }
 
-/// Reads the token `next` (waiting for it), records it and passes it on;
-/// false once generation ends (an end token, or `on_token` said stop).
+/// The token a device argmax chose (waiting for it).
+fn read_token(next: &Array) -> Result<u32, ModelError> {
+    let token = next.try_item_cast::<i32>()?;
+    u32::try_from(token).map_err(|_| ModelError::BadInput(format!("the argmax gave token {token}")))
+}
+
+/// Records the chosen `token` and passes it on; false once generation ends
+/// (an end token, which is not passed on, or `on_token` said stop).
 fn take_token(
-    next: &Array,
+    token: u32,
     stop_ids: &[u32],
     generated: &mut Vec<u32>,
     stats: &mut GenerationStats,
     started: Instant,
     on_token: &mut impl FnMut(u32) -> Result<bool, ModelError>,
 ) -> Result<bool, ModelError> {
-    let token = next.try_item_cast::<i32>()?;
-    let token = u32::try_from(token).map_err(|_| ModelError::BadInput(format!("the argmax gave token {token}")))?;
     if generated.is_empty() {
         stats.prompt_time = started.elapsed();
     }

@@ -627,13 +627,11 @@ impl MlxTrainer {
                     report.computed_tokens += batch.tokens.shape().iter().map(|&d| d as u64).product::<u64>();
                 }
                 let phase = Instant::now();
-                let before = (self.params.clone(), self.optimizer.state.clone());
                 if accumulation == 1
                     && self.pipelined()
-                    && let Some(loss) = self.whole_step(&parts, step, learning_rate)?
+                    && let Some(queued) = self.whole_step(&parts, step, learning_rate)?
                 {
                     report.streams = report.streams.max(1);
-                    let queued = InFlightStep { step, loss, before };
                     if blas_held.is_none() && crate::mlx_env::backend() == crate::mlx_env::Backend::Cpu {
                         blas_held = Some(crate::mlx_env::BlasHold::new(false));
                     }

@@ -26,9 +26,10 @@ impl MlxTrainer {
     /// gradients and update; `CompiledStep::train_step`) where the step is
     /// one micro-batch on one stream, unchunked (with `pipelined`): the
     /// adapter and the optimizer's moments become the step's (unevaluated)
-    /// results and its loss is returned. `None`: this step takes the path of parts (split
-    /// batches, chunked rows, op by op).
-    pub(super) fn whole_step(&mut self, parts: &[Batch], step: u64, learning_rate: f32) -> Result<Option<Array>, TrainError> {
+    /// results, and the step's loss comes back with the state before it.
+    /// `None`: this step takes the path of parts (split batches, chunked
+    /// rows, op by op).
+    pub(super) fn whole_step(&mut self, parts: &[Batch], step: u64, learning_rate: f32) -> Result<Option<InFlightStep>, TrainError> {
         let [batch] = parts else { return Ok(None) };
         if !self.config.compile || chunk_count(batch, self.part_count(usize::MAX)) > 1 {
             return Ok(None);
@@ -38,8 +39,9 @@ impl MlxTrainer {
             Some(compiled) => compiled,
             None => self.compiled.insert(CompiledStep::new(&self.decoder, &self.settings, &self.params, self.optimizer.kind)),
         };
+        let before = (self.params.clone(), self.optimizer.state.clone());
         match compiled.train_step(&mut self.optimizer, &mut self.params, batch, &dropout, learning_rate) {
-            Ok(loss) => Ok(Some(loss)),
+            Ok(loss) => Ok(Some(InFlightStep { step, loss, before })),
             // As in `loss_and_grads`: the adapter is untouched, go on op by op.
             Err(err) => {
                 tracing::warn!(error = %err, "the compiled training step failed; training op by op from here (set train.compile = false to skip it)");
