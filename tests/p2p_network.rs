@@ -6,9 +6,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
-use blossom_p2p::p2p::network::{Exchange, NetworkEvent, NetworkHandle, NetworkOptions, Piece, spawn};
+use blossom_p2p::p2p::network::{Average, Exchange, NetworkEvent, NetworkHandle, NetworkOptions, Piece, spawn};
 use blossom_p2p::wire::codec::{Digest, TensorBytes, TensorDtype, encode_adapter};
-use blossom_p2p::wire::manifest::{Manifest, SignedManifest};
+use blossom_p2p::wire::inputs::encode_inputs;
+use blossom_p2p::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 use libp2p::pnet::PreSharedKey;
 use libp2p::{Multiaddr, PeerId};
 use libp2p_identity::Keypair;
@@ -175,6 +176,47 @@ async fn adapters_travel_by_gossip_and_late_joiners_catch_up() {
     assert!(reason.contains("signature"), "{reason}");
     let score = a.peer_score(b.peer_id).await.unwrap().expect("A scores B");
     assert!(score < 0.0, "B's score after invalid messages is {score}");
+}
+
+/// An outer state is served by its hash, certified or not: a node whose
+/// start is not the one most of a round's updates trained from takes that
+/// one (compressed changes add up only on one start). Its chunks are
+/// checked against the hash asked for.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_uncertified_state_is_served_by_its_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_id = Digest::of(b"test run");
+    let ((_, a, mut a_events), (b_key, b, _b_events), _) = connected_pair(&dir, run_id, Exchange::Gossip).await;
+    let bytes = adapter_bytes(2);
+    // Its input list names three authors: B's attestation alone certifies nothing.
+    let others = [Keypair::generate_ed25519(), Keypair::generate_ed25519()].map(|k| k.public().to_peer_id());
+    let inputs = encode_inputs(&[(b.peer_id, Digest::of(b"b")), (others[0], Digest::of(b"c")), (others[1], Digest::of(b"d"))]);
+    let manifest = Manifest {
+        kind: ManifestKind::Average,
+        round: 3,
+        inputs: Some(Digest::of(&inputs)),
+        ..make_manifest(run_id, &b_key, &bytes)
+    };
+    let hash = manifest.adapter_hash;
+    let attestation = Manifest::attestation(run_id, 3, &b.peer_id, hash, manifest.adapter_len, Digest::of(&inputs));
+    let average = Average {
+        signed: SignedManifest::sign(&manifest, &b_key).unwrap(),
+        attestation: SignedManifest::sign(&attestation, &b_key).unwrap(),
+        manifest,
+        bytes: bytes.clone(),
+        inputs,
+    };
+    b.keep_average(average).await.unwrap();
+    // A state nobody holds brings nothing; the one B kept, its bytes.
+    a.ask_state(run_id, Digest::of(b"no such state")).await.unwrap();
+    a.ask_state(run_id, hash).await.unwrap();
+    let (kind, got_hash, got) = wait_for(&mut a_events, |e| match e {
+        NetworkEvent::AdapterReady { manifest, bytes, .. } => Some((manifest.kind, manifest.adapter_hash, bytes)),
+        _ => None,
+    })
+    .await;
+    assert_eq!((kind, got_hash), (ManifestKind::Average, hash));
+    assert!(got == bytes, "the state arrived with other bytes");
 }
 
 /// The reduce exchange's update manifests name their chunks by a Merkle

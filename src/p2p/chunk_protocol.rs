@@ -3,8 +3,10 @@
 //! names its chunks by their root), part of such a chunk with a BLAKE3
 //! (bao) proof of it under the chunk's id (what an audit of part of a
 //! slice fetches), the newest manifest a peer holds for a
-//! run (how late joiners catch up), or the update manifests of one round
-//! (what a node that joined mid-round missed).
+//! run (how late joiners catch up), the average manifest of one outer state
+//! by its hash (how a node on another start takes the one most of a round
+//! trained from), or the update manifests of one round (what a node that
+//! joined mid-round missed).
 //! Length-prefixed bincode, bounded before anything is allocated.
 
 use std::io;
@@ -62,6 +64,12 @@ pub enum ChunkRequest {
     /// hash: the chunk's id with its Merkle proof, and a bao slice that
     /// proves those bytes under the id without the rest of the chunk.
     PieceRange(Digest, u32, u32, u32),
+    /// (run id, hash): the signed average manifest of the outer state with
+    /// this hash, if the peer kept or took it, certified or not. The asker
+    /// wants that state by its hash (most of a round's updates name it as
+    /// their start), so the hash is the whole check; its chunks follow as
+    /// an average's do.
+    State(Digest, Digest),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

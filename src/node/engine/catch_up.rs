@@ -22,8 +22,8 @@ pub(super) struct Offers {
     /// Certificates peers served while catching up: (signers, round) by
     /// average hash. Only these averages are taken.
     pub(super) offered: HashMap<Digest, (usize, u64)>,
-    /// While taking one certified state (`take_state`): only it is a
-    /// candidate.
+    /// While taking one state by its hash (`take_state`): only it is a
+    /// candidate, certified or not.
     pub(super) wanted: Option<Digest>,
 }
 
@@ -76,8 +76,10 @@ impl<T: RoundTrainer> Engine<T> {
         Ok(None)
     }
 
-    /// The certified state `hash`, from peers that serve it (about 10 s of
-    /// asking at most); `None` if none did. Compressed updates are changes:
+    /// The outer state `hash`, from peers that hold it, certified or not
+    /// (about 10 s of asking at most); `None` if none did. Its hash is
+    /// what most of a round's signed updates name as their start, and the
+    /// chunks that arrive are checked against it. Compressed updates are changes:
     /// a node whose start is not the one most of a round's inputs trained
     /// from takes that start before adding their average change to it, so
     /// nodes that diverged (a healed partition) agree again.
@@ -101,11 +103,17 @@ impl<T: RoundTrainer> Engine<T> {
         self.offers.wanted = wanted;
     }
 
-    /// Asks peers (if `ask`) for their newest certificate and waits for a
-    /// candidate: answers need a fetch of the state's chunks, so up to two
-    /// seconds, looking every quarter.
+    /// Asks peers (if `ask`) for the wanted state, or else for their newest
+    /// certificate, and waits for a candidate: answers need a fetch of the
+    /// state's chunks, so up to two seconds, looking every quarter.
     async fn ask_once(&mut self, ask: bool) -> Result<Option<Candidate>, EngineError> {
-        if ask && let Err(e) = self.net.catch_up(self.settings.run_id).await {
+        let run_id = self.settings.run_id;
+        let asked = match self.offers.wanted {
+            _ if !ask => Ok(()),
+            Some(hash) => self.net.ask_state(run_id, hash).await,
+            None => self.net.catch_up(run_id).await,
+        };
+        if let Err(e) = asked {
             tracing::debug!(error = %e, "catch-up request");
         }
         for _ in 0..8 {

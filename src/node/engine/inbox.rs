@@ -103,21 +103,21 @@ impl<T: RoundTrainer> Engine<T> {
             }
         };
         if manifest.kind == ManifestKind::Average {
-            // Averages come only inside certificates (the network checked
-            // them); the one backed by the most signers wins.
+            // Averages come inside certificates (the network checked them;
+            // the one backed by the most signers wins), or as the state a
+            // node asked for by its hash (`take_state`: the hash is the check).
+            let hash = manifest.adapter_hash;
+            let certified = self.offers.offered.get(&hash).copied().filter(|(_, round)| *round == manifest.round);
+            let rank = match (self.offers.wanted, certified) {
+                (Some(wanted), _) if wanted == hash => Some(certified.unwrap_or((0, manifest.round))),
+                (None, Some(rank)) if self.offers.candidate.as_ref().is_none_or(|c| rank > c.rank) => Some(rank),
+                _ => None,
+            };
             if let Some(tensors) = tensors
                 && from.is_none()
-                && let Some(&(signers, round)) = self.offers.offered.get(&manifest.adapter_hash)
-                && round == manifest.round
-                && self.offers.candidate.as_ref().is_none_or(|c| (signers, round) > c.rank)
-                && self.offers.wanted.is_none_or(|wanted| wanted == manifest.adapter_hash)
+                && let Some(rank) = rank
             {
-                self.offers.candidate = Some(Candidate {
-                    rank: (signers, round),
-                    round: manifest.round,
-                    hash: manifest.adapter_hash,
-                    tensors,
-                });
+                self.offers.candidate = Some(Candidate { rank, round: manifest.round, hash, tensors });
             }
             return;
         }

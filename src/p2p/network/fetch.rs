@@ -1,7 +1,8 @@
 //! Fetching what gossip did not bring: missing chunks of pending
 //! adapters, chunks and pieces asked for by the engine (each from the
-//! peers that can serve it, one after another), a round's manifests and
-//! the newest certificate; answers are checked before they are kept.
+//! peers that can serve it, one after another), a round's manifests, the
+//! newest certificate and an outer state by its hash; answers are checked
+//! before they are kept.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -12,7 +13,7 @@ use tokio::sync::oneshot;
 
 use crate::wire::{chunk_part, merkle};
 use crate::wire::codec::{Digest, reassemble};
-use crate::wire::manifest::{Manifest, ManifestKind};
+use crate::wire::manifest::{Manifest, ManifestKind, SignedManifest};
 
 use super::{EventLoop, NetworkEvent, Piece, PieceKey};
 use super::serve::{MAX_PROVEN, response_kind, response_size};
@@ -327,8 +328,56 @@ impl EventLoop {
         Ok(())
     }
 
+    /// Asks every connected peer for the average manifest of the outer
+    /// state `hash` (`ChunkRequest::State`); the first valid answer is
+    /// fetched like a certified average, and its chunks are checked against
+    /// that hash. One state is sought at a time.
+    pub(super) fn ask_state(&mut self, run_id: Digest, hash: Digest) -> Result<(), String> {
+        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        if peers.is_empty() {
+            return Err("no connected peer to ask for the state".into());
+        }
+        self.state_sought = Some(hash);
+        for peer in peers {
+            let request = self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::State(run_id, hash));
+            self.state_requests.insert(request, hash);
+        }
+        Ok(())
+    }
+
+    /// A peer's answer to `ask_state`: "not found" (another peer may hold
+    /// it), or the state's signed average manifest, fetched at once.
+    async fn on_state(&mut self, peer: PeerId, hash: Digest, response: ChunkResponse) {
+        let ChunkResponse::Manifest(bytes) = response else { return };
+        if self.state_sought != Some(hash) {
+            // Another peer's answer came first.
+            return;
+        }
+        match self.state_manifest(&bytes, hash) {
+            Ok((manifest, author)) => {
+                self.state_sought = None;
+                self.assemble(manifest, author, Some(peer)).await;
+            }
+            Err(reason) => self.emit(NetworkEvent::Rejected { peer, reason }),
+        }
+    }
+
+    /// `bytes` checked as the signed average manifest of state `hash` in a
+    /// run this node joined.
+    fn state_manifest(&self, bytes: &[u8], hash: Digest) -> Result<(Manifest, PeerId), String> {
+        let signed = SignedManifest::from_bytes(bytes).map_err(|e| format!("answered a state request with no manifest: {e}"))?;
+        let (manifest, author, _) = self.check_signature(&signed, &Digest::of(bytes))?;
+        if manifest.kind != ManifestKind::Average || manifest.adapter_hash != hash {
+            return Err(format!("answered a request for state {hash:?} with another manifest"));
+        }
+        if !self.manifest_topics.values().any(|r| *r == manifest.run_id) {
+            return Err(format!("answered a state request with a manifest of run {:?}, which this node did not join", manifest.run_id));
+        }
+        Ok((manifest, author))
+    }
+
     /// A peer's answer to one of this node's requests: a piece, a chunk
-    /// (checked against its id), manifests, a certificate.
+    /// (checked against its id), manifests, a certificate, a state.
     pub(super) async fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: ChunkResponse) {
         let size = response_size(&response);
         self.count_received(size);
@@ -337,6 +386,11 @@ impl EventLoop {
         }
         if let Some(key) = self.piece_requests.remove(&request_id) {
             self.on_piece(peer, key, response).await;
+            return;
+        }
+        if let Some(hash) = self.state_requests.remove(&request_id) {
+            self.on_state(peer, hash, response).await;
+            self.fetch_missing();
             return;
         }
         let asked = self.in_flight.remove(&request_id);
@@ -382,6 +436,8 @@ impl EventLoop {
         if let Some(key) = self.piece_requests.remove(&request_id) {
             tracing::debug!(%peer, %error, "piece request failed; trying another peer");
             self.ask_next_piece(key);
+        } else if self.state_requests.remove(&request_id).is_some() {
+            tracing::debug!(%peer, %error, "state request failed");
         } else if let Some((id, _)) = self.in_flight.remove(&request_id) {
             tracing::debug!(%peer, %error, "chunk request failed; trying another peer");
             self.ask_next(id);

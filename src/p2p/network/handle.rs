@@ -30,6 +30,9 @@ pub(super) enum Command {
     Ban(PeerId),
     /// Ask connected peers for the newest manifest of a run, and fetch it.
     CatchUp(Digest, oneshot::Sender<Result<(), String>>),
+    /// Ask connected peers for the outer state with this hash (run id,
+    /// hash), and fetch it.
+    AskState(Digest, Digest, oneshot::Sender<Result<(), String>>),
     Unsubscribe(Digest, oneshot::Sender<()>),
     /// Store this node's average of a round, gossip its attestation, and
     /// certify the average once two thirds of its contributors attest.
@@ -201,5 +204,11 @@ impl NetworkHandle {
 
     pub async fn catch_up(&self, run_id: Digest) -> Result<(), NetworkError> {
         self.call(|tx| Command::CatchUp(run_id, tx)).await?.map_err(NetworkError::Command)
+    }
+
+    /// Asks connected peers for the outer state `hash` of `run_id`, whether
+    /// certified or not; it comes back as `NetworkEvent::AdapterReady`.
+    pub async fn ask_state(&self, run_id: Digest, hash: Digest) -> Result<(), NetworkError> {
+        self.call(|tx| Command::AskState(run_id, hash, tx)).await?.map_err(NetworkError::Command)
     }
 }

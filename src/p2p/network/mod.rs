@@ -233,6 +233,10 @@ struct EventLoop {
     /// `fetch_piece`s in progress, and the requests they have out.
     piece_fetches: HashMap<PieceKey, PieceFetch>,
     piece_requests: HashMap<request_response::OutboundRequestId, PieceKey>,
+    /// `ask_state`'s requests out, with the state each asks for, and the
+    /// state still sought (answers for any other are dropped).
+    state_requests: HashMap<request_response::OutboundRequestId, Digest>,
+    state_sought: Option<Digest>,
     /// Manifests verified and kept, by the hash of their signed bytes, with
     /// their round (at most `MAX_VERIFIED_MANIFESTS`).
     verified_manifests: HashMap<Digest, (u64, Manifest, PeerId)>,
@@ -324,6 +328,8 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         proven: HashMap::new(),
         piece_fetches: HashMap::new(),
         piece_requests: HashMap::new(),
+        state_requests: HashMap::new(),
+        state_sought: None,
         verified_manifests: HashMap::new(),
         asked_rounds: HashMap::new(),
     };
@@ -475,6 +481,9 @@ impl EventLoop {
             Command::Ban(peer) => self.quarantine(peer, "proven by the round engine".into()),
             Command::CatchUp(run_id, reply) => {
                 let _ = reply.send(self.catch_up(run_id));
+            }
+            Command::AskState(run_id, hash, reply) => {
+                let _ = reply.send(self.ask_state(run_id, hash));
             }
         }
     }

@@ -174,7 +174,24 @@ impl EventLoop {
             ChunkRequest::Round(run_id, round, held) => self.round_manifests(run_id, round, &held),
             ChunkRequest::Piece(adapter, index) => self.piece(adapter, index),
             ChunkRequest::PieceRange(adapter, index, start, len) => self.piece_range(adapter, index, start, len),
+            ChunkRequest::State(run_id, hash) => self.held_state(run_id, hash),
         }
+    }
+
+    /// The signed average manifest of the outer state `hash` of `run_id`,
+    /// if this node holds the manifest and every chunk it names.
+    fn held_state(&mut self, run_id: Digest, hash: Digest) -> ChunkResponse {
+        let Some((round, chunk_ids)) = self.known.get(&hash).cloned() else { return ChunkResponse::NotFound };
+        if !chunk_ids.iter().all(|id| self.store.has_chunk(id)) {
+            return ChunkResponse::NotFound;
+        }
+        for stored in self.store.manifests(round).unwrap_or_default() {
+            let Ok(bytes) = stored.to_bytes() else { continue };
+            if self.verified(&stored, &bytes).is_some_and(|(m, _)| m.kind == ManifestKind::Average && m.run_id == run_id && m.adapter_hash == hash) {
+                return ChunkResponse::Manifest(bytes);
+            }
+        }
+        ChunkResponse::NotFound
     }
 
     /// Stores a chunk no manifest names (an input list), kept through `round`.
