@@ -260,8 +260,8 @@ pub enum CompressionKind {
     None,
     /// Each round's change in float16, with error feedback.
     Fp16,
-    /// Each round's change in int8 blocks of six with a bfloat16 scale,
-    /// with error feedback.
+    /// Each round's change in int8 blocks of 62 values with a bfloat16
+    /// scale, with error feedback.
     Int8,
 }
 
@@ -295,13 +295,24 @@ pub struct FederationConfig {
     /// who agree on a wrong result.
     pub audit: f64,
     /// How updates travel: adapters, or each round's change compressed.
-    pub compression: CompressionKind,
+    /// Unset: `int8`, or `none` with exact averaging (`compression()`).
+    pub compression: Option<CompressionKind>,
     /// The outer step from a round's average to the next round's start.
     pub outer_optimizer: OuterOptimizerKind,
     /// The outer step's learning rate (`nesterov`).
     pub outer_lr: f64,
     /// The outer step's momentum (`nesterov`).
     pub outer_momentum: f64,
+}
+
+impl FederationConfig {
+    /// How updates travel: as set, else int8 changes (a quarter of float32's
+    /// bytes, learning as much: README, "Compressed updates and the outer
+    /// step"), or float32 adapters under exact averaging, which multiplies
+    /// whole adapters.
+    pub fn compression(&self) -> CompressionKind {
+        self.compression.unwrap_or(if self.aggregation == Aggregation::Exact { CompressionKind::None } else { CompressionKind::Int8 })
+    }
 }
 
 impl Default for FederationConfig {
@@ -319,7 +330,7 @@ impl Default for FederationConfig {
             exchange: ExchangeMode::Reduce,
             replicas: 2,
             audit: 0.1,
-            compression: CompressionKind::None,
+            compression: None,
             outer_optimizer: OuterOptimizerKind::Average,
             outer_lr: 0.7,
             outer_momentum: 0.9,
@@ -594,7 +605,7 @@ impl Config {
             "must be a probability in [0, 1]",
         )?;
         check(
-            federation.compression == CompressionKind::None || federation.aggregation != Aggregation::Exact,
+            federation.compression() == CompressionKind::None || federation.aggregation != Aggregation::Exact,
             "federation.compression",
             "compresses each round's change, and exact averaging multiplies whole adapters' A and B: set federation.compression = \"none\" with it, or another aggregation",
         )?;

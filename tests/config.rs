@@ -3,7 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
-use blossom_p2p::config::{Aggregation, Config, ConfigError, FineTuneType, Origin};
+use blossom_p2p::config::{Aggregation, CompressionKind, Config, ConfigError, FineTuneType, Origin};
 
 fn write_config(dir: &tempfile::TempDir, text: &str) -> PathBuf {
     let path = dir.path().join("run.toml");
@@ -173,6 +173,18 @@ fn compression_with_exact_averaging_is_refused() {
         let aggregation = format!("federation.aggregation=\"{method}\"");
         assert!(Config::load(None, &[aggregation, "federation.compression=\"fp16\"".to_owned()]).is_ok(), "{method}");
     }
+}
+
+/// Unset, updates travel as int8 changes, and as float32 adapters under
+/// exact averaging (which a user then need not turn compression off for).
+#[test]
+fn compression_defaults_to_int8_and_to_none_under_exact_averaging() {
+    let default = Config::load(None, &[]).unwrap();
+    assert_eq!(default.federation.compression(), CompressionKind::Int8);
+    let exact = Config::load(None, &["federation.aggregation=\"exact\"".to_owned()]).unwrap();
+    assert_eq!(exact.federation.compression(), CompressionKind::None);
+    let plain = Config::load(None, &["federation.compression=\"none\"".to_owned()]).unwrap();
+    assert_eq!(plain.federation.compression(), CompressionKind::None);
 }
 
 #[test]

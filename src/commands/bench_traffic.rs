@@ -100,7 +100,7 @@ fn simulate_in_child(config: &Config, args: &BenchTrafficArgs, (exchange, compre
     let mut config = config.clone();
     config.federation.nodes = nodes;
     config.federation.exchange = exchange;
-    config.federation.compression = compression;
+    config.federation.compression = Some(compression);
     config.network.data_dir = dir.to_path_buf();
     let config_path = dir.join("config.toml");
     let text = toml::to_string(&config).map_err(|e| format!("the configuration: {e}"))?;
@@ -177,7 +177,7 @@ fn measure(config: &Config, args: &BenchTrafficArgs) -> Result<(Vec<Run>, String
     let mut output = std::fs::File::create(&args.output).map_err(|e| format!("--output {}: {e}", args.output.display()))?;
     let work = config.network.data_dir.join("bench-traffic");
     let runs_of = |exchange: ExchangeMode| args.nodes.iter().copied().filter(move |&nodes| exchange != ExchangeMode::Gossip || nodes <= args.gossip_max_nodes);
-    let compressions = if args.compression.is_empty() { vec![config.federation.compression] } else { args.compression.clone() };
+    let compressions = if args.compression.is_empty() { vec![config.federation.compression()] } else { args.compression.clone() };
     let total: usize = args.exchange.iter().map(|&exchange| runs_of(exchange).count()).sum::<usize>() * compressions.len();
     let progress = indicatif::ProgressBar::new(total as u64);
     progress.suspend(|| println!("{HEADER}"));

@@ -53,8 +53,8 @@ pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> 
     if let OuterOptimizer::Nesterov { lr, momentum } = outer(config) {
         canonical["outer"] = serde_json::json!({"nesterov": [lr, momentum]});
     }
-    if config.federation.compression != CompressionKind::None {
-        canonical["compression"] = serde_json::json!(config.federation.compression);
+    if config.federation.compression() != CompressionKind::None {
+        canonical["compression"] = serde_json::json!(config.federation.compression());
     }
     Digest::of(canonical.to_string().as_bytes())
 }
@@ -62,7 +62,7 @@ pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> 
 /// How the config's updates travel (every node of a run must agree: it is
 /// part of the run id).
 pub fn compression(config: &Config) -> Compression {
-    match config.federation.compression {
+    match config.federation.compression() {
         CompressionKind::None => Compression::None,
         CompressionKind::Fp16 => Compression::Fp16,
         CompressionKind::Int8 => Compression::Int8,

@@ -7,6 +7,7 @@
 //! returns.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
@@ -61,8 +62,9 @@ impl Held {
 pub struct Certifier {
     drafts: BTreeMap<(Digest, u64), Draft>,
     held: HashMap<Digest, Held>,
-    /// (run, round, attester) a seeding node asked for its certificate.
-    asked: BTreeSet<(Digest, u64, PeerId)>,
+    /// (run, round, attester) a seeding node asked for its certificate:
+    /// when last, and how many times.
+    asked: BTreeMap<(Digest, u64, PeerId), (Instant, u32)>,
     /// Runs this node takes part in (it published to them): it drafts its
     /// own certificates there, and asks nobody for theirs.
     member_of: HashSet<Digest>,
@@ -70,6 +72,13 @@ pub struct Certifier {
 
 /// Certificate requests a seeding node remembers, at most.
 const MAX_ASKED: usize = 4096;
+/// An attester whose answer was an older round's certificate is asked
+/// again this long after, up to `MAX_TRIES` times in all: it attests
+/// before it has its peers' attestations, so the first answer is often the
+/// round before, and no attestation comes again to prompt another ask (a
+/// seeding relay missed a run's last round so).
+const RETRY_AFTER: Duration = Duration::from_secs(1);
+const MAX_TRIES: u32 = 5;
 
 impl Certifier {
     /// This node's average of a round with its own attestation, and the
@@ -139,8 +148,30 @@ impl Certifier {
             return false;
         }
         let served = self.held.get(&run).map_or(0, |h| h.round);
-        self.asked.retain(|(r, round, _)| *r != run || *round > served);
-        self.asked.len() < MAX_ASKED && self.asked.insert((run, attestation.round, author))
+        self.asked.retain(|(r, round, _), _| *r != run || *round > served);
+        let key = (run, attestation.round, author);
+        if self.asked.len() >= MAX_ASKED || self.asked.contains_key(&key) {
+            return false;
+        }
+        self.asked.insert(key, (Instant::now(), 1));
+        true
+    }
+
+    /// (run, attester) to ask again at `now`: attesters of a round newer
+    /// than the certificate this node serves, last asked `RETRY_AFTER` ago
+    /// or more, fewer than `MAX_TRIES` times.
+    pub fn asks_due(&mut self, now: Instant) -> Vec<(Digest, PeerId)> {
+        let held = &self.held;
+        let newer = |run: &Digest, round: u64| held.get(run).is_none_or(|h| round > h.round);
+        self.asked.retain(|(run, round, _), _| newer(run, *round));
+        self.asked
+            .iter_mut()
+            .filter(|(_, (at, tries))| *tries < MAX_TRIES && now.saturating_duration_since(*at) >= RETRY_AFTER)
+            .map(|(&(run, _, author), (at, tries))| {
+                (*at, *tries) = (now, *tries + 1);
+                (run, author)
+            })
+            .collect()
     }
 
     /// This node published to `run_id` (an announcement or an update): it
@@ -220,5 +251,25 @@ impl Draft {
         if self.contributors.contains(&author) {
             self.attestations.entry(author).or_insert(signed);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A seeding node asks an attester once on its attestation, then again
+    /// on the tick while the round is not held, a bounded number of times.
+    #[test]
+    fn an_attester_is_asked_again_a_bounded_number_of_times() {
+        let mut certifier = Certifier::default();
+        let (run, author) = (Digest::of(b"run"), PeerId::random());
+        let attestation = Manifest::attestation(run, 1, &author, Digest::of(b"average"), 10, Digest::of(b"inputs"));
+        assert!(certifier.should_ask(&attestation, author));
+        assert!(!certifier.should_ask(&attestation, author), "an attestation prompts one ask");
+        let start = Instant::now();
+        assert!(certifier.asks_due(start).is_empty(), "not again at once");
+        let again: Vec<usize> = (1..=10).map(|k| certifier.asks_due(start + RETRY_AFTER * k).len()).collect();
+        assert_eq!(again, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], "once a second, then no more");
     }
 }

@@ -328,6 +328,14 @@ impl EventLoop {
         Ok(())
     }
 
+    /// A seeding node asks attesters again whose answer was an older
+    /// round's certificate (`Certifier::asks_due`).
+    pub(super) fn ask_certificates_again(&mut self) {
+        for (run_id, peer) in self.certifier.asks_due(Instant::now()) {
+            self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Latest(run_id));
+        }
+    }
+
     /// Asks every connected peer for the average manifest of the outer
     /// state `hash` (`ChunkRequest::State`); the first valid answer is
     /// fetched like a certified average, and its chunks are checked against

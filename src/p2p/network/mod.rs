@@ -388,6 +388,7 @@ impl EventLoop {
                 _ = tick.tick() => {
                     self.fetch_missing();
                     self.keep_relay_slots();
+                    self.ask_certificates_again();
                 }
                 permit = self.events.clone().reserve_owned(), if !self.outbox.is_empty() => match permit {
                     Ok(permit) => self.deliver(permit),
