@@ -23,6 +23,11 @@ use super::trainer::RoundTrainer;
 /// certificate (its peers' attestations), so late joiners and seeding
 /// relays can take the final average.
 pub(super) const FINAL_CERTIFICATE_WAIT: Duration = Duration::from_secs(10);
+/// How long a node whose run a peer asked certificates of (a seeding
+/// relay, a joiner) keeps serving once its last round is certified: such a
+/// peer asks when it sees an attestation, often before the certificate
+/// exists, and asks again each second (`Certifier::asks_due`).
+pub(super) const FINAL_SERVE: Duration = Duration::from_secs(3);
 
 impl<T: RoundTrainer> Engine<T> {
     /// A certificate: this node's own average certified (reported), or one a
@@ -111,13 +116,18 @@ impl<T: RoundTrainer> Engine<T> {
 
     /// After the last round, listens until its average is certified (peers
     /// still averaging attest it; late joiners and seeding relays then take
-    /// the run's final average), for `FINAL_CERTIFICATE_WAIT` at most.
+    /// the run's final average), for `FINAL_CERTIFICATE_WAIT` at most, then
+    /// `FINAL_SERVE` more where a peer asked for certificates.
     pub(super) async fn await_final_certificate(&mut self) -> Result<(), EngineError> {
         let last = self.settings.rounds.saturating_sub(1);
         let started = Instant::now();
         // Bounded by the wait.
         while self.certified_round.is_none_or(|r| r < last) && started.elapsed() < FINAL_CERTIFICATE_WAIT {
             self.sleep_listening(Duration::from_millis(100), None).await?;
+        }
+        let asked = self.net.asked_for_latest(self.settings.run_id).await.map_err(|e| EngineError::Network(e.to_string()))?;
+        if asked && self.certified_round.is_some_and(|r| r >= last) {
+            self.sleep_listening(FINAL_SERVE, None).await?;
         }
         Ok(())
     }

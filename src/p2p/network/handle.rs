@@ -40,6 +40,8 @@ pub(super) enum Command {
     /// Store and serve an adapter without gossiping it.
     Keep(Box<(SignedManifest, Manifest, Vec<u8>)>, oneshot::Sender<Result<(), NetworkError>>),
     RunPeers(Digest, oneshot::Sender<Vec<PeerId>>),
+    /// Whether a peer asked this node for a run's newest certificate.
+    AskedForLatest(Digest, oneshot::Sender<bool>),
     ForgetBefore(u64, oneshot::Sender<Result<(), String>>),
     /// Ask connected peers for a round's update manifests, and fetch them.
     AskRound(Digest, u64, Vec<HeldManifest>),
@@ -142,6 +144,12 @@ impl NetworkHandle {
     /// Connected peers subscribed to the run's manifest topic, relays excepted.
     pub async fn run_peers(&self, run_id: Digest) -> Result<Vec<PeerId>, NetworkError> {
         self.call(|tx| Command::RunPeers(run_id, tx)).await
+    }
+
+    /// Whether a peer (a seeding relay, a joiner) asked this node for the
+    /// run's newest certificate since it joined.
+    pub async fn asked_for_latest(&self, run_id: Digest) -> Result<bool, NetworkError> {
+        self.call(|tx| Command::AskedForLatest(run_id, tx)).await
     }
 
     /// Drops stored manifests of rounds before `round` and the chunks only

@@ -237,6 +237,8 @@ struct EventLoop {
     /// state still sought (answers for any other are dropped).
     state_requests: HashMap<request_response::OutboundRequestId, Digest>,
     state_sought: Option<Digest>,
+    /// Runs (joined) a peer asked this node for the newest certificate of.
+    latest_asked: HashSet<Digest>,
     /// Manifests verified and kept, by the hash of their signed bytes, with
     /// their round (at most `MAX_VERIFIED_MANIFESTS`).
     verified_manifests: HashMap<Digest, (u64, Manifest, PeerId)>,
@@ -330,6 +332,7 @@ pub fn spawn(keypair: identity::Keypair, options: NetworkOptions) -> Result<(Net
         piece_requests: HashMap::new(),
         state_requests: HashMap::new(),
         state_sought: None,
+        latest_asked: HashSet::new(),
         verified_manifests: HashMap::new(),
         asked_rounds: HashMap::new(),
     };
@@ -452,6 +455,9 @@ impl EventLoop {
             Command::AskRound(run_id, round, held) => self.ask_round(run_id, round, held),
             Command::RunPeers(run_id, reply) => {
                 let _ = reply.send(self.run_peers(run_id));
+            }
+            Command::AskedForLatest(run_id, reply) => {
+                let _ = reply.send(self.latest_asked.contains(&run_id));
             }
             Command::Dial(addr, reply) => {
                 let _ = reply.send(self.swarm.dial(addr.clone()).map_err(|e| format!("dial {addr}: {e}")));

@@ -166,15 +166,25 @@ impl EventLoop {
                 Ok(Some(bytes)) => ChunkResponse::Chunk(bytes),
                 _ => ChunkResponse::NotFound,
             },
-            ChunkRequest::Latest(run_id) => match (self.certifier.served(&run_id), self.latest.get(&run_id).map(|l| l.signed.to_bytes())) {
-                (Some(certificate), _) => ChunkResponse::Certificate(certificate.to_vec()),
-                (None, Some(Ok(bytes))) => ChunkResponse::Manifest(bytes),
-                _ => ChunkResponse::NotFound,
-            },
+            ChunkRequest::Latest(run_id) => self.newest(run_id),
             ChunkRequest::Round(run_id, round, held) => self.round_manifests(run_id, round, &held),
             ChunkRequest::Piece(adapter, index) => self.piece(adapter, index),
             ChunkRequest::PieceRange(adapter, index, start, len) => self.piece_range(adapter, index, start, len),
             ChunkRequest::State(run_id, hash) => self.held_state(run_id, hash),
+        }
+    }
+
+    /// The run's newest adapter: the certificate this node serves, else its
+    /// newest update manifest. A run someone asked this of is remembered
+    /// (`asked_for_latest`: a node lingers after its last round for them).
+    fn newest(&mut self, run_id: Digest) -> ChunkResponse {
+        if self.manifest_topics.values().any(|r| *r == run_id) {
+            self.latest_asked.insert(run_id);
+        }
+        match (self.certifier.served(&run_id), self.latest.get(&run_id).map(|l| l.signed.to_bytes())) {
+            (Some(certificate), _) => ChunkResponse::Certificate(certificate.to_vec()),
+            (None, Some(Ok(bytes))) => ChunkResponse::Manifest(bytes),
+            _ => ChunkResponse::NotFound,
         }
     }
 
