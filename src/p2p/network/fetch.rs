@@ -346,6 +346,11 @@ impl EventLoop {
             return Err("no connected peer to ask for the state".into());
         }
         self.state_sought = Some(hash);
+        // An earlier answer's fetch may be stuck on chunks that never come
+        // (a peer can sign a manifest naming this hash over bogus chunks):
+        // each ask starts from the first answer again; chunks already here
+        // stay in the store.
+        self.pending.remove(&hash);
         for peer in peers {
             let request = self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::State(run_id, hash));
             self.state_requests.insert(request, hash);
