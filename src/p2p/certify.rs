@@ -140,7 +140,7 @@ impl Certifier {
     /// attestation of a round newer than the one it serves: its author has
     /// averaged, and is the first to hold that round's certificate. Once
     /// for each attester and round.
-    pub fn should_ask(&mut self, attestation: &Manifest, author: PeerId) -> bool {
+    pub fn should_ask(&mut self, attestation: &Manifest, author: PeerId, now: Instant) -> bool {
         let run = attestation.run_id;
         let averaging = self.member_of.contains(&run) || self.drafts.keys().any(|(r, _)| *r == run);
         let newer = self.held.get(&run).is_none_or(|h| attestation.round > h.round);
@@ -153,7 +153,7 @@ impl Certifier {
         if self.asked.len() >= MAX_ASKED || self.asked.contains_key(&key) {
             return false;
         }
-        self.asked.insert(key, (Instant::now(), 1));
+        self.asked.insert(key, (now, 1));
         true
     }
 
@@ -265,9 +265,9 @@ mod tests {
         let mut certifier = Certifier::default();
         let (run, author) = (Digest::of(b"run"), PeerId::random());
         let attestation = Manifest::attestation(run, 1, &author, Digest::of(b"average"), 10, Digest::of(b"inputs"));
-        assert!(certifier.should_ask(&attestation, author));
-        assert!(!certifier.should_ask(&attestation, author), "an attestation prompts one ask");
         let start = Instant::now();
+        assert!(certifier.should_ask(&attestation, author, start));
+        assert!(!certifier.should_ask(&attestation, author, start), "an attestation prompts one ask");
         assert!(certifier.asks_due(start).is_empty(), "not again at once");
         let again: Vec<usize> = (1..=10).map(|k| certifier.asks_due(start + RETRY_AFTER * k).len()).collect();
         assert_eq!(again, [1, 1, 1, 1, 0, 0, 0, 0, 0, 0], "once a second, then no more");

@@ -318,14 +318,17 @@ impl EventLoop {
     /// Asks every connected peer for the run's newest certificate (or, in a
     /// run without one, its newest update).
     pub(super) fn catch_up(&mut self, run_id: Digest) -> Result<(), String> {
+        self.ask_connected(&ChunkRequest::Latest(run_id), "catch up from").map(|_| ())
+    }
+
+    /// Sends `request` to every connected peer: the requests out, or an
+    /// error naming what there was nobody to `ask_for`.
+    fn ask_connected(&mut self, request: &ChunkRequest, ask_for: &str) -> Result<Vec<OutboundRequestId>, String> {
         let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
         if peers.is_empty() {
-            return Err("no connected peer to catch up from".into());
+            return Err(format!("no connected peer to {ask_for}"));
         }
-        for peer in peers {
-            self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::Latest(run_id));
-        }
-        Ok(())
+        Ok(peers.iter().map(|peer| self.swarm.behaviour_mut().chunks.send_request(peer, request.clone())).collect())
     }
 
     /// A seeding node asks attesters again whose answer was an older
@@ -341,20 +344,14 @@ impl EventLoop {
     /// fetched like a certified average, and its chunks are checked against
     /// that hash. One state is sought at a time.
     pub(super) fn ask_state(&mut self, run_id: Digest, hash: Digest) -> Result<(), String> {
-        let peers: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        if peers.is_empty() {
-            return Err("no connected peer to ask for the state".into());
-        }
+        let requests = self.ask_connected(&ChunkRequest::State(run_id, hash), "ask for the state")?;
+        self.state_requests.extend(requests.into_iter().map(|request| (request, hash)));
         self.state_sought = Some(hash);
         // An earlier answer's fetch may be stuck on chunks that never come
         // (a peer can sign a manifest naming this hash over bogus chunks):
         // each ask starts from the first answer again; chunks already here
         // stay in the store.
         self.pending.remove(&hash);
-        for peer in peers {
-            let request = self.swarm.behaviour_mut().chunks.send_request(&peer, ChunkRequest::State(run_id, hash));
-            self.state_requests.insert(request, hash);
-        }
         Ok(())
     }
 
@@ -383,7 +380,7 @@ impl EventLoop {
         if manifest.kind != ManifestKind::Average || manifest.adapter_hash != hash {
             return Err(format!("answered a request for state {hash:?} with another manifest"));
         }
-        if !self.manifest_topics.values().any(|r| *r == manifest.run_id) {
+        if !self.joined(&manifest.run_id) {
             return Err(format!("answered a state request with a manifest of run {:?}, which this node did not join", manifest.run_id));
         }
         Ok((manifest, author))

@@ -3,6 +3,8 @@
 //! allowlist, quarantine, equivocation), and invalid ones cost the sender
 //! peer score. Also the topics themselves: joining and leaving a run.
 
+use std::time::Instant;
+
 use libp2p::{PeerId, gossipsub};
 
 use crate::wire::codec::{ChunkMessage, Digest};
@@ -109,7 +111,7 @@ impl EventLoop {
                 return Err(Refusal::from(format!("manifest for run {:?} on the topic of run {run_id:?}", manifest.run_id)));
             }
             // Offered in answer to a request: it must be for a run this node joined.
-            None if !self.manifest_topics.values().any(|r| *r == manifest.run_id) => {
+            None if !self.joined(&manifest.run_id) => {
                 return Err(Refusal::from(format!("a manifest for run {:?}, which this node did not join", manifest.run_id)));
             }
             _ => {}
@@ -141,7 +143,7 @@ impl EventLoop {
             // come later, and then counts it.
             if let Some(news) = self.certifier.attest(&manifest, author, &signed) {
                 self.emit(NetworkEvent::Certified(news));
-            } else if self.certifier.should_ask(&manifest, author) {
+            } else if self.certifier.should_ask(&manifest, author, Instant::now()) {
                 // The forwarder, connected, validated it and so counted it
                 // towards its own certificate of that round.
                 for peer in std::iter::once(author).chain(source.filter(|s| *s != author)) {
@@ -301,6 +303,11 @@ impl EventLoop {
         if self.verified_manifests.len() < MAX_VERIFIED_MANIFESTS {
             self.verified_manifests.insert(digest, (manifest.round, manifest.clone(), author));
         }
+    }
+
+    /// Whether this node joined `run_id` (it holds the run's manifest topic).
+    pub(super) fn joined(&self, run_id: &Digest) -> bool {
+        self.manifest_topics.values().any(|r| r == run_id)
     }
 
     /// Joins a run's manifest, chunk and evidence topics, with peer scoring.

@@ -139,7 +139,7 @@ impl EventLoop {
         let allowed = |p: &PeerId| self.allowed_peers.as_ref().is_none_or(|list| list.contains(p));
         let certified = certificate.verify(&self.limits, allowed).map_err(|e| e.to_string())?;
         let average = certified.average.clone();
-        if !self.manifest_topics.values().any(|r| *r == average.run_id) {
+        if !self.joined(&average.run_id) {
             return Err(format!("a certificate for run {:?}, which this node did not join", average.run_id));
         }
         if self.certifier.offer(&certificate, &certified)? {
@@ -178,7 +178,7 @@ impl EventLoop {
     /// newest update manifest. A run someone asked this of is remembered
     /// (`asked_for_latest`: a node lingers after its last round for them).
     fn newest(&mut self, run_id: Digest) -> ChunkResponse {
-        if self.manifest_topics.values().any(|r| *r == run_id) {
+        if self.joined(&run_id) {
             self.latest_asked.insert(run_id);
         }
         match (self.certifier.served(&run_id), self.latest.get(&run_id).map(|l| l.signed.to_bytes())) {
