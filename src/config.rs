@@ -263,6 +263,9 @@ pub enum CompressionKind {
     /// Each round's change in int8 blocks of 62 values with a bfloat16
     /// scale, with error feedback.
     Int8,
+    /// Each round's change as the 31 largest of every 256 values, int8
+    /// with a bfloat16 scale (16x less than float32), with error feedback.
+    Topk,
 }
 
 /// Rounds and averaging. Defaults: 10 rounds, 10 nodes (in simulation),

@@ -7,11 +7,12 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 use serde_json::json;
 
 use crate::config::{CompressionKind, Config, ExchangeMode};
 use crate::plot::{Series, plot_scaling};
+use crate::wire::compression::Compression;
 
 use super::args::ModelArgs;
 
@@ -26,7 +27,7 @@ pub struct BenchTrafficArgs {
     /// Exchanges to compare (comma-separated).
     #[arg(long, value_enum, value_delimiter = ',', default_values_t = vec![ExchangeMode::Gossip, ExchangeMode::Reduce])]
     pub exchange: Vec<ExchangeMode>,
-    /// Compressions to compare (comma-separated: none, fp16, int8; default:
+    /// Compressions to compare (comma-separated: none, fp16, int8, topk; default:
     /// the configured `federation.compression`).
     #[arg(long, value_enum, value_delimiter = ',')]
     pub compression: Vec<CompressionKind>,
@@ -70,11 +71,7 @@ fn name(exchange: ExchangeMode) -> &'static str {
 }
 
 fn compression_name(compression: CompressionKind) -> &'static str {
-    match compression {
-        CompressionKind::None => "none",
-        CompressionKind::Fp16 => "fp16",
-        CompressionKind::Int8 => "int8",
-    }
+    Compression::from(compression).name()
 }
 
 /// One simulation's figures, from its summary record.
@@ -224,10 +221,8 @@ fn read_runs(path: &Path) -> Result<(Vec<Run>, String), String> {
         let nodes = summary["nodes"].as_u64().and_then(|n| u32::try_from(n).ok()).ok_or_else(|| format!("{}: no node count", at()))?;
         // Records from before compressions were compared moved float32.
         let compression = match summary["compression"].as_str() {
-            None | Some("none") => CompressionKind::None,
-            Some("fp16") => CompressionKind::Fp16,
-            Some("int8") => CompressionKind::Int8,
-            Some(other) => return Err(format!("{}: compression {other:?} is none of none, fp16, int8", at())),
+            None => CompressionKind::None,
+            Some(name) => CompressionKind::from_str(name, false).map_err(|_| format!("{}: compression {name:?} is none of none, fp16, int8, topk", at()))?,
         };
         runs.push(Run { exchange, compression, nodes, summary });
     }

@@ -62,10 +62,17 @@ pub fn run_id(model_identity: &str, data_fingerprint: &str, config: &Config) -> 
 /// How the config's updates travel (every node of a run must agree: it is
 /// part of the run id).
 pub fn compression(config: &Config) -> Compression {
-    match config.federation.compression() {
-        CompressionKind::None => Compression::None,
-        CompressionKind::Fp16 => Compression::Fp16,
-        CompressionKind::Int8 => Compression::Int8,
+    config.federation.compression().into()
+}
+
+impl From<CompressionKind> for Compression {
+    fn from(kind: CompressionKind) -> Self {
+        match kind {
+            CompressionKind::None => Compression::None,
+            CompressionKind::Fp16 => Compression::Fp16,
+            CompressionKind::Int8 => Compression::Int8,
+            CompressionKind::Topk => Compression::TopK,
+        }
     }
 }
 

@@ -77,9 +77,12 @@ pub enum TensorDtype {
     F32,
     F16,
     Bf16,
-    /// int8 blocks with a float16 scale (`wire::compression`), as bytes
+    /// int8 blocks with a bfloat16 scale (`wire::compression`), as bytes
     /// (safetensors `U8`, shape `[bytes]`).
     Int8Blocks,
+    /// top-k blocks (`wire::compression`), as bytes (safetensors `I8`,
+    /// shape `[bytes]`; `I8` only tells them from int8 blocks).
+    TopkBlocks,
 }
 
 impl TensorDtype {
@@ -89,6 +92,16 @@ impl TensorDtype {
             TensorDtype::F16 => Dtype::F16,
             TensorDtype::Bf16 => Dtype::BF16,
             TensorDtype::Int8Blocks => Dtype::U8,
+            TensorDtype::TopkBlocks => Dtype::I8,
+        }
+    }
+
+    /// The compression whose blocks a byte dtype holds.
+    fn blocks(self) -> Option<Compression> {
+        match self {
+            TensorDtype::Int8Blocks => Some(Compression::Int8),
+            TensorDtype::TopkBlocks => Some(Compression::TopK),
+            _ => None,
         }
     }
 
@@ -96,7 +109,7 @@ impl TensorDtype {
         match self {
             TensorDtype::F32 => 4,
             TensorDtype::F16 | TensorDtype::Bf16 => 2,
-            TensorDtype::Int8Blocks => 1,
+            TensorDtype::Int8Blocks | TensorDtype::TopkBlocks => 1,
         }
     }
 }
@@ -199,13 +212,14 @@ pub fn decode_adapter(bytes: &[u8], limits: &Limits) -> Result<Vec<TensorBytes>,
             Dtype::F16 => TensorDtype::F16,
             Dtype::BF16 => TensorDtype::Bf16,
             Dtype::U8 => TensorDtype::Int8Blocks,
+            Dtype::I8 => TensorDtype::TopkBlocks,
             other => return Err(bad(format!("dtype {other:?} is not an adapter dtype"))),
         };
         let data = view.data();
         if !all_finite(dtype, data) {
-            return Err(bad(match (dtype, Compression::Int8.bad_scale(data)) {
-                (TensorDtype::Int8Blocks, Some((block, scale))) => format!("int8 block {block} has scale {scale}; a block's scale is a finite bfloat16, never negative"),
-                (TensorDtype::Int8Blocks, None) => format!("{} bytes are not whole {INT8_BLOCK_BYTES}-byte int8 blocks", data.len()),
+            return Err(bad(match (dtype.blocks(), dtype.blocks().and_then(|c| c.bad_block(data))) {
+                (Some(c), Some((block, what))) => format!("{} block {block} has {what}", c.name()),
+                (Some(c), None) => format!("{} bytes are not whole {INT8_BLOCK_BYTES}-byte {} blocks", data.len(), c.name()),
                 _ => "holds NaN or infinity".into(),
             }));
         }
@@ -226,7 +240,7 @@ fn all_finite(dtype: TensorDtype, data: &[u8]) -> bool {
         // Exponent bits all ones means NaN or infinity.
         TensorDtype::F16 => data.chunks_exact(2).all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7C00 != 0x7C00),
         TensorDtype::Bf16 => data.chunks_exact(2).all(|b| u16::from_le_bytes([b[0], b[1]]) & 0x7F80 != 0x7F80),
-        TensorDtype::Int8Blocks => data.len() % INT8_BLOCK_BYTES == 0 && Compression::Int8.bad_scale(data).is_none(),
+        TensorDtype::Int8Blocks | TensorDtype::TopkBlocks => data.len() % INT8_BLOCK_BYTES == 0 && dtype.blocks().and_then(|c| c.bad_block(data)).is_none(),
     }
 }
 

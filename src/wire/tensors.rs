@@ -21,6 +21,7 @@ pub fn encode_as(tensors: &Tensors, compression: Compression) -> Result<Vec<u8>,
                 Compression::None => (TensorDtype::F32, t.shape.clone()),
                 Compression::Fp16 => (TensorDtype::F16, t.shape.clone()),
                 Compression::Int8 => (TensorDtype::Int8Blocks, vec![data.len()]),
+                Compression::TopK => (TensorDtype::TopkBlocks, vec![data.len()]),
             };
             TensorBytes { name: name.clone(), dtype, shape, data }
         })
@@ -41,6 +42,7 @@ pub fn decode_checked_as(bytes: &[u8], layout: &Tensors, compression: Compressio
         Compression::None => (TensorDtype::F32, "adapters travel as float32"),
         Compression::Fp16 => (TensorDtype::F16, "this run's updates travel as float16"),
         Compression::Int8 => (TensorDtype::Int8Blocks, "this run's updates travel as int8 blocks"),
+        Compression::TopK => (TensorDtype::TopkBlocks, "this run's updates travel as top-k blocks"),
     };
     let mut tensors = Tensors::new();
     for t in list {
@@ -50,7 +52,7 @@ pub fn decode_checked_as(bytes: &[u8], layout: &Tensors, compression: Compressio
         }
         let count = expected.values.len();
         let shape_ok = match compression {
-            Compression::Int8 => t.shape == [compression.encoded_len(count)],
+            Compression::Int8 | Compression::TopK => t.shape == [compression.encoded_len(count)],
             _ => t.shape == expected.shape,
         };
         if !shape_ok {
@@ -90,7 +92,8 @@ mod tests {
     #[test]
     fn every_compression_round_trips_against_the_layout() {
         let tensors = adapter();
-        for compression in [Compression::None, Compression::Fp16, Compression::Int8] {
+        // Tensors this small keep every value under top-k too.
+        for compression in [Compression::None, Compression::Fp16, Compression::Int8, Compression::TopK] {
             let bytes = encode_as(&tensors, compression).unwrap();
             let back = decode_checked_as(&bytes, &tensors, compression, &Limits::default()).unwrap();
             for (name, t) in &tensors {
@@ -109,12 +112,26 @@ mod tests {
     #[test]
     fn a_corrupt_block_scale_is_refused() {
         let tensors = adapter();
-        let mut bytes = encode_as(&tensors, Compression::Int8).unwrap();
-        // The first tensor's data starts right after the header.
+        for compression in [Compression::Int8, Compression::TopK] {
+            let mut bytes = encode_as(&tensors, compression).unwrap();
+            // The first tensor's data starts right after the header.
+            let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+            assert_eq!(header % crate::wire::compression::INT8_BLOCK_BYTES, 0, "the data starts on the block grid");
+            bytes[header..header + 2].copy_from_slice(&half::bf16::NAN.to_le_bytes());
+            let err = decode_checked_as(&bytes, &tensors, compression, &Limits::default()).unwrap_err();
+            assert!(err.contains(&format!("{} block 0 has scale NaN", compression.name())), "{err}");
+        }
+    }
+
+    /// A top-k block that names a position twice (or out of order) would
+    /// decode to values that depend on the decoder: refused, named.
+    #[test]
+    fn top_k_positions_out_of_order_are_refused() {
+        let tensors = adapter();
+        let mut bytes = encode_as(&tensors, Compression::TopK).unwrap();
         let header = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-        assert_eq!(header % crate::wire::compression::INT8_BLOCK_BYTES, 0, "the data starts on the block grid");
-        bytes[header..header + 2].copy_from_slice(&half::bf16::NAN.to_le_bytes());
-        let err = decode_checked_as(&bytes, &tensors, Compression::Int8, &Limits::default()).unwrap_err();
-        assert!(err.contains("int8 block 0 has scale NaN"), "{err}");
+        bytes[header + 3] = bytes[header + 2];
+        let err = decode_checked_as(&bytes, &tensors, Compression::TopK, &Limits::default()).unwrap_err();
+        assert!(err.contains("topk block 0 has positions that do not increase"), "{err}");
     }
 }

@@ -47,6 +47,27 @@ pub(super) fn compress(start: &Tensors, trained: &Tensors, residual: &Tensors, c
     Ok((bytes, sent, left))
 }
 
+/// `residual` plus what of `sent` the round's `average` dropped (its
+/// values where the average is zero), or all of `sent` where this node's
+/// update was not averaged (`None`). Under top-k an average keeps only the
+/// largest values of each block of its inputs' mean; without this, what
+/// the inputs sent outside them would be lost, where now each sender sends
+/// it again until an average takes it.
+pub(super) fn return_dropped(residual: &Tensors, sent: &Tensors, average: Option<&Tensors>) -> Result<Tensors, String> {
+    let dropped: Tensors = match average {
+        None => sent.clone(),
+        Some(average) => sent
+            .iter()
+            .map(|(name, s)| {
+                let a = average.get(name).filter(|a| a.values.len() == s.values.len()).ok_or_else(|| format!("{name} is missing from the average or has another shape"))?;
+                let values = s.values.iter().zip(&a.values).map(|(v, kept)| if *kept == 0.0 { *v } else { 0.0 }).collect();
+                Ok((name.clone(), Tensor { shape: s.shape.clone(), values }))
+            })
+            .collect::<Result<_, String>>()?,
+    };
+    add(residual, &dropped)
+}
+
 /// A state and a residual in one set of tensors (a checkpoint's).
 pub(super) fn with_residual(state: &Tensors, residual: &Tensors) -> Tensors {
     let mut packed = state.clone();
@@ -105,6 +126,74 @@ mod tests {
                 assert!(gap(&sent_sum) * 4.0 < gap(&plain_sum), "feedback {} vs none {}", gap(&sent_sum), gap(&plain_sum));
             }
         }
+    }
+
+    /// Under top-k three nodes' averages keep only each block's largest
+    /// values of the mean: with what was dropped returned to each sender's
+    /// residual, the averages applied over rounds add up to the mean of what
+    /// the nodes meant, less their residuals, within the averages' own
+    /// rounding; without it, most of the change is lost.
+    #[test]
+    fn top_k_returns_what_the_average_dropped() {
+        let mut rng = SeededRng::new(11);
+        let start: Tensors = [("l.lora_a", 600)].into_iter().map(|(name, n)| (name.to_owned(), Tensor { shape: vec![n], values: vec![0.0; n] })).collect();
+        let nodes = 3;
+        let mut residuals = vec![zeros_like(&start); nodes];
+        let mut kept_residuals = vec![zeros_like(&start); nodes];
+        let (mut meant, mut applied, mut applied_without) = (zeros_like(&start), zeros_like(&start), zeros_like(&start));
+        let mean = |all: &[Tensors]| -> Tensors {
+            let sum = all.iter().skip(1).fold(all[0].clone(), |acc, t| add(&acc, t).unwrap());
+            sum.into_iter().map(|(n, t)| (n, Tensor { values: t.values.iter().map(|v| v / all.len() as f32).collect(), ..t })).collect()
+        };
+        let average_of = |sent: &[Tensors]| {
+            let m = mean(sent);
+            decode_checked_as(&encode_as(&m, Compression::TopK).unwrap(), &m, Compression::TopK, &Limits::default()).unwrap()
+        };
+        let rounds = 30;
+        for _ in 0..rounds {
+            let changes: Vec<Tensors> = (0..nodes).map(|_| add(&tensors_like(&mut rng, &start, 1e-3), &constant(&start, 2e-4)).unwrap()).collect();
+            meant = add(&meant, &mean(&changes)).unwrap();
+            let mut sent = Vec::new();
+            let mut sent_without = Vec::new();
+            for i in 0..nodes {
+                let trained = add(&start, &changes[i]).unwrap();
+                let (_, s, left) = compress(&start, &trained, &residuals[i], Compression::TopK).unwrap();
+                residuals[i] = left;
+                sent.push(s);
+                let (_, s, left) = compress(&start, &trained, &kept_residuals[i], Compression::TopK).unwrap();
+                kept_residuals[i] = left;
+                sent_without.push(s);
+            }
+            let average = average_of(&sent);
+            for i in 0..nodes {
+                residuals[i] = return_dropped(&residuals[i], &sent[i], Some(&average)).unwrap();
+            }
+            applied = add(&applied, &average).unwrap();
+            applied_without = add(&applied_without, &average_of(&sent_without)).unwrap();
+        }
+        let gap = |a: &Tensors, b: &Tensors| -> f32 { a["l.lora_a"].values.iter().zip(&b["l.lora_a"].values).map(|(x, y)| (x - y).powi(2)).sum::<f32>().sqrt() };
+        let norm = |a: &Tensors| gap(a, &zeros_like(a));
+        let owed = combine(&meant, &mean(&residuals), -1.0).unwrap();
+        let owed_without = combine(&meant, &mean(&kept_residuals), -1.0).unwrap();
+        // Each average rounds to int8 steps of its block: a few percent of
+        // the total after 30 rounds.
+        assert!(gap(&applied, &owed) < 0.05 * norm(&meant), "{} vs {}", gap(&applied, &owed), norm(&meant));
+        assert!(gap(&applied, &owed) * 20.0 < gap(&applied_without, &owed_without), "returned {} vs dropped {}", gap(&applied, &owed), gap(&applied_without, &owed_without));
+        // Not averaged at all: everything sent comes back.
+        let back = return_dropped(&zeros_like(&start), &sent_like(&start), None).unwrap();
+        assert_eq!(back, sent_like(&start));
+    }
+
+    fn tensors_like(rng: &mut SeededRng, like: &Tensors, spread: f32) -> Tensors {
+        like.iter().map(|(n, t)| (n.clone(), Tensor { shape: t.shape.clone(), values: (0..t.values.len()).map(|_| (rng.next_f64() as f32 - 0.5) * spread).collect() })).collect()
+    }
+
+    fn constant(like: &Tensors, value: f32) -> Tensors {
+        like.iter().map(|(n, t)| (n.clone(), Tensor { values: vec![value; t.values.len()], ..t.clone() })).collect()
+    }
+
+    fn sent_like(like: &Tensors) -> Tensors {
+        constant(like, 0.5)
     }
 
     #[test]

@@ -62,6 +62,7 @@ use super::checkpoint::CheckpointError;
 use super::misbehaviour::Misbehaviour;
 use catch_up::Offers;
 use claims::ClaimBook;
+use average::Averaged;
 use collect::Collected;
 use inbox::Heard;
 use quarantine::Verdicts;
@@ -107,6 +108,10 @@ pub struct Engine<T: RoundTrainer> {
     /// What compression left out of this node's updates so far (error
     /// feedback; empty when updates are not compressed).
     residual: Tensors,
+    /// The round and decoded values of this node's newest compressed
+    /// update (under top-k, what the average dropped of it goes back into
+    /// the residual).
+    sent: Option<(u64, Tensors)>,
 }
 
 impl<T: RoundTrainer> Engine<T> {
@@ -134,6 +139,7 @@ impl<T: RoundTrainer> Engine<T> {
             layout: Tensors::new(),
             state_layout: Tensors::new(),
             residual: Tensors::new(),
+            sent: None,
         }
     }
 
@@ -285,6 +291,9 @@ impl<T: RoundTrainer> Engine<T> {
             },
         };
         self.claims.forget_through(round);
+        if self.settings.compression == Compression::TopK {
+            self.return_dropped(round, &averaged)?;
+        }
         // 5. The outer step: the next state is what every node certifies
         //    and a joiner takes (the average itself under `average`).
         //    Compressed changes go onto the start most inputs trained from.
@@ -324,6 +333,21 @@ impl<T: RoundTrainer> Engine<T> {
             }),
             state,
         })
+    }
+
+    /// Top-k's averages keep the largest values of each block of the
+    /// inputs' mean, so some of what this node sent in `round` may not be
+    /// in the average (all of it, if its update was not an input): that
+    /// part goes back into the residual, to be sent again.
+    fn return_dropped(&mut self, round: u64, averaged: &Averaged) -> Result<(), EngineError> {
+        let Some((sent_round, sent)) = self.sent.take() else {
+            return Ok(());
+        };
+        if sent_round == round {
+            let averaged_mine = averaged.inputs.iter().any(|(author, _)| *author == self.me());
+            self.residual = feedback::return_dropped(&self.residual, &sent, averaged_mine.then_some(&averaged.average)).map_err(EngineError::Aggregate)?;
+        }
+        Ok(())
     }
 
     /// Step 1: `round`'s local training on `rows` from `current`, listening

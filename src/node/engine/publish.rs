@@ -38,6 +38,7 @@ impl<T: RoundTrainer> Engine<T> {
         let (bytes, update) = if self.compressed() {
             let (bytes, sent, residual) = feedback::compress(start, &trained, &self.residual, self.settings.compression).map_err(EngineError::Aggregate)?;
             self.residual = residual;
+            self.sent = Some((round, sent.clone()));
             (bytes, sent)
         } else {
             (encode(&trained).map_err(EngineError::Aggregate)?, trained)
