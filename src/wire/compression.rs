@@ -102,15 +102,10 @@ impl Compression {
             Self::Int8 => {
                 let mut out = Vec::with_capacity(self.encoded_len(values.len()));
                 for block in values.chunks(INT8_BLOCK_VALUES) {
-                    let absmax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-                    let scale = scale_for(absmax);
-                    // The scale as sent: what the receiver multiplies by.
-                    let divisor = scale.to_f32();
+                    let scale = block_scale(block);
                     out.extend_from_slice(&scale.to_le_bytes());
                     for i in 0..INT8_BLOCK_VALUES {
-                        let v = block.get(i).copied().unwrap_or(0.0);
-                        let q = if divisor > 0.0 { (v / divisor).round_ties_even().clamp(-127.0, 127.0) } else { 0.0 };
-                        out.push(q as i8 as u8);
+                        out.push(quantize(block.get(i).copied().unwrap_or(0.0), scale));
                     }
                 }
                 out
@@ -200,18 +195,29 @@ fn encode_topk_block(block: &[f32]) -> [u8; INT8_BLOCK_BYTES] {
     order.select_nth_unstable_by(TOPK_KEPT - 1, |a, b| magnitude(*b).total_cmp(&magnitude(*a)).then(a.cmp(b)));
     let mut kept = order[..TOPK_KEPT].to_vec();
     kept.sort_unstable();
-    let scale = scale_for(block.iter().fold(0f32, |m, v| m.max(v.abs())));
-    let divisor = scale.to_f32();
+    let scale = block_scale(block);
     let mut out = [0u8; INT8_BLOCK_BYTES];
     out[..2].copy_from_slice(&scale.to_le_bytes());
     for (k, position) in kept.into_iter().enumerate() {
-        let v = block.get(position).copied().unwrap_or(0.0);
-        let q = if divisor > 0.0 { (v / divisor).round_ties_even().clamp(-127.0, 127.0) } else { 0.0 };
         // Positions are below 256 (`TOPK_BLOCK_VALUES`): one byte each.
         out[2 + k] = position as u8;
-        out[2 + TOPK_KEPT + k] = q as i8 as u8;
+        out[2 + TOPK_KEPT + k] = quantize(block.get(position).copied().unwrap_or(0.0), scale);
     }
     out
+}
+
+/// The scale of an int8 or top-k block: from its absmax, so that no value
+/// is clipped.
+fn block_scale(block: &[f32]) -> bf16 {
+    scale_for(block.iter().fold(0f32, |m, v| m.max(v.abs())))
+}
+
+/// `v` as the signed byte that times `scale` (as sent: what the receiver
+/// multiplies by) comes nearest to it, ties to even.
+fn quantize(v: f32, scale: bf16) -> u8 {
+    let divisor = scale.to_f32();
+    let q = if divisor > 0.0 { (v / divisor).round_ties_even().clamp(-127.0, 127.0) } else { 0.0 };
+    q as i8 as u8
 }
 
 /// A scale an honest encoder writes: finite, and not negative (an absmax
