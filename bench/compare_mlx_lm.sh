@@ -6,6 +6,7 @@
 #
 #   MLX_LM_PYTHON=.venv-mlx/bin/python bash bench/compare_mlx_lm.sh [STEPS]
 #   ONLY=" 8$" bash bench/compare_mlx_lm.sh 3     # only the cases that match
+#   DTYPE=bfloat16 bash bench/compare_mlx_lm.sh    # bfloat16 weights on both sides
 #
 # Needs Python mlx-lm 0.32.2 ("pip install mlx-lm==0.32.2 'mlx[cpu]==0.32.2'";
 # `PYTHONPATH=.deps/python python3` has it after `scripts/setup.sh --tests`).
@@ -33,6 +34,21 @@ trap 'rm -rf "$WORK"' EXIT
 # The same settings on both sides: 16 layers, rank 8, every projection, no dropout.
 RANK=8; LAYERS=16; SCALE=20.0
 "$BIN" -q export --dequantize --out "$WORK/model" >/dev/null
+# DTYPE=bfloat16: both sides train and generate on a bfloat16 copy of the
+# weights (the adapters stay float32 on both), a GPU's fast path.
+DTYPE="${DTYPE:-float32}"
+case "$DTYPE" in
+  float32) ;;
+  bfloat16) "$PY" - "$WORK/model" <<'PYEOF'
+import glob, sys
+import mlx.core as mx
+for path in glob.glob(sys.argv[1] + "/*.safetensors"):
+    weights = mx.load(path)
+    mx.save_safetensors(path, {k: v.astype(mx.bfloat16) if v.dtype == mx.float32 else v for k, v in weights.items()})
+PYEOF
+  ;;
+  *) echo "DTYPE must be float32 or bfloat16, not $DTYPE" >&2; exit 2 ;;
+esac
 "$PY" - "$WORK" <<'PYEOF'
 import json, random, sys
 work = sys.argv[1]
@@ -124,9 +140,9 @@ case_line short lora 1 512 "short (~40 tokens)"
 case_line short dora 1 512 "short (~40 tokens)"
 case_line short lora 8 512 "short (~40 tokens)"
 case_line mixed lora 8 512 "mixed (25-250 tokens)"
-echo "($STEPS timed steps each; share of the matmul limit: tokens/s x FLOPs a token over a float32 matmul's rate, 1024^3 on a CPU and 8192^3 on a GPU, measured in the same run)"
+echo "($STEPS timed steps each, $DTYPE weights; share of the matmul limit: tokens/s x FLOPs a token over a float32 matmul's rate, 1024^3 on a CPU and 8192^3 on a GPU, measured in the same run)"
 
-# Generation: the same float32 model, a 128-token prompt (the same sentence
+# Generation: the same model, a 128-token prompt (the same sentence
 # cycled), 64 new tokens, greedy. mlx_lm prints its own prompt and generation
 # rates; ours is `bench generate`'s median of three runs.
 [[ "generate" =~ ${ONLY:-.} ]] || exit 0
@@ -142,9 +158,11 @@ their_prompt=$(grep -oE "^Prompt: [0-9]+ tokens, [0-9.]+" "$theirs_log" | awk '{
 their_gen=$(grep -oE "^Generation: [0-9]+ tokens, [0-9.]+" "$theirs_log" | awk '{print $4}')
 ours_log="$WORK/ours-generate.log"
 "$BIN" -q bench generate --model "$WORK/model" --prompt-tokens 128 --max-tokens 64 > "$ours_log" 2>&1 || tail -5 "$ours_log" >&2
-read -r our_prompt our_gen < <(grep "^float32" "$ours_log" | awk '{print $(NF-2), $(NF-1)}')
+# A float32 folder gives only the float32 row; a bfloat16 one is measured "as stored".
+row=$([ "$DTYPE" = float32 ] && echo "^float32" || echo "^as stored")
+read -r our_prompt our_gen < <(grep "$row" "$ours_log" | awk '{print $(NF-2), $(NF-1)}')
 echo
-echo "| generate (float32, 128-token prompt, 64 tokens) | mlx_lm tok/s | ours tok/s | ratio |"
+echo "| generate ($DTYPE, 128-token prompt, 64 tokens) | mlx_lm tok/s | ours tok/s | ratio |"
 echo "| --- | --- | --- | --- |"
 echo "| prompt | ${their_prompt:-?} | ${our_prompt:-?} | $(ratio "${our_prompt:-?}" "${their_prompt:-?}") |"
 echo "| generation | ${their_gen:-?} | ${our_gen:-?} | $(ratio "${our_gen:-?}" "${their_gen:-?}") |"

@@ -740,3 +740,43 @@ fn a_parquet_hub_data_set_trains_from_the_cache_offline() {
     assert!(String::from_utf8_lossy(&output.stdout).contains("step 4: train loss"), "{}", String::from_utf8_lossy(&output.stdout));
     assert!(adapter.join("adapters.safetensors").is_file());
 }
+
+/// `--quant bfloat16`: the base computes in bfloat16 (dense or quantized),
+/// the adapter stays float32, and the losses follow float32's.
+#[test]
+fn bfloat16_training_follows_float32() {
+    use mlx_rs::Dtype;
+    let data = builtin();
+    let rows = &data.valid[..8];
+    for (dora, quantized) in [(false, false), (true, true)] {
+        let config = config(dora);
+        let float = load_model("tiny", &LoadOptions { quant: QuantMode::Keep }).unwrap();
+        let mut float_decoder = float.decoder.clone();
+        if quantized {
+            float_decoder.quantize(32, 8).unwrap();
+        }
+        let half_decoder = float_decoder.with_float_dtype(Dtype::Bfloat16).unwrap();
+        for (name, array) in half_decoder.weights().unwrap().into_inner() {
+            let expected = if name.ends_with(".weight") && quantized && !name.contains("norm") { Dtype::Uint32 } else { Dtype::Bfloat16 };
+            assert_eq!(array.dtype(), expected, "{name}");
+        }
+        let settings = LoraSettings::from_config(&config.lora);
+        let mut float_trainer = MlxTrainer::new(float_decoder, float.tokenizer.clone(), settings.clone(), config.train.clone(), 20).unwrap();
+        let mut half_trainer = MlxTrainer::new(half_decoder, float.tokenizer.clone(), settings.clone(), config.train.clone(), 20).unwrap();
+        // Activations stay bfloat16 through the adapted projections.
+        let tokens = Array::from_slice(&[3i32, 9, 27, 4], &[1, 4]);
+        let applier = LoraApplier { params: half_trainer.adapter(), settings: &settings, dropout: None };
+        let logits = half_trainer.decoder.forward_adapted(&tokens, None, Layout::ROWS, Some(&applier)).unwrap();
+        assert_eq!(logits.dtype(), Dtype::Bfloat16, "dora={dora} quantized={quantized}");
+        let (float_before, half_before) = (float_trainer.evaluate(rows).unwrap().loss, half_trainer.evaluate(rows).unwrap().loss);
+        float_trainer.train_steps(&data.train, 20, 0).unwrap();
+        half_trainer.train_steps(&data.train, 20, 0).unwrap();
+        let (float_after, half_after) = (float_trainer.evaluate(rows).unwrap().loss, half_trainer.evaluate(rows).unwrap().loss);
+        let label = format!("dora={dora} quantized={quantized}: float32 {float_before} -> {float_after}, bfloat16 {half_before} -> {half_after}");
+        eprintln!("{label}");
+        assert!((half_before - float_before).abs() < 0.02 * float_before, "{label}");
+        assert!(half_after < half_before - 0.2, "{label}");
+        assert!((half_after - float_after).abs() < 0.05 * float_after, "{label}");
+        assert!(half_trainer.adapter().values().all(|a| a.dtype() == Dtype::Float32), "{label}: the adapter left float32");
+    }
+}

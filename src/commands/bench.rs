@@ -65,6 +65,11 @@ pub struct BenchTrainArgs {
     /// step; more lets a pipelined trainer queue steps ahead.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=1000))]
     pub block: u64,
+    /// Instead, measure tokens/s and peak memory at each of these batch
+    /// sizes in turn (e.g. `1,2,4,8,16,32`), on the same rows: the batch
+    /// that fills the device is where tokens/s stops growing.
+    #[arg(long, value_delimiter = ',', conflicts_with_all = ["against", "against_uncompiled", "profile"], value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub batch_sizes: Vec<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -168,6 +173,48 @@ pub fn bench_generate(config: &Config, args: &BenchGenerateArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Tokens/s, step time and peak memory at each of `args.batch_sizes`, one
+/// trainer after another on the same model and rows (two warm-up steps
+/// each, so every batch shape is traced before the clock starts).
+fn batch_sweep(loaded: &crate::model::LoadedModel, settings: &LoraSettings, train_config: &crate::config::TrainConfig, rows: &[Row], args: &BenchTrainArgs) -> Result<(), TrainError> {
+    println!(
+        "bench train: {}, device {}, {} (rank {}, {} layers), seq len {}, {} steps a batch size",
+        loaded.source,
+        crate::mlx_env::backend().name(),
+        if settings.dora { "DoRA" } else { "LoRA" },
+        settings.rank,
+        settings.num_layers,
+        train_config.max_seq_length,
+        args.steps
+    );
+    println!("{:>6} {:>12} {:>10} {:>10} {:>9}", "batch", "train tok/s", "step s", "peak MB", "padding");
+    let mut fastest: Option<(u32, f64)> = None;
+    for &batch_size in &args.batch_sizes {
+        let _ = mlx_rs::memory::clear_cache();
+        let _ = mlx_rs::memory::reset_peak_memory();
+        let mut config = train_config.clone();
+        config.batch_size = batch_size;
+        let mut trainer = MlxTrainer::new(loaded.decoder.clone(), loaded.tokenizer.clone(), settings.clone(), config, args.steps + 2)?;
+        trainer.train_steps(rows, 2, 0)?;
+        let report = trainer.train_steps(rows, args.steps, 2)?;
+        let seconds = report.elapsed.as_secs_f64().max(1e-9);
+        let rate = report.processed_tokens as f64 / seconds;
+        println!(
+            "{batch_size:>6} {rate:>12.1} {:>10.3} {:>10.1} {:>8.1}%",
+            seconds / report.steps.max(1) as f64,
+            mlx_rs::memory::peak_memory().unwrap_or(0) as f64 / 1e6,
+            100.0 * (1.0 - report.processed_tokens as f64 / report.computed_tokens.max(1) as f64)
+        );
+        if fastest.is_none_or(|(_, best)| rate > best) {
+            fastest = Some((batch_size, rate));
+        }
+    }
+    if let Some((batch_size, rate)) = fastest {
+        println!("fastest: batch {batch_size} ({rate:.1} train tok/s)");
+    }
+    Ok(())
+}
+
 /// The process's peak resident set (Linux `VmHWM`).
 fn max_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
@@ -212,6 +259,9 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
         train_config.max_seq_length = args.seq_len;
     }
     let settings = LoraSettings::from_config(&config.lora);
+    if !args.batch_sizes.is_empty() {
+        return batch_sweep(&loaded, &settings, &train_config, &rows, args);
+    }
     let against = match (&args.against, args.against_uncompiled) {
         (Some(setting), _) => Some(setting.as_str()),
         (None, true) => Some("train.compile=false"),
@@ -274,6 +324,7 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     println!("trained tokens/s: {:.1}", report.tokens as f64 / seconds);
     println!("peak memory: {peak:.1} MB");
     println!("train tok/s: {:.1}", report.processed_tokens as f64 / seconds);
+    println!("loss: {:.4} (mean of the timed steps)", report.loss);
     let padding = 1.0 - report.processed_tokens as f64 / report.computed_tokens.max(1) as f64;
     println!("padding: {:.1}% of the positions computed", 100.0 * padding);
     if train_config.compile {

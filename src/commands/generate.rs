@@ -50,12 +50,12 @@ pub struct GenerateArgs {
 
 pub fn run(config: &Config, args: &GenerateArgs) -> ExitCode {
     let source = &config.model.source;
-    let loaded = match load_model(source, &LoadOptions { quant: args.quant.quant }) {
+    let mut loaded = match load_model(source, &LoadOptions { quant: args.quant.quant }) {
         Ok(loaded) => loaded,
         Err(err) => return model_error_exit(&format!("cannot load model {source}"), &err),
     };
     let adapter = match &args.adapter_path {
-        Some(dir) => match adapters::load(dir, &loaded.decoder) {
+        Some(dir) => match adapters::load(dir, &loaded.decoder).and_then(|adapter| adapter.1.keep_base_norms(&mut loaded.decoder).map(|()| adapter)) {
             Ok(adapter) => Some(adapter),
             Err(err) => {
                 eprintln!("error: cannot load adapter {}: {err}", dir.display());

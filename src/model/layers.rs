@@ -22,14 +22,17 @@ impl RmsNorm {
     pub fn take(weights: &mut WeightMap, name: &str, dims: i32, eps: f32, one_plus_weight: bool) -> Result<Self, ModelError> {
         let weight = weights.take(&format!("{name}.weight"))?;
         check_shape(&format!("{name}.weight"), &weight, &[dims])?;
-        let weight = if one_plus_weight { weight.add(Array::from_f32(1.0))? } else { weight };
+        // The 1 in the weight's own dtype: a float32 scalar would widen a
+        // bfloat16 norm, and every activation after it.
+        let one = Array::from_f32(1.0).as_dtype(weight.dtype())?;
+        let weight = if one_plus_weight { weight.add(&one)? } else { weight };
         Ok(Self { weight, eps, one_plus_weight })
     }
 
     /// The weight as the checkpoint stores it (without Gemma's folded 1).
     pub fn stored_weight(&self) -> Result<Array, ModelError> {
         if self.one_plus_weight {
-            Ok(self.weight.subtract(Array::from_f32(1.0))?)
+            Ok(self.weight.subtract(Array::from_f32(1.0).as_dtype(self.weight.dtype())?)?)
         } else {
             Ok(self.weight.clone())
         }

@@ -148,6 +148,11 @@ pub struct Linear {
     pub path: String,
     pub weight: Matrix,
     pub bias: Option<Array>,
+    /// `[out]` float32: the squared norm of each row of the weight, kept
+    /// (evaluated) once a DoRA adapter asked for it (`with_row_norms`): it is
+    /// a constant of the frozen weight that every DoRA step would otherwise
+    /// recompute (a dequantization and a reduction per projection).
+    pub row_norms_squared: Option<Array>,
 }
 
 impl Linear {
@@ -166,6 +171,7 @@ impl Linear {
             path: prefix.to_owned(),
             weight,
             bias,
+            row_norms_squared: None,
         })
     }
 
@@ -194,6 +200,7 @@ impl Linear {
             path: self.path.clone(),
             weight: Matrix::Dense(self.weight.dense(dtype)?),
             bias: self.bias.as_ref().map(|b| b.as_dtype(dtype)).transpose()?,
+            row_norms_squared: None,
         })
     }
 
@@ -202,6 +209,26 @@ impl Linear {
             path: self.path.clone(),
             weight: self.weight.quantized(group_size, bits)?,
             bias: self.bias.clone(),
+            row_norms_squared: None,
+        })
+    }
+
+    /// The squared norm of each row of the weight (`[out]`, float32).
+    pub fn row_norms_squared(&self) -> Result<Array, ModelError> {
+        match &self.row_norms_squared {
+            Some(norms) => Ok(norms.clone()),
+            None => Ok(self.weight.dense(Dtype::Float32)?.square()?.sum_axis(1, None)?),
+        }
+    }
+
+    /// The same layer keeping its squared row norms, evaluated now (so that
+    /// a compiled step takes them as a constant, not as work).
+    pub fn with_row_norms(&self) -> Result<Linear, ModelError> {
+        let norms = self.row_norms_squared()?;
+        norms.eval()?;
+        Ok(Linear {
+            row_norms_squared: Some(norms),
+            ..self.clone()
         })
     }
 

@@ -24,6 +24,10 @@ pub enum QuantMode {
     Keep,
     /// Always make them float32.
     Dequantize,
+    /// Compute in bfloat16, the GPU's fast float (adapters stay float32):
+    /// float weights and norms become bfloat16, quantized ones keep their
+    /// packing with bfloat16 scales and biases.
+    Bfloat16,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -75,6 +79,9 @@ pub fn load_model(source: &str, options: &LoadOptions) -> Result<LoadedModel, Mo
         }
     };
     let dequantize = hold_weights(&mut decoder, options.quant)?;
+    if options.quant == QuantMode::Bfloat16 {
+        decoder = decoder.with_float_dtype(Dtype::Bfloat16)?;
+    }
     // MLX is lazy: materialize the weights now, so load errors surface here
     // and the first forward pass is not charged with the load.
     let weights = decoder.weights()?.into_inner();
@@ -95,7 +102,7 @@ pub fn load_model(source: &str, options: &LoadOptions) -> Result<LoadedModel, Mo
 pub fn hold_weights(decoder: &mut Decoder, quant: QuantMode) -> Result<bool, ModelError> {
     let widen = (decoder.is_quantized() || decoder.has_half_precision())
         && match quant {
-            QuantMode::Keep => false,
+            QuantMode::Keep | QuantMode::Bfloat16 => false,
             QuantMode::Dequantize => true,
             QuantMode::Auto => backend() == Backend::Cpu && float32_fits(decoder),
         };

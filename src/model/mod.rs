@@ -213,6 +213,20 @@ impl Decoder {
         self.map_linears(|l| l.dequantized(dtype))
     }
 
+    /// The same model with every float array (weights, norms, biases,
+    /// quantization scales and biases) in `dtype`; packed quantized words
+    /// stay as they are. Activations then flow in `dtype`.
+    pub fn with_float_dtype(&self, dtype: Dtype) -> Result<Self, ModelError> {
+        let is_float = |array: &Array| matches!(array.dtype(), Dtype::Float32 | Dtype::Float16 | Dtype::Bfloat16);
+        let weights = self
+            .weights()?
+            .into_inner()
+            .into_iter()
+            .map(|(name, array)| Ok((name, if is_float(&array) { array.as_dtype(dtype)? } else { array })))
+            .collect::<Result<weights::WeightMap, ModelError>>()?;
+        Self::from_weights(self.args().clone(), weights)
+    }
+
     /// Quantizes every float projection and the embedding (MLX affine).
     pub fn quantize(&mut self, group_size: i32, bits: i32) -> Result<(), ModelError> {
         let embedding = self.model().embed_tokens().quantized(group_size, bits)?;

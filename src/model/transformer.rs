@@ -69,7 +69,7 @@ impl<B: Block> CausalLm for Transformer<B> {
         };
         let mut h = self.embed_tokens.forward(tokens)?;
         if self.embed_scale != 1.0 {
-            h = h.multiply(Array::from_f32(self.embed_scale))?;
+            h = h.multiply(Array::from_f32(self.embed_scale).as_dtype(h.dtype())?)?;
         }
         for (i, layer) in self.layers.iter().enumerate() {
             let cache = caches.as_deref_mut().map(|c| &mut c[i]);

@@ -186,6 +186,7 @@ fn safe_end(text: &str, from: usize, longest_stop: usize) -> usize {
 impl State {
     fn swap(&mut self, dir: &std::path::Path, info: AdapterInfo) -> Result<(), String> {
         let adapter = adapters::load(dir, &self.loaded.decoder).map_err(|e| format!("cannot load adapter {}: {e}", dir.display()))?;
+        adapter.1.keep_base_norms(&mut self.loaded.decoder).map_err(|e| format!("adapter {}: {e}", dir.display()))?;
         self.adapter = Some(adapter);
         tracing::info!(path = %info.path, hash = ?info.hash, round = ?info.round, "serving adapter");
         if let Ok(mut shown) = self.shown.write() {

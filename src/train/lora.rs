@@ -104,6 +104,17 @@ impl LoraSettings {
         mlx_rs::transforms::eval(params.values())?;
         Ok(params)
     }
+
+    /// `decoder` with the squared row norms of every projection a DoRA
+    /// adapter wraps kept (`Linear::with_row_norms`); unchanged for LoRA.
+    pub fn keep_base_norms(&self, decoder: &mut Decoder) -> Result<(), TrainError> {
+        if !self.dora {
+            return Ok(());
+        }
+        let paths: std::collections::HashSet<String> = self.targets(decoder)?.into_iter().map(|l| l.path.clone()).collect();
+        decoder.map_linears(|linear| if paths.contains(&linear.path) { linear.with_row_norms() } else { Ok(linear.clone()) })?;
+        Ok(())
+    }
 }
 
 fn row_norms(weight: &Array) -> Result<Array, ModelError> {
@@ -184,9 +195,12 @@ impl ProjectionAdapter for LoraApplier<'_> {
             .get(format!("{}.lora_b", base.path).as_str())
             .ok_or_else(|| ModelError::MissingTensor(format!("{}.lora_b", base.path)))?;
         let scale = Array::from_f32(self.settings.scale);
+        // The adapter computes in float32 (x·A promotes a bfloat16 x); its
+        // update joins the base's output in the base's dtype, as mlx-lm's.
         let update = self.dropout(x, &base.path)?.matmul(a)?.matmul(b)?.multiply(&scale)?;
         if !self.settings.dora {
-            return Ok(Some(base.forward(x)?.add(&update)?));
+            let out = base.forward(x)?;
+            return Ok(Some(out.add(update.as_dtype(out.dtype())?)?));
         }
         // DoRA: rescale each output row of the adapted weight to the learned
         // magnitude m; the norm is a constant for the gradient (as mlx-lm).
@@ -194,9 +208,11 @@ impl ProjectionAdapter for LoraApplier<'_> {
             .params
             .get(format!("{}.m", base.path).as_str())
             .ok_or_else(|| ModelError::MissingTensor(format!("{}.m", base.path)))?;
-        let out = base.weight.matmul_t(x)?.add(&update)?;
+        let out = base.weight.matmul_t(x)?;
+        let dtype = out.dtype();
+        let out = out.add(update.as_dtype(dtype)?)?;
         let denom = mlx_rs::stop_gradient(adapted_row_norms(base, a, b, self.settings.scale)?)?;
-        let out = out.multiply(m.divide(&denom)?)?;
+        let out = out.multiply(m.divide(&denom)?.as_dtype(dtype)?)?;
         Ok(Some(match &base.bias {
             Some(bias) => out.add(bias)?,
             None => out,
@@ -212,7 +228,7 @@ impl ProjectionAdapter for LoraApplier<'_> {
 /// `[rank, out]` work, where forming the matrix takes several full passes
 /// a step.
 fn adapted_row_norms(base: &Linear, a: &Array, b: &Array, scale: f32) -> Result<Array, ModelError> {
-    let weight_sq = base.weight.dense(Dtype::Float32)?.square()?.sum_axis(1, None)?;
+    let weight_sq = base.row_norms_squared()?;
     let wa_t = base.weight.matmul_t(&a.t())?;
     let cross = b.multiply(&wa_t)?.sum_axis(0, None)?;
     let lora_sq = b.multiply(a.t().matmul(a)?.matmul(b)?)?.sum_axis(0, None)?;
@@ -249,6 +265,7 @@ pub fn fuse(decoder: &mut Decoder, params: &AdapterParams, settings: &LoraSettin
             path: linear.path.clone(),
             weight: crate::model::linear::Matrix::Dense(fused),
             bias: linear.bias.clone(),
+            row_norms_squared: None,
         })
     })?;
     Ok(())
@@ -269,15 +286,19 @@ mod tests {
         let b = Array::from_slice(&random(rank * out_dim, 0.05), &[rank, out_dim]);
         for matrix in [Matrix::Dense(weight.clone()), Matrix::Dense(weight.clone()).quantized(32, 8).unwrap()] {
             let quantized = matrix.quantization().is_some();
-            let base = Linear { path: "p".into(), weight: matrix, bias: None };
+            let base = Linear { path: "p".into(), weight: matrix, bias: None, row_norms_squared: None };
             // The formed matrix, from W as the layer holds it (a quantized W
             // has its own norms: its dequantized self's).
             let dense = base.weight.dense(Dtype::Float32).unwrap();
             let formed = dense.add(b.t().matmul(a.t()).unwrap().multiply(Array::from_f32(scale)).unwrap()).unwrap();
             let expected = row_norms(&formed).unwrap();
-            let factored = adapted_row_norms(&base, &a, &b, scale).unwrap();
-            let gap = factored.subtract(&expected).unwrap().abs().unwrap().divide(&expected).unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
-            assert!(gap < 1e-5, "quantized={quantized}: relative gap {gap}");
+            // Computed each time, or from the squared row norms the layer kept.
+            for base in [base.clone(), base.with_row_norms().unwrap()] {
+                let kept = base.row_norms_squared.is_some();
+                let factored = adapted_row_norms(&base, &a, &b, scale).unwrap();
+                let gap = factored.subtract(&expected).unwrap().abs().unwrap().divide(&expected).unwrap().max(None).unwrap().try_item_cast::<f32>().unwrap();
+                assert!(gap < 1e-5, "quantized={quantized} kept={kept}: relative gap {gap}");
+            }
         }
     }
 }

@@ -272,8 +272,9 @@ struct Lane {
 impl MlxTrainer {
     /// A trainer with fresh adapters; `total_steps` spans the whole run (all
     /// rounds), for the learning-rate schedule.
-    pub fn new(decoder: Decoder, tokenizer: Tokenizer, settings: LoraSettings, config: TrainConfig, total_steps: u64) -> Result<Self, TrainError> {
+    pub fn new(mut decoder: Decoder, tokenizer: Tokenizer, settings: LoraSettings, config: TrainConfig, total_steps: u64) -> Result<Self, TrainError> {
         let params = settings.init(&decoder, config.seed)?;
+        settings.keep_base_norms(&mut decoder)?;
         Ok(Self {
             schedule: Schedule::from_config(&config, total_steps),
             optimizer: Optimizer::new(config.optimizer),
