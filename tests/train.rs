@@ -780,3 +780,28 @@ fn bfloat16_training_follows_float32() {
         assert!(half_trainer.adapter().values().all(|a| a.dtype() == Dtype::Float32), "{label}: the adapter left float32");
     }
 }
+
+/// The warm-up of rows of mixed lengths traces every batch shape an epoch
+/// holds, on throwaway state: an epoch of training afterwards traces
+/// nothing new, and the adapter is what it was.
+#[test]
+fn tracing_every_shape_leaves_nothing_to_trace_in_an_epoch() {
+    let mut config = config(false);
+    config.train.batch_size = 4;
+    config.train.pad_to = Some(8);
+    let rows: Vec<Row> = (0..32u64)
+        .map(|i| Row {
+            index: i,
+            sample: Sample::Text { text: format!("{i} {}", "the river carried the boat ".repeat(1 + i as usize % 7)) },
+        })
+        .collect();
+    let mut trainer = trainer(&config, 40);
+    let before = trainer.adapter().clone();
+    let shapes = trainer.trace_every_shape(&rows).unwrap();
+    assert!(shapes >= 4, "only {shapes} shapes in rows of 7 lengths");
+    assert!(same(&before, trainer.adapter()), "the warm-up changed the adapter");
+    let traced = trainer.traced_shapes();
+    assert!(traced >= shapes, "{traced} traces for {shapes} shapes");
+    trainer.train_steps(&rows, 8, 0).unwrap();
+    assert_eq!(trainer.traced_shapes(), traced, "an epoch after the warm-up traced new shapes");
+}

@@ -41,7 +41,8 @@ pub struct BenchTrainArgs {
     /// Tokens a row when generating the rows.
     #[arg(long, default_value_t = 512, value_parser = clap::value_parser!(u32).range(16..=65536))]
     pub seq_len: u32,
-    /// Timed steps (after two warm-up steps).
+    /// Timed steps (after two warm-up steps and one step of each batch
+    /// shape an epoch holds).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub steps: u64,
     /// Also print where a step's time goes: data, forward, backward,
@@ -173,9 +174,19 @@ pub fn bench_generate(config: &Config, args: &BenchGenerateArgs) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Two steps, then one of every batch shape an epoch of `rows` holds, so
+/// that no trace (and on a GPU no kernel build) falls inside the timed
+/// steps (in `bench/compare_mlx_lm.sh`, mlx_lm's timed steps, its second
+/// report, follow as many untimed ones, which meet its shapes). Returns
+/// the shapes traced.
+fn warm_up(trainer: &mut MlxTrainer, rows: &[Row]) -> Result<usize, TrainError> {
+    trainer.train_steps(rows, 2, 0)?;
+    trainer.trace_every_shape(rows)
+}
+
 /// Tokens/s, step time and peak memory at each of `args.batch_sizes`, one
-/// trainer after another on the same model and rows (two warm-up steps
-/// each, so every batch shape is traced before the clock starts).
+/// trainer after another on the same model and rows (each warmed up
+/// first).
 fn batch_sweep(loaded: &crate::model::LoadedModel, settings: &LoraSettings, train_config: &crate::config::TrainConfig, rows: &[Row], args: &BenchTrainArgs) -> Result<(), TrainError> {
     println!(
         "bench train: {}, device {}, {} (rank {}, {} layers), seq len {}, {} steps a batch size",
@@ -195,7 +206,7 @@ fn batch_sweep(loaded: &crate::model::LoadedModel, settings: &LoraSettings, trai
         let mut config = train_config.clone();
         config.batch_size = batch_size;
         let mut trainer = MlxTrainer::new(loaded.decoder.clone(), loaded.tokenizer.clone(), settings.clone(), config, args.steps + 2)?;
-        trainer.train_steps(rows, 2, 0)?;
+        warm_up(&mut trainer, rows)?;
         let report = trainer.train_steps(rows, args.steps, 2)?;
         let seconds = report.elapsed.as_secs_f64().max(1e-9);
         let rate = report.processed_tokens as f64 / seconds;
@@ -280,11 +291,11 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
         None => None,
     };
     let mut trainer = MlxTrainer::new(loaded.decoder, loaded.tokenizer, settings.clone(), train_config.clone(), args.steps + 2)?;
-    trainer.train_steps(&rows, 2, 0)?;
+    let shapes = warm_up(&mut trainer, &rows)?;
     let report = match &mut other {
         None => trainer.train_steps(&rows, args.steps, 2)?,
         Some((setting, other)) => {
-            other.train_steps(&rows, 2, 0)?;
+            warm_up(other, &rows)?;
             let (mut ours, mut theirs) = (TrainReport::default(), TrainReport::default());
             let mut step = 2;
             while step < 2 + args.steps {
@@ -328,7 +339,10 @@ fn train_figures(config: &Config, args: &BenchTrainArgs) -> Result<(), TrainErro
     let padding = 1.0 - report.processed_tokens as f64 / report.computed_tokens.max(1) as f64;
     println!("padding: {:.1}% of the positions computed", 100.0 * padding);
     if train_config.compile {
-        println!("traced shapes: {} (the compiled step traces each batch shape once: train.pad_to)", trainer.traced_shapes());
+        println!(
+            "traced shapes: {} (the compiled step traces each batch shape once: train.pad_to; {shapes} an epoch, traced before the clock started)",
+            trainer.traced_shapes()
+        );
     }
     if report.streams > 1 {
         println!("cpu streams: {} (a batch's rows, or a long row's positions, split over them: train.cpu_streams)", report.streams);

@@ -425,17 +425,19 @@ impl MlxTrainer {
     /// Runs what a round runs once, on throwaway state, so that MLX traces
     /// the compiled step and builds its kernels (on a GPU, minutes of NVRTC
     /// on a fresh machine; kept on disk afterwards) before the first
-    /// round's clock starts, not inside it: one training step on the
-    /// first batch of `train_rows` (with the run's step function, learning
-    /// rate and all, its result dropped), the eval loss of one row of
+    /// round's clock starts, not inside it: training steps on the batches
+    /// of `train_rows` (on a GPU one of each batch shape an epoch holds,
+    /// `trace_every_shape`; on the CPU, where a trace is cheap next to a
+    /// step's matmuls, the first batch alone), the eval loss of one row of
     /// `eval_rows`, and two greedy tokens of a row of `generate_rows` (the
     /// decoding exact match uses). The adapter, the optimizer's state and
     /// the schedule are as they were.
     pub fn warm_up(&mut self, train_rows: &[Row], eval_rows: &[Row], generate_rows: &[Row]) -> Result<(), TrainError> {
-        let saved = (self.params.clone(), std::mem::replace(&mut self.optimizer, Optimizer::new(self.config.optimizer)));
-        let trained = self.train_steps(train_rows, 1, 0).map(|_| ());
-        (self.params, self.optimizer) = saved;
-        trained?;
+        if crate::mlx_env::backend() == crate::mlx_env::Backend::Cpu {
+            self.throwaway_steps(train_rows, &[0])?;
+        } else {
+            self.trace_every_shape(train_rows)?;
+        }
         if let Some(row) = eval_rows.first() {
             self.evaluate(std::slice::from_ref(row))?;
         }
@@ -449,6 +451,49 @@ impl MlxTrainer {
             crate::model::generate::generate(&self.decoder, Some(&self.evaluation_applier()), &ids, &params, &[], true, |_| Ok(true))?;
         }
         Ok(())
+    }
+
+    /// One training step on the first batch of each shape in an epoch of
+    /// `rows` (at most `MAX_WARM_SHAPES`), on throwaway state: the compiled
+    /// step traces a shape once, and on a GPU a trace also builds kernels,
+    /// so rows of mixed lengths (a batch shape per 32 tokens of length)
+    /// would otherwise pay for a trace in each of the first steps that
+    /// meets a new length. The adapter, the optimizer's state and the
+    /// schedule are as they were. Returns how many shapes it ran.
+    pub fn trace_every_shape(&mut self, rows: &[Row]) -> Result<usize, TrainError> {
+        const MAX_WARM_SHAPES: usize = 64;
+        if rows.is_empty() {
+            return Err(TrainError::Data("no rows to train on".into()));
+        }
+        let order = self.batch_order(rows)?;
+        let accumulation = u64::from(self.config.grad_accumulation_steps.max(1));
+        let mut shapes = std::collections::HashSet::new();
+        let mut first_steps = Vec::new();
+        for micro in 0..order.batches_per_epoch() {
+            let batch_rows = self.batch_rows(&order, rows, micro);
+            let parts = self.make_parts(&batch_rows)?;
+            let shape: Vec<(Vec<i32>, Vec<i32>, bool, bool)> = parts
+                .iter()
+                .map(|b| (b.tokens.shape().to_vec(), b.target_positions.shape().to_vec(), b.target_weights.is_some(), b.packing.is_some()))
+                .collect();
+            if shapes.insert(shape) {
+                first_steps.push(micro / accumulation);
+                if first_steps.len() == MAX_WARM_SHAPES {
+                    break;
+                }
+            }
+        }
+        self.throwaway_steps(rows, &first_steps)?;
+        Ok(first_steps.len())
+    }
+
+    /// Training steps `steps` (one each) whose results are dropped: the
+    /// adapter and the optimizer's state are as they were afterwards.
+    fn throwaway_steps(&mut self, rows: &[Row], steps: &[u64]) -> Result<(), TrainError> {
+        let saved = (self.params.clone(), std::mem::replace(&mut self.optimizer, Optimizer::new(self.config.optimizer)));
+        let trained = steps.iter().try_for_each(|&step| self.train_steps(rows, 1, step).map(|_| ()));
+        (self.params, self.optimizer) = saved;
+        trained
     }
 
     /// Loss and gradients of one micro-batch (its parts), compiled or op by op.

@@ -40,6 +40,15 @@ impl BatchOrder {
         BatchOrder::ByLength { batches }
     }
 
+    /// Micro-batches an epoch holds (a shuffled epoch's last batch may
+    /// straddle into the next).
+    pub fn batches_per_epoch(&self) -> u64 {
+        match self {
+            BatchOrder::Shuffled { rows, size } => rows.div_ceil(*size) as u64,
+            BatchOrder::ByLength { batches } => batches.len() as u64,
+        }
+    }
+
     /// Positions (into the rows) of micro-batch `micro`; empty when there
     /// are no rows.
     pub fn batch(&self, seed: u64, micro: u64) -> Vec<usize> {
