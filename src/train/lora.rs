@@ -97,8 +97,7 @@ impl LoraSettings {
             params.insert(format!("{}.lora_a", linear.path).into(), Array::from_slice(&a, &[in_dim, self.rank]));
             params.insert(format!("{}.lora_b", linear.path).into(), Array::zeros::<f32>(&[self.rank, out_dim])?);
             if self.dora {
-                let weight = linear.weight.dense(Dtype::Float32)?;
-                params.insert(format!("{}.m", linear.path).into(), row_norms(&weight)?);
+                params.insert(format!("{}.m", linear.path).into(), linear.row_norms_squared()?.sqrt()?);
             }
         }
         mlx_rs::transforms::eval(params.values())?;
