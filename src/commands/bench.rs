@@ -168,8 +168,8 @@ pub fn bench_generate(config: &Config, args: &BenchGenerateArgs) -> ExitCode {
             float.peak_bytes as f64 / stored.peak_bytes.max(1) as f64
         );
     }
-    if let Some(rss) = max_rss_bytes() {
-        println!("process peak RSS: {:.1} MB", rss as f64 / 1e6);
+    if let (_, Some(peak)) = crate::simulation::memory_mb() {
+        println!("process peak RSS: {peak:.1} MB");
     }
     ExitCode::SUCCESS
 }
@@ -224,13 +224,6 @@ fn batch_sweep(loaded: &crate::model::LoadedModel, settings: &LoraSettings, trai
         println!("fastest: batch {batch_size} ({rate:.1} train tok/s)");
     }
     Ok(())
-}
-
-/// The process's peak resident set (Linux `VmHWM`).
-fn max_rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    Some(line.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
 
 pub fn bench_train(config: &Config, args: &BenchTrainArgs) -> ExitCode {

@@ -9,6 +9,7 @@ mod poison;
 mod table;
 
 pub use poison::Attack;
+pub use table::memory_mb;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Write;

@@ -143,7 +143,7 @@ pub(super) fn print_row(row: &RoundRow) {
 }
 
 /// This process's resident and peak resident memory, in MB (Linux; none elsewhere).
-pub(super) fn memory_mb() -> (Option<f64>, Option<f64>) {
+pub fn memory_mb() -> (Option<f64>, Option<f64>) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
     let field = |name: &str| {
         status
