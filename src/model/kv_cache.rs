@@ -40,14 +40,11 @@ impl KvCache {
     pub fn update(&mut self, keys: Array, values: Array) -> Result<(Array, Array), ModelError> {
         let start = self.offset;
         let end = start + keys.shape()[2];
-        self.keys = Some(write_at(self.keys.take(), &keys, start, end)?);
-        self.values = Some(write_at(self.values.take(), &values, start, end)?);
-        self.offset = end;
-        let cached = |a: &Option<Array>| -> Result<Array, ModelError> {
-            let a = a.as_ref().ok_or_else(|| ModelError::BadInput("the KV cache lost its arrays".into()))?;
-            Ok(a.try_index((.., .., ..end, ..))?)
-        };
-        Ok((cached(&self.keys)?, cached(&self.values)?))
+        let stored_keys = write_at(self.keys.take(), &keys, start, end)?;
+        let stored_values = write_at(self.values.take(), &values, start, end)?;
+        let cached = (stored_keys.try_index((.., .., ..end, ..))?, stored_values.try_index((.., .., ..end, ..))?);
+        (self.keys, self.values, self.offset) = (Some(stored_keys), Some(stored_values), end);
+        Ok(cached)
     }
 }
 

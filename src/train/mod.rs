@@ -472,10 +472,7 @@ impl MlxTrainer {
         for micro in 0..order.batches_per_epoch() {
             let batch_rows = self.batch_rows(&order, rows, micro);
             let parts = self.make_parts(&batch_rows)?;
-            let shape: Vec<(Vec<i32>, Vec<i32>, bool, bool)> = parts
-                .iter()
-                .map(|b| (b.tokens.shape().to_vec(), b.target_positions.shape().to_vec(), b.target_weights.is_some(), b.packing.is_some()))
-                .collect();
+            let shape: Vec<step::ShapeKey> = parts.iter().map(step::shape_key).collect();
             if shapes.insert(shape) {
                 first_steps.push(micro / accumulation);
                 if first_steps.len() == MAX_WARM_SHAPES {

@@ -39,7 +39,13 @@ type LossGraph = Rc<dyn Fn(&[Array]) -> Result<Vec<Array>, Exception>>;
 
 /// What decides a trace: the shapes of the inputs, whether the targets
 /// are weighted (one more input) and whether the batch is packed (two more).
-type ShapeKey = (Vec<i32>, i32, bool, bool);
+pub type ShapeKey = (Vec<i32>, i32, bool, bool);
+
+/// `batch`'s trace key.
+pub fn shape_key(batch: &Batch) -> ShapeKey {
+    let targets = batch.target_positions.shape().first().copied().unwrap_or(0);
+    (batch.tokens.shape().to_vec(), targets, batch.target_weights.is_some(), batch.packing.is_some())
+}
 
 /// The compiled functions of one trainer: loss and gradients, and the
 /// optimizer's update.
@@ -258,8 +264,7 @@ impl CompiledStep {
 /// function already holds `max_traced` other shapes and must be rebuilt
 /// (the caller then clears `traced` and notes the shape again).
 fn note_shape(traced: &mut HashSet<ShapeKey>, batch: &Batch, max_traced: usize) -> bool {
-    let targets = batch.target_positions.shape().first().copied().unwrap_or(0);
-    let key: ShapeKey = (batch.tokens.shape().to_vec(), targets, batch.target_weights.is_some(), batch.packing.is_some());
+    let key = shape_key(batch);
     if traced.contains(&key) {
         return false;
     }
